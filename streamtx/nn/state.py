@@ -1,0 +1,244 @@
+"""Streaming state: ring buffers of per-token tensors and the state containers built from them.
+
+Every streaming module keeps what it must remember of the past in a :class:`RingCache` (keys and values of attention,
+or any other per-token tensors) and groups its caches in a :class:`StreamState` dataclass. States are updated in place
+by ``forward_step`` (no per-step copy of a whole cache: a step writes ``S`` slots and reads the ring through a mask),
+and every state supports the same operations, walked recursively over its fields:
+
+* ``reset(rows)``: forget the past of some batch rows (a robot session restarts) without touching the others,
+* ``clone()``, ``to(device/dtype)``,
+* ``state_dict()`` / ``load_state_dict()``: a snapshot of a session, e.g. to move it to another process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["RingCache", "StreamState", "Rows", "band_mask"]
+
+Rows = Tensor | Sequence[int] | None
+"""Batch rows a streaming call touches: ``None`` for all rows, else a 1-D index of distinct rows."""
+
+
+def _as_rows(rows: Rows, device: torch.device) -> Tensor | None:
+    if rows is None:
+        return None
+    rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+    if rows.dim() != 1:
+        raise ValueError(f"rows: expected a 1-D index of batch rows, got shape {tuple(rows.shape)}")
+    return rows
+
+
+class RingCache:
+    """The last ``capacity`` tokens of each batch row, for any number of named per-token tensors.
+
+    ``data[name]`` has shape ``(B, capacity, *shape)``; token number ``p`` of a row (counted from the row's last reset)
+    lives in slot ``p % capacity`` and ``pos[b, slot]`` holds ``p`` (``-1``: empty). Readers mask by ``pos``, so the
+    ring never needs to be rolled or concatenated.
+
+    Args:
+        batch_size: number of independent streams ``B``.
+        capacity: slots per row.
+        fields: name -> per-token shape, e.g. ``{"k": (H, hd), "v": (H, hd)}``.
+        dtype, device: of the data tensors (positions are int64).
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        capacity: int,
+        fields: Mapping[str, tuple[int, ...]],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if capacity < 1:
+            raise ValueError(f"capacity: expected >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.data = {
+            name: torch.zeros(batch_size, capacity, *shape, dtype=dtype, device=device) for name, shape in fields.items()
+        }
+        self.pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pos.device
+
+    def append(self, values: Mapping[str, Tensor], rows: Rows = None) -> Tensor:
+        """Write ``S`` new tokens per row (``values[name]``: ``(b, S, *shape)``); returns their positions ``(b, S)``."""
+        rows_t = _as_rows(rows, self.device)
+        if set(values) != set(self.data):
+            raise ValueError(f"values: expected fields {sorted(self.data)}, got {sorted(values)}")
+        first = next(iter(values.values()))
+        b, s = first.shape[:2]
+        expected_b = self.batch_size if rows_t is None else rows_t.numel()
+        if b != expected_b:
+            raise ValueError(f"values: expected {expected_b} batch rows, got {b}")
+        if s > self.capacity:
+            raise ValueError(f"values: {s} tokens do not fit a ring of capacity {self.capacity}")
+        base = self.next_pos if rows_t is None else self.next_pos[rows_t]
+        positions = base[:, None] + torch.arange(s, device=self.device)
+        slots = positions % self.capacity
+        row_idx = (torch.arange(b, device=self.device) if rows_t is None else rows_t)[:, None].expand(b, s)
+        for name, buf in self.data.items():
+            buf[row_idx, slots] = values[name].to(buf.dtype)
+        self.pos[row_idx, slots] = positions
+        if rows_t is None:
+            self.next_pos += s
+        else:
+            self.next_pos[rows_t] = base + s
+        return positions
+
+    def read(self, rows: Rows = None) -> tuple[dict[str, Tensor], Tensor]:
+        """The ring of the given rows: ``({name: (b, capacity, *shape)}, pos (b, capacity))`` (views when all rows)."""
+        rows_t = _as_rows(rows, self.device)
+        if rows_t is None:
+            return self.data, self.pos
+        return {name: buf[rows_t] for name, buf in self.data.items()}, self.pos[rows_t]
+
+    def positions(self, rows: Rows = None) -> Tensor:
+        """Position the next token of each row will get, ``(b,)``."""
+        rows_t = _as_rows(rows, self.device)
+        return self.next_pos if rows_t is None else self.next_pos[rows_t]
+
+    def reset(self, rows: Rows = None) -> None:
+        """Empty the given rows (all rows if ``None``); other rows are untouched."""
+        rows_t = _as_rows(rows, self.device)
+        index = slice(None) if rows_t is None else rows_t
+        for buf in self.data.values():
+            buf[index] = 0  # zeros, not garbage: masked slots must never inject NaN into 0 * value
+        self.pos[index] = -1
+        self.next_pos[index] = 0
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {**{f"data.{k}": v for k, v in self.data.items()}, "pos": self.pos, "next_pos": self.next_pos}
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> RingCache:
+        new = object.__new__(RingCache)
+        new.capacity = self.capacity
+        new.data = {k: fn(v) for k, v in self.data.items()}
+        new.pos, new.next_pos = fn(self.pos), fn(self.next_pos)
+        return new
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={tuple(v.shape[2:])}" for k, v in self.data.items())
+        return f"RingCache(batch_size={self.batch_size}, capacity={self.capacity}, {fields})"
+
+
+def band_mask(
+    q_pos: Tensor, k_pos: Tensor, window: int | None, *, causal: bool = True
+) -> Tensor:
+    """Boolean attention mask (True = attend) from token positions: key ``j`` is visible to query ``i`` iff it exists
+    (``k_pos >= 0``), is not in the future (``k_pos <= q_pos`` when ``causal``) and is within the window
+    (``q_pos - k_pos < window``).
+
+    Shapes: ``q_pos (..., Lq)``, ``k_pos (..., Lk)`` -> ``(..., Lq, Lk)``. This one function defines the streaming
+    contract: the batch reference and ``forward_step`` both call it.
+    """
+    diff = q_pos[..., :, None] - k_pos[..., None, :]
+    ok = k_pos[..., None, :] >= 0
+    if causal:
+        ok = ok & (diff >= 0)
+    if window is not None:
+        ok = ok & (diff < window)
+    return ok
+
+
+class StreamState:
+    """Base of the state dataclasses of streaming modules; operations walk the fields recursively.
+
+    Fields may be :class:`RingCache`, :class:`StreamState`, tensors with the batch dimension first, lists of these, or
+    plain Python values (copied as they are).
+    """
+
+    def _items(self) -> Iterator[tuple[str, Any]]:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            yield f.name, getattr(self, f.name)
+
+    def reset(self, rows: Rows = None) -> None:
+        """Forget the past of the given batch rows (all if ``None``), in place."""
+        for _, value in self._items():
+            _reset(value, rows)
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> StreamState:
+        return dataclasses.replace(self, **{name: _map(value, fn) for name, value in self._items()})  # type: ignore
+
+    def clone(self) -> StreamState:
+        """A deep copy: stepping the clone leaves this state unchanged."""
+        return self._map(lambda t: t.clone())
+
+    def to(self, *args: Any, **kwargs: Any) -> StreamState:
+        """Like ``Tensor.to``; floating tensors change dtype, integer positions keep theirs."""
+        def move(t: Tensor) -> Tensor:
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            device = next((a for a in args if isinstance(a, (torch.device, str))), kwargs.get("device"))
+            return t.to(device) if device is not None else t
+        return self._map(move)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat ``{dotted.name: tensor}`` snapshot (tensors are copies)."""
+        out: dict[str, Tensor] = {}
+        _flatten(self, "", out)
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore a snapshot taken from a state of the same structure, in place."""
+        mine = self.state_dict()
+        missing, unexpected = set(mine) - set(state), set(state) - set(mine)
+        if missing or unexpected:
+            raise ValueError(f"state: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
+        targets: dict[str, Tensor] = {}
+        _flatten(self, "", targets, copy=False)
+        for name, t in targets.items():
+            if t.shape != state[name].shape:
+                raise ValueError(f"state[{name!r}]: expected shape {tuple(t.shape)}, got {tuple(state[name].shape)}")
+            t.copy_(state[name])
+
+
+def _reset(value: Any, rows: Rows) -> None:
+    if isinstance(value, (RingCache, StreamState)):
+        value.reset(rows)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _reset(v, rows)
+    elif isinstance(value, Tensor):
+        rows_t = _as_rows(rows, value.device)
+        value[slice(None) if rows_t is None else rows_t] = 0
+
+
+def _map(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(value, (RingCache, StreamState)):
+        return value._map(fn)
+    if isinstance(value, list):
+        return [_map(v, fn) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_map(v, fn) for v in value)
+    if isinstance(value, Tensor):
+        return fn(value)
+    return value
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Tensor], copy: bool = True) -> None:
+    if isinstance(value, StreamState):
+        for name, v in value._items():
+            _flatten(v, f"{prefix}{name}.", out, copy)
+    elif isinstance(value, RingCache):
+        for name, t in value._tensors().items():
+            out[f"{prefix}{name}"] = t.clone() if copy else t
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _flatten(v, f"{prefix}{i}.", out, copy)
+    elif isinstance(value, Tensor):
+        out[prefix.rstrip(".")] = value.clone() if copy else value
