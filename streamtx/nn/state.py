@@ -44,6 +44,9 @@ class RingCache:
         batch_size: number of independent streams ``B``.
         capacity: slots per row.
         fields: name -> per-token shape, e.g. ``{"k": (H, hd), "v": (H, hd)}``.
+        extra_slots: pinned slots after the ring, written only by :meth:`write_extra` (tokens that are replaced
+            rather than appended, e.g. the diffusion-step token that joins a cached memory); ``read`` returns ring and
+            pinned slots together, so attention over both needs no concatenation.
         dtype, device: of the data tensors (positions are int64).
     """
 
@@ -53,6 +56,7 @@ class RingCache:
         capacity: int,
         fields: Mapping[str, tuple[int, ...]],
         *,
+        extra_slots: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -60,11 +64,14 @@ class RingCache:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if capacity < 1:
             raise ValueError(f"capacity: expected >= 1, got {capacity}")
-        self.capacity = int(capacity)
+        if extra_slots < 0:
+            raise ValueError(f"extra_slots: expected >= 0, got {extra_slots}")
+        self.capacity, self.extra_slots = int(capacity), int(extra_slots)
+        total = self.capacity + self.extra_slots
         self.data = {
-            name: torch.zeros(batch_size, capacity, *shape, dtype=dtype, device=device) for name, shape in fields.items()
+            name: torch.zeros(batch_size, total, *shape, dtype=dtype, device=device) for name, shape in fields.items()
         }
-        self.pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.pos = torch.full((batch_size, total), -1, dtype=torch.long, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @property
@@ -100,8 +107,19 @@ class RingCache:
             self.next_pos[rows_t] = base + s
         return positions
 
+    def write_extra(self, values: Mapping[str, Tensor], pos: Tensor, rows: Rows = None) -> None:
+        """Overwrite the pinned slots with ``values[name] (b, extra_slots, *shape)`` at positions ``pos (b, E)``."""
+        rows_t = _as_rows(rows, self.device)
+        if pos.shape[-1] != self.extra_slots:
+            raise ValueError(f"pos: expected {self.extra_slots} pinned tokens per row, got {pos.shape[-1]}")
+        index = slice(None) if rows_t is None else rows_t
+        for name, buf in self.data.items():
+            buf[index, self.capacity:] = values[name].to(buf.dtype)
+        self.pos[index, self.capacity:] = pos
+
     def read(self, rows: Rows = None) -> tuple[dict[str, Tensor], Tensor]:
-        """The ring of the given rows: ``({name: (b, capacity, *shape)}, pos (b, capacity))`` (views when all rows)."""
+        """Ring and pinned slots of the given rows: ``({name: (b, C, *shape)}, pos (b, C))``, ``C = capacity +
+        extra_slots`` (views when all rows)."""
         rows_t = _as_rows(rows, self.device)
         if rows_t is None:
             return self.data, self.pos
@@ -126,7 +144,7 @@ class RingCache:
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> RingCache:
         new = object.__new__(RingCache)
-        new.capacity = self.capacity
+        new.capacity, new.extra_slots = self.capacity, self.extra_slots
         new.data = {k: fn(v) for k, v in self.data.items()}
         new.pos, new.next_pos = fn(self.pos), fn(self.next_pos)
         return new
