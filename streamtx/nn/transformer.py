@@ -226,9 +226,10 @@ class eTransformerDecoderLayer(_LayerBase):
             self.multihead_attn.init_state(batch_size, memory_window, max_memory_tokens_per_step,
                                            extra_slots=memory_extra_slots, dtype=dtype, device=device))
 
-    def append_memory(self, memory: Tensor, state: DecoderLayerState, rows: Rows = None) -> Tensor:
-        """Cache the cross-attention keys/values of new memory tokens ``(b, S, D)``; returns their positions."""
-        return self.multihead_attn.append_kv(memory, state.cross_attn, rows)
+    def append_memory(self, memory: Tensor, state: AttentionState, rows: Rows = None) -> Tensor:
+        """Cache the cross-attention keys/values of new memory tokens ``(b, S, D)`` in the cross-attention state
+        (``DecoderLayerState.cross_attn``, or a memory cache of a policy); returns their positions."""
+        return self.multihead_attn.append_kv(memory, state, rows)
 
     def forward_step(self, x: Tensor, state: DecoderLayerState, memory: Tensor | None = None, rows: Rows = None
                      ) -> tuple[Tensor, DecoderLayerState]:
@@ -236,7 +237,7 @@ class eTransformerDecoderLayer(_LayerBase):
         arrived with them. Equal to :meth:`forward` with ``tgt_mask = causal_window_mask(T, window)`` and
         ``memory_mask`` the band of ``memory_window`` between target and memory positions."""
         if memory is not None:
-            self.append_memory(memory, state, rows)
+            self.append_memory(memory, state.cross_attn, rows)
         single = x.dim() == 2
         xs = x[:, None] if single else x
         q_pos = state.self_attn.cache.positions(rows)[:, None] + torch.arange(xs.shape[1], device=xs.device)

@@ -1,0 +1,254 @@
+"""The denoiser ``V = f(X_k, k, Z)`` of a diffusion / flow-matching action policy, equivariant and streamable."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.activation import ePointwise
+from ..nn.attention import causal_window_mask
+from ..nn.linear import check_same_group, eLinear
+from ..nn.state import Rows, StreamState
+from ..nn.transformer import (EncoderState, eTransformerDecoder, eTransformerDecoderLayer, eTransformerEncoder,
+                              eTransformerEncoderLayer, make_norm)
+from ..symmetry import Representation, trivial_group
+
+__all__ = ["eCondTransformerRegressor", "CondTransformerRegressor", "RegressorState", "get_optim_groups"]
+
+
+def _sinusoidal(k: Tensor, dim: int) -> Tensor:
+    """``(B,)`` steps -> ``(B, dim)`` sinusoidal embedding (diffusion-model convention)."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=k.device, dtype=torch.float64) / max(half - 1, 1))
+    arg = k.to(torch.float64)[:, None] * freq[None]
+    return torch.cat((arg.sin(), arg.cos()), dim=-1)
+
+
+@dataclass
+class RegressorState(StreamState):
+    """Streaming state of the regressor: the conditioning encoder's caches and, per decoder layer, the ring of
+    cross-attention keys/values of the memory (observation tokens) plus one pinned slot for the step token."""
+
+    encoder: EncoderState | None
+    memory: list
+
+
+class eCondTransformerRegressor(nn.Module):
+    r"""Conditional transformer regressor ``V = f(X, k, Z)``: action tokens ``X (B, Tx, in_rep.size)``, a diffusion
+    step / flow time ``k (B,)``, observation tokens ``Z (B, Tz, cond_rep.size)`` (oldest first) ->
+    ``V (B, Tx, out_rep.size)``. Equivariant: ``f(rho_in(g) X, k, rho_cond(g) Z) = rho_out(g) f(X, k, Z)``.
+
+    Architecture (designed for streaming, DESIGN.md section 3):
+
+    * tokens are lifted to ``m = embedding_dim / |G|`` regular copies; action tokens get a learned invariant position
+      table; the step ``k`` is an invariant sinusoidal embedding through a small equivariant MLP;
+    * the conditioning encoder (``num_cond_layers`` pre-norm encoder layers, or a per-token equivariant MLP when 0)
+      runs *causally* over a window of ``cond_window`` tokens with equivariant RoPE, so each new observation token
+      costs one ``forward_step`` and outputs never depend on the absolute time;
+    * the memory is the ``cond_horizon`` newest encoder outputs plus the step token, which joins *after* the encoder:
+      the encoder output does not depend on ``k`` and is computed once per control step, not per denoising step;
+    * decoder layers (pre-norm) self-attend over the action tokens (causally if ``causal_attn``) and cross-attend to
+      the memory with RoPE between "now" and each memory token's time (recency is relative);
+    * a final norm and an equivariant head to ``out_rep``.
+
+    ``Z`` may hold more than ``cond_horizon`` tokens: the encoder then sees that history (its receptive field is
+    ``num_cond_layers * (cond_window - 1) + 1`` tokens) and the memory keeps the newest ``cond_horizon`` outputs.
+    This is the batch reference of the streaming methods :meth:`init_state`, :meth:`observe` and :meth:`denoise`.
+    """
+
+    def __init__(self, in_rep: Representation, cond_rep: Representation, out_rep: Representation, in_horizon: int,
+                 cond_horizon: int, num_layers: int = 4, num_attention_heads: int = 4, embedding_dim: int = 128,
+                 p_drop_emb: float = 0.0, p_drop_attn: float = 0.0, causal_attn: bool = False,
+                 num_cond_layers: int = 2, norm_module: str = "layernorm", dim_feedforward: int | None = None,
+                 activation: str = "gelu", cond_window: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        check_same_group(in_rep=in_rep, cond_rep=cond_rep, out_rep=out_rep)
+        group = in_rep.group
+        n = group.order
+        if embedding_dim % n:
+            raise ValueError(f"embedding_dim: expected a multiple of the group order {n}, got {embedding_dim}")
+        m = embedding_dim // n
+        if num_attention_heads < 1 or m % num_attention_heads or (m // num_attention_heads) % 2:
+            raise ValueError(f"num_attention_heads: the {m} regular copies (embedding_dim / |G|) must split into heads "
+                             f"of an even number of copies (for equivariant RoPE), got {num_attention_heads} heads")
+        for name, value in (("in_horizon", in_horizon), ("cond_horizon", cond_horizon), ("num_layers", num_layers)):
+            if value < 1:
+                raise ValueError(f"{name}: expected >= 1, got {value}")
+        if num_cond_layers < 0:
+            raise ValueError(f"num_cond_layers: expected >= 0, got {num_cond_layers}")
+        self.config: dict[str, Any] = dict(
+            in_horizon=in_horizon, cond_horizon=cond_horizon, num_layers=num_layers,
+            num_attention_heads=num_attention_heads, embedding_dim=embedding_dim, p_drop_emb=p_drop_emb,
+            p_drop_attn=p_drop_attn, causal_attn=causal_attn, num_cond_layers=num_cond_layers,
+            norm_module=norm_module, dim_feedforward=dim_feedforward, activation=activation, cond_window=cond_window)
+        self.in_rep, self.cond_rep, self.out_rep = in_rep, cond_rep, out_rep
+        self.in_horizon, self.cond_horizon = in_horizon, cond_horizon
+        self.cond_window = cond_window or cond_horizon
+        self.causal_attn, self.embedding_dim = causal_attn, embedding_dim
+        fk = {"device": device, "dtype": dtype}
+        hidden = Representation.regular(group, m)
+        wide = Representation.regular(group, 4 * m)
+        self.hidden_rep = hidden
+        dff = dim_feedforward or 4 * embedding_dim
+
+        self.input_emb = eLinear(in_rep, hidden, **fk)
+        self.pos_emb = nn.Parameter(torch.zeros(in_horizon, m, **fk))  # invariant: one value per copy
+        self.cond_obs_emb = eLinear(cond_rep, hidden, **fk)
+        self.time_mlp = nn.Sequential(eLinear(hidden, wide, **fk), ePointwise(wide, "mish"), eLinear(wide, hidden, **fk))
+        self.drop = nn.Dropout(p_drop_emb)
+        self.encoder: eTransformerEncoder | None
+        self.cond_mlp: nn.Sequential | None
+        if num_cond_layers > 0:
+            layer = eTransformerEncoderLayer(hidden, num_attention_heads, dff, p_drop_attn, activation,
+                                             batch_first=True, norm_first=True, norm_module=norm_module,
+                                             positional="rope", **fk)
+            self.encoder = eTransformerEncoder(layer, num_cond_layers, norm=make_norm(norm_module, hidden, 1e-5, **fk))
+            self.cond_mlp = None
+        else:
+            self.encoder = None
+            self.cond_mlp = nn.Sequential(eLinear(hidden, wide, **fk), ePointwise(wide, "mish"),
+                                          eLinear(wide, hidden, **fk))
+        layer = eTransformerDecoderLayer(hidden, num_attention_heads, dff, p_drop_attn, activation, batch_first=True,
+                                         norm_first=True, norm_module=norm_module, cross_positional="rope", **fk)
+        self.decoder = eTransformerDecoder(layer, num_layers)
+        self.ln_f = make_norm(norm_module, hidden, 1e-5, **fk)
+        self.head = eLinear(hidden, out_rep, **fk)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.pos_emb, std=0.02)
+
+    # ---------------------------------------------------------------- pieces shared by batch and streaming paths
+    def _step_token(self, k: Tensor | float, batch: int, ref: Tensor) -> Tensor:
+        k = torch.as_tensor(k, device=ref.device)
+        if k.dim() == 0:
+            k = k.expand(batch)
+        if k.shape != (batch,):
+            raise ValueError(f"opt_step: expected a scalar or shape ({batch},), got {tuple(k.shape)}")
+        emb = _sinusoidal(k, self.hidden_rep.regular_copies).to(ref.dtype)  # one invariant value per copy
+        return self.time_mlp(emb.repeat_interleave(self.in_rep.group.order, dim=-1))[:, None]  # (B, 1, D)
+
+    def _action_tokens(self, x: Tensor) -> Tensor:
+        tx = x.shape[1]
+        pos = self.pos_emb[:tx].repeat_interleave(self.in_rep.group.order, dim=-1)
+        return self.drop(self.input_emb(x) + pos)
+
+    def _tgt_mask(self, tx: int, ref: Tensor) -> Tensor | None:
+        return causal_window_mask(tx, None, device=ref.device, dtype=ref.dtype) if self.causal_attn else None
+
+    def _check(self, name: str, t: Tensor, rep: Representation, max_len: int | None = None) -> None:
+        if t.dim() != 3 or t.shape[-1] != rep.size or (max_len is not None and t.shape[1] > max_len) or t.shape[1] < 1:
+            limit = f"1..{max_len}" if max_len is not None else ">= 1"
+            raise ValueError(f"{name}: expected (B, T, {rep.size}) with T in {limit}, got {tuple(t.shape)}")
+
+    # ---------------------------------------------------------------- batch forward
+    def forward(self, X: Tensor, opt_step: Tensor | float, Z: Tensor) -> Tensor:
+        self._check("X", X, self.in_rep, self.in_horizon)
+        self._check("Z", Z, self.cond_rep)
+        if X.shape[0] != Z.shape[0]:
+            raise ValueError(f"Z: expected batch size {X.shape[0]} (that of X), got {Z.shape[0]}")
+        b, th = Z.shape[:2]
+        z = self.drop(self.cond_obs_emb(Z))
+        if self.encoder is not None:
+            z = self.encoder(z, mask=causal_window_mask(th, self.cond_window, device=z.device, dtype=z.dtype),
+                             src_pos=torch.arange(th, device=z.device))
+        else:
+            z = self.cond_mlp(z)
+        keep = min(th, self.cond_horizon)
+        memory = torch.cat((self._step_token(opt_step, b, z), z[:, th - keep:]), dim=1)
+        now = th - 1
+        memory_pos = torch.cat((torch.tensor([now]), torch.arange(th - keep, th))).to(z.device)
+        x = self._action_tokens(X)
+        x = self.decoder(x, memory, tgt_mask=self._tgt_mask(x.shape[1], x),
+                         tgt_pos=torch.full((x.shape[1],), now, device=x.device), memory_pos=memory_pos)
+        return self.head(self.ln_f(x))
+
+    # ---------------------------------------------------------------- streaming
+    def init_state(self, batch_size: int, max_tokens_per_step: int = 1, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> RegressorState:
+        """Empty caches for ``batch_size`` independent observation streams."""
+        enc = None if self.encoder is None else self.encoder.init_state(
+            batch_size, self.cond_window, max_tokens_per_step, dtype=dtype, device=device)
+        memory = [layer.multihead_attn.init_state(batch_size, self.cond_horizon, max_tokens_per_step, extra_slots=1,
+                                                  dtype=dtype, device=device) for layer in self.decoder.layers]
+        return RegressorState(enc, memory)
+
+    def observe(self, Z: Tensor, state: RegressorState, rows: Rows = None) -> None:
+        """New observation tokens ``Z (b, S, cond_rep.size)`` enter the encoder caches and every decoder layer's
+        memory ring (one encoder ``forward_step`` and one K/V projection per decoder layer)."""
+        self._check("Z", Z, self.cond_rep)
+        z = self.drop(self.cond_obs_emb(Z))
+        z = self.encoder.forward_step(z, state.encoder, rows)[0] if self.encoder is not None else self.cond_mlp(z)
+        for layer, mem in zip(self.decoder.layers, state.memory):
+            layer.append_memory(z, mem, rows)
+
+    def num_observed(self, state: RegressorState, rows: Rows = None) -> Tensor:
+        """Observation tokens seen by each row since its reset, ``(b,)``."""
+        return state.memory[0].cache.positions(rows)
+
+    def denoise(self, X: Tensor, opt_step: Tensor | float, state: RegressorState, rows: Rows = None) -> Tensor:
+        """One denoiser evaluation against the cached memory: equal to :meth:`forward` on the observed stream.
+        Only the ``Tx`` action tokens and the step token are computed."""
+        self._check("X", X, self.in_rep, self.in_horizon)
+        now = (self.num_observed(state, rows) - 1)[:, None]  # (b, 1)
+        step = self._step_token(opt_step, X.shape[0], X)
+        for layer, mem in zip(self.decoder.layers, state.memory):
+            layer.multihead_attn.write_extra(step, mem, now, rows)
+        x = self._action_tokens(X)
+        mask = self._tgt_mask(x.shape[1], x)
+        query_pos = now.expand(-1, x.shape[1])
+        for layer, mem in zip(self.decoder.layers, state.memory):
+            x = layer.forward_cached_memory(x, mem, query_pos, rows, tgt_mask=mask)
+        return self.head(self.ln_f(x))
+
+    def receptive_field(self) -> int:
+        """Observation tokens that can influence the output: the batch reference needs no longer history."""
+        layers = 0 if self.encoder is None else self.encoder.num_layers
+        return self.cond_horizon + layers * (self.cond_window - 1)
+
+    def check_equivariance(self, batch_size: int = 2, history: int | None = None, dtype: torch.dtype = torch.float64,
+                           generator: torch.Generator | None = None) -> float:
+        """Max relative equivariance error of :meth:`forward` over all group elements on random inputs."""
+        from ..nn.equivariance import equivariance_error
+
+        x = torch.randn(batch_size, self.in_horizon, self.in_rep.size, generator=generator, dtype=dtype)
+        z = torch.randn(batch_size, history or self.cond_horizon, self.cond_rep.size, generator=generator, dtype=dtype)
+        k = torch.rand(batch_size, generator=generator, dtype=dtype) * 100
+        return equivariance_error(self, lambda m, xs: m(xs[0], k, xs[1]), [(x, self.in_rep), (z, self.cond_rep)],
+                                  self.out_rep, dtype)
+
+
+class CondTransformerRegressor(eCondTransformerRegressor):
+    """The same architecture without symmetry constraints (the baseline): dimensions instead of representations.
+
+    It is :class:`eCondTransformerRegressor` over the trivial group, whose equivariant maps are unconstrained: every
+    ``eLinear`` is a dense ``nn.Linear`` (group convolution with ``|G| = 1``), norms are per-feature, and in ``eval()``
+    the forward pass runs exactly the kernels of plain torch layers. Sharing the code keeps the equivariance
+    experiments fair (same streaming, positions, parameter budget per feature) and gives the baseline streaming too.
+    """
+
+    def __init__(self, in_dim: int, cond_dim: int, out_dim: int, in_horizon: int, cond_horizon: int, **kwargs):
+        for name, dim in (("in_dim", in_dim), ("cond_dim", cond_dim), ("out_dim", out_dim)):
+            if dim < 1:
+                raise ValueError(f"{name}: expected >= 1, got {dim}")
+        group = trivial_group()
+        super().__init__(Representation.trivial(group, in_dim), Representation.trivial(group, cond_dim),
+                         Representation.trivial(group, out_dim), in_horizon, cond_horizon, **kwargs)
+
+
+def get_optim_groups(model: nn.Module, weight_decay: float = 1e-3) -> list[dict]:
+    """Parameter groups for ``torch.optim.AdamW``: weight decay on the weights of ``eLinear`` / ``nn.Linear`` maps,
+    none on biases, norms, position tables and embeddings (as in minGPT / Diffusion Policy)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_map = isinstance(module, (eLinear, nn.Linear)) and name == "weight"
+            (decay if is_map else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,75 @@
+"""``Dense``: per-degree, per-parity linear mixing of feature channels (e3x's ``Dense``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .irreps import IrrepsLayout
+
+__all__ = ["Dense"]
+
+
+class Dense(nn.Module):
+    r"""``y[p, l] = x[p, l] W[p, l] (+ b if (p, l) is 0+)``: one ``in x out`` matrix per irrep block, shared by the
+    ``2l+1`` components of the block, so for every ``g`` in O(3): ``Dense(g . x) = g . Dense(x)``. The bias only
+    enters the even scalars (``0+``), the one block on which a constant is invariant.
+
+    Args:
+        layout: degrees and parities of input and output.
+        in_features, out_features: channels ``F_in``, ``F_out``.
+        bias: learn the ``0+`` bias.
+
+    Shapes: ``(..., P, (L+1)**2, F_in) -> (..., P, (L+1)**2, F_out)``.
+    """
+
+    def __init__(self, layout: IrrepsLayout, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not isinstance(layout, IrrepsLayout):
+            raise TypeError(f"layout: expected an IrrepsLayout, got {type(layout).__name__}")
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        self.layout, self.in_features, self.out_features = layout, in_features, out_features
+        fk = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(layout.num_parities, layout.max_degree + 1, in_features, out_features,
+                                               **fk))
+        self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
+        self.register_buffer("degree_index", layout.degree_index(device), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Every block like a fresh ``torch.nn.Linear``: uniform in ``+-1/sqrt(in_features)``."""
+        bound = 1 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.layout.check(x, self.in_features)
+        y = torch.einsum("...pci,pcio->...pco", x, self.weight[:, self.degree_index])
+        if self.bias is not None:
+            y[..., 0, 0, :] += self.bias  # fresh einsum output: in place is safe for autograd
+        return y
+
+    def profiles(self, s: Tensor) -> Tensor:
+        """The per-degree outputs for a feature ``s`` shared by all components: ``s (..., F_in)`` ->
+        ``(..., P, L+1, F_out)`` with ``[p, l] = s W[p, l] (+ b at 0+)``.
+
+        ``Dense(Y[p, c] * s) == Y[p, c] * profiles(s)[p, l(c)]`` for any per-component factor ``Y``, so a Dense layer
+        applied to a separable input (angular part times radial features, as a relative-position basis) costs one
+        matrix per degree instead of one per component.
+        """
+        if s.shape[-1:] != (self.in_features,):
+            raise ValueError(f"s: expected shape (..., {self.in_features}), got {tuple(s.shape)}")
+        out = torch.einsum("...i,plio->...plo", s, self.weight)
+        if self.bias is not None:
+            out[..., 0, 0, :] += self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}"
