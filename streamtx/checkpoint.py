@@ -1,0 +1,109 @@
+"""Checkpoints: model config + weights + representations + sampler in one file, loadable without the training code.
+
+The file is a ``torch.save`` of plain containers (numbers, strings, lists, tensors), read back with
+``torch.load(weights_only=True)``: no pickled code is ever executed. Groups are stored by their faithful generator
+matrices (the numerical closure is deterministic, so element numbering is reproduced), representations by the matrices
+of the group's generators.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models.cond_regressor import CondTransformerRegressor, eCondTransformerRegressor
+from .policy.samplers import FlowMatchingSampler, Sampler, make_sampler
+from .policy.streaming import StreamingPolicy
+from .symmetry import Group, Representation, cyclic
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "load_policy", "make_random_checkpoint"]
+
+FORMAT, VERSION = "streamtx-checkpoint", 1
+
+
+def _rep_dict(rep: Representation) -> dict[str, Any]:
+    gens = rep.group.generators
+    return {"name": rep.name, "regular_copies": rep.regular_copies,
+            "generators": [rep.matrices[g].tolist() for g in gens]}
+
+
+def _rep_from(d: dict[str, Any], group: Group) -> Representation:
+    if d["regular_copies"] is not None:
+        return Representation.regular(group, d["regular_copies"])
+    return Representation.from_generators(group, [torch.tensor(m).numpy() for m in d["generators"]], name=d["name"])
+
+
+def save_checkpoint(path: str | Path, model: eCondTransformerRegressor, sampler: Sampler,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (config, weights, representations) and ``sampler`` to ``path``."""
+    group = model.in_rep.group
+    payload = {
+        "format": FORMAT, "version": VERSION, "model_class": type(model).__name__,
+        "config": dict(model.config),
+        "group": {"name": group.name, "generators": [group.matrices[g].tolist() for g in group.generators]},
+        "representations": {name: _rep_dict(getattr(model, name)) for name in ("in_rep", "cond_rep", "out_rep")},
+        "sampler": sampler.config(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": extra or {},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dictionary (validated format), loaded safely."""
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # corrupt or foreign file: say so instead of a pickle traceback
+        raise ValueError(f"path: {path} is not a readable streamtx checkpoint ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"path: {path} is not a streamtx checkpoint (format {FORMAT!r})")
+    if payload.get("version") != VERSION:
+        raise ValueError(f"path: {path} has checkpoint version {payload.get('version')}, this build reads {VERSION}")
+    return payload
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+               ) -> tuple[eCondTransformerRegressor, Sampler, dict[str, Any]]:
+    """``(model in eval mode, sampler, extra)`` from a checkpoint."""
+    payload = load_checkpoint(path)
+    group = Group([torch.tensor(m).numpy() for m in payload["group"]["generators"]], name=payload["group"]["name"])
+    reps = {name: _rep_from(d, group) for name, d in payload["representations"].items()}
+    config = dict(payload["config"])
+    in_h, cond_h = config.pop("in_horizon"), config.pop("cond_horizon")
+    if payload["model_class"] == "CondTransformerRegressor":
+        model = CondTransformerRegressor(reps["in_rep"].size, reps["cond_rep"].size, reps["out_rep"].size, in_h,
+                                         cond_h, **config)
+    else:
+        model = eCondTransformerRegressor(reps["in_rep"], reps["cond_rep"], reps["out_rep"], in_h, cond_h, **config)
+    model.load_state_dict(payload["state_dict"])
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, make_sampler(payload["sampler"]), payload["extra"]
+
+
+def load_policy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                max_tokens_per_step: int = 1) -> StreamingPolicy:
+    """A :class:`StreamingPolicy` (eval mode) from a checkpoint."""
+    model, sampler, _ = load_model(path, device, dtype)
+    return StreamingPolicy(model, sampler, max_tokens_per_step).eval()
+
+
+def make_random_checkpoint(path: str | Path, *, seed: int = 0, **model_overrides: Any) -> Path:
+    """A small random-weight policy for tests and benchmarks: group C2 acting on a 4-d observation (swap of two
+    coordinates, sign flip of two) and a 2-d action (sign flips); flow matching with 4 Euler steps.
+    ``model_overrides`` replace eCondTransformerRegressor arguments (e.g. ``embedding_dim=32``)."""
+    torch.manual_seed(seed)
+    group = cyclic(2)
+    obs_rep = Representation.from_signed_permutations(group, [[1, 0, 2, 3]], [[1, 1, -1, -1]], name="obs")
+    act_rep = Representation.from_signed_permutations(group, [[0, 1]], [[-1, -1]], name="action")
+    config = dict(in_horizon=4, cond_horizon=8, num_layers=2, num_attention_heads=2, embedding_dim=16,
+                  num_cond_layers=1)
+    config.update(model_overrides)
+    model = eCondTransformerRegressor(act_rep, obs_rep, act_rep, **config)
+    return save_checkpoint(path, model, FlowMatchingSampler(num_steps=4), extra={"random_seed": seed})

@@ -1,0 +1,6 @@
+"""Action policies: samplers and the streaming policy the daemon runs per robot."""
+
+from .samplers import DDIMSampler, FlowMatchingSampler, Sampler, make_sampler
+from .streaming import PolicyState, StreamingPolicy
+
+__all__ = ["Sampler", "FlowMatchingSampler", "DDIMSampler", "make_sampler", "StreamingPolicy", "PolicyState"]

@@ -1,0 +1,163 @@
+"""``StreamingPolicy``: observation tokens in, action chunks out, for many independent streams at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..models.cond_regressor import RegressorState, eCondTransformerRegressor
+from ..nn.state import Rows, StreamState
+from .samplers import Sampler
+
+__all__ = ["StreamingPolicy", "PolicyState"]
+
+_MASK63 = (1 << 63) - 1
+
+
+def _noise_seed(seed: int, step: int) -> int:
+    # splitmix-style mixing: nearby (seed, step) pairs give unrelated generator seeds
+    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 31)) * 0xD6E8FEB86659FD93) & ((1 << 64) - 1)
+    return (z ^ (z >> 29)) & _MASK63
+
+
+def _index(state: PolicyState, rows: Tensor | None) -> Tensor | slice:
+    return slice(None) if rows is None else rows.to(state.seed.device)
+
+
+@dataclass
+class PolicyState(StreamState):
+    """Per-row caches of the model, noise seed, and control steps taken since the row's reset."""
+
+    model: RegressorState
+    seed: Tensor
+    steps: Tensor
+
+
+class StreamingPolicy(nn.Module):
+    """Runs a denoiser ``eCondTransformerRegressor`` with a sampler over streams of observation tokens.
+
+    Each batch row is an independent stream (a robot session). Per control step: :meth:`observe` feeds the new
+    observation tokens through the conditioning encoder and appends one K/V row per decoder layer (the caches), then
+    :meth:`act` runs the sampler's denoising iterations, each recomputing only the ``Tx`` action tokens against the
+    cached memory. ``rows`` selects a subset of rows (``None``: all), so a server can keep one state with a row per
+    session and batch whichever sessions have work.
+
+    The sampling noise of a row is drawn from its seed and its control-step counter, so a row's actions never depend
+    on which other rows share the batch, and a replayed stream reproduces its actions exactly.
+    """
+
+    def __init__(self, model: eCondTransformerRegressor, sampler: Sampler, max_tokens_per_step: int = 1) -> None:
+        super().__init__()
+        if max_tokens_per_step < 1:
+            raise ValueError(f"max_tokens_per_step: expected >= 1, got {max_tokens_per_step}")
+        self.model, self.sampler, self.max_tokens_per_step = model, sampler, max_tokens_per_step
+        self.obs_dim, self.action_dim = model.cond_rep.size, model.out_rep.size
+        self.horizon, self.cond_window = model.in_horizon, model.cond_horizon
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.input_emb.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.input_emb.weight.device
+
+    # ---------------------------------------------------------------- state
+    def init_state(self, batch_size: int) -> PolicyState:
+        """All rows empty, seed 0."""
+        return PolicyState(self.model.init_state(batch_size, self.max_tokens_per_step),
+                           torch.zeros(batch_size, dtype=torch.long), torch.zeros(batch_size, dtype=torch.long))
+
+    def _rows(self, state: PolicyState, rows: Rows) -> Tensor | None:
+        if rows is None:
+            return None
+        rows_t = torch.as_tensor(rows, dtype=torch.long)
+        b = state.seed.shape[0]
+        if rows_t.dim() != 1 or rows_t.numel() == 0:
+            raise ValueError(f"rows: expected a non-empty 1-D index of rows, got shape {tuple(rows_t.shape)}")
+        if int(rows_t.min()) < 0 or int(rows_t.max()) >= b:
+            raise ValueError(f"rows: expected indices in 0..{b - 1}, got {rows_t.tolist()}")
+        if rows_t.unique().numel() != rows_t.numel():
+            raise ValueError(f"rows: expected distinct rows, got {rows_t.tolist()}")
+        return rows_t.to(self.device)
+
+    def reset(self, state: PolicyState, rows: Rows = None, seed: int | Sequence[int] | None = None) -> None:
+        """Forget the past of ``rows`` (all if ``None``) and set their noise seed (``None``: 0)."""
+        rows_t = self._rows(state, rows)
+        state.model.reset(rows_t)
+        index = _index(state, rows_t)
+        state.seed[index] = torch.as_tensor(0 if seed is None else seed, dtype=torch.long)
+        state.steps[index] = 0
+
+    # ---------------------------------------------------------------- control step
+    @torch.no_grad()
+    def observe(self, state: PolicyState, obs: Tensor, rows: Rows = None) -> None:
+        """New observation tokens ``obs (b, S, obs_dim)`` (or ``(b, obs_dim)``), ``S <= max_tokens_per_step``."""
+        rows_t = self._rows(state, rows)
+        obs = torch.as_tensor(obs)
+        if obs.dim() == 2:
+            obs = obs[:, None]
+        b = state.seed.shape[0] if rows_t is None else rows_t.numel()
+        if obs.dim() != 3 or obs.shape[0] != b or obs.shape[2] != self.obs_dim or \
+                not 1 <= obs.shape[1] <= self.max_tokens_per_step:
+            raise ValueError(f"obs: expected ({b}, S, {self.obs_dim}) with 1 <= S <= {self.max_tokens_per_step}, "
+                             f"got {tuple(obs.shape)}")
+        if not obs.is_floating_point() or not bool(torch.isfinite(obs).all()):
+            raise ValueError("obs: expected finite floating-point values (got NaN/Inf or a non-float dtype)")
+        self.model.observe(obs.to(self.device, self.dtype), state.model, rows_t)
+
+    def noise(self, state: PolicyState, rows: Rows = None) -> Tensor:
+        """The initial noise ``(b, Tx, action_dim)`` of each row's next control step (from seed and step counter)."""
+        index = _index(state, self._rows(state, rows))
+        seeds, steps = state.seed[index].tolist(), state.steps[index].tolist()
+        gen = torch.Generator()
+        out = torch.stack([torch.randn(self.horizon, self.action_dim, generator=gen.manual_seed(_noise_seed(s, k)))
+                           for s, k in zip(seeds, steps)])
+        return out.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def act(self, state: PolicyState, rows: Rows = None) -> Tensor:
+        """One control step's action chunk ``(b, Tx, action_dim)``: the sampler's iterations against the caches."""
+        rows_t = self._rows(state, rows)
+        empty = self.model.num_observed(state.model, rows_t) == 0
+        if bool(empty.any()):
+            all_rows = torch.arange(state.seed.shape[0]) if rows_t is None else rows_t.cpu()
+            raise ValueError(f"rows: rows {all_rows[empty.cpu()].tolist()} have no observation since their reset; "
+                             "call observe first")
+        noise = self.noise(state, rows_t)
+        actions = self.sampler.sample(lambda x, k: self.model.denoise(x, k, state.model, rows_t), noise)
+        state.steps[_index(state, rows_t)] += 1
+        return actions
+
+    def step(self, state: PolicyState, obs: Tensor, rows: Rows = None) -> Tensor:
+        """:meth:`observe` then :meth:`act`."""
+        self.observe(state, obs, rows)
+        return self.act(state, rows)
+
+    # ---------------------------------------------------------------- description
+    def metadata(self) -> dict[str, Any]:
+        """A plain (msgpack-able) description: model, dimensions, horizons, group and representations, sampler."""
+        m = self.model
+        group = m.in_rep.group
+
+        def rep(r) -> dict[str, Any]:
+            return {"name": r.name, "size": r.size,
+                    "generators": [r.matrices[g].tolist() for g in group.generators]}
+
+        return {
+            "model": type(m).__name__, "obs_dim": self.obs_dim, "action_dim": self.action_dim,
+            "horizon": self.horizon, "cond_window": self.cond_window,
+            "max_tokens_per_step": self.max_tokens_per_step, "config": dict(m.config),
+            "group": {"name": group.name, "order": group.order},
+            "representations": {"obs": rep(m.cond_rep), "action": rep(m.out_rep)},
+            "sampler": self.sampler.config(), "num_evaluations": self.sampler.num_evaluations,
+            "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+            "num_parameters": sum(p.numel() for p in m.parameters()),
+        }
+
+    def extra_repr(self) -> str:
+        return f"sampler={self.sampler}, max_tokens_per_step={self.max_tokens_per_step}"
