@@ -1,12 +1,38 @@
-"""Training examples for chunked policies: the last ``Tz`` observations and the next ``Tx`` actions of a time step."""
+"""Demonstration datasets and the training examples of chunked policies: the last ``Tz`` observations and the next
+``Tx`` actions of a time step.
+
+A dataset file is a ``.npz`` with ``observations (E, T, obs_dim)`` (the observation before each action) and
+``actions (E, T, act_dim)`` of ``E`` equal-length episodes, plus any metadata arrays (e.g. ``task``, the name that
+:func:`streamtx.tasks.task_representations` knows).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ChunkDataset"]
+__all__ = ["ChunkDataset", "save_dataset", "load_dataset"]
+
+
+def save_dataset(path: str | Path, data: dict[str, np.ndarray]) -> None:
+    """Write ``data`` (see the module docstring) as a compressed ``.npz``."""
+    for key in ("observations", "actions"):
+        if key not in data:
+            raise ValueError(f"data: expected an array {key!r}, got keys {sorted(data)}")
+    np.savez_compressed(path, **data)
+
+
+def load_dataset(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a dataset written by :func:`save_dataset` (no pickled objects are ever loaded)."""
+    with np.load(path, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    for key in ("observations", "actions"):
+        if key not in data:
+            raise ValueError(f"path: {path} is not a demonstration dataset, it has no {key!r} array")
+    return data
 
 
 class ChunkDataset:

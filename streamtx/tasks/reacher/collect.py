@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from streamtx.train.data import save_dataset
 
 from .env import EPISODE_STEPS, Half, fingertip_distance, make_env, reset_episode
 from .expert import ReacherExpert
 from .symmetry import ACT_DIM, OBS_DIM
 
-__all__ = ["collect_demonstrations", "save_dataset", "load_dataset", "main"]
+__all__ = ["collect_demonstrations", "main"]
 
 TASK = "reacher"
 
@@ -55,20 +56,6 @@ def collect_demonstrations(num_episodes: int, seed: int = 0, half: Half | None =
     return {"observations": obs.astype(np.float32), "actions": act.astype(np.float32), "seeds": seeds,
             "final_distance": final, "task": np.array(TASK), "half": np.array(half or "all"),
             "action_noise": np.array(action_noise)}
-
-
-def save_dataset(path: str | Path, data: dict[str, np.ndarray]) -> None:
-    np.savez_compressed(path, **data)
-
-
-def load_dataset(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a dataset written by :func:`save_dataset`, checking its arrays."""
-    with np.load(path, allow_pickle=False) as f:
-        data = {k: f[k] for k in f.files}
-    for key in ("observations", "actions"):
-        if key not in data:
-            raise ValueError(f"path: {path} is not a demonstration dataset, it has no {key!r} array")
-    return data
 
 
 def main(argv: list[str] | None = None) -> int:
