@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +70,27 @@ class Dense(nn.Module):
         if self.bias is not None:
             out[..., 0, 0, :] += self.bias
         return out
+
+    @torch.no_grad()
+    def load_e3x_(self, params: Mapping[str, Mapping[str, Any]]) -> Dense:
+        """Copy the parameters of an e3x ``Dense`` of the same layout: its flax parameter tree
+        ``{"0+": {"kernel": (F_in, F_out), "bias": (F_out,)}, "1-": {"kernel": ...}, ...}`` (arrays or tensors).
+        A missing e3x bias zeroes this layer's bias."""
+        expected = {self.layout.label(p, l) for p, l in self.layout.irreps()}
+        if set(params) != expected:
+            raise ValueError(f"params: expected blocks {sorted(expected)}, got {sorted(params)}")
+        for p, l in self.layout.irreps():
+            kernel = torch.as_tensor(params[self.layout.label(p, l)]["kernel"])
+            if kernel.shape != self.weight.shape[2:]:
+                raise ValueError(f"params[{self.layout.label(p, l)!r}]['kernel']: expected shape "
+                                 f"{tuple(self.weight.shape[2:])}, got {tuple(kernel.shape)}")
+            self.weight[p, l] = kernel
+        bias = params[self.layout.label(0, 0)].get("bias")
+        if bias is not None and self.bias is None:
+            raise ValueError("params: has a bias but this layer was built with bias=False")
+        if self.bias is not None:
+            self.bias.copy_(torch.as_tensor(bias) if bias is not None else torch.zeros_like(self.bias))
+        return self
 
     def extra_repr(self) -> str:
         return f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, " \

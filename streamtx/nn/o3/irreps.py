@@ -81,6 +81,11 @@ class IrrepsLayout:
             return 1 if p == 0 else -1
         return 1 if l % 2 == 0 else -1
 
+    def label(self, p: int, l: int) -> str:
+        """The irrep at ``(p, l)`` as ``"<degree><parity>"``, e.g. ``"0+"`` (scalar) or ``"1-"`` (polar vector), the
+        names e3x gives the per-block parameters of its layers."""
+        return f"{l}{'+' if self.parity(p, l) > 0 else '-'}"
+
     def irreps(self) -> list[tuple[int, int]]:
         """All ``(p, l)`` blocks, in storage order."""
         return [(p, l) for p in range(self.num_parities) for l in range(self.max_degree + 1)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +96,19 @@ class TensorProduct(nn.Module):
         xy = torch.einsum("...if,ijkf->...jkf", x.flatten(-3, -2), self.coupling())
         z = torch.einsum("...jkf,...jf->...kf", xy, y.flatten(-3, -2))
         return z.unflatten(-2, self.layout_out.shape(self.features)[:2])
+
+    @torch.no_grad()
+    def load_e3x_(self, kernel: Any) -> TensorProduct:
+        """Copy the weights of an e3x ``Tensor`` layer: its ``kernel (P1, L1+1, P2, L2+1, P3, L3+1, F)`` (entries of
+        parity-forbidden paths, which e3x masks, are ignored)."""
+        kernel = torch.as_tensor(kernel)
+        expected = (self.layout1.num_parities, self.layout1.max_degree + 1, self.layout2.num_parities,
+                    self.layout2.max_degree + 1, self.layout_out.num_parities, self.layout_out.max_degree + 1,
+                    self.features)
+        if tuple(kernel.shape) != expected:
+            raise ValueError(f"kernel: expected shape {expected}, got {tuple(kernel.shape)}")
+        self.weight.copy_(torch.stack([kernel[path] for path in self.paths]))
+        return self
 
     def extra_repr(self) -> str:
         return f"({self.layout1}) x ({self.layout2}) -> ({self.layout_out}), features={self.features}, " \
