@@ -38,15 +38,17 @@ def load_dataset(path: str | Path) -> dict[str, np.ndarray]:
 class ChunkDataset:
     """All ``(observation window, action chunk)`` pairs of a set of equal-length episodes.
 
-    The example of step ``t`` of an episode is ``Z = obs[t - Tz + 1 .. t]`` (oldest first) and
-    ``X = actions[t .. t + Tx - 1]``. Windows that reach before the episode's start repeat its first observation;
-    chunks that reach past its end repeat its last action (the robot holds still), so every step of every episode is
-    an example.
+    The example of step ``t`` of an episode is ``Z = obs[max(0, t - H + 1) .. t]`` (oldest first) and
+    ``X = actions[t .. t + Tx - 1]``. Windows near the episode's start are shorter (``min(t + 1, H)`` tokens): a
+    streaming policy has seen exactly that much since its session was reset, so training on the truncated window is
+    what makes the first steps of an episode in-distribution. Chunks that reach past the episode's end repeat its last
+    action (the robot holds still), so every step of every episode is an example.
 
     Args:
         observations: ``(E, T, obs_dim)`` the observation before each action.
         actions: ``(E, T, act_dim)`` the action taken at each step.
-        obs_horizon: ``Tz``, observations per example.
+        obs_horizon: ``H``, the longest window; for a streaming model its receptive field (all the history that can
+            influence its output).
         action_horizon: ``Tx``, actions per example.
         dtype: of the returned tensors.
     """
@@ -70,8 +72,7 @@ class ChunkDataset:
         self.obs_horizon, self.action_horizon = obs_horizon, action_horizon
         steps = obs.shape[1]
         t = torch.arange(steps)
-        # (T, Tz) and (T, Tx) time indices of every step's window and chunk, clamped into the episode
-        self._obs_index = (t[:, None] + torch.arange(1 - obs_horizon, 1)).clamp(min=0)
+        # (T, Tx) time indices of every step's chunk, clamped into the episode
         self._act_index = (t[:, None] + torch.arange(action_horizon)).clamp(max=steps - 1)
 
     @property
@@ -85,13 +86,20 @@ class ChunkDataset:
     def __len__(self) -> int:
         return self.observations.shape[0] * self.observations.shape[1]
 
-    def get(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """Examples ``index (B,)`` (flat over episodes and steps) -> ``Z (B, Tz, obs_dim)``, ``X (B, Tx, act_dim)``."""
-        episode, step = index // self.observations.shape[1], index % self.observations.shape[1]
-        z = self.observations[episode[:, None], self._obs_index[step]]
-        x = self.actions[episode[:, None], self._act_index[step]]
-        return z, x
+    def get(self, index: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Examples ``index (B,)`` (flat over episodes and steps), grouped by window length ``L`` (ascending):
+        ``[(Z (b_L, L, obs_dim), X (b_L, Tx, act_dim)), ...]`` with ``sum b_L = B``."""
+        steps = self.observations.shape[1]
+        episode, step = index // steps, index % steps
+        length = (step + 1).clamp(max=self.obs_horizon)
+        groups = []
+        for n in length.unique().tolist():  # sorted
+            sel = length == n
+            e, t = episode[sel], step[sel]
+            z = self.observations[e[:, None], t[:, None] + torch.arange(1 - n, 1)]
+            groups.append((z, self.actions[e[:, None], self._act_index[t]]))
+        return groups
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """A uniformly random batch of ``batch_size`` examples (with replacement)."""
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
+        """A uniformly random batch of ``batch_size`` examples (with replacement), grouped as in :meth:`get`."""
         return self.get(torch.randint(len(self), (batch_size,), generator=generator))

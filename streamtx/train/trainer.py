@@ -2,7 +2,7 @@
 
 Works with any model ``V = model(X_k, k, Z)`` (``X_k (B, Tx, act_dim)`` noisy chunk, ``k (B,)`` step or time,
 ``Z (B, Tz, obs_dim)`` observation window) and any sampler with ``training_example(X, generator) -> (X_k, k, target)``:
-the loss is ``mse(model(X_k, k, Z), target)``, so the sampler alone decides what is learnt (velocity, noise, ...).
+the loss is ``mse(model(X_k, k, Z), target)`` (:func:`chunk_loss`), so the sampler alone decides what is learnt (velocity, noise, ...).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .data import ChunkDataset
 from .ema import EMA
 
-__all__ = ["TrainConfig", "TrainResult", "train", "TrainingSampler"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingSampler", "chunk_loss", "train"]
 
 
 class TrainingSampler(Protocol):
@@ -90,12 +90,26 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
+def chunk_loss(model: nn.Module, sampler: TrainingSampler, batch: list[tuple[Tensor, Tensor]],
+               generator: torch.Generator | None = None) -> Tensor:
+    """Mean squared error of ``model`` against ``sampler``'s targets over a batch grouped by window length (as
+    :meth:`ChunkDataset.get` returns it): one forward per group, every example weighted alike."""
+    total, count = None, 0
+    for z, x in batch:
+        x_k, k, target = sampler.training_example(x, generator=generator)
+        err = F.mse_loss(model(x_k, k, z), target, reduction="sum")
+        total = err if total is None else total + err
+        count += target.numel()
+    if total is None:
+        raise ValueError("batch: expected at least one group of examples, got none")
+    return total / count
+
+
 @torch.no_grad()
-def _validation_loss(model: nn.Module, sampler: TrainingSampler, batch: tuple[Tensor, Tensor], seed: int) -> float:
-    z, x = batch
-    g = torch.Generator().manual_seed(seed)  # the same noise every time: losses are comparable across evaluations
-    x_k, k, target = sampler.training_example(x, generator=g)
-    return F.mse_loss(model(x_k, k, z), target).item()
+def _validation_loss(model: nn.Module, sampler: TrainingSampler, batch: list[tuple[Tensor, Tensor]], seed: int
+                     ) -> float:
+    # the same noise every time: losses are comparable across evaluations
+    return chunk_loss(model, sampler, batch, torch.Generator().manual_seed(seed)).item()
 
 
 def train(model: nn.Module, sampler: TrainingSampler, dataset: ChunkDataset, config: TrainConfig,
@@ -125,7 +139,7 @@ def train(model: nn.Module, sampler: TrainingSampler, dataset: ChunkDataset, con
     optimizer = torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas)
     ema = EMA(model, config.ema_decay)
     gen = torch.Generator().manual_seed(config.seed)
-    val_batch = val_dataset.sample(min(len(val_dataset), 4096), torch.Generator().manual_seed(config.seed + 1)) \
+    val_batch = val_dataset.sample(min(len(val_dataset), 1024), torch.Generator().manual_seed(config.seed + 1)) \
         if val_dataset is not None else None
     losses: list[float] = []
     val_losses: list[tuple[int, float]] = []
@@ -134,9 +148,7 @@ def train(model: nn.Module, sampler: TrainingSampler, dataset: ChunkDataset, con
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(step)
-        z, x = dataset.sample(config.batch_size, gen)
-        x_k, k, target = sampler.training_example(x, generator=gen)
-        loss = F.mse_loss(model(x_k, k, z), target)
+        loss = chunk_loss(model, sampler, dataset.sample(config.batch_size, gen), gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:

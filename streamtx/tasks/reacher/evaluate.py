@@ -6,8 +6,11 @@ Evaluation seeds start at :data:`EVAL_SEED` so that they are held out from the c
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -17,8 +20,8 @@ from .env import EPISODE_STEPS, SUCCESS_DISTANCE, Half, fingertip_distance, fing
     reset_episode
 from .expert import ReacherExpert
 
-__all__ = ["EVAL_SEED", "Controller", "ExpertController", "SessionController", "EvalResult", "run_episodes",
-           "eval_seeds"]
+__all__ = ["EVAL_SEED", "Controller", "ExpertController", "SessionController", "EvalResult", "ServedEvaluation",
+           "run_episodes", "eval_seeds", "evaluate_served"]
 
 EVAL_SEED = 1_000_000
 
@@ -146,3 +149,49 @@ def run_episodes(controller: Controller, seeds: Sequence[int], half: Half | None
     env.close()
     latencies = np.asarray(getattr(controller, "latencies", []), dtype=np.float64)
     return EvalResult(np.asarray(seeds), final, path, target, actions, latencies)
+
+
+@dataclass
+class ServedEvaluation:
+    """Episodes run through the daemon: the outcomes, the daemon's ``stats`` reply at the end, its ``hello``."""
+
+    result: EvalResult
+    stats: dict[str, Any]
+    hello: dict[str, Any]
+
+    def model_time_ms(self) -> dict[str, float]:
+        """The daemon's model-stage latency percentiles (every batch of policy calls, observe-only steps included)."""
+        model = self.stats["latency"]["model"]
+        return {"p50": float(model["p50_ms"]), "p99": float(model["p99_ms"])} if model["count"] else {}
+
+
+def evaluate_served(checkpoint: str | os.PathLike[str], seeds: Sequence[int], half: Half | None = None,
+                    execute: int = 1, *, threads: int = 1, log_path: str | os.PathLike[str] | None = None,
+                    progress: bool = True, desc: str = "policy") -> ServedEvaluation:
+    """Start the daemon on ``checkpoint`` (a child process on a free local port, ``threads`` torch threads), run one
+    episode per seed as a client robot through the SDK (one session, reset with the episode's seed), and shut the
+    daemon down. The daemon's JSON log goes to ``log_path`` (default: a temporary file, removed afterwards)."""
+    from streamtx_client import Client
+    from streamtx_server.process import DaemonProcess
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {checkpoint}")
+    with tempfile.TemporaryDirectory(prefix="streamtx-reacher-") as tmp:
+        log = Path(log_path) if log_path is not None else Path(tmp) / "daemon.log"
+        daemon = DaemonProcess.serve(checkpoint.resolve(), ["tcp://127.0.0.1:*"], log, f"--threads={threads}")
+        endpoint = daemon.start()[0]
+        try:
+            # generous timeout: the first request of a fresh daemon may wait for lazy initialization
+            with Client(endpoint, timeout=30.0, retries=0) as client:
+                hello = client.hello()
+                session = client.open(seed=int(seeds[0]))
+                controller = SessionController(session, execute)
+                result = run_episodes(controller, seeds, half, progress=progress, desc=desc)
+                stats = client.stats()
+                session.close()
+        finally:
+            code = daemon.stop()
+        if code != 0:
+            raise RuntimeError(f"the daemon exited with code {code}:\n{daemon.log_tail()}")
+    return ServedEvaluation(result, stats, hello)
