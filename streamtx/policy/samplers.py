@@ -101,9 +101,15 @@ class DDIMSampler(Sampler):
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # float64, cast on use
         stride = num_train_steps // num_steps
         self.timesteps = [int(t) for t in range(num_train_steps - 1, -1, -stride)][:num_steps]
+        self._alphas_on: dict[torch.device, Tensor] = {}
 
     def _abar(self, k: Tensor, like: Tensor) -> Tensor:
-        return self.alphas_cumprod.to(like.device)[k].to(like.dtype)[:, None, None]
+        # one copy per device: a host-to-device copy per call would synchronize the host inside every control step
+        # (and cannot be captured in a CUDA graph)
+        table = self._alphas_on.get(like.device)
+        if table is None:
+            table = self._alphas_on[like.device] = self.alphas_cumprod.to(like.device)
+        return table[k].to(like.dtype)[:, None, None]
 
     def training_example(self, actions: Tensor, generator: torch.Generator | None = None
                          ) -> tuple[Tensor, Tensor, Tensor]:
