@@ -12,7 +12,7 @@ from ..models.cond_regressor import RegressorState, eCondTransformerRegressor
 from ..nn.state import Rows, StreamState
 from .samplers import Sampler
 
-__all__ = ["StreamingPolicy", "PolicyState"]
+__all__ = ["StreamingPolicy", "PolicyState", "step_noise"]
 
 _MASK63 = (1 << 63) - 1
 
@@ -22,6 +22,13 @@ def _noise_seed(seed: int, step: int) -> int:
     z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & ((1 << 64) - 1)
     z = ((z ^ (z >> 31)) * 0xD6E8FEB86659FD93) & ((1 << 64) - 1)
     return (z ^ (z >> 29)) & _MASK63
+
+
+def step_noise(seed: int, step: int, shape: Sequence[int], generator: torch.Generator | None = None) -> Tensor:
+    """The initial sampling noise of control step ``step`` of a stream seeded ``seed``: float32 on the CPU, so a
+    replayed stream gets the same noise on any device and whatever else shares its batch."""
+    gen = generator if generator is not None else torch.Generator()
+    return torch.randn(*shape, generator=gen.manual_seed(_noise_seed(seed, step)))
 
 
 def _index(state: PolicyState, rows: Tensor | None) -> Tensor | slice:
@@ -115,8 +122,7 @@ class StreamingPolicy(nn.Module):
         index = _index(state, self._rows(state, rows))
         seeds, steps = state.seed[index].tolist(), state.steps[index].tolist()
         gen = torch.Generator()
-        out = torch.stack([torch.randn(self.horizon, self.action_dim, generator=gen.manual_seed(_noise_seed(s, k)))
-                           for s, k in zip(seeds, steps)])
+        out = torch.stack([step_noise(s, k, (self.horizon, self.action_dim), gen) for s, k in zip(seeds, steps)])
         return out.to(self.device, self.dtype)
 
     @torch.no_grad()
