@@ -1,0 +1,126 @@
+"""The wire protocol: msgpack maps with a protocol version, numpy arrays as a msgpack extension type.
+
+A request is ``{"v": 1, "id": int, "kind": str, ...fields}``; its one reply is either
+``{"v": 1, "id": int, "ok": True, "result": {...}}`` or ``{"v": 1, "id": int | None, "ok": False,
+"error": {"code": str, "message": str}}`` (``id`` is ``None`` when the request was too broken to read one).
+
+An array travels as ``ExtType(ARRAY_EXT, packb([dtype, shape, data]))``: ``dtype`` a numpy type string of a
+little-endian numeric type (``"<f4"``), ``shape`` a list of ints, ``data`` the raw C-order bytes. Decoding validates
+all three before touching the bytes and returns a read-only view of them (no copy, no pickle, no object dtypes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import msgpack
+import numpy as np
+
+from .errors import ErrorCode, ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ARRAY_EXT",
+    "KINDS",
+    "ARRAY_DTYPES",
+    "encode",
+    "decode",
+    "request",
+    "ok_reply",
+    "error_reply",
+]
+
+PROTOCOL_VERSION = 1
+ARRAY_EXT = 1
+KINDS = ("hello", "open", "step", "reset", "close", "stats")
+ARRAY_DTYPES = frozenset(
+    np.dtype(t).newbyteorder("<").str
+    for t in ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+              "float16", "float32", "float64")
+)
+_MAX_NDIM = 8
+
+
+def _pack_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.newbyteorder("<").str not in ARRAY_DTYPES:
+            raise TypeError(f"array dtype {obj.dtype} cannot go on the wire; expected one of {sorted(ARRAY_DTYPES)}")
+        little = np.ascontiguousarray(obj, dtype=obj.dtype.newbyteorder("<"))
+        payload = msgpack.packb([little.dtype.str, list(little.shape), little.tobytes()], use_bin_type=True)
+        return msgpack.ExtType(ARRAY_EXT, payload)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode an object of type {type(obj).__name__}")
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    """Serialize a message map (numpy arrays and scalars allowed anywhere inside) to bytes."""
+    return msgpack.packb(message, default=_pack_default, use_bin_type=True)
+
+
+def _unpack_array(data: bytes, max_elements: int | None) -> np.ndarray:
+    try:
+        dtype, shape, raw = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # noqa: BLE001 - any unpack failure means a malformed array
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"malformed array extension: {exc}") from None
+    if not isinstance(dtype, str) or dtype not in ARRAY_DTYPES:
+        raise ProtocolError(ErrorCode.BAD_DTYPE, f"array dtype {dtype!r} is not one of {sorted(ARRAY_DTYPES)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_NDIM
+        or not all(type(n) is int and n >= 0 for n in shape)
+    ):
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"array shape must be a list of at most {_MAX_NDIM} ints >= 0, "
+                                                 f"got {shape!r}")
+    if not isinstance(raw, bytes):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"array data must be bytes, got {type(raw).__name__}")
+    count = math.prod(shape)
+    if max_elements is not None and count > max_elements:
+        raise ProtocolError(ErrorCode.ARRAY_TOO_LARGE, f"array of shape {tuple(shape)} has {count} elements, "
+                                                       f"limit is {max_elements}")
+    dt = np.dtype(dtype)
+    if len(raw) != count * dt.itemsize:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"array of dtype {dtype} and shape {tuple(shape)} needs "
+                                                   f"{count * dt.itemsize} bytes, got {len(raw)}")
+    return np.frombuffer(raw, dtype=dt).reshape(shape)
+
+
+def decode(data: bytes, *, max_bytes: int | None = None, max_array_elements: int | None = None) -> dict[str, Any]:
+    """Parse one message; raise :class:`ProtocolError` (with the code a reply should carry) if it is not one.
+
+    Checks, in order: size (``max_bytes``), msgpack well-formedness (no trailing bytes), a map at the top level,
+    string keys, every array extension (dtype whitelist, shape, ``max_array_elements``, byte count).
+    """
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ProtocolError(ErrorCode.MESSAGE_TOO_LARGE, f"message has {len(data)} bytes, limit is {max_bytes}")
+
+    def ext_hook(code: int, payload: bytes) -> np.ndarray:
+        if code != ARRAY_EXT:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown msgpack extension type {code}")
+        return _unpack_array(payload, max_array_elements)
+
+    try:
+        message = msgpack.unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=True)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several types for corrupt input
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a msgpack message: {type(exc).__name__}: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"expected a msgpack map, got {type(message).__name__}")
+    return message
+
+
+def request(kind: str, **fields: Any) -> dict[str, Any]:
+    """A request map without its ``id`` (the transport stamps ids)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    return {"v": PROTOCOL_VERSION, "kind": kind, **fields}
+
+
+def ok_reply(request_id: int | None, result: Mapping[str, Any]) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": dict(result)}
+
+
+def error_reply(request_id: int | None, code: ErrorCode, message: str) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": {"code": code.value, "message": message}}

@@ -1,0 +1,161 @@
+"""Command line: ``serve`` (run the daemon), ``stats`` (print a daemon's statistics), ``keygen`` (CURVE keys)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ServerConfig
+
+__all__ = ["serve_main", "stats_main", "keygen_main", "main", "run_server"]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
+    defaults = ServerConfig()
+    p = argparse.ArgumentParser(prog=prog, description="Serve a streaming policy checkpoint over ZeroMQ.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="policy checkpoint (streamtx.checkpoint format)")
+    p.add_argument("--bind", action="append", metavar="ENDPOINT",
+                   help="tcp://host:port or ipc:///path; repeat for several (default tcp://127.0.0.1:5555)")
+    p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
+    p.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--max-sessions", type=_positive_int, default=defaults.max_sessions)
+    p.add_argument("--max-message-bytes", type=_positive_int, default=defaults.max_message_bytes)
+    p.add_argument("--max-array-elements", type=_positive_int, default=defaults.max_array_elements)
+    p.add_argument("--max-tokens-per-step", type=_positive_int, default=defaults.max_tokens_per_step)
+    p.add_argument("--max-batch", type=_positive_int, default=defaults.max_batch,
+                   help="most session steps per batched forward; 1 turns batching off")
+    p.add_argument("--max-wait-ms", type=_non_negative_float, default=defaults.max_wait * 1e3,
+                   help="how long a step may wait for others to join its batch")
+    p.add_argument("--idle-timeout", type=_non_negative_float, default=defaults.idle_timeout,
+                   help="seconds after which an idle session is closed")
+    p.add_argument("--curve-keys", type=Path, metavar="DIR",
+                   help="require CURVE: DIR holds server.key_secret (and optionally authorized_clients/)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="json", choices=["json", "text"])
+    return p
+
+
+def run_server(policy: Any, endpoints: Sequence[str], config: ServerConfig, *, curve_keys: Path | None = None) -> int:
+    """Serve ``policy`` until SIGINT or SIGTERM, then finish the requests in flight and return 0."""
+    from .auth import load_server_keys
+    from .daemon import Server
+
+    curve = load_server_keys(curve_keys) if curve_keys is not None else None
+    server = Server(policy, endpoints, config, curve=curve)
+    previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """``streamtx serve --checkpoint PATH --bind tcp://127.0.0.1:5555 ...``"""
+    args = serve_parser().parse_args(argv)
+    from .jsonlog import configure_logging, log_event
+
+    log = configure_logging(args.log_level, args.log_format)
+    try:
+        config = ServerConfig(
+            max_message_bytes=args.max_message_bytes,
+            max_array_elements=args.max_array_elements,
+            max_sessions=args.max_sessions,
+            max_tokens_per_step=args.max_tokens_per_step,
+            max_batch=args.max_batch,
+            max_wait=args.max_wait_ms / 1e3,
+            idle_timeout=args.idle_timeout,
+        )
+        import torch
+        from streamtx.checkpoint import load_policy
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        policy = load_policy(args.checkpoint, device=args.device, max_tokens_per_step=args.max_tokens_per_step)
+        return run_server(policy, args.bind or ["tcp://127.0.0.1:5555"], config, curve_keys=args.curve_keys)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        log_event(log, logging.ERROR, "serve_failed", error=f"{type(exc).__name__}: {exc}")
+        return 1
+
+
+def _table(stats: dict[str, Any]) -> str:
+    lines = [f"sessions {stats['sessions']}/{stats['max_sessions']}   uptime {stats['uptime_s']:.1f} s   "
+             f"batches {stats['batches']['count']} (mean size {stats['batches']['mean_size']:.2f}, "
+             f"max {stats['batches']['max_size']})   superseded {stats['superseded']}   "
+             f"expired {stats['expired_sessions']}",
+             "",
+             f"{'stage':<8} {'count':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'max ms':>9}"]
+    for stage, s in stats["latency"].items():
+        if s["count"]:
+            lines.append(f"{stage:<8} {s['count']:>9} {s['p50_ms']:>9.3f} {s['p99_ms']:>9.3f} {s['mean_ms']:>9.3f} "
+                         f"{s['max_ms']:>9.3f}")
+        else:
+            lines.append(f"{stage:<8} {0:>9} {'-':>9} {'-':>9} {'-':>9} {'-':>9}")
+    lines += ["", "requests " + (", ".join(f"{k} {v}" for k, v in sorted(stats["requests"].items())) or "none"),
+              "errors   " + (", ".join(f"{k} {v}" for k, v in sorted(stats["errors"].items())) or "none")]
+    return "\n".join(lines)
+
+
+def stats_main(argv: list[str] | None = None) -> int:
+    """``streamtx stats ENDPOINT``: print a running daemon's statistics."""
+    p = argparse.ArgumentParser(prog="streamtx stats", description="Print a streamtx daemon's statistics.")
+    p.add_argument("endpoint", help="tcp://host:port or ipc:///path")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the reply")
+    p.add_argument("--server-key", help="the daemon's CURVE public key (Z85 text or its .key file)")
+    p.add_argument("--client-keys", help="this client's .key_secret file, if the daemon lists admitted clients")
+    p.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
+    args = p.parse_args(argv)
+    from streamtx_client import Client, RequestTimeout, ServerError
+
+    try:
+        with Client(args.endpoint, timeout=args.timeout, retries=0, server_key=args.server_key,
+                    client_keys=args.client_keys) as client:
+            stats = client.stats()
+    except (RequestTimeout, ServerError, ValueError) as exc:
+        print(f"streamtx stats: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats, indent=2) if args.json else _table(stats))
+    return 0
+
+
+def keygen_main(argv: list[str] | None = None) -> int:
+    """``streamtx keygen DIR [--clients N]``: CURVE keys for ``serve --curve-keys DIR``."""
+    p = argparse.ArgumentParser(prog="streamtx keygen", description="Create CURVE keys for the daemon.")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--clients", type=int, default=0, help="also create N admitted client key pairs")
+    args = p.parse_args(argv)
+    from .auth import create_curve_keys
+
+    public = create_curve_keys(args.directory, clients=args.clients)
+    print(f"server public key (give to clients): {public}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m streamtx_server {serve,stats,keygen} ...``"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"serve": serve_main, "stats": stats_main, "keygen": keygen_main}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m streamtx_server {{{','.join(commands)}}} ...", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])

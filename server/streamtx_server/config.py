@@ -1,0 +1,54 @@
+"""Daemon configuration: hard limits, batching, session expiry."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ServerConfig"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Knobs of a :class:`~streamtx_server.daemon.Server`; every limit violation gets an error reply.
+
+    Args:
+        max_message_bytes: largest request accepted (``message_too_large`` above).
+        max_array_elements: largest array accepted inside a request (``array_too_large`` above).
+        max_sessions: concurrent sessions (``too_many_sessions`` above); also the rows of the policy state.
+        max_tokens_per_step: observation tokens one step may carry (``too_many_tokens`` above); capped by the
+            policy's own limit (``serve`` loads the policy with this limit).
+        max_batch: most session steps run in one batched forward; 1 turns batching off.
+        max_wait: seconds a step may wait for others to join its batch (the batch runs earlier when every open
+            session has a step waiting, or ``max_batch`` are waiting).
+        idle_timeout: seconds without requests after which a session is closed and its slot freed.
+    """
+
+    max_message_bytes: int = 1 << 20
+    max_array_elements: int = 1 << 16
+    max_sessions: int = 64
+    max_tokens_per_step: int = 4
+    max_batch: int = 64
+    max_wait: float = 0.001
+    idle_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{f.name}: expected an int >= 1, got {value!r}")
+        if not (isinstance(self.max_wait, (int, float)) and math.isfinite(self.max_wait) and self.max_wait >= 0):
+            raise ValueError(f"max_wait: expected seconds >= 0, got {self.max_wait!r}")
+        if not (isinstance(self.idle_timeout, (int, float)) and self.idle_timeout > 0):
+            raise ValueError(f"idle_timeout: expected seconds > 0, got {self.idle_timeout!r}")
+
+    def limits(self) -> dict[str, Any]:
+        """The limits a client must respect, as ``hello`` reports them."""
+        return {
+            "max_message_bytes": self.max_message_bytes,
+            "max_array_elements": self.max_array_elements,
+            "max_sessions": self.max_sessions,
+            "max_tokens_per_step": self.max_tokens_per_step,
+        }

@@ -1,0 +1,163 @@
+"""Typed requests: a decoded message map checked field by field, or a :class:`ProtocolError` naming what is wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+from streamtx_client.errors import ErrorCode, ProtocolError
+from streamtx_client.protocol import KINDS, PROTOCOL_VERSION
+
+__all__ = ["Hello", "Stats", "Open", "Step", "Reset", "Close", "Request", "parse_request", "request_id"]
+
+MAX_SESSION_ID_CHARS = 128
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Hello:
+    id: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    id: int
+
+
+@dataclass(frozen=True)
+class Open:
+    id: int
+    session: str | None  # None: the daemon names the session
+    seed: int | None  # None: the daemon draws one
+    steps: int  # control steps the session already took (a client resuming it after a daemon restart)
+
+
+@dataclass(frozen=True)
+class Step:
+    id: int
+    session: str
+    obs: np.ndarray  # (S, obs_dim), finite, floating
+    act: bool  # False: only feed the observations
+    timing: bool  # True: the result carries the daemon's stage times of this request
+
+
+@dataclass(frozen=True)
+class Reset:
+    id: int
+    session: str
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Close:
+    id: int
+    session: str
+
+
+Request = Union[Hello, Stats, Open, Step, Reset, Close]
+
+
+def request_id(message: Any) -> int | None:
+    """The request's id if it has a usable one (for the error reply of an otherwise broken request)."""
+    rid = message.get("id") if isinstance(message, dict) else None
+    return rid if type(rid) is int else None
+
+
+def _session(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_SESSION_ID_CHARS:
+        raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"session: expected a string of 1 to {MAX_SESSION_ID_CHARS} "
+                                                    f"characters, got {_show(value)}")
+    return value
+
+
+def _count(value: Any, name: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_SEED:
+        raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"{name}: expected an int in [0, 2**63 - 1], got {_show(value)}")
+    return value
+
+
+def _seed(value: Any) -> int | None:
+    return None if value is None else _count(value, "seed")
+
+
+def _flag(value: Any, name: str) -> bool:
+    if type(value) is not bool:
+        raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"{name}: expected a bool, got {_show(value)}")
+    return value
+
+
+def _observations(value: Any, obs_dim: int, max_tokens: int) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"obs: expected an array (msgpack extension), got {_show(value)}")
+    if value.dtype.kind != "f":
+        raise ProtocolError(ErrorCode.BAD_DTYPE, f"obs: expected a floating dtype (float16/32/64), got {value.dtype}")
+    obs = value[None] if value.ndim == 1 else value
+    if obs.ndim != 2 or obs.shape[1] != obs_dim or obs.shape[0] == 0:
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"obs: expected shape ({obs_dim},) or (S, {obs_dim}) with S >= 1, "
+                                                 f"got {value.shape}")
+    if obs.shape[0] > max_tokens:
+        raise ProtocolError(ErrorCode.TOO_MANY_TOKENS, f"obs: {obs.shape[0]} tokens in one step, limit is {max_tokens}")
+    if not np.isfinite(obs).all():
+        raise ProtocolError(ErrorCode.NON_FINITE, "obs: contains NaN or Inf")
+    return obs
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+# kind -> its fields and their defaults (_REQUIRED: no default).
+_REQUIRED = object()
+_FIELDS: dict[str, dict[str, Any]] = {
+    "hello": {},
+    "stats": {},
+    "open": {"session": None, "seed": None, "steps": 0},
+    "step": {"session": _REQUIRED, "obs": _REQUIRED, "act": True, "timing": False},
+    "reset": {"session": _REQUIRED, "seed": None},
+    "close": {"session": _REQUIRED},
+}
+assert set(_FIELDS) == set(KINDS)
+
+
+def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> Request:
+    """Check a decoded request against the protocol and the policy's observation size."""
+    version = message.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.BAD_VERSION, f"v: this daemon speaks protocol {PROTOCOL_VERSION}, "
+                                                   f"got {_show(version)}")
+    rid = request_id(message)
+    if rid is None:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"id: expected an int, got {_show(message.get('id'))}")
+    kind = message.get("kind")
+    if not isinstance(kind, str) or kind not in _FIELDS:
+        raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"kind: expected one of {list(KINDS)}, got {_show(kind)}")
+    spec = _FIELDS[kind]
+    unknown = set(message) - {"v", "id", "kind"} - set(spec)
+    if unknown:
+        raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"{kind}: unknown fields {sorted(map(str, unknown))}; "
+                                                    f"expected {sorted(spec)}")
+    fields: dict[str, Any] = {}
+    for name, default in spec.items():
+        if name in message:
+            fields[name] = message[name]
+        elif default is _REQUIRED:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{kind}: missing field {name!r}")
+        else:
+            fields[name] = default
+    if kind == "hello":
+        return Hello(rid)
+    if kind == "stats":
+        return Stats(rid)
+    if kind == "open":
+        return Open(rid, None if fields["session"] is None else _session(fields["session"]), _seed(fields["seed"]),
+                    _count(fields["steps"], "steps"))
+    if kind == "step":
+        obs = _observations(fields["obs"], obs_dim, max_tokens)
+        return Step(rid, _session(fields["session"]), obs, _flag(fields["act"], "act"),
+                    _flag(fields["timing"], "timing"))
+    if kind == "reset":
+        return Reset(rid, _session(fields["session"]), _seed(fields["seed"]))
+    return Close(rid, _session(fields["session"]))
