@@ -107,3 +107,15 @@ def make_random_checkpoint(path: str | Path, *, seed: int = 0, **model_overrides
     config.update(model_overrides)
     model = eCondTransformerRegressor(act_rep, obs_rep, act_rep, **config)
     return save_checkpoint(path, model, FlowMatchingSampler(num_steps=4), extra={"random_seed": seed})
+
+
+def random_checkpoint_main(argv: list[str] | None = None) -> int:
+    """``streamtx random-checkpoint PATH [--seed N]``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="streamtx random-checkpoint", description=make_random_checkpoint.__doc__)
+    parser.add_argument("path")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(make_random_checkpoint(args.path, seed=args.seed))
+    return 0

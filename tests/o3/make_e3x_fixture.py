@@ -1,5 +1,5 @@
 """Writes ``e3x_fixture.npz``: e3x's ``MultiHeadAttention`` outputs, parameters and inputs, for the comparison in
-``test_e3x_reference.py`` (which needs neither jax nor e3x).
+``test_o3_e3x_reference.py`` (which needs neither jax nor e3x).
 
 Run it in a separate environment that has e3x (never in the project's venv)::
 

@@ -4,6 +4,7 @@ Features use e3x's layout ``(..., P, (L+1)**2, F)`` (see :mod:`.irreps`); positi
 """
 
 from .attention import O3AttentionState, O3MultiheadAttention
+from .block import O3EncoderState, O3TransformerBlock, O3TransformerEncoder
 from .clebsch_gordan import clebsch_gordan
 from .dense import Dense
 from .irreps import IrrepsLayout, cartesian_order
@@ -16,4 +17,5 @@ from .tensor_product import TensorProduct
 __all__ = [
     "IrrepsLayout", "cartesian_order", "spherical_harmonics", "clebsch_gordan", "RadialBasis", "smooth_cutoff",
     "Dense", "TensorProduct", "O3LayerNorm", "gated_silu", "GatedMLP", "O3MultiheadAttention", "O3AttentionState",
+    "O3TransformerBlock", "O3TransformerEncoder", "O3EncoderState",
 ]

@@ -50,6 +50,18 @@ _PAIR_BUDGET = 1 << 24
 softmax rows are independent) so that memory stays bounded for long sequences."""
 
 
+class StreamSteps:
+    """``forward_steps`` for the streaming modules of this package (they define ``forward_step``)."""
+
+    def forward_steps(self, x: Tensor, positions: Tensor, state: Any, rows: Rows = None) -> tuple[Tensor, Any]:
+        """Stream ``x (b, T, P, C, F)`` at ``positions (b, T, 3)``: one :meth:`forward_step` of ``T`` tokens (run in
+        chunks of the ring's step size), equal to ``T`` single-token steps."""
+        if not isinstance(x, Tensor) or x.dim() != 5:
+            raise ValueError(f"x: expected a stream (b, T, P, C, F), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        return self.forward_step(x, positions, state, rows)  # type: ignore[attr-defined]
+
+
 @dataclass
 class O3AttentionState(StreamState):
     """Streaming state of one :class:`O3MultiheadAttention`: the ring of per-token keys ``k``, values ``v`` (both
@@ -59,7 +71,7 @@ class O3AttentionState(StreamState):
     window: int
 
 
-class O3MultiheadAttention(nn.Module):
+class O3MultiheadAttention(StreamSteps, nn.Module):
     r"""O(3)-equivariant multi-head self-attention over tokens with 3-D positions (see the module docstring).
 
     Args:
@@ -190,9 +202,25 @@ class O3MultiheadAttention(nn.Module):
                 o = torch.einsum("bhnm,bhme->bnhe", a.permute(0, 3, 1, 2), vh)  # (B, n, H, P C d)
                 outs.append(o.unflatten(-1, (-1, d)).transpose(2, 3).reshape(qc.shape))
             else:
-                coef = self._value_coefficients(y, rad, a)  # (B, n, M, C_b, Q)
-                outs.append(self._couple(torch.einsum("bnmyf,bmaf->bnyaf", coef, v.flatten(2, 3))))
+                outs.append(self._couple(self._relative_values_dense(y, rad, a, v)))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _relative_values_dense(self, y: Tensor, rad: Tensor, a: Tensor, v: Tensor) -> Tensor:
+        """``u[i, c, a, f] = sum_j a_ij^h(f) Y_c(r_ij) filter_l(c)(|r_ij|)[f] v_j[a, f]`` ``(B, n, C_b, P C, Q)``
+        from ``y (B, n, M, C_b)``, ``rad (B, n, M, K)``, ``a (B, n, M, H)``, ``v (B, M, P, C, Q)``: one matrix product
+        over the keys per degree of the basis, whose factor ``(B, Q, n, 2l+1, M)`` is the only per-pair, per-channel
+        tensor written."""
+        b, n, m = y.shape[:3]
+        h, d = self.num_heads, self.head_dim
+        ya = (y[..., None, :] * a[..., None]).permute(0, 3, 1, 4, 2).contiguous()  # (B, H, n, C_b, M)
+        g = self.value_filter.profiles(rad)[..., 0, :, :]  # (B, n, M, L_b+1, Q)
+        g = g.permute(0, 4, 1, 3, 2).contiguous().view(b, h, d, n, -1, m)  # (B, H, d, n, L_b+1, M)
+        vt = v.flatten(2, 3).permute(0, 3, 1, 2)  # (B, Q, M, P C)
+        blocks = []
+        for l in range(self.basis_layout.max_degree + 1):
+            coef = ya[:, :, None, :, l * l:(l + 1) ** 2] * g[:, :, :, :, l:l + 1]  # (B, H, d, n, 2l+1, M)
+            blocks.append((coef.view(b, h * d, -1, m) @ vt).view(b, h * d, n, 2 * l + 1, -1))
+        return torch.cat(blocks, dim=3).permute(0, 2, 3, 4, 1)
 
     def _scores_dense(self, q: Tensor, kh: Tensor, rad: Tensor) -> Tensor:
         """Scores ``(B, n, M, H)`` of queries ``(B, n, P, C, Q)`` against per-head keys ``(B, H, M, P C d)``."""
@@ -217,11 +245,11 @@ class O3MultiheadAttention(nn.Module):
             w = torch.cat([w, self.qk_encoding.bias[None]], dim=0)
         return w.reshape(-1, p, lp1, self.qkv_features)[:, :, self.degree_index]
 
-    def _value_coefficients(self, y: Tensor, rad: Tensor, a: Tensor) -> Tensor:
-        """Per pair and channel, attention weight times filter: ``a^h(f) Y_c(r) Dense(R(|r|))[l(c), f]`` ->
-        ``(..., C_b, Q)`` from ``y (..., C_b)``, ``rad (..., K)``, ``a (..., H)``."""
-        profiles = self.value_filter.profiles(rad)[..., 0, :, :]  # (..., L_b + 1, Q)
-        return y[..., None] * profiles[..., self.basis_degree_index, :] * self._heads(a)[..., None, :]
+    def _weighted_profiles(self, rad: Tensor, a: Tensor) -> Tensor:
+        """Radial profiles of the value filter times the attention weight of each channel's head:
+        ``a^h(f) Dense(R(|r|))[l, f]`` ``(..., L_b+1, Q)`` from ``rad (..., K)``, ``a (..., H)``."""
+        g = self.value_filter.profiles(rad)[..., 0, :, :].unflatten(-1, (self.num_heads, self.head_dim))
+        return (g * a[..., None, :, None]).flatten(-2)
 
     # ---------------------------------------------------------------- sparse pairs
     def _attend_sparse(self, q: Tensor, k: Tensor, v: Tensor, xyz: Tensor, dst: Tensor, src: Tensor) -> Tensor:
@@ -244,7 +272,7 @@ class O3MultiheadAttention(nn.Module):
             msg = self._heads(a)[:, None, None, :] * ve
             out = torch.zeros((b * n, *msg.shape[1:]), dtype=msg.dtype, device=msg.device).index_add(0, fd, msg)
         else:
-            coef = self._value_coefficients(y, rad, a)  # (E', C_b, Q)
+            coef = y[:, :, None] * self._weighted_profiles(rad, a)[:, self.basis_degree_index]  # (E', C_b, Q)
             msg = coef[:, :, None, :] * ve.flatten(1, 2)[:, None, :, :]  # (E', C_b, P C, Q)
             u = torch.zeros((b * n, *msg.shape[1:]), dtype=msg.dtype, device=msg.device).index_add(0, fd, msg)
             out = self._couple(u)
@@ -317,8 +345,8 @@ class O3MultiheadAttention(nn.Module):
             raise ValueError(f"x: expected (b, P, C, F) or (b, S, P, C, F), got {tuple(x.shape)}")
         if xs.dtype != state.cache.data["k"].dtype:
             raise TypeError(f"x: expected dtype {state.cache.data['k'].dtype} (the state's), got {xs.dtype}")
-        ps = _check_positions(positions[:, None] if single and isinstance(positions, Tensor) else positions,
-                              tuple(xs.shape[:2]), xs)
+        ps = _check_positions(positions, tuple(x.shape[:-3]), xs)
+        ps = ps[:, None] if single else ps
         chunk = state.cache.capacity - (state.window - 1)
         outs = []
         for start in range(0, xs.shape[1], chunk):
@@ -330,13 +358,6 @@ class O3MultiheadAttention(nn.Module):
             outs.append(self._attend_dense(q, data["k"], data["v"], xyz, data["xyz"], visible))
         out = self.out(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
         return (out[:, 0] if single else out), state
-
-    def forward_steps(self, x: Tensor, positions: Tensor, state: O3AttentionState, rows: Rows = None
-                      ) -> tuple[Tensor, O3AttentionState]:
-        """Stream ``x (b, T, P, C, F)`` at ``positions (b, T, 3)`` (in chunks of the ring's step size)."""
-        if x.dim() != 5:
-            raise ValueError(f"x: expected a stream (b, T, P, C, F), got {tuple(x.shape)}")
-        return self.forward_step(x, positions, state, rows)
 
     # ---------------------------------------------------------------- conversion
     @torch.no_grad()

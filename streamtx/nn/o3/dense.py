@@ -60,9 +60,10 @@ class Dense(nn.Module):
         """The per-degree outputs for a feature ``s`` shared by all components: ``s (..., F_in)`` ->
         ``(..., P, L+1, F_out)`` with ``[p, l] = s W[p, l] (+ b at 0+)``.
 
-        ``Dense(Y[p, c] * s) == Y[p, c] * profiles(s)[p, l(c)]`` for any per-component factor ``Y``, so a Dense layer
-        applied to a separable input (angular part times radial features, as a relative-position basis) costs one
-        matrix per degree instead of one per component.
+        ``Dense(Y[p, c] * s) == Y[p, c] * profiles(s)[p, l(c)]`` for any per-component factor ``Y`` with
+        ``Y[0+] = 1`` (as spherical harmonics; any ``Y`` without bias), so a Dense layer applied to a separable input
+        (angular part times radial features, as a relative-position basis) costs one matrix per degree instead of
+        one per component.
         """
         if s.shape[-1:] != (self.in_features,):
             raise ValueError(f"s: expected shape (..., {self.in_features}), got {tuple(s.shape)}")

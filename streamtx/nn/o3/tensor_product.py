@@ -51,9 +51,7 @@ class TensorProduct(nn.Module):
                 raise TypeError(f"{name}: expected an IrrepsLayout, got {type(value).__name__}")
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise ValueError(f"features: expected an integer >= 1, got {features!r}")
-        self.paths = coupling_paths(layout1, layout2, layout_out)
-        if not self.paths:
-            raise ValueError(f"layout_out: no coupling path leads from ({layout1}) x ({layout2}) to ({layout_out})")
+        self.paths = coupling_paths(layout1, layout2, layout_out)  # never empty: 0+ x 0+ -> 0+ always exists
         self.layout1, self.layout2, self.layout_out, self.features = layout1, layout2, layout_out, features
         self.weight = nn.Parameter(torch.empty(len(self.paths), features, device=device, dtype=dtype))
         # Dense coefficient table over the flattened (parity, component) axes and, per entry, its path.

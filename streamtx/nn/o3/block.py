@@ -1,0 +1,118 @@
+"""Norm-first O(3)-equivariant transformer blocks over tokens with 3-D positions, and a stack of them, streamable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..state import Rows, StreamState
+from .attention import O3AttentionState, O3MultiheadAttention, StreamSteps
+from .mlp import GatedMLP
+from .norm import O3LayerNorm
+
+__all__ = ["O3TransformerBlock", "O3TransformerEncoder", "O3EncoderState"]
+
+
+class O3TransformerBlock(StreamSteps, nn.Module):
+    r"""``x = x + attn(norm1(x), positions); x = x + mlp(norm2(x))`` with :class:`O3LayerNorm`,
+    :class:`O3MultiheadAttention` and :class:`GatedMLP`; for every ``g`` in O(3) and translation ``t``:
+    ``block(g . x, g p + t) = g . block(x, p)``.
+
+    Args:
+        features: channels ``F`` (input and output).
+        max_degree: ``L``.
+        num_heads: attention heads (divide ``features``).
+        hidden_features: channels of the MLP's hidden layer (default ``2 F``).
+        include_pseudotensors: ``P = 2`` instead of ``P = 1``.
+        eps: of the norms.
+        **attention: further options of :class:`O3MultiheadAttention` (``num_basis``, ``cutoff``, ``radial``,
+            ``basis_max_degree``, ``use_relative_positional_encoding_qk``/``_v``, ``softmax_cutoff``, biases, ...).
+
+    Shapes: ``x (B, N, P, (L+1)**2, F)``, ``positions (B, N, 3)`` -> like ``x``.
+    """
+
+    def __init__(self, features: int, max_degree: int, num_heads: int = 1, *, hidden_features: int | None = None,
+                 include_pseudotensors: bool = False, eps: float = 1e-5, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, **attention: Any) -> None:
+        super().__init__()
+        for name in ("qkv_features", "out_features"):
+            if name in attention:
+                raise ValueError(f"{name}: a residual block keeps F={features} channels; not configurable here")
+        fk = {"device": device, "dtype": dtype}
+        self.attn = O3MultiheadAttention(features, max_degree, num_heads, include_pseudotensors=include_pseudotensors,
+                                         **attention, **fk)
+        layout = self.attn.layout
+        self.norm1 = O3LayerNorm(layout, features, eps, **fk)
+        self.norm2 = O3LayerNorm(layout, features, eps, **fk)
+        self.mlp = GatedMLP(layout, features, hidden_features or 2 * features, **fk)
+
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, *, dst_idx: Tensor | None = None,
+                src_idx: Tensor | None = None) -> Tensor:
+        """Batch forward; ``mask``/``dst_idx``/``src_idx`` as in :meth:`O3MultiheadAttention.forward`."""
+        x = x + self.attn(self.norm1(x), positions, mask, dst_idx=dst_idx, src_idx=src_idx)
+        return x + self.mlp(self.norm2(x))
+
+    def init_state(self, batch_size: int, window: int, max_tokens_per_step: int = 1, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> O3AttentionState:
+        """The attention's ring cache (norms and MLP act per token and need no state)."""
+        return self.attn.init_state(batch_size, window, max_tokens_per_step, dtype, device)
+
+    def forward_step(self, x: Tensor, positions: Tensor, state: O3AttentionState, rows: Rows = None
+                     ) -> tuple[Tensor, O3AttentionState]:
+        """New tokens ``(b, P, C, F)`` / ``(b, S, P, C, F)`` at ``(b, 3)`` / ``(b, S, 3)``; equal to :meth:`forward`
+        on the whole stream with ``mask=band_mask(t, t, window)``."""
+        h, state = self.attn.forward_step(self.norm1(x), positions, state, rows)
+        x = x + h
+        return x + self.mlp(self.norm2(x)), state
+
+
+@dataclass
+class O3EncoderState(StreamState):
+    """One attention ring per block of an :class:`O3TransformerEncoder`."""
+
+    layers: list[O3AttentionState]
+
+
+class O3TransformerEncoder(StreamSteps, nn.Module):
+    """``num_layers`` :class:`O3TransformerBlock` and a final :class:`O3LayerNorm`. Streaming with a causal window
+    ``W`` in every block is exact for any depth (the receptive field grows by ``W - 1`` tokens per block).
+
+    Args:
+        num_layers: blocks.
+        features, max_degree, num_heads, **block: as :class:`O3TransformerBlock`.
+
+    Shapes: ``x (B, N, P, (L+1)**2, F)``, ``positions (B, N, 3)`` -> like ``x``.
+    """
+
+    def __init__(self, num_layers: int, features: int, max_degree: int, num_heads: int = 1, **block: Any) -> None:
+        super().__init__()
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
+        self.layers = nn.ModuleList(O3TransformerBlock(features, max_degree, num_heads, **block)
+                                    for _ in range(num_layers))
+        self.norm = O3LayerNorm(self.layers[0].attn.layout, features, block.get("eps", 1e-5),
+                                device=block.get("device"), dtype=block.get("dtype"))
+
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, *, dst_idx: Tensor | None = None,
+                src_idx: Tensor | None = None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, positions, mask, dst_idx=dst_idx, src_idx=src_idx)
+        return self.norm(x)
+
+    def init_state(self, batch_size: int, window: int, max_tokens_per_step: int = 1, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> O3EncoderState:
+        return O3EncoderState([layer.init_state(batch_size, window, max_tokens_per_step, dtype, device)
+                               for layer in self.layers])
+
+    def forward_step(self, x: Tensor, positions: Tensor, state: O3EncoderState, rows: Rows = None
+                     ) -> tuple[Tensor, O3EncoderState]:
+        """New tokens through every block in turn; equal to :meth:`forward` with ``mask=band_mask(t, t, window)``."""
+        if not isinstance(state, O3EncoderState) or len(state.layers) != len(self.layers):
+            raise TypeError(f"state: expected the O3EncoderState of this encoder's init_state, got "
+                            f"{type(state).__name__}")
+        for layer, layer_state in zip(self.layers, state.layers):
+            x, _ = layer.forward_step(x, positions, layer_state, rows)
+        return self.norm(x), state

@@ -1,0 +1,281 @@
+"""Full-window (retroactive) streaming of an encoder layer: every token of the last ``n`` attends to all ``n``, and a
+step returns the updated outputs of the whole window (continual-inference's ``RetroactiveTransformerEncoderLayer``
+semantics), with O(n d) attention work per step and no overflow or cancellation blow-up for any logit scale.
+
+Why the update is stable. Each query row ``i`` of the window keeps, per head, a shift ``m_i``, the shifted softmax
+denominator ``l_i = sum_j exp(s_ij - m_i)`` and numerator ``acc_i = sum_j exp(s_ij - m_i) v_j`` over the keys ``j`` in
+the window, and ``r_i``: the mass removed from ``l_i`` since the row was last computed exactly. A step
+
+* subtracts the terms of the keys that leave (``l_i -= exp(s_i,old - m_i)``, ``r_i += exp(s_i,old - m_i)``),
+* adds the keys that arrive with the online-softmax rescale (``m_i' = max(m_i, s_i,new)``, everything times
+  ``exp(m_i - m_i')``),
+* computes the rows of the new tokens exactly, and recomputes exactly every row whose removed mass exceeds
+  ``recompute_threshold`` times its remaining mass (subtraction loses accuracy in proportion to ``r_i / l_i``).
+
+Invariants after every step (``threshold = 1``): ``m_i >= s_ij`` for every key in the window, so no ``exp`` argument
+is positive (nothing overflows, in float16 either); ``l_i >= 1`` when the key that set ``m_i`` is still in the window,
+else ``l_i >= r_i >= 1`` by the guard, so ``l_i`` never underflows; and the rounding error of ``l_i`` is at most
+``(1 + 2 * threshold)`` times that of a cancellation-free sum of the same number of terms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .state import RingCache, Rows, StreamState
+from .transformer import EncoderLayerState, eTransformerEncoderLayer
+
+__all__ = ["eRetroactiveEncoderLayer", "RetroactiveState", "accumulator_dtype"]
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the retroactive bookkeeping for a model running in ``dtype``: float32 for float16/bfloat16 (a row's
+    sums take up to ``2n`` additions and subtractions; in 8 or 11 mantissa bits they would drift by percents, as in
+    flash attention, softmax statistics are kept in float32), else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _window_slots(cache: RingCache, rows: Rows) -> Tensor:
+    """Ring slots of the window, oldest token first: ``(b, n)``. Slot of output ``j`` holds position
+    ``next_pos - n + j``; before the window is full those slots are still empty, which gives left padding."""
+    n = cache.capacity
+    return (cache.positions(rows)[:, None] + torch.arange(n, device=cache.device)) % n
+
+
+@dataclass
+class RetroactiveState(StreamState):
+    """Streaming state of :class:`eRetroactiveEncoderLayer`.
+
+    ``cache`` holds per window token (ring of ``n`` slots, batch first) its layer input ``x (D,)``, its encoded
+    ``q, k, v (H, hd)`` and its query row's softmax bookkeeping ``m, l, r (H,)``, ``acc (H, hd)``, all in
+    :func:`accumulator_dtype`. ``recomputed (B,)`` counts the (query row, head) pairs recomputed exactly by the
+    cancellation guard since the last reset (rows of new tokens are not counted).
+    """
+
+    cache: RingCache
+    recomputed: Tensor
+
+    @property
+    def window(self) -> int:
+        return self.cache.capacity
+
+    def window_positions(self, rows: Rows = None) -> Tensor:
+        """Stream positions of the tokens whose outputs the last step returned, oldest first, ``(b, n)``; ``-1``
+        marks the padding before the window is full."""
+        pos = self.cache.read(rows)[1]
+        return pos.gather(1, _window_slots(self.cache, rows))
+
+
+class eRetroactiveEncoderLayer(nn.Module):
+    r"""Full-window streaming of an :class:`eTransformerEncoderLayer` (sharing its weights): after each step, the
+    outputs of all ``window`` newest tokens, each attending to all of them.
+
+    Reference: with ``x_w (B, n, D)`` the last ``n`` tokens at stream positions ``p_w``, a step returns
+    ``layer(x_w, src_pos=p_w)`` (batch-first), i.e. the batch forward with no mask. With no positional backend, RoPE
+    or a relative bias, scores depend only on position differences, so this equals ``layer(x_w)``.
+    Equivariant like the layer: ``step(rho(g) x_t) = rho(g) step(x_t)`` for every token of the window (the attention
+    weights and the recompute decisions are invariant).
+
+    Warm-up: before ``n`` tokens have arrived, the ``t`` tokens seen so far attend to each other only and the output is
+    left-padded with zeros; :meth:`RetroactiveState.window_positions` gives the position of each output (``-1`` =
+    padding).
+
+    Cost per step: the attention update is O(n d) per new token plus O(n d) per guard recompute; rows computed only
+    for generic data (recomputes per step are O(1) on average, measured in ``benchmarks/bench_retroactive.py``).
+    Worst case (adversarial scores where each step removes the dominant key of every row) every row is recomputed:
+    O(n^2 d), the cost of the batch attention. Out projection, residual, norms and feed-forward depend on the
+    updated attention of every token, so they run on all ``n`` outputs each step (O(n d^2), as in
+    continual-inference). Only a first layer can stream this way: a second layer's inputs all change every step.
+
+    ``single_output=True``: a step returns only the new tokens' outputs ``(B, D)``, which equal the last row of the
+    full-window output, and are exactly the causal-window streaming of :meth:`eTransformerEncoderLayer.forward_step`
+    with ``window = n`` (each new query attends to the ``n`` newest keys, computed exactly, O(n d) per token with only
+    a key/value ring); this mode delegates to it, so both modes of a model share one API.
+
+    Args:
+        layer: the encoder layer whose weights are used (not copied: training the layer updates this module).
+        window: ``n``, the number of tokens attending to each other.
+        single_output: return only the newest token's output.
+        recompute_threshold: recompute a query row exactly when the softmax mass removed from it since its last exact
+            computation exceeds this times its remaining mass (``inf``: only once cancellation has left no positive
+            mass; accurate only for data without dominant keys). Smaller is more accurate and costs more recomputes.
+    """
+
+    def __init__(self, layer: eTransformerEncoderLayer, window: int, *, single_output: bool = False,
+                 recompute_threshold: float = 1.0) -> None:
+        super().__init__()
+        if not isinstance(layer, eTransformerEncoderLayer):
+            raise TypeError(f"layer: expected an eTransformerEncoderLayer, got {type(layer).__name__}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window: expected a positive int, got {window!r}")
+        if not recompute_threshold > 0:  # also rejects NaN
+            raise ValueError(f"recompute_threshold: expected a positive number (inf allowed), got {recompute_threshold}")
+        self.layer, self.window = layer, window
+        self.single_output, self.recompute_threshold = bool(single_output), float(recompute_threshold)
+
+    def forward(self, src: Tensor, src_pos: Tensor | None = None) -> Tensor:
+        """The batch reference: the layer's forward with full attention over ``src`` (the layer's batch convention).
+        A step's output equals this applied to the window (its last row in single-output mode)."""
+        return self.layer(src, src_pos=src_pos)
+
+    # ---------------------------------------------------------------- streaming
+    def init_state(self, batch_size: int, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> RetroactiveState | EncoderLayerState:
+        """An empty window for ``batch_size`` streams; ``dtype``/``device`` default to the layer's parameters'.
+        Single-output mode returns the layer's own causal-window state."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        ref = self.layer.linear1.weight
+        dtype, device = dtype or ref.dtype, device or ref.device
+        if self.single_output:
+            return self.layer.init_state(batch_size, self.window, dtype=dtype, device=device)
+        attn = self.layer.self_attn
+        heads, hd = (attn.num_heads,), (attn.num_heads, attn.head_dim)
+        fields = {"x": (attn.embed_dim,), "q": hd, "k": hd, "v": hd, "m": heads, "l": heads, "r": heads, "acc": hd}
+        cache = RingCache(batch_size, self.window, fields, dtype=accumulator_dtype(dtype), device=device)
+        return RetroactiveState(cache, torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def forward_step(self, x: Tensor, state: RetroactiveState | EncoderLayerState, rows: Rows = None
+                     ) -> tuple[Tensor, RetroactiveState | EncoderLayerState]:
+        """Enter new tokens ``x (b, D)`` or ``(b, S, D)`` (batch-first; ``b`` = all rows or ``len(rows)``).
+
+        Returns the outputs of the window after the last of them, ``(b, n, D)`` oldest first, or in single-output
+        mode the new tokens' outputs ``(b, D)`` / ``(b, S, D)``; and the state, updated in place."""
+        xs = self._check_step(x, state)
+        if self.single_output:
+            return self.layer.forward_step(x, state, rows)
+        if self.training and self.layer.self_attn.dropout > 0:
+            raise RuntimeError("forward_step: the retroactive update never forms attention weights, so attention "
+                               "dropout cannot be applied; call .eval() (or use dropout=0)")
+        for start in range(0, xs.shape[1], self.window):
+            self._enter(xs[:, start:start + self.window], state, rows)
+        return self._window_outputs(state, rows), state
+
+    def forward_steps(self, x: Tensor, state: RetroactiveState | EncoderLayerState, rows: Rows = None
+                      ) -> tuple[Tensor, RetroactiveState | EncoderLayerState]:
+        """Stream ``x (b, T, D)`` one token per step; returns every step's output stacked: ``(b, T, n, D)``, or
+        ``(b, T, D)`` in single-output mode."""
+        if x.dim() != 3:
+            raise ValueError(f"x: expected a stream (B, T, {self.layer.in_rep.size}), got shape {tuple(x.shape)}")
+        if self.single_output:
+            return self.forward_step(x, state, rows)
+        return torch.stack([self.forward_step(x[:, t], state, rows)[0] for t in range(x.shape[1])], dim=1), state
+
+    # ---------------------------------------------------------------- internals
+    def _check_step(self, x: Tensor, state: RetroactiveState | EncoderLayerState) -> Tensor:
+        d = self.layer.in_rep.size
+        if not isinstance(x, Tensor) or x.dim() not in (2, 3) or x.shape[-1] != d:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x: expected (B, {d}) or (B, S, {d}), got {shape}")
+        ref = self.layer.linear1.weight.dtype
+        if x.dtype != ref:
+            raise TypeError(f"x: expected dtype {ref} (the layer's), got {x.dtype}")
+        expected = EncoderLayerState if self.single_output else RetroactiveState
+        if not isinstance(state, expected):
+            raise TypeError(f"state: expected a {expected.__name__} from this module's init_state, "
+                            f"got {type(state).__name__}")
+        if self.single_output:
+            if state.self_attn.window != self.window:
+                raise ValueError(f"state: expected a window of {self.window}, got {state.self_attn.window}")
+        else:
+            if state.window != self.window:
+                raise ValueError(f"state: expected a window of {self.window}, got {state.window}")
+            acc = state.cache.data["k"].dtype
+            if acc != accumulator_dtype(x.dtype):
+                raise TypeError(f"state: expected dtype {accumulator_dtype(x.dtype)} for {x.dtype} inputs, got {acc}")
+        return x[:, None] if x.dim() == 2 else x
+
+    def _logits(self, q: Tensor, k: Tensor, equation: str) -> Tensor:
+        return torch.einsum(equation, q, k) * (1.0 / math.sqrt(self.layer.self_attn.head_dim))
+
+    def _bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
+        """The positional backend's logit bias as ``(b, Lq, H, Lk)``, or ``None``."""
+        bias = self.layer.self_attn.positional.score_bias(q_pos, k_pos)
+        return None if bias is None else bias.transpose(1, 2)
+
+    def _enter(self, x: Tensor, state: RetroactiveState, rows: Rows) -> None:
+        """Enter ``S <= n`` tokens ``x (b, S, D)``: update the surviving query rows for the ``S`` keys that leave and
+        the ``S`` that arrive, then compute exactly the new rows and the rows the guard flags."""
+        cache, attn, n = state.cache, self.layer.self_attn, self.window
+        b, s, _ = x.shape
+        start = cache.positions(rows).clone()  # append advances it in place
+        new_pos = start[:, None] + torch.arange(s, device=x.device)
+        new_slots = new_pos % n
+        h = self.layer.norm1(x) if self.layer.norm_first else x  # the attention block's input
+        q = attn.project_query(h, new_pos).transpose(1, 2)
+        k, v = (t.transpose(1, 2) for t in attn.project_kv(h, h, new_pos))  # (b, S, H, hd)
+
+        data, pos = cache.read(rows)
+        batch = torch.arange(b, device=x.device)[:, None]
+        old_k, old_v, old_pos = data["k"][batch, new_slots], data["v"][batch, new_slots], pos[batch, new_slots]
+        zeros = {name: torch.zeros_like(data[name][:, :s]) for name in ("m", "l", "r", "acc")}
+        cache.append({"x": x, "q": q, "k": k, "v": v, **zeros}, rows)
+        data, pos = cache.read(rows)
+        k, v = k.to(data["k"].dtype), v.to(data["v"].dtype)
+        m, l, r, acc = (data[name] for name in ("m", "l", "r", "acc"))  # (b, n, H[, hd])
+
+        # Keys out, keys in, for rows that were in the window before this step and stay in it.
+        survivor = ((pos >= 0) & (pos < start[:, None]))[..., None]  # (b, n, 1)
+        s_old = self._logits(data["q"], old_k, "bnhd,bshd->bnhs")
+        s_new = self._logits(data["q"], k, "bnhd,bshd->bnhs")
+        bias_old, bias_new = self._bias(pos, old_pos), self._bias(pos, new_pos)
+        if bias_old is not None:
+            s_old, s_new = s_old + bias_old.to(s_old.dtype), s_new + bias_new.to(s_new.dtype)
+        keep = survivor[..., None] & (old_pos >= 0)[:, None, None, :]
+        e_old = torch.where(keep, torch.exp(s_old - m[..., None]), 0.0)  # every exponent <= 0 by the invariant
+        m_new = torch.maximum(m, s_new.amax(-1))
+        alpha = torch.exp(m - m_new)
+        e_new = torch.exp(s_new - m_new[..., None])
+        removed = e_old.sum(-1)
+        l_new = (l - removed) * alpha + e_new.sum(-1)
+        acc_new = (acc - torch.einsum("bnhs,bshd->bnhd", e_old, old_v)) * alpha[..., None] \
+            + torch.einsum("bnhs,bshd->bnhd", e_new, v)
+        m, l = torch.where(survivor, m_new, m), torch.where(survivor, l_new, l)
+        r = torch.where(survivor, (r + removed) * alpha, r)
+        acc = torch.where(survivor[..., None], acc_new, acc)
+
+        # Exact rows: the new tokens' (all heads) and the survivors that lost too much of their mass.
+        flagged = survivor & ~(self.recompute_threshold * l >= r)  # negated so that NaN or l <= 0 also recompute
+        exact = flagged.clone()
+        exact[batch, new_slots] = True
+        bi, ni, hi = exact.nonzero(as_tuple=True)
+        keys_t, values_t = data["k"].transpose(1, 2), data["v"].transpose(1, 2)  # (b, H, n, hd)
+        s_row = self._logits(data["q"][bi, ni, hi], keys_t[bi, hi], "rd,rnd->rn")
+        bias_row = self._bias(pos[bi, ni][:, None], pos[bi])  # (R, 1, H, n): every head, keep each row's own
+        if bias_row is not None:
+            s_row = s_row + bias_row[torch.arange(bi.numel(), device=x.device), 0, hi].to(s_row.dtype)
+        s_row = s_row.masked_fill(pos[bi] < 0, float("-inf"))  # keys not yet seen (warm-up)
+        m[bi, ni, hi] = s_row.amax(-1)
+        e_row = torch.exp(s_row - m[bi, ni, hi][:, None])
+        l[bi, ni, hi] = e_row.sum(-1)
+        r[bi, ni, hi] = 0.0
+        acc[bi, ni, hi] = torch.einsum("rn,rnd->rd", e_row, values_t[bi, hi])
+
+        index = slice(None) if rows is None else torch.as_tensor(rows, device=x.device)
+        for name, value in (("m", m), ("l", l), ("r", r), ("acc", acc)):
+            cache.data[name][index] = value
+        state.recomputed[index] += flagged.sum((1, 2))
+
+    def _window_outputs(self, state: RetroactiveState, rows: Rows) -> Tensor:
+        """Layer outputs of the window, oldest first ``(b, n, D)``, zeros where no token is yet."""
+        cache, layer = state.cache, self.layer
+        data, pos = cache.read(rows)
+        slots = _window_slots(cache, rows)
+        batch = torch.arange(slots.shape[0], device=slots.device)[:, None]
+        valid = (pos[batch, slots] >= 0)[..., None]
+        l = torch.where(valid, data["l"][batch, slots], 1.0)[..., None]  # empty slots: 0 / 1, not 0 / 0
+        att = data["acc"][batch, slots] / l  # (b, n, H, hd)
+        dtype = layer.linear1.weight.dtype
+        att = layer.self_attn.out_proj(att.flatten(2).to(dtype))
+        x = data["x"][batch, slots].to(dtype)
+        # The attention block's input (x or norm1(x)) was used when each token arrived; plug in its output here.
+        y = layer._residual(x, [lambda _: att, layer._ff_block])
+        return torch.where(valid, y, 0.0)
+
+    def extra_repr(self) -> str:
+        return (f"window={self.window}, single_output={self.single_output}, "
+                f"recompute_threshold={self.recompute_threshold}")

@@ -1,0 +1,358 @@
+"""``StaticStreamingPolicy``: :class:`~streamtx.policy.StreamingPolicy`'s interface over a fixed number of session
+slots, with every control step a static program that is captured once per batch-size bucket in a CUDA graph.
+
+Per call the host does only bookkeeping and copies: it validates ``rows`` and checks that they have observations from
+its own counters (no device read), writes the rows' indices, observations or noise into one pinned buffer, uploads it
+with one asynchronous copy, replays the bucket's graph, and (``act``) downloads the actions. The noise of a row's
+next control step is drawn on the host from its seed and step counter (exactly as ``StreamingPolicy`` draws it)
+while the GPU runs the current one. Calls of ``b`` rows run the smallest bucket ``>= b``; the spare rows point at a
+scratch slot whose results are discarded, so sessions never see each other.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..nn.state import Rows
+from .cuda_graph import CapturedProgram, capture_unavailable
+from .static_plan import PlanCaches, RegressorPlan
+from .streaming import StreamingPolicy, step_noise
+
+__all__ = ["StaticStreamingPolicy", "StaticPolicyState", "load_static_policy", "default_buckets"]
+
+log = logging.getLogger(__name__)
+
+
+def default_buckets(num_slots: int) -> list[int]:
+    """Powers of two below ``num_slots``, then ``num_slots``: padding wastes at most half a bucket."""
+    sizes, b = [], 1
+    while b < num_slots:
+        sizes.append(b)
+        b *= 2
+    return sizes + [num_slots]
+
+
+class _Staging:
+    """A program's inputs: typed views into one host block (pinned on CUDA) and its device twin, uploaded with one
+    asynchronous copy. Writing waits until the previous upload has left the host block."""
+
+    def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        offsets, total = {}, 0
+        for name, (shape, dtype) in fields.items():
+            offsets[name] = total
+            total += -(-int(np.prod(shape)) * dtype.itemsize // 16) * 16  # 16-byte aligned views
+        self._host = torch.zeros(total, dtype=torch.uint8, pin_memory=cuda)
+        self._device = torch.zeros(total, dtype=torch.uint8, device=device) if cuda else self._host
+
+        def views(block: Tensor) -> dict[str, Tensor]:
+            return {name: block[offsets[name]:offsets[name] + int(np.prod(shape)) * dtype.itemsize]
+                    .view(dtype).view(shape) for name, (shape, dtype) in fields.items()}
+
+        self.host, self.device = views(self._host), views(self._device)
+        self._uploaded = torch.cuda.Event() if cuda else None
+        self._pending = False
+
+    def write(self) -> dict[str, Tensor]:
+        if self._pending:
+            self._uploaded.synchronize()  # the last upload of this block (long done, in practice)
+            self._pending = False
+        return self.host
+
+    def upload(self) -> None:
+        if self._uploaded is not None:
+            self._device.copy_(self._host, non_blocking=True)
+            self._uploaded.record()
+            self._pending = True
+
+
+class _Program:
+    """One bucket's static call: staged inputs, a body captured once (or run eagerly), and an optional output
+    downloaded into a pinned host buffer."""
+
+    def __init__(self, name: str, device: torch.device, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 body: Callable[[dict[str, Tensor]], Tensor | None], scratch_row: int, *, capture: bool,
+                 pool: tuple[int, int] | None, out: tuple[tuple[int, ...], torch.dtype] | None = None) -> None:
+        self.staging = _Staging(fields, device)
+        self.staging.host["rows"].fill_(scratch_row)
+        self.staging.upload()
+        cuda = device.type == "cuda"
+        self.out = None if out is None else torch.zeros(*out[0], dtype=out[1], device=device)
+        self.out_host = None if out is None else (
+            torch.zeros(*out[0], dtype=out[1], pin_memory=True) if cuda else self.out)
+        self._downloaded = torch.cuda.Event() if cuda and out is not None else None
+        inputs = self.staging.device
+
+        def run() -> None:
+            result = body(inputs)
+            if self.out is not None:
+                self.out.copy_(result)
+
+        self.program = CapturedProgram(run, device, enabled=capture, pool=pool, name=name)
+
+    def launch(self) -> None:
+        """Upload the staged inputs, run (replay) the body and start downloading its output."""
+        self.staging.upload()
+        self.program()
+        if self._downloaded is not None:
+            self.out_host.copy_(self.out, non_blocking=True)
+            self._downloaded.record()
+
+    def result(self, b: int) -> Tensor:
+        """The first ``b`` output rows on the host (waits for the download)."""
+        if self._downloaded is not None:
+            self._downloaded.synchronize()
+        return self.out_host[:b].clone()
+
+
+class StaticPolicyState:
+    """The state of a :class:`StaticStreamingPolicy`: ``num_slots`` session slots.
+
+    Device side: the plan's caches with one extra scratch row that absorbs the padding of partly filled buckets.
+    Host side: per slot the noise seed, control steps and observation tokens since reset (the bookkeeping that
+    validates calls without reading the device) and the noise of its next control step. Plus one program per
+    ``observe`` bucket and token count, and one per ``act`` bucket, bound to these buffers: a state is not copied or
+    moved, its graphs would still point at the original.
+    """
+
+    def __init__(self, caches: PlanCaches, num_slots: int, horizon: int, action_dim: int, pinned: bool) -> None:
+        self.caches, self.num_slots = caches, num_slots
+        self.seed = torch.zeros(num_slots, dtype=torch.long)
+        self.steps = torch.zeros(num_slots, dtype=torch.long)
+        self.observed = torch.zeros(num_slots, dtype=torch.long)
+        self.next_noise = torch.zeros(num_slots, horizon, action_dim, pin_memory=pinned)
+        self.observe_programs: dict[tuple[int, int], _Program] = {}
+        self.act_programs: dict[int, _Program] = {}
+
+    @property
+    def scratch_row(self) -> int:
+        return self.num_slots
+
+    @property
+    def buckets(self) -> list[int]:
+        return sorted(self.act_programs)
+
+    def programs(self) -> dict[str, CapturedProgram]:
+        """Every program by name, e.g. ``{"observe[b=8,S=1]": ..., "act[b=8]": ...}``."""
+        named = {f"observe[b={b},S={s}]": p.program for (b, s), p in self.observe_programs.items()}
+        named.update({f"act[b={b}]": p.program for b, p in self.act_programs.items()})
+        return named
+
+    @property
+    def captured(self) -> bool:
+        """Whether every program runs as a CUDA graph."""
+        return all(p.captured for p in self.programs().values())
+
+    def __repr__(self) -> str:
+        graphs = sum(p.captured for p in self.programs().values())
+        return (f"StaticPolicyState(num_slots={self.num_slots}, buckets={self.buckets}, "
+                f"graphs={graphs}/{len(self.programs())})")
+
+
+class StaticStreamingPolicy:
+    """:class:`~streamtx.policy.StreamingPolicy`'s methods (``init_state``, ``reset``, ``observe``, ``act``,
+    ``step``, ``metadata``) over static buffers, for serving on a GPU.
+
+    The math is a :class:`~streamtx.policy.static_plan.RegressorPlan` of the policy's model: the same actions as
+    ``policy`` for the same calls (same noise; float32 agreement ~1e-6 relative). ``init_state(num_slots)``
+    preallocates every buffer and captures one CUDA graph per program (``observe`` per bucket and token count,
+    ``act`` per bucket), so calls never allocate, never re-capture and synchronize only to hand back actions.
+
+    Args:
+        policy: the reference policy (model in eval mode, sampler, ``max_tokens_per_step``).
+        dtype: compute dtype (``None``: the model's, normally float32; ``torch.bfloat16`` / ``torch.float16`` for
+            reduced precision, see the tests for the tolerance). Observations, noise and actions stay float32.
+        cuda_graph: capture the programs (on CUDA; elsewhere, or if capture fails, they run eagerly and the reason is
+            logged).
+        buckets: batch sizes to prepare (``None``: :func:`default_buckets` of the slot count); a call takes at most
+            the largest.
+
+    Pass observations as host arrays or CPU tensors: they go through the pinned buffer. ``act`` returns a CPU tensor.
+    """
+
+    def __init__(self, policy: StreamingPolicy, *, dtype: torch.dtype | None = None, cuda_graph: bool = True,
+                 buckets: Sequence[int] | None = None) -> None:
+        if not isinstance(policy, StreamingPolicy):
+            raise TypeError(f"policy: expected a StreamingPolicy, got {type(policy).__name__}")
+        if buckets is not None and (len(buckets) == 0 or any(int(b) < 1 for b in buckets)):
+            raise ValueError(f"buckets: expected positive batch sizes, got {list(buckets)}")
+        self.policy, self.cuda_graph = policy, cuda_graph
+        self.plan = RegressorPlan(policy.model, policy.sampler, dtype)
+        self._buckets = None if buckets is None else sorted({int(b) for b in buckets})
+        self.obs_dim, self.action_dim = policy.obs_dim, policy.action_dim
+        self.horizon, self.cond_window = policy.horizon, policy.cond_window
+        self.max_tokens_per_step = policy.max_tokens_per_step
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype."""
+        return self.plan.dtype
+
+    @property
+    def io_dtype(self) -> torch.dtype:
+        """Dtype of observations, noise and actions (float32, or float64 for a float64 plan)."""
+        return self.plan.state_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    # ---------------------------------------------------------------- state
+    @torch.no_grad()
+    def init_state(self, batch_size: int) -> StaticPolicyState:
+        """``batch_size`` empty session slots (seed 0), with every program warmed up and captured."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1 session slots, got {batch_size}")
+        buckets = self._buckets or default_buckets(batch_size)
+        if buckets[-1] > batch_size:
+            raise ValueError(f"buckets: expected sizes <= batch_size={batch_size}, got {buckets}")
+        cuda = self.device.type == "cuda"
+        state = StaticPolicyState(self.plan.caches(batch_size + 1, self.max_tokens_per_step), batch_size,
+                                  self.horizon, self.action_dim, pinned=cuda)
+        self._draw_noise(state, range(batch_size))
+        capture = self.cuda_graph and capture_unavailable(self.device) is None
+        pool = torch.cuda.graph_pool_handle() if capture else None
+        io, long = self.io_dtype, torch.long
+        plan, caches, scratch = self.plan, state.caches, state.scratch_row
+        for b in reversed(buckets):  # largest first: smaller graphs reuse its pool memory
+            for s in range(1, self.max_tokens_per_step + 1):
+                state.observe_programs[b, s] = _Program(
+                    f"observe[b={b},S={s}]", self.device, {"rows": ((b,), long), "obs": ((b, s, self.obs_dim), io)},
+                    lambda x: plan.observe(x["obs"], caches, x["rows"]), scratch, capture=capture, pool=pool)
+            # the scratch row must have observations before its act runs (warm-up) or pads a bucket
+            state.observe_programs[b, 1].program.body()
+            workspace = plan.act_workspace(caches, b)
+            state.act_programs[b] = _Program(
+                f"act[b={b}]", self.device, {"rows": ((b,), long), "noise": ((b, self.horizon, self.action_dim), io)},
+                lambda x, ws=workspace: plan.act(x["noise"], caches, x["rows"], ws), scratch, capture=capture,
+                pool=pool, out=((b, self.horizon, self.action_dim), io))
+        if not self.cuda_graph:
+            log.info("static policy runs eagerly: cuda_graph=False")
+        elif not capture:
+            log.warning("static policy runs eagerly: %s", capture_unavailable(self.device))
+        return state
+
+    def reset(self, state: StaticPolicyState, rows: Rows = None, seed: int | Sequence[int] | None = None) -> None:
+        """Forget the past of ``rows`` (all if ``None``) and set their noise seed (``None``: 0)."""
+        index = self._rows(state, rows, limit=False)
+        seeds = np.asarray(0 if seed is None else seed)
+        if seeds.dtype.kind not in "iu" or seeds.ndim > 1 or (seeds.ndim == 1 and seeds.size != index.size):
+            raise ValueError(f"seed: expected an integer or one integer per row ({index.size}), got {seed!r}")
+        rows_t = torch.from_numpy(index)
+        state.caches.reset(rows_t.to(self.device))
+        state.seed[rows_t] = torch.as_tensor(seeds, dtype=torch.long)
+        state.steps[rows_t] = 0
+        state.observed[rows_t] = 0
+        self._draw_noise(state, index.tolist())
+
+    # ---------------------------------------------------------------- control step
+    def observe(self, state: StaticPolicyState, obs: Any, rows: Rows = None) -> None:
+        """New observation tokens ``obs (b, S, obs_dim)`` (or ``(b, obs_dim)``), ``S <= max_tokens_per_step``, of
+        ``rows`` (all slots if ``None``). Launches the work and returns without waiting for it."""
+        index = self._rows(state, rows)
+        obs = torch.as_tensor(obs).cpu()  # a device tensor syncs here: pass host arrays
+        if obs.dim() == 2:
+            obs = obs[:, None]
+        b = len(index)
+        if obs.dim() != 3 or obs.shape[0] != b or obs.shape[2] != self.obs_dim or \
+                not 1 <= obs.shape[1] <= self.max_tokens_per_step:
+            raise ValueError(f"obs: expected ({b}, S, {self.obs_dim}) with 1 <= S <= {self.max_tokens_per_step}, "
+                             f"got {tuple(obs.shape)}")
+        if not obs.is_floating_point() or not bool(torch.isfinite(obs).all()):
+            raise ValueError("obs: expected finite floating-point values (got NaN/Inf or a non-float dtype)")
+        s = obs.shape[1]
+        program = state.observe_programs[self._bucket(state, b), s]
+        host = program.staging.write()
+        self._stage_rows(host["rows"], index, state.scratch_row)
+        host["obs"][:b] = obs
+        program.launch()
+        state.observed[torch.from_numpy(index)] += s
+
+    def act(self, state: StaticPolicyState, rows: Rows = None) -> Tensor:
+        """One control step's action chunk ``(b, Tx, action_dim)`` (CPU, ``io_dtype``) of ``rows``."""
+        index = self._rows(state, rows)
+        rows_t = torch.from_numpy(index)
+        empty = state.observed[rows_t] == 0
+        if bool(empty.any()):
+            raise ValueError(f"rows: rows {index[empty.numpy()].tolist()} have no observation since their reset; "
+                             "call observe first")
+        b = len(index)
+        program = state.act_programs[self._bucket(state, b)]
+        host = program.staging.write()
+        self._stage_rows(host["rows"], index, state.scratch_row)
+        host["noise"][:b] = state.next_noise[rows_t]
+        program.launch()
+        state.steps[rows_t] += 1
+        self._draw_noise(state, index.tolist())  # on the host while the GPU runs this step
+        return program.result(b)
+
+    def step(self, state: StaticPolicyState, obs: Any, rows: Rows = None) -> Tensor:
+        """:meth:`observe` then :meth:`act`."""
+        self.observe(state, obs, rows)
+        return self.act(state, rows)
+
+    # ---------------------------------------------------------------- helpers
+    def _rows(self, state: StaticPolicyState, rows: Rows, limit: bool = True) -> np.ndarray:
+        n = state.num_slots
+        if rows is None:
+            index = np.arange(n)
+        else:
+            if isinstance(rows, Tensor) and rows.device.type != "cpu":
+                rows = rows.cpu()  # a device tensor syncs: pass host rows
+            index = np.asarray(rows)
+            if index.ndim != 1 or index.size == 0 or index.dtype.kind not in "iu":
+                raise ValueError(f"rows: expected a non-empty 1-D index of rows, got {index.dtype} shape {index.shape}")
+            index = index.astype(np.int64)
+            if index.min() < 0 or index.max() >= n:
+                raise ValueError(f"rows: expected indices in 0..{n - 1}, got {index.tolist()}")
+            if np.unique(index).size != index.size:
+                raise ValueError(f"rows: expected distinct rows, got {index.tolist()}")
+        if limit and index.size > state.buckets[-1]:
+            raise ValueError(f"rows: at most {state.buckets[-1]} rows per call (the largest bucket), got {index.size}")
+        return index
+
+    @staticmethod
+    def _bucket(state: StaticPolicyState, b: int) -> int:
+        buckets = state.buckets
+        return buckets[bisect.bisect_left(buckets, b)]
+
+    @staticmethod
+    def _stage_rows(staged: Tensor, index: np.ndarray, scratch: int) -> None:
+        staged[:len(index)] = torch.from_numpy(index)
+        staged[len(index):] = scratch
+
+    def _draw_noise(self, state: StaticPolicyState, rows: Sequence[int]) -> None:
+        gen, shape = torch.Generator(), (self.horizon, self.action_dim)
+        for r in rows:
+            state.next_noise[r] = step_noise(int(state.seed[r]), int(state.steps[r]), shape, gen)
+
+    # ---------------------------------------------------------------- description
+    def metadata(self) -> dict[str, Any]:
+        """The policy's :meth:`StreamingPolicy.metadata` with the runner's compute dtype and settings."""
+        meta = self.policy.metadata()
+        meta.update(dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+                    runner={"type": "static", "cuda_graph": self.cuda_graph,
+                            "io_dtype": str(self.io_dtype).removeprefix("torch."), "buckets": self._buckets})
+        return meta
+
+    def __repr__(self) -> str:
+        return (f"StaticStreamingPolicy({self.plan}, sampler={self.policy.sampler}, "
+                f"max_tokens_per_step={self.max_tokens_per_step}, cuda_graph={self.cuda_graph})")
+
+
+def load_static_policy(path: str | Path, device: torch.device | str = "cuda", dtype: torch.dtype | None = None, *,
+                       cuda_graph: bool = True, max_tokens_per_step: int = 1,
+                       buckets: Sequence[int] | None = None) -> StaticStreamingPolicy:
+    """A :class:`StaticStreamingPolicy` from a checkpoint: the weights load in float32 on ``device`` and the plan
+    computes in ``dtype`` (``None``: float32)."""
+    from ..checkpoint import load_policy  # the checkpoint module imports this package
+
+    policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
+    return StaticStreamingPolicy(policy, dtype=dtype, cuda_graph=cuda_graph, buckets=buckets)

@@ -1,0 +1,402 @@
+"""``RegressorPlan``: the streaming control step of an ``eCondTransformerRegressor`` as a fixed sequence of dense
+kernels over preallocated buffers, ready for CUDA-graph capture.
+
+On a GPU a small policy is bound by kernel launches, not arithmetic: the module-by-module path issues about 400
+kernels per denoiser evaluation (equivariant weight caches, per-call RoPE tables, masks, reshapes). The plan reads the
+trained model once and keeps only what inference needs:
+
+* every ``eLinear`` as its dense ``(W, b)``; the three self-attention projections fused into one matrix, the memory
+  key/value projections of *all* decoder layers fused into one;
+* the step tokens of the sampler's schedule (data-independent, checked) and their keys/values per decoder layer,
+  precomputed: a denoiser evaluation starts by copying them into the memory, nothing else about ``k`` is computed;
+* queries of the decoder's cross-attention all sit at ``now`` (the newest token), and RoPE scores depend only on
+  ``key_pos - now``; so once per control step the cached (unrotated) memory keys are rotated by ``key_pos - now``
+  and the per-evaluation queries need no rotation at all; the band mask is also built once per control step.
+
+The plan computes the same function as :class:`~streamtx.policy.StreamingPolicy` over the same model (float64:
+agreement to ~1e-13; float32: ~1e-6, summation order differs). Everything it reads or writes in :meth:`observe` and
+:meth:`act` is a preallocated tensor (caches, workspace, inputs), every shape is fixed by the bucket, and no value
+travels back to the host, which is what graph capture needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import count
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..models.cond_regressor import eCondTransformerRegressor
+from ..nn.linear import eLinear
+from ..nn.norm import eLayerNorm, eRMSNorm
+from ..nn.positional import PositionalAttention, eRoPE
+from ..nn.state import RingCache, StreamState, band_mask
+from ..nn.transformer import eTransformerDecoderLayer, eTransformerEncoderLayer
+from .samplers import Sampler
+
+__all__ = ["RegressorPlan", "PlanCaches", "ActWorkspace", "COMPUTE_DTYPES"]
+
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------- small blocks
+@dataclass(frozen=True)
+class _Affine:
+    """``x W^T + b`` with a dense weight ``(d_out, d_in)``."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @staticmethod
+    def cat(parts: list[_Affine]) -> _Affine:
+        """One map computing all ``parts`` side by side (outputs concatenated in order)."""
+        biases = [p.bias if p.bias is not None else torch.zeros_like(p.weight[:, 0]) for p in parts]
+        return _Affine(torch.cat([p.weight for p in parts]), torch.cat(biases))
+
+
+@dataclass(frozen=True)
+class _Norm:
+    """LayerNorm or RMSNorm over the last ``D`` features with the per-copy affine already expanded."""
+
+    rms: bool
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.rms:
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+
+
+@dataclass(frozen=True)
+class _MLP:
+    """``fc2(activation(fc1(x)))``: feed-forward blocks and the conditioning MLP."""
+
+    fc1: _Affine
+    activation: Callable[[Tensor], Tensor]
+    fc2: _Affine
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+def _merge_heads(a: Tensor) -> Tensor:
+    """``(b, H, T, hd) -> (b, T, H * hd)``"""
+    b, h, t, hd = a.shape
+    return a.transpose(1, 2).reshape(b, t, h * hd)
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.where(allowed, 0.0, float("-inf")).to(dtype)
+
+
+@dataclass(frozen=True)
+class _EncoderLayer:
+    """Pre-norm encoder layer, causal window, RoPE at absolute token positions."""
+
+    norm1: _Norm
+    qkv: _Affine
+    out: _Affine
+    norm2: _Norm
+    ff: _MLP
+    rope: eRoPE
+    num_heads: int
+
+    def __call__(self, x: Tensor, pos: Tensor, ring_k: Tensor, ring_v: Tensor, mask: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """New tokens ``x (b, S, D)`` at ``pos (b, S)`` attend to the ring's ``ring_k/v (b, C, H, hd)`` and to each
+        other under ``mask (b, 1, S, C + S)``; returns the layer output and the new tokens' keys/values
+        ``(b, S, H, hd)`` for the ring."""
+        b, s, d = x.shape
+        h, hd = self.num_heads, d // self.num_heads
+        qkv = self.qkv(self.norm1(x)).view(b, s, 3, h, hd)
+        qk = self.rope.encode_key(qkv[:, :, :2].reshape(b, s, 2 * h, hd).transpose(1, 2), pos)  # q, k share pos
+        q, k_new = qk[:, :h], qk[:, h:]
+        v_new = qkv[:, :, 2].transpose(1, 2)
+        k = torch.cat((ring_k.transpose(1, 2), k_new), dim=2)
+        v = torch.cat((ring_v.transpose(1, 2), v_new), dim=2)
+        x = x + self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        x = x + self.ff(self.norm2(x))
+        return x, k_new.transpose(1, 2), v_new.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class _DecoderLayer:
+    """Pre-norm decoder layer: self-attention over the action tokens, cross-attention to the memory, feed-forward."""
+
+    norm1: _Norm
+    qkv: _Affine
+    self_out: _Affine
+    norm2: _Norm
+    cross_q: _Affine
+    cross_out: _Affine
+    norm3: _Norm
+    ff: _MLP
+    num_heads: int
+    causal: bool
+
+    def __call__(self, x: Tensor, mem_k: Tensor, mem_v: Tensor, mem_mask: Tensor) -> Tensor:
+        """``x (b, T, D)``; memory keys (rotated into the queries' frame) and values ``(b, H, M, hd)``, additive
+        ``mem_mask (b, 1, 1, M)``."""
+        b, t, d = x.shape
+        h, hd = self.num_heads, d // self.num_heads
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, h, hd).transpose(1, 3).unbind(2)
+        x = x + self.self_out(_merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)))
+        q = self.cross_q(self.norm2(x)).view(b, t, h, hd).transpose(1, 2)
+        x = x + self.cross_out(_merge_heads(F.scaled_dot_product_attention(q, mem_k, mem_v, attn_mask=mem_mask)))
+        return x + self.ff(self.norm3(x))
+
+
+# ---------------------------------------------------------------------------------------------------- state
+@dataclass
+class PlanCaches(StreamState):
+    """Per-row caches of a :class:`RegressorPlan`, counted in observation tokens since the row's reset.
+
+    ``encoder``: keys/values ``(Le, H, hd)`` per token of every encoder layer (keys RoPE-rotated at their position),
+    holding the ``cond_window - 1`` newest tokens a new token can attend to (``None`` without an encoder).
+    ``memory``: un-rotated keys/values ``(L, H, hd)`` per token of every decoder layer's cross-attention, holding the
+    ``cond_horizon`` newest tokens.
+    """
+
+    encoder: RingCache | None
+    memory: RingCache
+
+
+@dataclass
+class ActWorkspace:
+    """Static buffers of one :meth:`RegressorPlan.act` bucket of ``b`` rows.
+
+    ``kv (L, 2, b, H, M + 1, hd)``: per decoder layer, the rotated memory keys and values followed by the step token's
+    slot; ``mask (b, 1, 1, M + 1)``: the additive band mask (a view into rows padded to 16 elements, the alignment the
+    memory-efficient attention kernels want).
+    """
+
+    kv: Tensor
+    mask: Tensor
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+def _dense(layer: eLinear, dtype: torch.dtype) -> _Affine:
+    weight, bias = layer.dense()
+    return _Affine(weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def _norm(module, dtype: torch.dtype) -> _Norm:
+    if not isinstance(module, (eLayerNorm, eRMSNorm)):
+        raise TypeError(f"model: expected eLayerNorm or eRMSNorm norms, got {type(module).__name__}")
+    weight, bias = module._affine()
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return _Norm(isinstance(module, eRMSNorm), cast(weight), cast(bias), module.eps)
+
+
+def _rope(positional: PositionalAttention, where: str, device: torch.device) -> eRoPE:
+    if not isinstance(positional, eRoPE):
+        raise TypeError(f"model: the plan expects RoPE in {where}, got {type(positional).__name__}")
+    # a fresh module: its float64 frequencies must not have been rounded by a dtype cast of the model
+    return eRoPE(positional.num_heads, positional.copies_per_head, positional.group_order, positional.base).to(device)
+
+
+def _check_pre_norm(layer: eTransformerEncoderLayer | eTransformerDecoderLayer) -> None:
+    if not layer.norm_first:
+        raise ValueError("model: the plan implements pre-norm layers (norm_first=True), got a post-norm layer")
+
+
+def sampler_schedule(sampler: Sampler, horizon: int, action_dim: int, dtype: torch.dtype) -> list[float]:
+    """The step values ``k`` that ``sampler.sample`` passes to its denoiser, in call order, for a sampler state of
+    ``dtype``. Raises ``ValueError`` unless they are the same for every row and any noise and denoiser output: the
+    plan precomputes the step tokens from them."""
+    def record(batch: int, seed: int, output: str) -> list[Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(batch, horizon, action_dim, generator=gen, dtype=torch.float64).to(dtype)
+        calls: list[Tensor] = []
+
+        def denoise(x: Tensor, k: Tensor) -> Tensor:
+            calls.append(torch.as_tensor(k, dtype=torch.float64).expand(batch).clone())
+            return torch.zeros_like(x) if output == "zeros" else torch.randn(x.shape, generator=gen).to(x.dtype)
+
+        sampler.sample(denoise, noise)
+        return calls
+
+    first, second = record(1, 0, "zeros"), record(3, 1, "random")
+    same = len(first) == len(second) and all(
+        bool((b == a[0]).all()) for a, b in zip(first, second))
+    if not same or len(first) != sampler.num_evaluations:
+        raise ValueError(f"sampler: {sampler!r} does not pass the same denoiser steps for every row and input; the "
+                         "static plan needs a data-independent step schedule")
+    return [float(k[0]) for k in first]
+
+
+class RegressorPlan:
+    """The inference plan of ``model`` with ``sampler`` (see the module docstring).
+
+    Args:
+        model: the trained regressor (read once; later changes to its weights are not seen).
+        sampler: its sampler; the step schedule must not depend on the data (checked).
+        dtype: compute dtype of weights, activations and caches (``None``: the model's). The sampler integrates in
+            ``state_dtype = promote(dtype, float32)``: reduced-precision plans keep float32 actions and noise.
+    """
+
+    def __init__(self, model: eCondTransformerRegressor, sampler: Sampler, dtype: torch.dtype | None = None) -> None:
+        if not isinstance(model, eCondTransformerRegressor):
+            raise TypeError(f"model: expected an eCondTransformerRegressor, got {type(model).__name__}")
+        ref = model.input_emb.weight
+        dtype = dtype or ref.dtype
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype: expected one of {[str(d) for d in COMPUTE_DTYPES]}, got {dtype}")
+        self.dtype, self.device = dtype, ref.device
+        self.state_dtype = torch.promote_types(dtype, torch.float32)
+        self.sampler = sampler
+        self.horizon, self.action_dim, self.obs_dim = model.in_horizon, model.out_rep.size, model.cond_rep.size
+        self.cond_window, self.cond_horizon = model.cond_window, model.cond_horizon
+        layers = list(model.decoder.layers)
+        attn = layers[0].multihead_attn
+        self.dim, self.num_heads, self.head_dim, self.num_layers = model.embedding_dim, attn.num_heads, \
+            attn.head_dim, len(layers)
+        with torch.no_grad():
+            self._read_model(model, layers, dtype)
+
+    def _read_model(self, model: eCondTransformerRegressor, layers: list[eTransformerDecoderLayer],
+                    dtype: torch.dtype) -> None:
+        n = model.in_rep.group.order
+        self.obs_emb = _dense(model.cond_obs_emb, dtype)
+        self.encoder: list[_EncoderLayer] = []
+        self.encoder_norm: _Norm | None = None
+        self.cond_mlp: _MLP | None = None
+        if model.encoder is not None:
+            for layer in model.encoder.layers:
+                _check_pre_norm(layer)
+                sa = layer.self_attn
+                self.encoder.append(_EncoderLayer(
+                    _norm(layer.norm1, dtype), _Affine.cat([_dense(sa.q_proj, dtype), _dense(sa.k_proj, dtype),
+                                                            _dense(sa.v_proj, dtype)]),
+                    _dense(sa.out_proj, dtype), _norm(layer.norm2, dtype),
+                    _MLP(_dense(layer.linear1, dtype), layer.activation.fn, _dense(layer.linear2, dtype)),
+                    _rope(sa.positional, "the encoder's self-attention", self.device), sa.num_heads))
+            if model.encoder.norm is not None:
+                self.encoder_norm = _norm(model.encoder.norm, dtype)
+        else:
+            fc1, act, fc2 = model.cond_mlp
+            self.cond_mlp = _MLP(_dense(fc1, dtype), act.fn, _dense(fc2, dtype))
+        self.decoder: list[_DecoderLayer] = []
+        for layer in layers:
+            _check_pre_norm(layer)
+            sa, ca = layer.self_attn, layer.multihead_attn
+            if type(sa.positional) is not PositionalAttention:
+                raise TypeError("model: the plan expects no positional encoding in the decoder's self-attention, "
+                                f"got {type(sa.positional).__name__}")
+            self.decoder.append(_DecoderLayer(
+                _norm(layer.norm1, dtype),
+                _Affine.cat([_dense(sa.q_proj, dtype), _dense(sa.k_proj, dtype), _dense(sa.v_proj, dtype)]),
+                _dense(sa.out_proj, dtype), _norm(layer.norm2, dtype), _dense(ca.q_proj, dtype),
+                _dense(ca.out_proj, dtype), _norm(layer.norm3, dtype),
+                _MLP(_dense(layer.linear1, dtype), layer.activation.fn, _dense(layer.linear2, dtype)),
+                sa.num_heads, model.causal_attn))
+        ropes = [_rope(layer.multihead_attn.positional, "the decoder's cross-attention", self.device)
+                 for layer in layers]
+        if any(not torch.equal(r.inv_freq, ropes[0].inv_freq) for r in ropes):
+            raise ValueError("model: the plan rotates all decoder layers' memory keys at once and needs the same RoPE "
+                             "frequencies in every layer")
+        self.memory_rope = ropes[0]
+        # keys and values of every decoder layer's memory from one matrix: output (.., L, 2, H, hd)
+        self.memory_kv = _Affine.cat([_dense(p, dtype) for layer in layers
+                                      for p in (layer.multihead_attn.k_proj, layer.multihead_attn.v_proj)])
+        emb = _dense(model.input_emb, dtype)
+        pos = model.pos_emb.repeat_interleave(n, dim=-1).to(dtype)  # (Tx, D), invariant per copy
+        self.action_emb = _Affine(emb.weight, pos if emb.bias is None else emb.bias + pos)
+        self.final_norm = _norm(model.ln_f, dtype)
+        self.head = _dense(model.head, dtype)
+        # step tokens of the schedule and their keys/values in every decoder layer: (E, L, 2, H, hd)
+        self.schedule = sampler_schedule(self.sampler, self.horizon, self.action_dim, self.state_dtype)
+        ref = model.input_emb.weight
+        ks = torch.tensor(self.schedule, dtype=torch.float64, device=self.device)
+        step = model._step_token(ks, len(ks), ref)  # (E, 1, D) in the model's dtype
+        kv = [layer.multihead_attn.project_kv(step, step, torch.zeros(len(ks), 1, dtype=torch.long,
+                                                                        device=self.device)) for layer in layers]
+        # RoPE at relative position 0 is the identity: the step token sits at `now`, where the queries are
+        self.step_kv = torch.stack([torch.stack((k[:, :, 0], v[:, :, 0]), dim=1) for k, v in kv], dim=1).to(dtype)
+
+    # ---------------------------------------------------------------- buffers
+    def caches(self, num_rows: int, max_tokens_per_step: int) -> PlanCaches:
+        """Empty caches for ``num_rows`` rows taking up to ``max_tokens_per_step`` observation tokens per call."""
+        if max_tokens_per_step < 1:
+            raise ValueError(f"max_tokens_per_step: expected >= 1, got {max_tokens_per_step}")
+        kw = {"dtype": self.dtype, "device": self.device}
+        per_token = lambda layers: {"k": (layers, self.num_heads, self.head_dim),  # noqa: E731
+                                    "v": (layers, self.num_heads, self.head_dim)}
+        encoder = None
+        if self.encoder:
+            # new tokens attend to the ring *before* it takes them, so it needs the cond_window - 1 older ones
+            encoder = RingCache(num_rows, max(self.cond_window - 1, max_tokens_per_step), per_token(len(self.encoder)),
+                                **kw)
+        memory = RingCache(num_rows, max(self.cond_horizon, max_tokens_per_step), per_token(self.num_layers), **kw)
+        return PlanCaches(encoder, memory)
+
+    def act_workspace(self, caches: PlanCaches, batch: int) -> ActWorkspace:
+        """The static buffers of :meth:`act` for ``batch`` rows of ``caches``."""
+        slots = caches.memory.capacity + 1
+        kv = torch.zeros(self.num_layers, 2, batch, self.num_heads, slots, self.head_dim, dtype=self.dtype,
+                         device=self.device)
+        padded = -(-slots // 16) * 16
+        mask = torch.zeros(batch, 1, 1, padded, dtype=self.dtype, device=self.device)[..., :slots]
+        return ActWorkspace(kv, mask)
+
+    # ---------------------------------------------------------------- the control step
+    def observe(self, obs: Tensor, caches: PlanCaches, rows: Tensor) -> None:
+        """New observation tokens ``obs (b, S, obs_dim)`` of rows ``rows (b,)`` (a device index) enter the encoder
+        and every decoder layer's memory."""
+        b, s, _ = obs.shape
+        pos = caches.memory.positions(rows)[:, None] + torch.arange(s, device=self.device)  # (b, S)
+        z = self.obs_emb(obs.to(self.dtype))
+        if self.encoder:
+            ring, ring_pos = caches.encoder.read(rows)  # k, v: (b, C, Le, H, hd)
+            mask = _additive(band_mask(pos, torch.cat((ring_pos, pos), dim=1), self.cond_window), self.dtype)
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.encoder):
+                z, k, v = layer(z, pos, ring["k"][:, :, i], ring["v"][:, :, i], mask[:, None])
+                new_k.append(k)
+                new_v.append(v)
+            caches.encoder.append({"k": torch.stack(new_k, dim=2), "v": torch.stack(new_v, dim=2)}, rows)
+            if self.encoder_norm is not None:
+                z = self.encoder_norm(z)
+        else:
+            z = self.cond_mlp(z)
+        kv = self.memory_kv(z).view(b, s, self.num_layers, 2, self.num_heads, self.head_dim)
+        caches.memory.append({"k": kv[:, :, :, 0], "v": kv[:, :, :, 1]}, rows)
+
+    def act(self, noise: Tensor, caches: PlanCaches, rows: Tensor, workspace: ActWorkspace) -> Tensor:
+        """The action chunk ``(b, Tx, action_dim)`` of rows ``rows (b,)`` from their initial ``noise`` (both in
+        ``state_dtype``): the sampler's evaluations against the cached memory. Every row needs an observation."""
+        b = rows.shape[0]
+        layers, heads, hd = self.num_layers, self.num_heads, self.head_dim
+        now = caches.memory.positions(rows) - 1  # (b,)
+        data, key_pos = caches.memory.read(rows)  # k, v: (b, M, L, H, hd)
+        m = key_pos.shape[1]
+        keys = data["k"].permute(0, 2, 3, 1, 4).reshape(b, layers * heads, m, hd)
+        keys = self.memory_rope.encode_key(keys, key_pos - now[:, None])  # into the frame of queries at `now`
+        kv = workspace.kv
+        kv[:, 0, :, :, :m] = keys.view(b, layers, heads, m, hd).transpose(0, 1)
+        kv[:, 1, :, :, :m] = data["v"].permute(2, 0, 3, 1, 4)
+        workspace.mask[:, 0, :, :m] = _additive(band_mask(now[:, None], key_pos, self.cond_horizon), self.dtype)
+        calls = count()
+
+        def denoise(x: Tensor, k: Tensor) -> Tensor:
+            # `k` is the recorded schedule's entry (checked at build): its step token's keys/values are precomputed
+            kv[:, :, :, :, m] = self.step_kv[next(calls)][:, :, None]
+            h = self.action_emb(x.to(self.dtype))
+            for i, layer in enumerate(self.decoder):
+                h = layer(h, kv[i, 0], kv[i, 1], workspace.mask)
+            return self.head(self.final_norm(h)).to(x.dtype)
+
+        return self.sampler.sample(denoise, noise)
+
+    def __repr__(self) -> str:
+        return (f"RegressorPlan(dim={self.dim}, heads={self.num_heads}, encoder_layers={len(self.encoder)}, "
+                f"decoder_layers={self.num_layers}, evaluations={len(self.schedule)}, dtype={self.dtype}, "
+                f"device={self.device})")

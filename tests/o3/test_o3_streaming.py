@@ -1,0 +1,121 @@
+"""Streaming: ``forward_step`` over a ring cache equals the batch forward with the causal-window ``band_mask`` on the
+same stream of tokens with positions, for the attention, a block and a stack of blocks."""
+
+import pytest
+import torch
+
+from o3_testing import assert_close
+from streamtx.nn.o3 import O3AttentionState, O3MultiheadAttention, O3TransformerBlock, O3TransformerEncoder
+from streamtx.nn.state import band_mask
+
+T, W, F = 203, 16, 8  # the ring of W slots wraps 12 times
+
+
+def _stream(layout, batch: int, length: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, *layout.shape(F), generator=gen, dtype=torch.float64).to(dtype)
+    # A random walk: a robot's keypoints drift through space; pairs near and beyond the cutoff both occur.
+    pos = (0.3 * torch.randn(batch, length, 3, generator=gen, dtype=torch.float64)).cumsum(1).to(dtype)
+    return x, pos
+
+
+def _reference(module, x: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tensor:
+    t = torch.arange(x.shape[1])
+    return module(x, pos, band_mask(t, t, window))
+
+
+def _attention(max_degree: int, pseudo: bool, dtype: torch.dtype) -> O3MultiheadAttention:
+    torch.manual_seed(0)
+    return O3MultiheadAttention(F, max_degree, 2, include_pseudotensors=pseudo, num_basis=5, cutoff=2.0,
+                                use_basis_bias=True, softmax_cutoff=True, dtype=dtype)
+
+
+@pytest.mark.parametrize("max_degree,pseudo", [(1, False), (2, True)], ids=["L1P1", "L2P2"])
+def test_attention_steps_equal_the_windowed_batch_forward(max_degree: int, pseudo: bool) -> None:
+    attn = _attention(max_degree, pseudo, torch.float64)
+    x, pos = _stream(attn.layout, 2, T, torch.float64)
+    expected = _reference(attn, x, pos, W)
+    state = attn.init_state(2, W)
+    outs = []
+    for t in range(T):
+        y, state = attn.forward_step(x[:, t], pos[:, t], state)
+        outs.append(y)
+    assert_close(torch.stack(outs, 1), expected, torch.float64)
+
+
+def test_multi_token_steps_and_oversized_steps() -> None:
+    """Steps of S = 3 tokens into a ring sized for them, and steps larger than the ring's step size (chunked)."""
+    attn = _attention(2, False, torch.float64)
+    x, pos = _stream(attn.layout, 2, T, torch.float64, seed=1)
+    expected = _reference(attn, x, pos, W)
+    state = attn.init_state(2, W, max_tokens_per_step=3)
+    outs = []
+    for start, size in zip(range(0, T, 3), [3] * (T // 3) + [T % 3]):
+        y, state = attn.forward_step(x[:, start:start + size], pos[:, start:start + size], state)
+        outs.append(y)
+    assert_close(torch.cat(outs, 1), expected, torch.float64)
+    y, _ = attn.forward_steps(x, pos, attn.init_state(2, W))  # the whole stream in one call, ring of W slots
+    assert_close(y, expected, torch.float64)
+
+
+def test_float32_steps() -> None:
+    attn = _attention(2, True, torch.float32)
+    x, pos = _stream(attn.layout, 1, 64, torch.float32, seed=2)
+    y, _ = attn.forward_steps(x, pos, attn.init_state(1, W))
+    assert_close(y, _reference(attn, x, pos, W), torch.float32)
+
+
+def test_block_and_stack_steps_equal_the_batch_forward() -> None:
+    torch.manual_seed(3)
+    kw = {"include_pseudotensors": True, "num_basis": 4, "cutoff": 2.0, "dtype": torch.float64}
+    block = O3TransformerBlock(F, 1, 2, **kw)
+    encoder = O3TransformerEncoder(2, F, 1, 2, **kw)
+    x, pos = _stream(block.attn.layout, 2, 120, torch.float64, seed=3)
+    for module in (block, encoder):
+        expected = _reference(module, x, pos, 8)
+        state = module.init_state(2, 8)
+        outs = []
+        for t in range(x.shape[1]):
+            y, state = module.forward_step(x[:, t], pos[:, t], state)
+            outs.append(y)
+        assert_close(torch.stack(outs, 1), expected, torch.float64)
+
+
+def test_state_rows_reset_clone_and_snapshot() -> None:
+    """Rows step independently; reset forgets one row; a clone and a restored snapshot continue identically."""
+    attn = _attention(1, True, torch.float64)
+    x, pos = _stream(attn.layout, 2, 40, torch.float64, seed=4)
+    state = attn.init_state(2, W)
+    attn.forward_steps(x[:, :20], pos[:, :20], state)
+    # Row 1 alone continues, then both rows restart: row 1 afresh must equal a fresh single-row stream.
+    y1, _ = attn.forward_steps(x[1:, 20:30], pos[1:, 20:30], state, rows=[1])
+    assert_close(y1, _reference(attn, x[1:, :30], pos[1:, :30], W)[:, 20:], torch.float64)
+    state.reset([1])
+    y_fresh, _ = attn.forward_steps(x[1:, 30:], pos[1:, 30:], state, rows=[1])
+    assert_close(y_fresh, _reference(attn, x[1:, 30:], pos[1:, 30:], W), torch.float64)
+    snapshot, twin = state.state_dict(), state.clone()
+    a, _ = attn.forward_steps(x[:, 30:35], pos[:, 30:35], state)
+    b, _ = attn.forward_steps(x[:, 30:35], pos[:, 30:35], twin)
+    restored = attn.init_state(2, W)
+    restored.load_state_dict(snapshot)
+    c, _ = attn.forward_steps(x[:, 30:35], pos[:, 30:35], restored)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_streaming_rejects_bad_input() -> None:
+    attn = _attention(1, False, torch.float64)
+    state = attn.init_state(2, W)
+    x, pos = _stream(attn.layout, 2, 3, torch.float64)
+    cases = [
+        (ValueError, "window", lambda: attn.init_state(2, 0)),
+        (ValueError, "max_tokens_per_step", lambda: attn.init_state(2, W, max_tokens_per_step=0)),
+        (TypeError, "state: expected an O3AttentionState", lambda: attn.forward_step(x[:, 0], pos[:, 0], {})),
+        (TypeError, "x: expected dtype torch.float64", lambda: attn.forward_step(x[:, 0].float(), pos[:, 0], state)),
+        (ValueError, r"positions: expected shape \(2, 3\)", lambda: attn.forward_step(x[:, 0], pos, state)),
+        (ValueError, "x: expected a stream", lambda: attn.forward_steps(x[:, 0], pos[:, 0], state)),
+        (ValueError, "x: expected shape", lambda: attn.forward_step(x[..., :3], pos, state)),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert isinstance(state, O3AttentionState) and int(state.cache.positions().max()) == 0  # nothing was written

@@ -1,0 +1,93 @@
+"""Helpers of the serving tests: the in-process reference run, and a raw DEALER peer for hand-made messages."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import zmq
+
+from streamtx_client.protocol import decode, encode
+
+Script = Sequence[tuple[np.ndarray, bool]]
+"""A session's stream: per control step, observation tokens ``(S, obs_dim)`` and whether it asks for actions."""
+
+TIMEOUT = 20.0  # seconds; generous for a loaded 2-core machine, still bounded
+MAX_TOKENS = 4  # observation tokens per step, in the daemon under test and the in-process reference
+
+
+def make_script(rng: np.random.Generator, steps: int, obs_dim: int, max_tokens: int = 1,
+                observe_every: int = 0) -> list[tuple[np.ndarray, bool]]:
+    """A random stream: ``1..max_tokens`` tokens per step; every ``observe_every``-th step only observes."""
+    script = []
+    for t in range(steps):
+        s = int(rng.integers(1, max_tokens + 1))
+        act = not (observe_every and t % observe_every == observe_every - 1)
+        script.append((rng.standard_normal((s, obs_dim)).astype(np.float32), act))
+    return script
+
+
+def reference_run(policy: Any, seed: int, script: Script) -> list[np.ndarray | None]:
+    """The stream run in-process on its own (one row), from a fresh state with ``seed``."""
+    state = policy.init_state(1)
+    policy.reset(state, seed=seed)
+    out: list[np.ndarray | None] = []
+    for obs, act in script:
+        policy.observe(state, torch.from_numpy(obs)[None])
+        out.append(policy.act(state)[0].numpy() if act else None)
+    return out
+
+
+def assert_same_actions(got: Sequence[np.ndarray | None], want: Sequence[np.ndarray | None], atol: float = 1e-6):
+    assert len(got) == len(want)
+    for t, (g, w) in enumerate(zip(got, want)):
+        assert (g is None) == (w is None), f"step {t}: got {g}, want {w}"
+        if w is not None:
+            np.testing.assert_allclose(g, w, rtol=0, atol=atol, err_msg=f"step {t}")
+
+
+class RawPeer:
+    """A bare DEALER socket: sends any frames, receives decoded replies with a timeout."""
+
+    def __init__(self, endpoint: str, **curve: bytes) -> None:
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.linger = 0
+        for name, key in curve.items():
+            setattr(self.socket, name, key)
+        self.socket.connect(endpoint)
+        self._ids = 0
+
+    def send(self, *frames: bytes) -> None:
+        self.socket.send_multipart(list(frames))
+
+    def send_request(self, kind: str, **fields: Any) -> int:
+        self._ids += 1
+        self.send(encode({"v": 1, "id": self._ids, "kind": kind, **fields}))
+        return self._ids
+
+    def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        if not self.socket.poll(timeout * 1e3):
+            raise TimeoutError(f"no reply within {timeout} s")
+        return decode(self.socket.recv())
+
+    def request(self, kind: str, **fields: Any) -> dict[str, Any]:
+        rid = self.send_request(kind, **fields)
+        reply = self.recv()
+        assert reply["id"] == rid, reply
+        return reply
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def error_code(reply: dict[str, Any]) -> str:
+    assert reply["ok"] is False, reply
+    assert isinstance(reply["error"]["message"], str) and reply["error"]["message"], reply
+    return reply["error"]["code"]

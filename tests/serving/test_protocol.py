@@ -1,0 +1,94 @@
+"""Wire format: arrays survive the trip exactly; anything malformed is refused with the right code, never crashes."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from streamtx_client.errors import ErrorCode, ProtocolError
+from streamtx_client.protocol import ARRAY_EXT, decode, encode
+
+DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32",
+          "float64"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(DTYPES).flatmap(
+    lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))))
+def test_arrays_round_trip_bit_exactly(array: np.ndarray) -> None:
+    back = decode(encode({"a": array, "nested": [{"b": array}]}))
+    for out in (back["a"], back["nested"][0]["b"]):
+        assert out.dtype == array.dtype and out.shape == array.shape
+        assert out.tobytes() == array.tobytes()  # bitwise, NaN payloads and -0.0 included
+
+
+def test_big_endian_and_strided_arrays_arrive_as_little_endian_values() -> None:
+    big = np.arange(12, dtype=">f8").reshape(3, 4)[:, ::2]
+    out = decode(encode({"a": big}))["a"]
+    assert out.dtype == np.dtype("<f8")
+    np.testing.assert_array_equal(out, big)
+
+
+def test_numpy_scalars_become_plain_numbers() -> None:
+    assert decode(encode({"x": np.float32(1.5), "n": np.int64(3)})) == {"x": 1.5, "n": 3}
+
+
+@pytest.mark.parametrize("value", [object(), np.zeros(2, dtype=object), np.zeros(2, dtype="complex64")])
+def test_unencodable_values_raise_type_error(value: object) -> None:
+    with pytest.raises(TypeError):
+        encode({"x": value})
+
+
+def _ext(dtype: object, shape: object, raw: object) -> bytes:
+    return msgpack.packb({"a": msgpack.ExtType(ARRAY_EXT, msgpack.packb([dtype, shape, raw]))})
+
+
+@pytest.mark.parametrize("data, code", [
+    (b"\xc1garbage", ErrorCode.BAD_MESSAGE),
+    (encode({"a": np.zeros(8)})[:-5], ErrorCode.BAD_MESSAGE),  # truncated
+    (encode({"a": 1}) + b"\x00", ErrorCode.BAD_MESSAGE),  # trailing bytes
+    (msgpack.packb([1, 2, 3]), ErrorCode.BAD_MESSAGE),  # not a map
+    (msgpack.packb({1: 2}), ErrorCode.BAD_MESSAGE),  # non-string key
+    (msgpack.packb({"a": msgpack.ExtType(7, b"xx")}), ErrorCode.BAD_MESSAGE),  # unknown extension
+    (msgpack.packb({"a": msgpack.ExtType(ARRAY_EXT, b"\xc1")}), ErrorCode.BAD_MESSAGE),  # corrupt array header
+    (_ext("|O", [1], b"\0" * 8), ErrorCode.BAD_DTYPE),  # object arrays could run code: never
+    (_ext(">f4", [1], b"\0" * 4), ErrorCode.BAD_DTYPE),  # big-endian is not the wire format
+    (_ext(3, [1], b"\0" * 4), ErrorCode.BAD_DTYPE),
+    (_ext("<f4", [-1], b""), ErrorCode.BAD_SHAPE),
+    (_ext("<f4", "12", b""), ErrorCode.BAD_SHAPE),
+    (_ext("<f4", [1] * 9, b"\0" * 4), ErrorCode.BAD_SHAPE),
+    (_ext("<f4", [3], b"\0" * 8), ErrorCode.BAD_MESSAGE),  # byte count disagrees with shape
+    (_ext("<f4", [3], "abc"), ErrorCode.BAD_MESSAGE),
+])
+def test_malformed_messages_are_refused_with_a_code(data: bytes, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(data)
+    assert info.value.code is code
+
+
+def test_size_limits() -> None:
+    message = encode({"a": np.zeros(100, dtype=np.float32)})
+    assert decode(message, max_bytes=len(message), max_array_elements=100)["a"].shape == (100,)
+    with pytest.raises(ProtocolError) as info:
+        decode(message, max_bytes=len(message) - 1)
+    assert info.value.code is ErrorCode.MESSAGE_TOO_LARGE
+    with pytest.raises(ProtocolError) as info:
+        decode(message, max_array_elements=99)
+    assert info.value.code is ErrorCode.ARRAY_TOO_LARGE
+    # a huge claimed shape is refused from the header, before any bytes are trusted
+    with pytest.raises(ProtocolError) as info:
+        decode(_ext("<f8", [1 << 40], b""), max_array_elements=1 << 20)
+    assert info.value.code is ErrorCode.ARRAY_TOO_LARGE
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes_decode_or_raise_protocol_error(data: bytes) -> None:
+    try:
+        assert isinstance(decode(data, max_array_elements=1000), dict)
+    except ProtocolError as err:
+        assert err.code in set(ErrorCode)

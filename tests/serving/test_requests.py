@@ -1,0 +1,63 @@
+"""Request checking: every field is checked, each violation names the field and carries the right code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from streamtx_client.errors import ErrorCode, ProtocolError
+from streamtx_server.requests import Open, Step, parse_request
+
+OBS_DIM, MAX_TOKENS = 4, 3
+
+
+def parse(**message: Any):
+    return parse_request({"v": 1, "id": 7, **message}, obs_dim=OBS_DIM, max_tokens=MAX_TOKENS)
+
+
+def test_a_single_token_becomes_a_one_token_step() -> None:
+    step = parse(kind="step", session="s", obs=np.ones(OBS_DIM, np.float32))
+    assert isinstance(step, Step) and step.obs.shape == (1, OBS_DIM) and step.act and not step.timing
+
+
+def test_open_defaults() -> None:
+    assert parse(kind="open") == Open(7, None, None, 0)
+    assert parse(kind="open", session="a", seed=3, steps=5) == Open(7, "a", 3, 5)
+
+
+@pytest.mark.parametrize("message, code, names", [
+    ({"kind": "hello", "v": 2}, ErrorCode.BAD_VERSION, "v"),
+    ({"kind": "hello", "id": "7"}, ErrorCode.BAD_MESSAGE, "id"),
+    ({"kind": "hello", "id": True}, ErrorCode.BAD_MESSAGE, "id"),
+    ({"kind": "dance"}, ErrorCode.UNKNOWN_KIND, "kind"),
+    ({"kind": ["step"]}, ErrorCode.UNKNOWN_KIND, "kind"),
+    ({"kind": "hello", "extra": 1}, ErrorCode.BAD_ARGUMENT, "extra"),
+    ({"kind": "step", "session": "s"}, ErrorCode.BAD_MESSAGE, "obs"),
+    ({"kind": "step", "session": "", "obs": np.ones(4)}, ErrorCode.BAD_ARGUMENT, "session"),
+    ({"kind": "step", "session": 5, "obs": np.ones(4)}, ErrorCode.BAD_ARGUMENT, "session"),
+    ({"kind": "step", "session": "x" * 129, "obs": np.ones(4)}, ErrorCode.BAD_ARGUMENT, "session"),
+    ({"kind": "step", "session": "s", "obs": [1.0, 2.0, 3.0, 4.0]}, ErrorCode.BAD_ARGUMENT, "obs"),
+    ({"kind": "step", "session": "s", "obs": np.ones(4, np.int32)}, ErrorCode.BAD_DTYPE, "obs"),
+    ({"kind": "step", "session": "s", "obs": np.ones(4, bool)}, ErrorCode.BAD_DTYPE, "obs"),
+    ({"kind": "step", "session": "s", "obs": np.ones(5)}, ErrorCode.BAD_SHAPE, "obs"),
+    ({"kind": "step", "session": "s", "obs": np.ones((2, 2, 4))}, ErrorCode.BAD_SHAPE, "obs"),
+    ({"kind": "step", "session": "s", "obs": np.ones((0, 4))}, ErrorCode.BAD_SHAPE, "obs"),
+    ({"kind": "step", "session": "s", "obs": np.ones((4, 4))}, ErrorCode.TOO_MANY_TOKENS, "obs"),
+    ({"kind": "step", "session": "s", "obs": np.array([1.0, np.nan, 0, 0])}, ErrorCode.NON_FINITE, "obs"),
+    ({"kind": "step", "session": "s", "obs": np.array([1.0, -np.inf, 0, 0])}, ErrorCode.NON_FINITE, "obs"),
+    ({"kind": "step", "session": "s", "obs": np.ones(4), "act": 1}, ErrorCode.BAD_ARGUMENT, "act"),
+    ({"kind": "step", "session": "s", "obs": np.ones(4), "timing": None}, ErrorCode.BAD_ARGUMENT, "timing"),
+    ({"kind": "open", "seed": -1}, ErrorCode.BAD_ARGUMENT, "seed"),
+    ({"kind": "open", "seed": 1.5}, ErrorCode.BAD_ARGUMENT, "seed"),
+    ({"kind": "open", "seed": 2**63}, ErrorCode.BAD_ARGUMENT, "seed"),
+    ({"kind": "open", "steps": -2}, ErrorCode.BAD_ARGUMENT, "steps"),
+    ({"kind": "reset"}, ErrorCode.BAD_MESSAGE, "session"),
+    ({"kind": "close", "session": None}, ErrorCode.BAD_ARGUMENT, "session"),
+])
+def test_bad_requests_name_the_field(message: dict[str, Any], code: ErrorCode, names: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_request({"v": 1, "id": 7, **message}, obs_dim=OBS_DIM, max_tokens=MAX_TOKENS)
+    assert info.value.code is code
+    assert names in info.value.message
