@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 
 from serving_helpers import MAX_TOKENS
 from streamtx.checkpoint import load_policy, make_random_checkpoint
@@ -14,6 +15,16 @@ from streamtx_server.process import DaemonProcess
 # Small limits, so the limit tests need small messages.
 DAEMON_FLAGS = ("--threads=1", f"--max-tokens-per-step={MAX_TOKENS}", "--max-message-bytes=65536",
                 "--max-array-elements=4096", "--max-sessions=24", "--max-wait-ms=2")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The in-process reference runs single-threaded, like the daemons under test (``--threads=1``): on a small
+    shared machine, intra-op threads only contend with the daemon."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
