@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import signal
+
 import pytest
 import torch
 
@@ -47,10 +49,12 @@ def start_daemon(checkpoint: Path, directory: Path, *flags: str, binds: tuple[st
 
 @pytest.fixture(scope="session")
 def daemon(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    """One daemon shared by the tests that do not stop it: endpoints ``[tcp, ipc]``. It must exit cleanly."""
+    """One daemon shared by the tests that do not stop it: endpoints ``[tcp, ipc]``. Ctrl-C must stop it cleanly
+    (the other daemons of the tests get SIGTERM)."""
     proc = start_daemon(checkpoint, tmp_path_factory.mktemp("daemon"))
     try:
         yield proc
     finally:
-        code = proc.stop()
+        code = proc.stop(sig=signal.SIGINT)
     assert code == 0, proc.log_tail()
+    assert '"event": "stopped"' in proc.log_tail()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -166,4 +167,7 @@ def test_daemon_restart_client_reconnects_and_replays(checkpoint: Path, policy, 
         code = daemon.stop()
     assert code == 0, daemon.log_tail()
     assert_same_actions(got, reference_run(policy, 13, script))
-    assert '"session_opened"' in daemon.log_tail() and '"steps": ' in daemon.log_tail()
+    # the second daemon saw the session re-opened with the step count reached before the crash
+    acted = sum(act for _, act in script[:crash_at])
+    reopened = [json.loads(line) for line in daemon.log_tail(200).splitlines() if '"session_opened"' in line]
+    assert reopened[-1]["steps"] == acted > 0

@@ -1,0 +1,34 @@
+"""Command line: failures are reported, not raised."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from streamtx_server.cli import main, serve_main, stats_main
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_serve_reports_a_missing_checkpoint(tmp_path: Path, capsys) -> None:
+    assert serve_main(["--checkpoint", str(tmp_path / "missing.pt"), "--bind", "tcp://127.0.0.1:*"]) == 1
+    (event,) = _events(capsys.readouterr().err)
+    assert event["event"] == "serve_failed" and "missing.pt" in event["error"]
+
+
+def test_serve_reports_a_bad_endpoint(checkpoint: Path, capsys) -> None:
+    assert serve_main(["--checkpoint", str(checkpoint), "--bind", "127.0.0.1:5555"]) == 1
+    (event,) = _events(capsys.readouterr().err)
+    assert event["event"] == "serve_failed" and "endpoints" in event["error"]
+
+
+def test_stats_reports_an_unreachable_daemon(capsys) -> None:
+    assert stats_main(["tcp://127.0.0.1:9", "--timeout=0.2"]) == 1
+    assert "no reply" in capsys.readouterr().err
+
+
+def test_unknown_command(capsys) -> None:
+    assert main(["bogus"]) == 2
+    assert "serve" in capsys.readouterr().err

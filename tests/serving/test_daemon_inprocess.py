@@ -1,0 +1,182 @@
+"""The daemon in a thread with an instrumented policy: overload, graceful stop, model failure, idle expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+import uuid
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from serving_helpers import MAX_TOKENS, RawPeer, assert_same_actions, error_code, make_script, reference_run
+from streamtx_client import AsyncClient
+from streamtx_server import Server, ServerConfig
+
+
+class GatedPolicy:
+    """The real policy, but ``act`` can be made to block until released, or to raise."""
+
+    def __init__(self, policy: Any) -> None:
+        self._policy = policy
+        self.gate_next_act = False
+        self.acting = threading.Event()  # set while a gated act waits
+        self.release = threading.Event()
+        self.fail = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
+
+    def act(self, state: Any, rows: Any = None) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("simulated model failure")
+        if self.gate_next_act:
+            self.gate_next_act = False
+            self.acting.set()
+            assert self.release.wait(20.0)
+        return self._policy.act(state, rows)
+
+
+@pytest.fixture
+def served(policy) -> Iterator[tuple[Server, GatedPolicy, str, threading.Thread]]:
+    gated = GatedPolicy(policy)
+    endpoint = f"inproc://daemon-{uuid.uuid4().hex}"
+    server = Server(gated, [endpoint], ServerConfig(max_sessions=4, idle_timeout=0.3, max_wait=0.0))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.bound and time.monotonic() < deadline:
+        time.sleep(0.005)
+    yield server, gated, endpoint, thread
+    gated.release.set()
+    server.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def _replies(peer: RawPeer, n: int) -> dict[int, dict[str, Any]]:
+    return {reply["id"]: reply for reply in (peer.recv() for _ in range(n))}
+
+
+def test_overload_feeds_every_observation_but_acts_only_for_the_newest(served, policy) -> None:
+    server, gated, endpoint, _ = served
+    obs = np.random.default_rng(7).standard_normal((5, 1, policy.obs_dim)).astype(np.float32)
+    with RawPeer(endpoint) as peer:
+        assert peer.request("open", session="busy", seed=5)["ok"]
+        gated.gate_next_act = True
+        first = peer.send_request("step", session="busy", obs=obs[0])
+        assert gated.acting.wait(20.0)  # the daemon is stuck in the first step's act ...
+        queued = [peer.send_request("step", session="busy", obs=o) for o in obs[1:]]  # ... while 4 more pile up
+        time.sleep(0.2)
+        gated.release.set()
+        replies = _replies(peer, 5)
+    assert replies[first]["result"]["actions"] is not None
+    for rid in queued[:-1]:
+        result = replies[rid]["result"]
+        assert result["superseded"] is True and result["actions"] is None
+    newest = replies[queued[-1]]["result"]
+    assert newest["superseded"] is False and newest["tokens"] == 5  # all five observations entered, in order
+    # reference: the same observations, actions computed after the first and after the last
+    state = policy.init_state(1)
+    policy.reset(state, seed=5)
+    policy.observe(state, torch.from_numpy(obs[0])[None])
+    np.testing.assert_allclose(replies[first]["result"]["actions"], policy.act(state)[0].numpy(), rtol=0, atol=1e-6)
+    for o in obs[1:]:
+        policy.observe(state, torch.from_numpy(o)[None])
+    np.testing.assert_allclose(newest["actions"], policy.act(state)[0].numpy(), rtol=0, atol=1e-6)
+    assert server.stats.superseded == 3
+
+
+def test_stop_answers_every_request_already_received(served, policy) -> None:
+    server, gated, endpoint, thread = served
+    obs = np.ones((1, policy.obs_dim), np.float32)
+    with RawPeer(endpoint) as peer:
+        assert peer.request("open", session="s", seed=1)["ok"]
+        gated.gate_next_act = True
+        ids = [peer.send_request("step", session="s", obs=obs)]
+        assert gated.acting.wait(20.0)
+        ids += [peer.send_request("step", session="s", obs=obs, act=False) for _ in range(3)]
+        ids.append(peer.send_request("stats"))
+        time.sleep(0.2)
+        server.stop()  # in flight: one step in the model, four requests waiting
+        gated.release.set()
+        replies = _replies(peer, len(ids))
+    thread.join(10)
+    assert not thread.is_alive()
+    assert sorted(replies) == sorted(ids) and all(r["ok"] for r in replies.values())
+
+
+def test_a_failing_model_gets_an_internal_error_and_the_daemon_recovers(served, policy) -> None:
+    _, gated, endpoint, _ = served
+    obs = np.ones((1, policy.obs_dim), np.float32)
+    with RawPeer(endpoint) as peer:
+        assert peer.request("open", session="f", seed=1)["ok"]
+        gated.fail = True
+        reply = peer.request("step", session="f", obs=obs)
+        assert error_code(reply) == "internal" and "simulated model failure" in reply["error"]["message"]
+        gated.fail = False
+        assert peer.request("step", session="f", obs=obs)["result"]["actions"].shape == (policy.horizon,
+                                                                                        policy.action_dim)
+
+
+def test_idle_sessions_expire_and_free_their_slot(served, policy) -> None:
+    server, _, endpoint, _ = served
+    with RawPeer(endpoint) as peer:
+        for i in range(4):
+            assert peer.request("open", session=f"idle-{i}")["ok"]
+        assert error_code(peer.request("open", session="one-too-many")) == "too_many_sessions"
+        time.sleep(0.8)  # idle_timeout 0.3 s
+        assert error_code(peer.request("step", session="idle-0", obs=np.ones(policy.obs_dim))) == "unknown_session"
+        assert peer.request("open", session="fresh")["ok"]
+        stats = peer.request("stats")["result"]
+    assert stats["expired_sessions"] == 4 and stats["sessions"] == 1
+
+
+def _serve_in_thread(policy: Any, endpoint: str) -> tuple[Server, threading.Thread]:
+    server = Server(policy, [endpoint], ServerConfig(max_sessions=4))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_async_client_sessions_survive_a_daemon_restart(policy, tmp_path: Path) -> None:
+    """Three sessions on one asyncio client; the daemon goes away mid-stream and a fresh one comes back on the same
+    endpoint. Their requests time out together; one reconnect serves them all; each session is restored."""
+    endpoint = f"ipc://{tmp_path}/async.ipc"
+    rng = np.random.default_rng(9)
+    scripts = [make_script(rng, 22, policy.obs_dim, MAX_TOKENS, observe_every=3) for _ in range(3)]
+    servers = [_serve_in_thread(policy, endpoint)]
+
+    def restart() -> None:
+        time.sleep(0.6)  # a few client timeouts while nobody listens
+        servers.append(_serve_in_thread(policy, endpoint))
+
+    async def run() -> list[list[np.ndarray | None]]:
+        async with AsyncClient(endpoint, timeout=0.25, retries=40) as client:
+            sessions = [await client.open(seed=30 + i) for i in range(3)]
+            out: list[list[np.ndarray | None]] = [[] for _ in sessions]
+            for t in range(22):
+                if t == 17:
+                    server, thread = servers[0]
+                    server.stop()
+                    thread.join(10)
+                    threading.Thread(target=restart).start()
+                chunks = await asyncio.gather(*(s.step(sc[t][0]) if sc[t][1] else s.observe(sc[t][0])
+                                                for s, sc in zip(sessions, scripts)))
+                for o, c in zip(out, chunks):
+                    o.append(c)
+            return out
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        for server, thread in servers:
+            server.stop()
+            thread.join(10)
+    assert len(servers) == 2
+    for i, script in enumerate(scripts):
+        assert_same_actions(got[i], reference_run(policy, 30 + i, script))
