@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 from streamtx_server.cli import main, serve_main, stats_main
+from streamtx_server.jsonlog import LOGGER_NAME
+
+
+@pytest.fixture(autouse=True)
+def _restore_daemon_logger() -> Iterator[None]:
+    """serve_main points the daemon's logger at this test's captured stderr: undo that afterwards."""
+    logger = logging.getLogger(LOGGER_NAME)
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 def _events(text: str) -> list[dict]:

@@ -1,0 +1,47 @@
+"""The whole pipeline on a tiny scale: collect -> train (the `streamtx train` entry point) -> serve (a real daemon
+process) -> control (the client SDK drives the simulator)."""
+
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gymnasium")
+pytest.importorskip("streamtx_server")
+pytest.importorskip("streamtx_client")
+
+from streamtx.checkpoint import load_model  # noqa: E402
+from streamtx.tasks.reacher.collect import main as collect_main  # noqa: E402
+from streamtx.tasks.reacher.evaluate import eval_seeds, evaluate_served  # noqa: E402
+from streamtx.train.cli import main as train_main  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Training in the test process runs single-threaded (it sets torch's threads), like the daemon: on a small
+    shared machine intra-op threads only contend; restore the setting for the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_collect_train_serve_control(tmp_path, capsys):
+    data, ckpt = tmp_path / "demos.npz", tmp_path / "policy.pt"
+    assert collect_main(["--episodes", "6", "--out", str(data), "--quiet"]) == 0
+    assert train_main([str(data), "--out", str(ckpt), "--steps", "3", "--batch-size", "16", "--dim", "16",
+                       "--layers", "1", "--cond-layers", "1", "--heads", "1", "--action-horizon", "4",
+                       "--sampling-steps", "2", "--eval-every", "2", "--quiet", "--threads", "1"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    model, sampler, extra = load_model(ckpt)
+    assert extra["task"] == "reacher" and extra["dataset"]["episodes"] == 6 and np.isfinite(extra["val_loss"])
+    assert type(model).__name__ == "eCondTransformerRegressor" and sampler.num_steps == 2
+
+    served = evaluate_served(ckpt, eval_seeds(2), execute=2, progress=False)
+    result = served.result
+    assert result.actions.shape == (2, 50, 2) and result.fingertip.shape == (2, 51, 2)
+    assert served.chunks.shape == (50, 4, 2) and np.isfinite(served.chunks).all()  # every other step of 2 x 50
+    assert np.abs(result.actions).max() <= 1.0 and np.isfinite(result.final_distance).all()
+    assert served.latencies.shape == (50,) and (served.latencies > 0).all()
+    assert served.stats["requests"]["step"] == 100  # every observation reached the daemon
+    assert served.stats["latency"]["model"]["count"] > 0 and served.hello["policy"]["horizon"] == 4
