@@ -68,7 +68,7 @@ def test_optim_groups_cover_every_parameter_once():
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     decay, no_decay = ({id(p) for p in g["params"]} for g in groups)
-    assert id(model.pos_emb) in no_decay and id(model.head.bias) in no_decay and id(model.head.weight) in decay
+    assert id(model.pos_emb) in no_decay and id(model.input_emb.bias) in no_decay and id(model.head.weight) in decay
     torch.optim.AdamW(groups, lr=1e-3)
 
 
