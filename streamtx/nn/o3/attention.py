@@ -36,6 +36,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..linear import WeightCache
 from ..state import RingCache, Rows, StreamState, band_mask
 from .dense import Dense
 from .irreps import IrrepsLayout
@@ -64,8 +65,9 @@ class StreamSteps:
 
 @dataclass
 class O3AttentionState(StreamState):
-    """Streaming state of one :class:`O3MultiheadAttention`: the ring of per-token keys ``k``, values ``v`` (both
-    ``(P, (L+1)**2, Q)``) and positions ``xyz`` ``(3,)``, and the attention window."""
+    """Streaming state of one :class:`O3MultiheadAttention`: the ring of per-token keys ``k (H, P (L+1)**2 d)``,
+    values ``v`` (``(Q, P (L+1)**2)`` with the relative basis in the values, else like the keys) and positions
+    ``xyz (3,)``, and the attention window."""
 
     cache: RingCache
     window: int
@@ -135,13 +137,32 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             self.value_filter = self.value_product = None
         self.register_buffer("degree_index", layout.degree_index(device), persistent=False)
         self.register_buffer("basis_degree_index", self.basis_layout.degree_index(device), persistent=False)
+        self._qk_cache = WeightCache()
+
+    # ---------------------------------------------------------------- layouts
+    # Per-token projections are kept in the layouts the pair computations read, so that cached keys and values are
+    # never rearranged at a step: keys (and values without the relative basis) head-major ``(H, P C d)``, values for
+    # the relative basis channel-major ``(Q, P C)``.
+    def _head_major(self, t: Tensor) -> Tensor:
+        """``(..., P, C, Q) -> (..., H, P C d)``."""
+        return t.flatten(-3, -2).unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2).flatten(-2)
+
+    def _from_head_major(self, t: Tensor) -> Tensor:
+        """``(..., H, P C d) -> (..., P, C, Q)``."""
+        t = t.unflatten(-1, (-1, self.head_dim)).transpose(-3, -2).flatten(-2)
+        return t.unflatten(-2, (self.layout.num_parities, self.layout.num_components))
+
+    def _value_layout(self, v: Tensor) -> Tensor:
+        """``(..., P, C, Q)`` -> ``(..., Q, P C)`` for the relative basis, else ``(..., H, P C d)``."""
+        return v.flatten(-3, -2).transpose(-1, -2) if self.value_product is not None else self._head_major(v)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (scaled by ``1/sqrt(P C d)``) and keys ``(b, n, H, P C d)``, values in :meth:`_value_layout`."""
+        depth = self.layout.num_parities * self.layout.num_components * self.head_dim
+        q = self._head_major(self.query(x)) * (1.0 / math.sqrt(depth))
+        return q, self._head_major(self.key(x)), self._value_layout(self.value(x))
 
     # ---------------------------------------------------------------- shared pieces
-    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries (scaled by ``1/sqrt(depth)``), keys and values ``(b, n, P, C, Q)``."""
-        depth = self.layout.num_parities * self.layout.num_components * self.head_dim
-        return self.query(x) * (1.0 / math.sqrt(depth)), self.key(x), self.value(x)
-
     def _pair_basis(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Relative vectors ``r (..., 3)`` -> harmonics ``(..., C_b)``, radial basis ``(..., K)`` (cutoff included)
         and, with ``softmax_cutoff``, the cutoff ``(..., 1)`` for the softmax numerators."""
@@ -149,14 +170,22 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         cut = smooth_cutoff(d, self.radial.cutoff)[..., None] if self.softmax_cutoff else None
         return spherical_harmonics(r, self.basis_layout.max_degree), self.radial(d), cut
 
-    def _heads(self, a: Tensor) -> Tensor:
-        """Per-head values ``(..., H)`` -> per-channel ``(..., Q)`` (each head's value repeated over its channels)."""
-        return a.repeat_interleave(self.head_dim, dim=-1)
+    def _qk_weights(self) -> Tensor:
+        """The relative query-key encoding as head-major weights ``(K', H, P C d)`` (``K' = K + 1`` with a bias, the
+        last row): ``e_ij = R(|r_ij|) W (+ b)`` expanded over the components of each degree."""
+        return self._qk_cache.get(self.qk_encoding, self._build_qk_weights)[0]
+
+    def _build_qk_weights(self) -> tuple[Tensor]:
+        w = self.qk_encoding.weight.t()
+        if self.qk_encoding.bias is not None:
+            w = torch.cat([w, self.qk_encoding.bias[None]], dim=0)
+        w = w.unflatten(-1, (self.layout.num_parities, -1, self.qkv_features))[:, :, self.degree_index]
+        return (self._head_major(w),)
 
     def _couple(self, u: Tensor) -> Tensor:
         """Relative-value messages summed per query, ``u (..., C_b, P C, Q)`` -> ``(..., P, C, Q)``."""
         out = torch.einsum("...yaf,yakf->...kf", u, self.value_product.coupling())
-        return out.unflatten(-2, self.layout.shape(self.qkv_features)[:2])
+        return out.unflatten(-2, (self.layout.num_parities, self.layout.num_components))
 
     def _softmax(self, s: Tensor, visible: Tensor | None, cut: Tensor | None, dim: int,
                  segments: Tensor | None = None, num_segments: int = 0) -> Tensor:
@@ -183,77 +212,59 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
     # ---------------------------------------------------------------- dense pairs
     def _attend_dense(self, q: Tensor, k: Tensor, v: Tensor, q_xyz: Tensor, k_xyz: Tensor,
                       visible: Tensor | None) -> Tensor:
-        """Queries ``(B, N, P, C, Q)`` at ``q_xyz (B, N, 3)`` attend to keys/values ``(B, M, P, C, Q)`` at
-        ``k_xyz (B, M, 3)`` where ``visible (B, N, M)`` (all if ``None``) -> ``(B, N, P, C, Q)``."""
-        b, n, m = q.shape[0], q.shape[1], k.shape[1]
-        h, d = self.num_heads, self.head_dim
-        kh = k.reshape(b, m, -1, h, d).permute(0, 3, 1, 2, 4).flatten(-2)  # (B, H, M, P C d)
-        vh = v.reshape(b, m, -1, h, d).permute(0, 3, 1, 2, 4).flatten(-2)  # (B, H, M, P C d)
-        per_query = b * m * (self.basis_layout.num_components * self.qkv_features + (self.radial.num_basis + 2) * h)
-        chunk = max(1, _PAIR_BUDGET // max(per_query, 1))
+        """Queries ``(B, N, H, P C d)`` at ``q_xyz (B, N, 3)`` attend to keys ``(B, M, H, P C d)`` and values (in
+        :meth:`_value_layout`) at ``k_xyz (B, M, 3)`` where ``visible (B, N, M)`` (all if ``None``) ->
+        ``(B, N, P, C, Q)``. Runs over chunks of queries to bound the memory of the pair tensors."""
+        b, m = k.shape[:2]
+        per_query = b * m * (self.qkv_features * (self.basis_layout.num_components + self.basis_layout.max_degree + 1)
+                             + self.num_heads * (self.basis_layout.num_components + self.radial.num_basis + 2))
+        chunk = max(1, _PAIR_BUDGET // per_query)
+        kh, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, M, P C d); (B, Q, M, P C) or (B, H, M, P C d)
         outs = []
-        for start in range(0, n, chunk):
+        for start in range(0, q.shape[1], chunk):
             qc, xyz = q[:, start:start + chunk], q_xyz[:, start:start + chunk]
-            vis = None if visible is None else visible[:, start:start + chunk]
+            vis = None if visible is None else visible[:, start:start + chunk, :, None]
             y, rad, cut = self._pair_basis(k_xyz[:, None, :, :] - xyz[:, :, None, :])  # (B, n, M, .)
-            s = self._scores_dense(qc, kh, rad)  # (B, n, M, H)
-            a = self._softmax(s, None if vis is None else vis[..., None], cut, dim=2)
+            a = self._softmax(self._scores_dense(qc, kh, rad), vis, cut, dim=2)  # (B, n, M, H)
             if self.value_product is None:
-                o = torch.einsum("bhnm,bhme->bnhe", a.permute(0, 3, 1, 2), vh)  # (B, n, H, P C d)
-                outs.append(o.unflatten(-1, (-1, d)).transpose(2, 3).reshape(qc.shape))
+                outs.append(self._from_head_major((a.permute(0, 3, 1, 2) @ vt).transpose(1, 2)))
             else:
-                outs.append(self._couple(self._relative_values_dense(y, rad, a, v)))
+                outs.append(self._couple(self._relative_values_dense(y, rad, a, vt)))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def _relative_values_dense(self, y: Tensor, rad: Tensor, a: Tensor, v: Tensor) -> Tensor:
+    def _scores_dense(self, q: Tensor, kh: Tensor, rad: Tensor) -> Tensor:
+        """Scores ``(B, n, M, H)`` of queries ``(B, n, H, P C d)`` against keys ``(B, H, M, P C d)``."""
+        if self.qk_encoding is None:
+            return (q.transpose(1, 2) @ kh.transpose(-1, -2)).permute(0, 2, 3, 1)
+        # s_ij = sum_k R_k(|r_ij|) (q_i * W_k) . k_j (+ the bias row): one matrix product per head for all K rows.
+        b, n = q.shape[:2]
+        w = self._qk_weights()  # (K', H, P C d)
+        qw = (q[:, :, None] * w).permute(0, 3, 1, 2, 4).flatten(2, 3)  # (B, H, n K', P C d)
+        z = (qw @ kh.transpose(-1, -2)).unflatten(2, (n, w.shape[0]))  # (B, H, n, K', M)
+        if self.qk_encoding.bias is not None:
+            rad = torch.cat([rad, torch.ones_like(rad[..., :1])], dim=-1)
+        return (z * rad.transpose(-1, -2)[:, None]).sum(3).permute(0, 2, 3, 1)
+
+    def _relative_values_dense(self, y: Tensor, rad: Tensor, a: Tensor, vt: Tensor) -> Tensor:
         """``u[i, c, a, f] = sum_j a_ij^h(f) Y_c(r_ij) filter_l(c)(|r_ij|)[f] v_j[a, f]`` ``(B, n, C_b, P C, Q)``
-        from ``y (B, n, M, C_b)``, ``rad (B, n, M, K)``, ``a (B, n, M, H)``, ``v (B, M, P, C, Q)``: one matrix product
-        over the keys per degree of the basis, whose factor ``(B, Q, n, 2l+1, M)`` is the only per-pair, per-channel
-        tensor written."""
+        from ``y (B, n, M, C_b)``, ``rad (B, n, M, K)``, ``a (B, n, M, H)``, ``vt (B, Q, M, P C)``: one matrix
+        product over the keys per degree of the basis, whose factor ``(B, Q, n, 2l+1, M)`` is the only per-pair,
+        per-channel tensor written."""
         b, n, m = y.shape[:3]
         h, d = self.num_heads, self.head_dim
         ya = (y[..., None, :] * a[..., None]).permute(0, 3, 1, 4, 2).contiguous()  # (B, H, n, C_b, M)
         g = self.value_filter.profiles(rad)[..., 0, :, :]  # (B, n, M, L_b+1, Q)
         g = g.permute(0, 4, 1, 3, 2).contiguous().view(b, h, d, n, -1, m)  # (B, H, d, n, L_b+1, M)
-        vt = v.flatten(2, 3).permute(0, 3, 1, 2)  # (B, Q, M, P C)
         blocks = []
         for l in range(self.basis_layout.max_degree + 1):
             coef = ya[:, :, None, :, l * l:(l + 1) ** 2] * g[:, :, :, :, l:l + 1]  # (B, H, d, n, 2l+1, M)
             blocks.append((coef.view(b, h * d, -1, m) @ vt).view(b, h * d, n, 2 * l + 1, -1))
         return torch.cat(blocks, dim=3).permute(0, 2, 3, 4, 1)
 
-    def _scores_dense(self, q: Tensor, kh: Tensor, rad: Tensor) -> Tensor:
-        """Scores ``(B, n, M, H)`` of queries ``(B, n, P, C, Q)`` against per-head keys ``(B, H, M, P C d)``."""
-        b, n = q.shape[:2]
-        h, d = self.num_heads, self.head_dim
-        if self.qk_encoding is None:
-            qh = q.reshape(b, n, -1, h, d).permute(0, 3, 1, 2, 4).flatten(-2)  # (B, H, n, P C d)
-            return (qh @ kh.transpose(-1, -2)).permute(0, 2, 3, 1)
-        # s_ij = sum_k R_k(|r_ij|) (q_i W_k) . k_j (+ bias term): one matrix product per head for all K channels.
-        w = self._qk_weights()  # (K', P, C, Q)
-        qw = (q[:, :, None] * w).reshape(b, n, w.shape[0], -1, h, d).permute(0, 4, 1, 2, 3, 5).flatten(-2)
-        z = (qw.flatten(2, 3) @ kh.transpose(-1, -2)).unflatten(2, (n, w.shape[0]))  # (B, H, n, K', M)
-        if self.qk_encoding.bias is not None:
-            rad = torch.cat([rad, torch.ones_like(rad[..., :1])], dim=-1)
-        return torch.einsum("bhnkm,bnmk->bnmh", z, rad)
-
-    def _qk_weights(self) -> Tensor:
-        """The relative query-key encoding as per-component weights ``(K', P, C, Q)`` (``K' = K + 1`` with bias)."""
-        p, lp1 = self.layout.num_parities, self.layout.max_degree + 1
-        w = self.qk_encoding.weight.t()
-        if self.qk_encoding.bias is not None:
-            w = torch.cat([w, self.qk_encoding.bias[None]], dim=0)
-        return w.reshape(-1, p, lp1, self.qkv_features)[:, :, self.degree_index]
-
-    def _weighted_profiles(self, rad: Tensor, a: Tensor) -> Tensor:
-        """Radial profiles of the value filter times the attention weight of each channel's head:
-        ``a^h(f) Dense(R(|r|))[l, f]`` ``(..., L_b+1, Q)`` from ``rad (..., K)``, ``a (..., H)``."""
-        g = self.value_filter.profiles(rad)[..., 0, :, :].unflatten(-1, (self.num_heads, self.head_dim))
-        return (g * a[..., None, :, None]).flatten(-2)
-
     # ---------------------------------------------------------------- sparse pairs
     def _attend_sparse(self, q: Tensor, k: Tensor, v: Tensor, xyz: Tensor, dst: Tensor, src: Tensor) -> Tensor:
-        """Pairs ``(dst, src)`` given per batch row ``(B, E)`` with padding value ``N`` -> ``(B, N, P, C, Q)``."""
+        """Pairs ``(dst, src)`` given per batch row ``(B, E)`` with padding value ``N``; projections as in
+        :meth:`_attend_dense` -> ``(B, N, P, C, Q)``."""
         b, n = q.shape[:2]
         valid = (dst < n) & (src < n)
         base = torch.arange(b, device=dst.device)[:, None] * n
@@ -261,22 +272,21 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         fs = (base + torch.where(valid, src, 0)).flatten()
         flat_xyz = xyz.flatten(0, 1)
         y, rad, cut = self._pair_basis(flat_xyz[fs] - flat_xyz[fd])  # (E', .)
-        qe, ke = q.flatten(0, 1)[fd], k.flatten(0, 1)[fs]  # (E', P, C, Q)
+        qk = q.flatten(0, 1)[fd] * k.flatten(0, 1)[fs]  # (E', H, P C d)
         if self.qk_encoding is not None:
             enc = self.qk_encoding(rad).unflatten(-1, (self.layout.num_parities, -1, self.qkv_features))
-            ke = ke * enc[:, :, self.degree_index]
-        s = (qe * ke).flatten(1, 2).unflatten(-1, (self.num_heads, self.head_dim)).sum((1, 3))  # (E', H)
-        a = self._softmax(s, valid.flatten()[:, None], cut, dim=0, segments=fd, num_segments=b * n)
+            qk = qk * self._head_major(enc[:, :, self.degree_index])
+        a = self._softmax(qk.sum(-1), valid.flatten()[:, None], cut, dim=0, segments=fd, num_segments=b * n)
         ve = v.flatten(0, 1)[fs]
         if self.value_product is None:
-            msg = self._heads(a)[:, None, None, :] * ve
+            msg = a[..., None] * ve  # (E', H, P C d)
             out = torch.zeros((b * n, *msg.shape[1:]), dtype=msg.dtype, device=msg.device).index_add(0, fd, msg)
-        else:
-            coef = y[:, :, None] * self._weighted_profiles(rad, a)[:, self.basis_degree_index]  # (E', C_b, Q)
-            msg = coef[:, :, None, :] * ve.flatten(1, 2)[:, None, :, :]  # (E', C_b, P C, Q)
-            u = torch.zeros((b * n, *msg.shape[1:]), dtype=msg.dtype, device=msg.device).index_add(0, fd, msg)
-            out = self._couple(u)
-        return out.unflatten(0, (b, n))
+            return self._from_head_major(out).unflatten(0, (b, n))
+        g = self.value_filter.profiles(rad)[:, 0, self.basis_degree_index]  # (E', C_b, Q)
+        coef = y[:, :, None] * (g.unflatten(-1, (self.num_heads, -1)) * a[:, None, :, None]).flatten(-2)
+        msg = coef[:, :, None, :] * ve.transpose(1, 2)[:, None, :, :]  # (E', C_b, P C, Q)
+        u = torch.zeros((b * n, *msg.shape[1:]), dtype=msg.dtype, device=msg.device).index_add(0, fd, msg)
+        return self._couple(u).unflatten(0, (b, n))
 
     # ---------------------------------------------------------------- batch forward
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, *, dst_idx: Tensor | None = None,
@@ -325,8 +335,10 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         if isinstance(max_tokens_per_step, bool) or not isinstance(max_tokens_per_step, int) or max_tokens_per_step < 1:
             raise ValueError(f"max_tokens_per_step: expected an integer >= 1, got {max_tokens_per_step!r}")
         ref = self.query.weight
-        shape = self.layout.shape(self.qkv_features)
-        cache = RingCache(batch_size, window - 1 + max_tokens_per_step, {"k": shape, "v": shape, "xyz": (3,)},
+        depth = self.layout.num_parities * self.layout.num_components
+        keys = (self.num_heads, depth * self.head_dim)
+        values = (self.qkv_features, depth) if self.value_product is not None else keys
+        cache = RingCache(batch_size, window - 1 + max_tokens_per_step, {"k": keys, "v": values, "xyz": (3,)},
                           dtype=dtype or ref.dtype, device=device or ref.device)
         return O3AttentionState(cache=cache, window=window)
 

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..linear import WeightCache
 from .irreps import IrrepsLayout
 
 __all__ = ["Dense"]
@@ -40,6 +41,7 @@ class Dense(nn.Module):
                                                **fk))
         self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
         self.register_buffer("degree_index", layout.degree_index(device), persistent=False)
+        self._cache = WeightCache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -51,10 +53,14 @@ class Dense(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self.layout.check(x, self.in_features)
-        y = torch.einsum("...pci,pcio->...pco", x, self.weight[:, self.degree_index])
+        y = torch.einsum("...pci,pcio->...pco", x, self._cache.get(self, self._per_component)[0])
         if self.bias is not None:
             y[..., 0, 0, :] += self.bias  # fresh einsum output: in place is safe for autograd
         return y
+
+    def _per_component(self) -> tuple[Tensor]:
+        """The weights expanded over the components of each degree, ``(P, (L+1)**2, F_in, F_out)``."""
+        return (self.weight[:, self.degree_index],)
 
     def profiles(self, s: Tensor) -> Tensor:
         """The per-degree outputs for a feature ``s`` shared by all components: ``s (..., F_in)`` ->

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..linear import WeightCache
 from .clebsch_gordan import clebsch_gordan
 from .irreps import IrrepsLayout
 
@@ -69,6 +70,7 @@ class TensorProduct(nn.Module):
         self._cg64 = cg
         self._cg_cast = cg
         self.register_buffer("path_index", path_index.to(device), persistent=False)
+        self._cache = WeightCache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -83,10 +85,14 @@ class TensorProduct(nn.Module):
             self.weight.normal_().mul_(std[:, None])
 
     def coupling(self) -> Tensor:
-        """The weighted coefficients ``(P1 C1, P2 C2, P3 C3, F)``: ``z = einsum("if,jf,ijkf->kf", x, y, coupling)``."""
+        """The weighted coefficients ``(P1 C1, P2 C2, P3 C3, F)``: ``z = einsum("if,jf,ijkf->kf", x, y, coupling)``.
+        Built once and reused while no gradient is needed and the weights are unchanged."""
+        return self._cache.get(self, self._build_coupling)[0]
+
+    def _build_coupling(self) -> tuple[Tensor]:
         if self._cg_cast.dtype != self.weight.dtype or self._cg_cast.device != self.weight.device:
             self._cg_cast = self._cg64.to(device=self.weight.device, dtype=self.weight.dtype)
-        return self._cg_cast[..., None] * self.weight[self.path_index]
+        return (self._cg_cast[..., None] * self.weight[self.path_index],)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         self.layout1.check(x, self.features, "x")
