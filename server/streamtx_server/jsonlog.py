@@ -42,13 +42,13 @@ def log_event(logger: logging.Logger, level: int, event: str, *, exc_info: bool 
         logger.log(level, event, extra={"fields": fields}, exc_info=exc_info)
 
 
-def configure_logging(level: str = "info", style: str = "json", stream: TextIO = sys.stderr) -> logging.Logger:
-    """Send the daemon's events to ``stream``; returns its logger."""
+def configure_logging(level: str = "info", style: str = "json", stream: TextIO | None = None) -> logging.Logger:
+    """Send the daemon's events to ``stream`` (default: the current ``sys.stderr``); returns its logger."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"level: expected debug, info, warning or error, got {level!r}")
     logger = logging.getLogger(LOGGER_NAME)
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(EventFormatter(style))
     logger.handlers[:] = [handler]
     logger.setLevel(numeric)

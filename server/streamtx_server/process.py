@@ -60,12 +60,13 @@ class DaemonProcess:
         self.kill()
         raise RuntimeError(f"daemon did not listen within {timeout} s:\n{self.log_tail()}")
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, wait up to ``timeout`` s, then SIGKILL; returns the exit code."""
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` (SIGTERM or SIGINT: both stop gracefully), wait up to ``timeout`` s, then SIGKILL; returns
+        the exit code."""
         if self._process is None:
             return 0
         if self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
+            self._process.send_signal(sig)
             try:
                 self._process.wait(timeout)
             except subprocess.TimeoutExpired:

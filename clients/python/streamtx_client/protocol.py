@@ -46,7 +46,7 @@ def _pack_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         if obj.dtype.newbyteorder("<").str not in ARRAY_DTYPES:
             raise TypeError(f"array dtype {obj.dtype} cannot go on the wire; expected one of {sorted(ARRAY_DTYPES)}")
-        little = np.ascontiguousarray(obj, dtype=obj.dtype.newbyteorder("<"))
+        little = np.asarray(obj, dtype=obj.dtype.newbyteorder("<"), order="C")
         payload = msgpack.packb([little.dtype.str, list(little.shape), little.tobytes()], use_bin_type=True)
         return msgpack.ExtType(ARRAY_EXT, payload)
     if isinstance(obj, np.generic):
