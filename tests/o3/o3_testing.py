@@ -24,7 +24,8 @@ def closed_form_harmonics(u: Tensor) -> list[Tensor]:
     return [
         torch.ones_like(x)[:, None],
         torch.stack([x, y, z], -1),
-        torch.stack([SQRT3 / 2 * (x * x - y * y), SQRT3 * x * y, SQRT3 * x * z, SQRT3 * y * z, (3 * z * z - 1) / 2], -1),
+        torch.stack([SQRT3 / 2 * (x * x - y * y), SQRT3 * x * y, SQRT3 * x * z, SQRT3 * y * z, (3 * z * z - 1) / 2],
+                    dim=-1),
     ]
 
 

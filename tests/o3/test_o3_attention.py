@@ -160,3 +160,17 @@ def test_attention_rejects_bad_input() -> None:
     for error, message, call in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+def test_relative_encoding_cache_follows_weight_updates_and_reset() -> None:
+    attn = _attention(1, True, torch.float64)
+    x, pos, mask, _ = _inputs(attn.layout, torch.float64, seed=9)
+    with torch.no_grad():
+        before = attn(x, pos, mask)
+        attn.qk_encoding.weight.add_(0.5)
+        after = attn(x, pos, mask)
+    assert (after - before).abs().max() > 1e-3
+    assert_close(attn(x, pos, mask).detach(), after, torch.float64)  # with gradients: no cache involved
+    attn.reset_parameters()
+    with torch.no_grad():
+        assert (attn(x, pos, mask) - after).abs().max() > 1e-3

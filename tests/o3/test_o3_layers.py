@@ -202,3 +202,31 @@ def test_norm_rejects_bad_arguments() -> None:
         O3LayerNorm(IrrepsLayout(1), 4, eps=0.0)
     with pytest.raises(ValueError, match="x: expected shape"):
         O3LayerNorm(IrrepsLayout(1), 4)(torch.zeros(2, 1, 4, 3))
+
+
+# ---------------------------------------------------------------- inference caches
+def test_cached_tables_follow_in_place_parameter_updates() -> None:
+    """Under ``no_grad`` the expanded weights and coupling tables are cached; an in-place update (an optimizer step,
+    ``load_state_dict``) must invalidate them."""
+    gen = torch.Generator().manual_seed(6)
+    lay = IrrepsLayout(1, True)
+    dense, tp = Dense(lay, 3, 3, dtype=torch.float64), TensorProduct(lay, lay, lay, 3, dtype=torch.float64)
+    x = _features(lay, 3, gen)
+    with torch.no_grad():
+        d0, t0 = dense(x), tp(x, x)
+        dense.weight.mul_(2)
+        tp.weight.mul_(2)
+        d1, t1 = dense(x), tp(x, x)
+    bias = torch.zeros_like(d0)
+    bias[..., 0, 0, :] = dense.bias.detach()
+    assert_close(d1 - bias, 2 * (d0 - bias), torch.float64)
+    assert_close(t1, 2 * t0, torch.float64)
+    assert_close(tp(x, x).detach(), t1, torch.float64)  # the differentiable path agrees with the cache
+
+
+def test_layers_reject_inputs_of_another_dtype() -> None:
+    lay = IrrepsLayout(1)
+    with pytest.raises(TypeError, match="x: expected dtype torch.float64"):
+        Dense(lay, 2, 2, dtype=torch.float64)(torch.zeros(1, 1, 4, 2))
+    with pytest.raises(TypeError, match="y: expected dtype torch.float32"):
+        TensorProduct(lay, lay, lay, 2)(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2, dtype=torch.float64))

@@ -415,6 +415,13 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             self.value_product.load_e3x_(params["tensor"]["kernel"])
         return self
 
+    def reset_parameters(self) -> None:
+        """Re-initialize every projection, the relative encodings and the value coupling."""
+        for module in (self.query, self.key, self.value, self.out, self.qk_encoding, self.value_filter,
+                       self.value_product):
+            if module is not None:
+                module.reset_parameters()
+
     def extra_repr(self) -> str:
         return (f"{self.layout}, features={self.features}, num_heads={self.num_heads}, "
                 f"qkv_features={self.qkv_features}, out_features={self.out_features}, "
@@ -432,13 +439,16 @@ def _check_positions(positions: Tensor, lead: tuple[int, ...], x: Tensor) -> Ten
     return positions.to(device=x.device, dtype=x.dtype)
 
 
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _check_index_lists(dst_idx: Tensor | None, src_idx: Tensor | None, b: int, n: int, device: torch.device
                        ) -> tuple[Tensor, Tensor]:
     """Validate sparse index lists and broadcast them to ``(B, E)``."""
     if dst_idx is None or src_idx is None:
         raise ValueError("dst_idx, src_idx: sparse index lists need both (got only one)")
     for name, idx in (("dst_idx", dst_idx), ("src_idx", src_idx)):
-        if not isinstance(idx, Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        if not isinstance(idx, Tensor) or idx.dtype not in _INDEX_DTYPES:
             raise TypeError(f"{name}: expected an integer tensor, got "
                             f"{idx.dtype if isinstance(idx, Tensor) else type(idx).__name__}")
         if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != b):

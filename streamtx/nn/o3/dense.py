@@ -53,6 +53,8 @@ class Dense(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self.layout.check(x, self.in_features)
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"x: expected dtype {self.weight.dtype} (the layer's), got {x.dtype}")
         y = torch.einsum("...pci,pcio->...pco", x, self._cache.get(self, self._per_component)[0])
         if self.bias is not None:
             y[..., 0, 0, :] += self.bias  # fresh einsum output: in place is safe for autograd

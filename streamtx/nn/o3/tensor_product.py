@@ -61,8 +61,8 @@ class TensorProduct(nn.Module):
                          dtype=torch.float64)
         path_index = torch.zeros(cg.shape, dtype=torch.long)
         for i, (p1, l1, p2, l2, p3, l3) in enumerate(self.paths):
-            block = (slice(p1 * c1 + l1 ** 2, p1 * c1 + (l1 + 1) ** 2), slice(p2 * c2 + l2 ** 2, p2 * c2 + (l2 + 1) ** 2),
-                     slice(p3 * c3 + l3 ** 2, p3 * c3 + (l3 + 1) ** 2))
+            block = tuple(slice(p * c + l ** 2, p * c + (l + 1) ** 2) for p, l, c in ((p1, l1, c1), (p2, l2, c2),
+                                                                                    (p3, l3, c3)))
             cg[block] = clebsch_gordan(l1, l2, l3)
             path_index[block] = i
         # Kept in float64 and cast on use (cached per dtype/device): a float32 module moved to float64 must not
@@ -97,6 +97,9 @@ class TensorProduct(nn.Module):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         self.layout1.check(x, self.features, "x")
         self.layout2.check(y, self.features, "y")
+        for name, t in (("x", x), ("y", y)):
+            if t.dtype != self.weight.dtype:
+                raise TypeError(f"{name}: expected dtype {self.weight.dtype} (the layer's), got {t.dtype}")
         xy = torch.einsum("...if,ijkf->...jkf", x.flatten(-3, -2), self.coupling())
         z = torch.einsum("...jkf,...jf->...kf", xy, y.flatten(-3, -2))
         return z.unflatten(-2, self.layout_out.shape(self.features)[:2])
