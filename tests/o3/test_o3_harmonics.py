@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from o3_testing import closed_form_harmonics, fit_wigner_d, random_rotation, random_unit_vectors
 from streamtx.nn.o3 import cartesian_order, clebsch_gordan, spherical_harmonics
@@ -139,3 +141,16 @@ def test_clebsch_gordan_vanish_outside_the_triangle_and_reject_bad_degrees() -> 
     assert not clebsch_gordan(0, 2, 1).any()
     with pytest.raises(ValueError, match="l2"):
         clebsch_gordan(1, -1, 1)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=3, max_size=3)
+       .filter(lambda v: sum(c * c for c in v) > 1e-200), st.integers(0, 5))
+def test_harmonics_are_normalized_for_any_nonzero_vector(v: list[float], max_degree: int) -> None:
+    """Directions of vectors of any length from 1e-100 to 1e6 (below, the squared norm underflows: treated as 0)."""
+    r = torch.tensor(v, dtype=torch.float64)
+    y = spherical_harmonics(r, max_degree)
+    for l in range(max_degree + 1):
+        assert abs((y[l * l:(l + 1) ** 2] ** 2).sum().item() - 1) < 1e-12
+    if max_degree >= 1:
+        assert (y[1:4] - r / r.norm()).abs().max() < 1e-14

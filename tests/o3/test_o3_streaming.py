@@ -3,6 +3,8 @@ same stream of tokens with positions, for the attention, a block and a stack of 
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from o3_testing import assert_close
 from streamtx.nn.o3 import O3AttentionState, O3MultiheadAttention, O3TransformerBlock, O3TransformerEncoder
@@ -119,3 +121,18 @@ def test_streaming_rejects_bad_input() -> None:
         with pytest.raises(error, match=message):
             call()
     assert isinstance(state, O3AttentionState) and int(state.cache.positions().max()) == 0  # nothing was written
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(st.lists(st.integers(1, 7), min_size=1, max_size=12))
+def test_any_partition_of_the_stream_into_steps(sizes: list[int]) -> None:
+    """However the tokens are grouped into steps (ring sized for 4 tokens per step, larger steps chunked), the outputs
+    are those of the batch forward."""
+    attn = _attention(1, True, torch.float64)
+    x, pos = _stream(attn.layout, 1, sum(sizes), torch.float64, seed=5)
+    state, outs, start = attn.init_state(1, 6, max_tokens_per_step=4), [], 0
+    for size in sizes:
+        y, state = attn.forward_step(x[:, start:start + size], pos[:, start:start + size], state)
+        outs.append(y)
+        start += size
+    assert_close(torch.cat(outs, 1), _reference(attn, x, pos, 6), torch.float64)
