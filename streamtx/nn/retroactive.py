@@ -12,10 +12,11 @@ the window, and ``r_i``: the mass removed from ``l_i`` since the row was last co
 * computes the rows of the new tokens exactly, and recomputes exactly every row whose removed mass exceeds
   ``recompute_threshold`` times its remaining mass (subtraction loses accuracy in proportion to ``r_i / l_i``).
 
-Invariants after every step (``threshold = 1``): ``m_i >= s_ij`` for every key in the window, so no ``exp`` argument
-is positive (nothing overflows, in float16 either); ``l_i >= 1`` when the key that set ``m_i`` is still in the window,
-else ``l_i >= r_i >= 1`` by the guard, so ``l_i`` never underflows; and the rounding error of ``l_i`` is at most
-``(1 + 2 * threshold)`` times that of a cancellation-free sum of the same number of terms.
+Invariants after every step (``t = recompute_threshold``): ``m_i >= s_ij`` for every key in the window, so no ``exp``
+argument is positive and nothing overflows, in float16 either; ``l_i >= 1`` while the key that set ``m_i`` is in the
+window, else ``l_i >= r_i / t >= 1 / t`` by the guard, so ``l_i`` never underflows; and the rounding error of ``l_i``,
+proportional to all the mass ever added and removed, ``l_i + 2 r_i <= (1 + 2t) l_i``, stays within ``1 + 2t`` times
+that of a sum without cancellation.
 """
 
 from __future__ import annotations
@@ -84,12 +85,13 @@ class eRetroactiveEncoderLayer(nn.Module):
     left-padded with zeros; :meth:`RetroactiveState.window_positions` gives the position of each output (``-1`` =
     padding).
 
-    Cost per step: the attention update is O(n d) per new token plus O(n d) per guard recompute; rows computed only
-    for generic data (recomputes per step are O(1) on average, measured in ``benchmarks/bench_retroactive.py``).
-    Worst case (adversarial scores where each step removes the dominant key of every row) every row is recomputed:
-    O(n^2 d), the cost of the batch attention. Out projection, residual, norms and feed-forward depend on the
-    updated attention of every token, so they run on all ``n`` outputs each step (O(n d^2), as in
-    continual-inference). Only a first layer can stream this way: a second layer's inputs all change every step.
+    Cost per step: the attention update is O(n d) per new token plus O(n d) per row the guard recomputes. On generic
+    data that is O(1) rows per step on average (about 0.2-0.8 per head, measured in the tests and in
+    ``benchmarks/bench_retroactive.py``), so the amortized cost is O(n d). Worst case (scores where every step removes
+    the dominant key of every row) every row is recomputed: O(n^2 d), the cost of the batch attention. Out projection,
+    residual, norms and feed-forward depend on the updated attention of every token, so they run on all ``n`` outputs
+    each step (O(n d^2), as in continual-inference). Only a first layer can stream this way: a deeper layer's inputs
+    all change every step, so it needs a recompute.
 
     ``single_output=True``: a step returns only the new tokens' outputs ``(B, D)``, which equal the last row of the
     full-window output, and are exactly the causal-window streaming of :meth:`eTransformerEncoderLayer.forward_step`
@@ -113,7 +115,8 @@ class eRetroactiveEncoderLayer(nn.Module):
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window: expected a positive int, got {window!r}")
         if not recompute_threshold > 0:  # also rejects NaN
-            raise ValueError(f"recompute_threshold: expected a positive number (inf allowed), got {recompute_threshold}")
+            raise ValueError(f"recompute_threshold: expected a positive number (inf allowed), "
+                             f"got {recompute_threshold}")
         self.layer, self.window = layer, window
         self.single_output, self.recompute_threshold = bool(single_output), float(recompute_threshold)
 
@@ -198,8 +201,8 @@ class eRetroactiveEncoderLayer(nn.Module):
         return None if bias is None else bias.transpose(1, 2)
 
     def _enter(self, x: Tensor, state: RetroactiveState, rows: Rows) -> None:
-        """Enter ``S <= n`` tokens ``x (b, S, D)``: update the surviving query rows for the ``S`` keys that leave and
-        the ``S`` that arrive, then compute exactly the new rows and the rows the guard flags."""
+        """Enter ``S <= n`` tokens ``x (b, S, D)``: slide the surviving query rows (``S`` keys leave, ``S`` arrive),
+        then compute exactly the new rows and the rows the guard flags."""
         cache, attn, n = state.cache, self.layer.self_attn, self.window
         b, s, _ = x.shape
         start = cache.positions(rows).clone()  # append advances it in place
@@ -211,54 +214,61 @@ class eRetroactiveEncoderLayer(nn.Module):
 
         data, pos = cache.read(rows)
         batch = torch.arange(b, device=x.device)[:, None]
-        old_k, old_v, old_pos = data["k"][batch, new_slots], data["v"][batch, new_slots], pos[batch, new_slots]
-        zeros = {name: torch.zeros_like(data[name][:, :s]) for name in ("m", "l", "r", "acc")}
+        leaving = {"k": data["k"][batch, new_slots], "v": data["v"][batch, new_slots], "pos": pos[batch, new_slots]}
+        zeros = {name: torch.zeros_like(data[name][:, :s]) for name in ("m", "l", "r", "acc")}  # set exactly below
         cache.append({"x": x, "q": q, "k": k, "v": v, **zeros}, rows)
         data, pos = cache.read(rows)
-        k, v = k.to(data["k"].dtype), v.to(data["v"].dtype)
-        m, l, r, acc = (data[name] for name in ("m", "l", "r", "acc"))  # (b, n, H[, hd])
+        arriving = {"k": k.to(data["k"].dtype), "v": v.to(data["v"].dtype), "pos": new_pos}
 
-        # Keys out, keys in, for rows that were in the window before this step and stay in it.
-        survivor = ((pos >= 0) & (pos < start[:, None]))[..., None]  # (b, n, 1)
-        s_old = self._logits(data["q"], old_k, "bnhd,bshd->bnhs")
-        s_new = self._logits(data["q"], k, "bnhd,bshd->bnhs")
-        bias_old, bias_new = self._bias(pos, old_pos), self._bias(pos, new_pos)
-        if bias_old is not None:
-            s_old, s_new = s_old + bias_old.to(s_old.dtype), s_new + bias_new.to(s_new.dtype)
-        keep = survivor[..., None] & (old_pos >= 0)[:, None, None, :]
-        e_old = torch.where(keep, torch.exp(s_old - m[..., None]), 0.0)  # every exponent <= 0 by the invariant
-        m_new = torch.maximum(m, s_new.amax(-1))
-        alpha = torch.exp(m - m_new)
-        e_new = torch.exp(s_new - m_new[..., None])
-        removed = e_old.sum(-1)
-        l_new = (l - removed) * alpha + e_new.sum(-1)
-        acc_new = (acc - torch.einsum("bnhs,bshd->bnhd", e_old, old_v)) * alpha[..., None] \
-            + torch.einsum("bnhs,bshd->bnhd", e_new, v)
-        m, l = torch.where(survivor, m_new, m), torch.where(survivor, l_new, l)
-        r = torch.where(survivor, (r + removed) * alpha, r)
-        acc = torch.where(survivor[..., None], acc_new, acc)
-
-        # Exact rows: the new tokens' (all heads) and the survivors that lost too much of their mass.
+        survivor = ((pos >= 0) & (pos < start[:, None]))[..., None]  # in the window before and after: (b, n, 1)
+        m, l, r, acc = self._slide(data, pos, survivor, leaving, arriving)
         flagged = survivor & ~(self.recompute_threshold * l >= r)  # negated so that NaN or l <= 0 also recompute
         exact = flagged.clone()
         exact[batch, new_slots] = True
-        bi, ni, hi = exact.nonzero(as_tuple=True)
-        keys_t, values_t = data["k"].transpose(1, 2), data["v"].transpose(1, 2)  # (b, H, n, hd)
-        s_row = self._logits(data["q"][bi, ni, hi], keys_t[bi, hi], "rd,rnd->rn")
-        bias_row = self._bias(pos[bi, ni][:, None], pos[bi])  # (R, 1, H, n): every head, keep each row's own
-        if bias_row is not None:
-            s_row = s_row + bias_row[torch.arange(bi.numel(), device=x.device), 0, hi].to(s_row.dtype)
-        s_row = s_row.masked_fill(pos[bi] < 0, float("-inf"))  # keys not yet seen (warm-up)
-        m[bi, ni, hi] = s_row.amax(-1)
-        e_row = torch.exp(s_row - m[bi, ni, hi][:, None])
-        l[bi, ni, hi] = e_row.sum(-1)
-        r[bi, ni, hi] = 0.0
-        acc[bi, ni, hi] = torch.einsum("rn,rnd->rd", e_row, values_t[bi, hi])
+        self._exact_rows(data, pos, exact.nonzero(as_tuple=True), m, l, r, acc)
 
         index = slice(None) if rows is None else torch.as_tensor(rows, device=x.device)
         for name, value in (("m", m), ("l", l), ("r", r), ("acc", acc)):
             cache.data[name][index] = value
         state.recomputed[index] += flagged.sum((1, 2))
+
+    def _slide(self, data: dict[str, Tensor], pos: Tensor, survivor: Tensor, leaving: dict[str, Tensor],
+               arriving: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Bookkeeping ``m, l, r (b, n, H)``, ``acc (b, n, H, hd)`` of the surviving rows after subtracting the
+        leaving keys (in the row's frame) and adding the arriving ones (online-softmax rescale); other rows keep
+        theirs. Leaving/arriving: ``k, v (b, S, H, hd)``, ``pos (b, S)`` (``-1``: no key leaves that slot)."""
+        m, l, r, acc = (data[name] for name in ("m", "l", "r", "acc"))
+        s_old = self._logits(data["q"], leaving["k"], "bnhd,bshd->bnhs")
+        s_new = self._logits(data["q"], arriving["k"], "bnhd,bshd->bnhs")
+        bias_old, bias_new = self._bias(pos, leaving["pos"]), self._bias(pos, arriving["pos"])
+        if bias_old is not None:
+            s_old, s_new = s_old + bias_old.to(s_old.dtype), s_new + bias_new.to(s_new.dtype)
+        keep = survivor[..., None] & (leaving["pos"] >= 0)[:, None, None, :]
+        e_old = torch.where(keep, torch.exp(s_old - m[..., None]), 0.0)  # exponents <= 0: m_i bounds its row
+        m_new = torch.maximum(m, s_new.amax(-1))
+        alpha = torch.exp(m - m_new)
+        e_new = torch.exp(s_new - m_new[..., None])
+        removed = e_old.sum(-1)
+        l_new = (l - removed) * alpha + e_new.sum(-1)
+        acc_new = (acc - torch.einsum("bnhs,bshd->bnhd", e_old, leaving["v"])) * alpha[..., None] \
+            + torch.einsum("bnhs,bshd->bnhd", e_new, arriving["v"])
+        return (torch.where(survivor, m_new, m), torch.where(survivor, l_new, l),
+                torch.where(survivor, (r + removed) * alpha, r), torch.where(survivor[..., None], acc_new, acc))
+
+    def _exact_rows(self, data: dict[str, Tensor], pos: Tensor, which: tuple[Tensor, Tensor, Tensor], m: Tensor,
+                    l: Tensor, r: Tensor, acc: Tensor) -> None:
+        """Compute the (batch, slot, head) rows ``which`` exactly over every key in the window, in place."""
+        bi, ni, hi = which
+        keys, values = data["k"].transpose(1, 2), data["v"].transpose(1, 2)  # (b, H, n, hd)
+        s = self._logits(data["q"][bi, ni, hi], keys[bi, hi], "rd,rnd->rn")
+        bias = self._bias(pos[bi, ni][:, None], pos[bi])  # (R, 1, H, n): every head, keep each row's own
+        if bias is not None:
+            s = s + bias[torch.arange(bi.numel(), device=s.device), 0, hi].to(s.dtype)
+        s = s.masked_fill(pos[bi] < 0, float("-inf"))  # empty slots (warm-up)
+        m_row = s.amax(-1)
+        e = torch.exp(s - m_row[:, None])
+        m[bi, ni, hi], l[bi, ni, hi], r[bi, ni, hi] = m_row, e.sum(-1), 0.0
+        acc[bi, ni, hi] = torch.einsum("rn,rnd->rd", e, values[bi, hi])
 
     def _window_outputs(self, state: RetroactiveState, rows: Rows) -> Tensor:
         """Layer outputs of the window, oldest first ``(b, n, D)``, zeros where no token is yet."""
