@@ -72,15 +72,16 @@ def run_both(reference: StreamingPolicy, static: StaticStreamingPolicy, calls: l
     return err
 
 
-def stream_calls(obs_dim: int, num_steps: int, dtype: torch.dtype, seed: int = 0, slots: int = SLOTS) -> list[tuple]:
-    """A busy stream: random row subsets (every bucket, padded ones too), 1-2 tokens per call, resets, long enough
-    to wrap every ring several times."""
+def stream_calls(obs_dim: int, num_steps: int, dtype: torch.dtype, seed: int = 0, slots: int = SLOTS,
+                 max_tokens: int = 2) -> list[tuple]:
+    """A busy stream: random row subsets (every bucket, padded ones too), 1..max_tokens tokens per call, resets,
+    long enough to wrap every ring several times."""
     gen = torch.Generator().manual_seed(seed)
     calls: list[tuple] = [("reset", None, [11 * i + seed for i in range(slots)]),
                           ("observe", None, torch.randn(slots, obs_dim, generator=gen, dtype=dtype))]
     for t in range(num_steps):
         rows = torch.randperm(slots, generator=gen)[:1 + t % slots].tolist()
-        s = 1 + t % 2
+        s = 1 + t % max_tokens
         calls.append(("observe", rows, torch.randn(len(rows), s, obs_dim, generator=gen, dtype=dtype)))
         if t % 7 == 3:
             calls += [("reset", rows[:1], 100 + t),
@@ -261,7 +262,8 @@ def test_load_static_policy_and_metadata(tmp_path):
     path = make_random_checkpoint(tmp_path / "policy.pt", seed=3)
     reference = load_policy(path)
     static = load_static_policy(path, device="cpu", buckets=[1, 2])
-    assert run_both(reference, static, stream_calls(reference.obs_dim, 6, torch.float32, slots=2), slots=2) <= 1e-5
+    assert run_both(reference, static, stream_calls(reference.obs_dim, 6, torch.float32, slots=2, max_tokens=1),
+                    slots=2) <= 1e-5
     meta = msgpack.unpackb(msgpack.packb(static.metadata()))
     assert meta["runner"] == {"type": "static", "cuda_graph": True, "io_dtype": "float32", "buckets": [1, 2]}
     assert meta["dtype"] == "float32" and meta["obs_dim"] == reference.obs_dim

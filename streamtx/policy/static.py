@@ -217,8 +217,8 @@ class StaticStreamingPolicy:
         state = StaticPolicyState(self.plan.caches(batch_size + 1, self.max_tokens_per_step), batch_size,
                                   self.horizon, self.action_dim, pinned=cuda)
         self._draw_noise(state, range(batch_size))
-        capture = self.cuda_graph and capture_unavailable(self.device) is None
-        pool = torch.cuda.graph_pool_handle() if capture else None
+        capture, unavailable = self.cuda_graph, capture_unavailable(self.device)
+        pool = torch.cuda.graph_pool_handle() if capture and unavailable is None else None
         io, long = self.io_dtype, torch.long
         plan, caches, scratch = self.plan, state.caches, state.scratch_row
         for b in reversed(buckets):  # largest first: smaller graphs reuse its pool memory
@@ -235,8 +235,8 @@ class StaticStreamingPolicy:
                 pool=pool, out=((b, self.horizon, self.action_dim), io))
         if not self.cuda_graph:
             log.info("static policy runs eagerly: cuda_graph=False")
-        elif not capture:
-            log.warning("static policy runs eagerly: %s", capture_unavailable(self.device))
+        elif unavailable is not None:
+            log.warning("static policy runs eagerly: %s", unavailable)
         return state
 
     def reset(self, state: StaticPolicyState, rows: Rows = None, seed: int | Sequence[int] | None = None) -> None:

@@ -1,0 +1,229 @@
+"""Control-step latency on a GPU: recompute vs streaming vs the streaming step in a CUDA graph.
+
+One control step = new observation token(s) for ``b`` sessions -> cache updates -> K denoising iterations -> the
+action chunk back on the host. Timed end to end on the host clock (host-to-device copy of the observations, the
+work, device-to-host copy of the actions), each sample one step, for:
+
+  (a) recompute  eCondTransformerRegressor.forward on the last cond_horizon observations, K times, eager
+  (b) stream     StreamingPolicy.step (ring caches, eager, module by module)
+  (c) graph      StaticStreamingPolicy.step: the fused static plan replayed as CUDA graphs, 64 session slots
+  (c') static    the same plan run eagerly (the fallback path)
+  (c16) graph    (c) computing in bfloat16
+  (d) torch      plain CondTransformerRegressor (trivial group: dense torch layers) recompute, K times, eager
+
+Before timing, (c) and (c16) are checked against (b) on the same stream (max |diff| / max |ref| of the actions).
+Usage:  python benchmarks/bench_gpu.py [--device cuda] [--configs robot wide] [--batches 1 8 64] [--out FILE]
+        python benchmarks/bench_gpu.py --device cpu --quick     (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor
+from streamtx.policy import FlowMatchingSampler, StreamingPolicy
+from streamtx.policy.static import StaticStreamingPolicy
+from streamtx.symmetry import Representation, dihedral
+
+CONFIGS = {  # the continual issue's robot-sized policy, and one 4x wider
+    "robot": dict(embedding_dim=128, num_layers=4, num_cond_layers=2, num_attention_heads=4),
+    "wide": dict(embedding_dim=512, num_layers=4, num_cond_layers=2, num_attention_heads=4),
+    "tiny": dict(embedding_dim=32, num_layers=2, num_cond_layers=1, num_attention_heads=2),  # --quick
+}
+SLOTS = 64
+
+
+def reps() -> tuple[Representation, Representation]:
+    """D4 acting on a planar robot: 4 planar vectors + 2 invariant scalars observed, 2 planar vectors commanded."""
+    g = dihedral(4)
+    plane = Representation.from_generators(g, [g.matrices[i] for i in g.generators], name="plane")
+    scalars = Representation.trivial(g, 2)
+    return plane + plane + plane + plane + scalars, plane + plane
+
+
+def build(config: str, horizon: int, window: int, steps: int, device: str, seed: int = 0):
+    obs_rep, act_rep = reps()
+    kw = dict(CONFIGS[config], cond_window=window)
+    torch.manual_seed(seed)
+    equi = eCondTransformerRegressor(act_rep, obs_rep, act_rep, horizon, window, **kw).to(device).eval()
+    torch.manual_seed(seed)
+    plain = CondTransformerRegressor(act_rep.size, obs_rep.size, act_rep.size, horizon, window, **kw).to(device).eval()
+    return equi, plain, FlowMatchingSampler(num_steps=steps)
+
+
+def timed(step: Callable[[], object], budget_s: float, max_samples: int, min_samples: int = 30,
+          warmup: int = 5) -> np.ndarray:
+    for _ in range(warmup):
+        step()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < max_samples and (len(samples) < min_samples or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        step()  # ends with the actions on the host: synchronized
+        samples.append(time.perf_counter() - t0)
+    return np.asarray(samples) * 1e3
+
+
+def recompute_step(model, sampler, batch: int, device: str, obs_dim: int) -> Callable[[], torch.Tensor]:
+    """A non-streaming policy: keep the newest cond_horizon observations, rerun the whole model K times."""
+    gen = torch.Generator().manual_seed(1)
+    history = torch.randn(batch, model.cond_horizon, obs_dim, generator=gen).to(device)
+    shape = (batch, model.in_horizon, model.out_rep.size)
+
+    @torch.no_grad()
+    def step() -> torch.Tensor:
+        nonlocal history
+        obs = torch.randn(batch, 1, obs_dim, generator=gen).to(device)
+        history = torch.cat((history[:, 1:], obs), dim=1)
+        noise = torch.randn(shape, generator=gen).to(device)
+        return sampler.sample(lambda x, k: model(x, k, history), noise).cpu()
+
+    return step
+
+
+def streaming_step(policy, state, batch: int, rows, obs_dim: int) -> Callable[[], torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+
+    def step() -> torch.Tensor:
+        return policy.step(state, torch.randn(batch, obs_dim, generator=gen), rows).cpu()
+
+    return step
+
+
+def prefill(policy, state, rows, tokens: int, obs_dim: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    n = state.seed.shape[0] if rows is None else len(rows)
+    with torch.no_grad():
+        for _ in range(tokens):
+            policy.observe(state, torch.randn(n, obs_dim, generator=gen), rows)
+
+
+def agreement(reference: StreamingPolicy, static: StaticStreamingPolicy, steps: int, obs_dim: int) -> float:
+    """max |static - reference| / max |reference| of the actions over a few control steps of 3 sessions."""
+    ref_state, state = reference.init_state(3), static.init_state(3)
+    reference.reset(ref_state, seed=[5, 6, 7])
+    static.reset(state, seed=[5, 6, 7])
+    gen = torch.Generator().manual_seed(4)
+    err = 0.0
+    for _ in range(steps):
+        obs = torch.randn(3, obs_dim, generator=gen)
+        a = reference.step(ref_state, obs).float().cpu()
+        b = static.step(state, obs)
+        err = max(err, float((a - b).abs().max() / a.abs().max()))
+    return err
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--configs", nargs="+", default=["robot", "wide"], choices=sorted(CONFIGS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--horizon", type=int, default=16, help="Tx, action tokens")
+    parser.add_argument("--window", type=int, default=32, help="conditioning window = memory (tokens)")
+    parser.add_argument("--steps", type=int, default=10, help="K, denoising iterations")
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of samples per variant and batch")
+    parser.add_argument("--samples", type=int, default=400, help="max samples per variant and batch")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few samples (smoke test)")
+    parser.add_argument("--out", help="also write the table (markdown) and raw numbers (.json) here")
+    parser.add_argument("--profile", action="store_true",
+                        help="then print the kernels of (c) and (c') at the first config and batch (torch.profiler)")
+    args = parser.parse_args()
+    if args.quick:
+        args.configs, args.batches, args.budget, args.samples = ["tiny"], [1, 2], 0.2, 10
+        args.horizon, args.window, args.steps = 4, 8, 3
+    device = args.device
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    header = (f"device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
+              f"{datetime.date.today().isoformat()}; Tx={args.horizon}, window={args.window}, K={args.steps}, "
+              f"group D4, latency per control step in ms (p50 / p99), host clock, inputs and actions on the host")
+    print(header, flush=True)
+    obs_dim = reps()[0].size
+    slots = max(SLOTS, max(args.batches))
+    rows_all = np.random.default_rng(0).permutation(slots)
+    results = []
+    for config in args.configs:
+        equi, plain, sampler = build(config, args.horizon, args.window, args.steps, device)
+        reference = StreamingPolicy(equi, sampler)
+        static = {"graph": StaticStreamingPolicy(reference),
+                  "static": StaticStreamingPolicy(reference, cuda_graph=False),
+                  "graph16": StaticStreamingPolicy(reference, dtype=torch.bfloat16)}
+        checks = {k: agreement(reference, static[k], 4, obs_dim) for k in ("graph", "graph16")}
+        print(f"[{config}] agreement with StreamingPolicy: fp32 graph {checks['graph']:.1e}, "
+              f"bf16 graph {checks['graph16']:.1e}", flush=True)
+        states = {}
+        for key, policy in static.items():
+            t0 = time.perf_counter()
+            states[key] = policy.init_state(slots)
+            print(f"[{config}] {key}: {states[key]} ready in {time.perf_counter() - t0:.1f} s", flush=True)
+            prefill(policy, states[key], None, args.window, obs_dim)
+        for batch in args.batches:
+            rows = np.sort(rows_all[:batch])
+            stream_state = reference.init_state(batch)
+            prefill(reference, stream_state, None, args.window, obs_dim)
+            steps = {
+                "a": recompute_step(equi, sampler, batch, device, obs_dim),
+                "b": streaming_step(reference, stream_state, batch, None, obs_dim),
+                **{k: streaming_step(static[k], states[k], batch, rows, obs_dim) for k in static},
+                "d": recompute_step(plain, sampler, batch, device, obs_dim),
+            }
+            row = {"config": config, "batch": batch}
+            for key, step in steps.items():
+                ms = timed(step, args.budget, args.samples)
+                row[key] = {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "n": len(ms)}
+                print(f"[{config} b={batch}] {key}: p50 {row[key]['p50']:.3f} ms, p99 {row[key]['p99']:.3f} ms "
+                      f"(n={len(ms)})", flush=True)
+            results.append(row)
+            if args.profile and config == args.configs[0] and batch == args.batches[0]:
+                for key in ("graph", "static"):
+                    profile(steps[key], f"[{config} b={batch}] {key}")
+    table = format_table(results)
+    print(header)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(header + "\n\n" + table + "\n")
+        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
+            json.dump({"header": header, "results": results}, f, indent=1)
+
+
+def profile(step: Callable[[], object], title: str, steps: int = 10) -> None:
+    """Kernels per control step and where the device time goes (graph replays are profiled kernel by kernel)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    launches = sum(e.count for e in kernels) / steps
+    device_us = sum(e.self_device_time_total for e in kernels) / steps
+    print(f"{title}: {launches:.0f} kernels per control step, {device_us:.0f} us of kernel time per step")
+    print(events.table(sort_by="self_device_time_total" if kernels else "self_cpu_time_total", row_limit=14,
+                       max_name_column_width=60))
+
+
+def format_table(results: list[dict]) -> str:
+    cols = [("a", "(a) recompute"), ("b", "(b) stream eager"), ("graph", "(c) stream graph"),
+            ("static", "(c') static eager"), ("graph16", "(c16) graph bf16"), ("d", "(d) torch recompute")]
+    lines = ["| config | batch | " + " | ".join(t for _, t in cols) + " | (a)/(c) | (b)/(c) | (d)/(c) |",
+             "|---|---:|" + "---:|" * (len(cols) + 3)]
+    for r in results:
+        cells = [f"{r[k]['p50']:.2f} / {r[k]['p99']:.2f}" for k, _ in cols]
+        c = r["graph"]["p50"]
+        ratios = [f"{r[k]['p50'] / c:.1f}x" for k in ("a", "b", "d")]
+        lines.append(f"| {r['config']} | {r['batch']} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
