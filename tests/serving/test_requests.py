@@ -19,7 +19,7 @@ def parse(**message: Any):
 
 def test_a_single_token_becomes_a_one_token_step() -> None:
     step = parse(kind="step", session="s", obs=np.ones(OBS_DIM, np.float32))
-    assert isinstance(step, Step) and step.obs.shape == (1, OBS_DIM) and step.act and not step.timing
+    assert isinstance(step, Step) and step.obs.shape == (1, OBS_DIM) and step.act
 
 
 def test_open_defaults() -> None:
@@ -48,7 +48,7 @@ def test_open_defaults() -> None:
     ({"kind": "step", "session": "s", "obs": np.array([1.0, np.nan, 0, 0])}, ErrorCode.NON_FINITE, "obs"),
     ({"kind": "step", "session": "s", "obs": np.array([1.0, -np.inf, 0, 0])}, ErrorCode.NON_FINITE, "obs"),
     ({"kind": "step", "session": "s", "obs": np.ones(4), "act": 1}, ErrorCode.BAD_ARGUMENT, "act"),
-    ({"kind": "step", "session": "s", "obs": np.ones(4), "timing": None}, ErrorCode.BAD_ARGUMENT, "timing"),
+    ({"kind": "step", "session": "s", "obs": np.ones(4), "timing": True}, ErrorCode.BAD_ARGUMENT, "timing"),
     ({"kind": "open", "seed": -1}, ErrorCode.BAD_ARGUMENT, "seed"),
     ({"kind": "open", "seed": 1.5}, ErrorCode.BAD_ARGUMENT, "seed"),
     ({"kind": "open", "seed": 2**63}, ErrorCode.BAD_ARGUMENT, "seed"),
