@@ -1,7 +1,7 @@
 """``streamtx train``: fit a flow-matching (or DDIM diffusion) policy on a demonstration file and write a checkpoint
 in the daemon's format.
 
-    streamtx train reacher_demos.npz --out policy.pt [--no-equivariance] [--steps 4000]
+    streamtx train reacher_demos.npz --out policy.pt [--no-equivariance] [--steps 6000]
 
 The dataset names its task (``task`` array, or ``--task``), which gives the representations of observations and
 actions; the equivariant model (default) is an ``eCondTransformerRegressor`` over them, the baseline
@@ -71,14 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--action-horizon", type=int, default=8, help="Tx, actions per chunk")
     g.add_argument("--obs-horizon", type=int, default=2, help="Tz, observation tokens in the decoder's memory")
     g.add_argument("--layers", type=int, default=2, help="decoder layers")
-    g.add_argument("--cond-layers", type=int, default=1, help="conditioning-encoder layers")
+    g.add_argument("--cond-layers", type=int, default=0,
+                   help="conditioning-encoder layers (0: a per-token equivariant MLP)")
     g.add_argument("--heads", type=int, default=2)
-    g.add_argument("--dim", type=int, default=64, help="embedding dim (a multiple of |G| * 2 * heads)")
+    g.add_argument("--dim", type=int, default=32, help="embedding dim (a multiple of |G| * 2 * heads)")
     g.add_argument("--sampler", choices=["flow", "ddim"], default="flow")
     g.add_argument("--sampling-steps", type=int, default=5, help="denoiser calls per action chunk")
     g = p.add_argument_group("optimization")
     defaults = TrainConfig()
-    g.add_argument("--steps", type=int, default=4000)
+    g.add_argument("--steps", type=int, default=6000)
     g.add_argument("--batch-size", type=int, default=defaults.batch_size)
     g.add_argument("--lr", type=float, default=defaults.lr)
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)

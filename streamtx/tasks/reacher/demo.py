@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                              progress=not args.quiet)
     expert = run_episodes(ExpertController(), seeds, args.half, progress=not args.quiet, desc="expert")
     policy, meta = served.result, served.hello["policy"]["metadata"]
-    client_ms = 1e3 * policy.latencies
+    client_ms = 1e3 * served.latencies
     model_ms = served.model_time_ms()
 
     print(f"\nReacher-v5, {args.episodes} held-out targets (seeds {seeds[0]}..{seeds[-1]}"
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .plot import plot_evaluation
 
-    plot_evaluation(policy, args.png, expert=expert, model_time_ms=model_ms,
+    plot_evaluation(policy, args.png, latencies=served.latencies, expert=expert, model_time_ms=model_ms,
                     title=f"streamtx demo: Reacher-v5 through the daemon ({args.episodes} episodes)")
     print(f"wrote {args.png}; done in {time.perf_counter() - start:.0f} s")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -104,7 +104,6 @@ class EvalResult:
     fingertip: np.ndarray
     target: np.ndarray
     actions: np.ndarray
-    latencies: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def success_rate(self) -> float:
@@ -147,15 +146,18 @@ def run_episodes(controller: Controller, seeds: Sequence[int], half: Half | None
             path[e, t + 1] = fingertip_position(obs)
         final[e] = fingertip_distance(obs)
     env.close()
-    latencies = np.asarray(getattr(controller, "latencies", []), dtype=np.float64)
-    return EvalResult(np.asarray(seeds), final, path, target, actions, latencies)
+    return EvalResult(np.asarray(seeds), final, path, target, actions)
 
 
 @dataclass
 class ServedEvaluation:
-    """Episodes run through the daemon: the outcomes, the daemon's ``stats`` reply at the end, its ``hello``."""
+    """Episodes run through the daemon: the outcomes, the client-measured round trip (seconds) of every chunk request,
+    the raw chunks ``(requests, horizon, action_dim)`` the daemon returned, its ``stats`` reply at the end and its
+    ``hello``."""
 
     result: EvalResult
+    latencies: np.ndarray
+    chunks: np.ndarray
     stats: dict[str, Any]
     hello: dict[str, Any]
 
@@ -194,4 +196,4 @@ def evaluate_served(checkpoint: str | os.PathLike[str], seeds: Sequence[int], ha
             code = daemon.stop()
         if code != 0:
             raise RuntimeError(f"the daemon exited with code {code}:\n{daemon.log_tail()}")
-    return ServedEvaluation(result, stats, hello)
+    return ServedEvaluation(result, np.asarray(controller.latencies), np.stack(controller.chunks), stats, hello)

@@ -14,11 +14,12 @@ __all__ = ["plot_evaluation"]
 REACH = 0.21  # fingertip distance from the base with the arm stretched
 
 
-def plot_evaluation(result: EvalResult, path: str | Path, *, expert: EvalResult | None = None,
-                    model_time_ms: dict[str, float] | None = None, max_paths: int = 16, title: str = "") -> None:
+def plot_evaluation(result: EvalResult, path: str | Path, *, latencies: np.ndarray | None = None,
+                    expert: EvalResult | None = None, model_time_ms: dict[str, float] | None = None,
+                    max_paths: int = 16, title: str = "") -> None:
     """Write a PNG: (1) the first ``max_paths`` fingertip paths (line) towards their targets (cross), (2) the
-    histogram of final distances (and the expert's), (3) the histogram of client-measured chunk latencies with the
-    daemon's model-time percentiles ``model_time_ms`` (e.g. ``{"p50": .., "p99": ..}``) marked."""
+    histogram of final distances (and the expert's), (3) the histogram of client-measured chunk ``latencies``
+    (seconds) with the daemon's model-time percentiles ``model_time_ms`` (e.g. ``{"p50": .., "p99": ..}``) marked."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -46,8 +47,8 @@ def plot_evaluation(result: EvalResult, path: str | Path, *, expert: EvalResult 
     ax.legend()
 
     ax = axes[2]
-    if len(result.latencies):
-        ms = 1e3 * result.latencies
+    if latencies is not None and len(latencies):
+        ms = 1e3 * np.asarray(latencies)
         ax.hist(ms, bins=50, alpha=0.8, label="client round trip")
         for name, q in (("p50", 50), ("p99", 99)):
             ax.axvline(np.percentile(ms, q), color="C0", ls="--" if name == "p50" else ":", lw=1,
