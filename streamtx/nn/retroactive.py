@@ -49,15 +49,19 @@ def _window_slots(cache: RingCache, rows: Rows) -> Tensor:
 
 @dataclass
 class RetroactiveState(StreamState):
-    """Streaming state of :class:`eRetroactiveEncoderLayer`.
+    """Streaming state of :class:`eRetroactiveEncoderLayer`, batch first, in :func:`accumulator_dtype`.
 
-    ``cache`` holds per window token (ring of ``n`` slots, batch first) its layer input ``x (D,)``, its encoded
-    ``q, k, v (H, hd)`` and its query row's softmax bookkeeping ``m, l, r (H,)``, ``acc (H, hd)``, all in
-    :func:`accumulator_dtype`. ``recomputed (B,)`` counts the (query row, head) pairs recomputed exactly by the
-    cancellation guard since the last reset (rows of new tokens are not counted).
+    ``cache``: ring of ``n`` slots holding each window token's layer input ``x (D,)`` and encoded ``q, k, v (H, hd)``.
+    Per slot, the softmax bookkeeping of that token's query row: shift ``m``, shifted denominator ``l`` and removed
+    mass ``r`` ``(B, n, H)``, shifted numerator ``acc (B, n, H, hd)``. ``recomputed (B,)`` counts the (query row,
+    head) pairs the cancellation guard recomputed exactly since the last reset (new tokens' rows not counted).
     """
 
     cache: RingCache
+    m: Tensor
+    l: Tensor
+    r: Tensor
+    acc: Tensor
     recomputed: Tensor
 
     @property
@@ -67,8 +71,7 @@ class RetroactiveState(StreamState):
     def window_positions(self, rows: Rows = None) -> Tensor:
         """Stream positions of the tokens whose outputs the last step returned, oldest first, ``(b, n)``; ``-1``
         marks the padding before the window is full."""
-        pos = self.cache.read(rows)[1]
-        return pos.gather(1, _window_slots(self.cache, rows))
+        return self.cache.read(rows)[1].gather(1, _window_slots(self.cache, rows))
 
 
 class eRetroactiveEncoderLayer(nn.Module):
@@ -78,16 +81,17 @@ class eRetroactiveEncoderLayer(nn.Module):
     Reference: with ``x_w (B, n, D)`` the last ``n`` tokens at stream positions ``p_w``, a step returns
     ``layer(x_w, src_pos=p_w)`` (batch-first), i.e. the batch forward with no mask. With no positional backend, RoPE
     or a relative bias, scores depend only on position differences, so this equals ``layer(x_w)``.
-    Equivariant like the layer: ``step(rho(g) x_t) = rho(g) step(x_t)`` for every token of the window (the attention
-    weights and the recompute decisions are invariant).
+    Equivariant like the layer: streaming ``rho(g) x_t`` gives ``rho(g) y`` for every output of every step (scores,
+    hence attention weights and recompute decisions, are invariant).
 
     Warm-up: before ``n`` tokens have arrived, the ``t`` tokens seen so far attend to each other only and the output is
     left-padded with zeros; :meth:`RetroactiveState.window_positions` gives the position of each output (``-1`` =
     padding).
 
     Cost per step: the attention update is O(n d) per new token plus O(n d) per row the guard recomputes. On generic
-    data that is O(1) rows per step on average (about 0.2-0.8 per head, measured in the tests and in
-    ``benchmarks/bench_retroactive.py``), so the amortized cost is O(n d). Worst case (scores where every step removes
+    data that is O(1) rows per step on average (per head: about 0.2-0.3 on random inputs, about 1 when logits of ~100
+    make every row peaked; measured in the tests and ``benchmarks/bench_retroactive.py``), so the amortized cost is
+    O(n d). Worst case (scores where every step removes
     the dominant key of every row) every row is recomputed: O(n^2 d), the cost of the batch attention. Out projection,
     residual, norms and feed-forward depend on the updated attention of every token, so they run on all ``n`` outputs
     each step (O(n d^2), as in continual-inference). Only a first layer can stream this way: a deeper layer's inputs
@@ -137,10 +141,12 @@ class eRetroactiveEncoderLayer(nn.Module):
         if self.single_output:
             return self.layer.init_state(batch_size, self.window, dtype=dtype, device=device)
         attn = self.layer.self_attn
-        heads, hd = (attn.num_heads,), (attn.num_heads, attn.head_dim)
-        fields = {"x": (attn.embed_dim,), "q": hd, "k": hd, "v": hd, "m": heads, "l": heads, "r": heads, "acc": hd}
-        cache = RingCache(batch_size, self.window, fields, dtype=accumulator_dtype(dtype), device=device)
-        return RetroactiveState(cache, torch.zeros(batch_size, dtype=torch.long, device=device))
+        head = (attn.num_heads, attn.head_dim)
+        fk = {"dtype": accumulator_dtype(dtype), "device": device}
+        cache = RingCache(batch_size, self.window, {"x": (attn.embed_dim,), "q": head, "k": head, "v": head}, **fk)
+        stats = [torch.zeros(batch_size, self.window, attn.num_heads, **fk) for _ in range(3)]
+        return RetroactiveState(cache, *stats, torch.zeros(batch_size, self.window, *head, **fk),
+                                torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def forward_step(self, x: Tensor, state: RetroactiveState | EncoderLayerState, rows: Rows = None
                      ) -> tuple[Tensor, RetroactiveState | EncoderLayerState]:
@@ -187,7 +193,7 @@ class eRetroactiveEncoderLayer(nn.Module):
         else:
             if state.window != self.window:
                 raise ValueError(f"state: expected a window of {self.window}, got {state.window}")
-            acc = state.cache.data["k"].dtype
+            acc = state.m.dtype
             if acc != accumulator_dtype(x.dtype):
                 raise TypeError(f"state: expected dtype {accumulator_dtype(x.dtype)} for {x.dtype} inputs, got {acc}")
         return x[:, None] if x.dim() == 2 else x
@@ -214,46 +220,49 @@ class eRetroactiveEncoderLayer(nn.Module):
 
         data, pos = cache.read(rows)
         batch = torch.arange(b, device=x.device)[:, None]
-        leaving = {"k": data["k"][batch, new_slots], "v": data["v"][batch, new_slots], "pos": pos[batch, new_slots]}
-        zeros = {name: torch.zeros_like(data[name][:, :s]) for name in ("m", "l", "r", "acc")}  # set exactly below
-        cache.append({"x": x, "q": q, "k": k, "v": v, **zeros}, rows)
+        moving = {"k": torch.cat([data["k"][batch, new_slots], k.to(data["k"].dtype)], 1),  # S leave, S arrive
+                  "v": torch.cat([data["v"][batch, new_slots], v.to(data["v"].dtype)], 1),
+                  "pos": torch.cat([pos[batch, new_slots], new_pos], 1)}
+        cache.append({"x": x, "q": q, "k": k, "v": v}, rows)
         data, pos = cache.read(rows)
-        arriving = {"k": k.to(data["k"].dtype), "v": v.to(data["v"].dtype), "pos": new_pos}
 
+        index = slice(None) if rows is None else torch.as_tensor(rows, device=x.device)
+        stats = [t[index] for t in (state.m, state.l, state.r, state.acc)]
         survivor = ((pos >= 0) & (pos < start[:, None]))[..., None]  # in the window before and after: (b, n, 1)
-        m, l, r, acc = self._slide(data, pos, survivor, leaving, arriving)
+        m, l, r, acc = self._slide(data["q"], pos, survivor, moving, *stats)
         flagged = survivor & ~(self.recompute_threshold * l >= r)  # negated so that NaN or l <= 0 also recompute
         exact = flagged.clone()
         exact[batch, new_slots] = True
         self._exact_rows(data, pos, exact.nonzero(as_tuple=True), m, l, r, acc)
 
-        index = slice(None) if rows is None else torch.as_tensor(rows, device=x.device)
-        for name, value in (("m", m), ("l", l), ("r", r), ("acc", acc)):
-            cache.data[name][index] = value
+        if rows is None:  # new tensors: no copy back
+            state.m, state.l, state.r, state.acc = m, l, r, acc
+        else:
+            for target, value in zip((state.m, state.l, state.r, state.acc), (m, l, r, acc)):
+                target[index] = value
         state.recomputed[index] += flagged.sum((1, 2))
 
-    def _slide(self, data: dict[str, Tensor], pos: Tensor, survivor: Tensor, leaving: dict[str, Tensor],
-               arriving: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _slide(self, q: Tensor, pos: Tensor, survivor: Tensor, moving: dict[str, Tensor], m: Tensor, l: Tensor,
+               r: Tensor, acc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Bookkeeping ``m, l, r (b, n, H)``, ``acc (b, n, H, hd)`` of the surviving rows after subtracting the
-        leaving keys (in the row's frame) and adding the arriving ones (online-softmax rescale); other rows keep
-        theirs. Leaving/arriving: ``k, v (b, S, H, hd)``, ``pos (b, S)`` (``-1``: no key leaves that slot)."""
-        m, l, r, acc = (data[name] for name in ("m", "l", "r", "acc"))
-        s_old = self._logits(data["q"], leaving["k"], "bnhd,bshd->bnhs")
-        s_new = self._logits(data["q"], arriving["k"], "bnhd,bshd->bnhs")
-        bias_old, bias_new = self._bias(pos, leaving["pos"]), self._bias(pos, arriving["pos"])
-        if bias_old is not None:
-            s_old, s_new = s_old + bias_old.to(s_old.dtype), s_new + bias_new.to(s_new.dtype)
-        keep = survivor[..., None] & (leaving["pos"] >= 0)[:, None, None, :]
-        e_old = torch.where(keep, torch.exp(s_old - m[..., None]), 0.0)  # exponents <= 0: m_i bounds its row
+        leaving keys (in the row's frame) and adding the arriving ones (online-softmax rescale); other rows are left
+        as they are. ``moving``: ``k, v (b, 2S, H, hd)``, ``pos (b, 2S)``, the ``S`` leaving keys (``pos = -1``: the
+        slot was empty) then the ``S`` arriving ones."""
+        s = self._logits(q, moving["k"], "bnhd,bshd->bnhs")
+        bias = self._bias(pos, moving["pos"])
+        if bias is not None:
+            s = s + bias.to(s.dtype)
+        s_old, s_new = s.chunk(2, dim=-1)
+        keep = survivor[..., None] & (moving["pos"].chunk(2, dim=-1)[0] >= 0)[:, None, None, :]
+        e_old = torch.exp(s_old - m[..., None]).masked_fill(~keep, 0)  # exponents <= 0: m_i bounds its row
+        s_new = s_new.masked_fill(~survivor[..., None], float("-inf"))  # rows that are new or empty gain nothing
         m_new = torch.maximum(m, s_new.amax(-1))
         alpha = torch.exp(m - m_new)
         e_new = torch.exp(s_new - m_new[..., None])
         removed = e_old.sum(-1)
-        l_new = (l - removed) * alpha + e_new.sum(-1)
-        acc_new = (acc - torch.einsum("bnhs,bshd->bnhd", e_old, leaving["v"])) * alpha[..., None] \
-            + torch.einsum("bnhs,bshd->bnhd", e_new, arriving["v"])
-        return (torch.where(survivor, m_new, m), torch.where(survivor, l_new, l),
-                torch.where(survivor, (r + removed) * alpha, r), torch.where(survivor[..., None], acc_new, acc))
+        weights = torch.cat([-e_old * alpha[..., None], e_new], dim=-1)  # (acc - e_old v_old) alpha + e_new v_new
+        acc = torch.einsum("bnhs,bshd->bnhd", weights, moving["v"]).addcmul_(acc, alpha[..., None])
+        return m_new, (l - removed) * alpha + e_new.sum(-1), (r + removed) * alpha, acc
 
     def _exact_rows(self, data: dict[str, Tensor], pos: Tensor, which: tuple[Tensor, Tensor, Tensor], m: Tensor,
                     l: Tensor, r: Tensor, acc: Tensor) -> None:
@@ -272,19 +281,15 @@ class eRetroactiveEncoderLayer(nn.Module):
 
     def _window_outputs(self, state: RetroactiveState, rows: Rows) -> Tensor:
         """Layer outputs of the window, oldest first ``(b, n, D)``, zeros where no token is yet."""
-        cache, layer = state.cache, self.layer
-        data, pos = cache.read(rows)
-        slots = _window_slots(cache, rows)
-        batch = torch.arange(slots.shape[0], device=slots.device)[:, None]
-        valid = (pos[batch, slots] >= 0)[..., None]
-        l = torch.where(valid, data["l"][batch, slots], 1.0)[..., None]  # empty slots: 0 / 1, not 0 / 0
-        att = data["acc"][batch, slots] / l  # (b, n, H, hd)
-        dtype = layer.linear1.weight.dtype
+        layer, dtype = self.layer, self.layer.linear1.weight.dtype
+        data, pos = state.cache.read(rows)
+        index = slice(None) if rows is None else torch.as_tensor(rows, device=pos.device)
+        empty = (pos < 0)[..., None]  # (b, n, 1), in slot order like everything below
+        att = state.acc[index] / state.l[index].masked_fill(empty, 1.0)[..., None]  # empty slots: 0 / 1, not 0 / 0
         att = layer.self_attn.out_proj(att.flatten(2).to(dtype))
-        x = data["x"][batch, slots].to(dtype)
         # The attention block's input (x or norm1(x)) was used when each token arrived; plug in its output here.
-        y = layer._residual(x, [lambda _: att, layer._ff_block])
-        return torch.where(valid, y, 0.0)
+        y = layer._residual(data["x"].to(dtype), [lambda _: att, layer._ff_block]).masked_fill(empty, 0)
+        return y.gather(1, _window_slots(state.cache, rows)[..., None].expand(-1, -1, y.shape[-1]))
 
     def extra_repr(self) -> str:
         return (f"window={self.window}, single_output={self.single_output}, "
