@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -35,10 +34,10 @@ class ServerConfig:
     idle_timeout: float = 300.0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{f.name}: expected an int >= 1, got {value!r}")
+        for name in ("max_message_bytes", "max_array_elements", "max_sessions", "max_tokens_per_step", "max_batch"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if not (isinstance(self.max_wait, (int, float)) and math.isfinite(self.max_wait) and self.max_wait >= 0):
             raise ValueError(f"max_wait: expected seconds >= 0, got {self.max_wait!r}")
         if not (isinstance(self.idle_timeout, (int, float)) and self.idle_timeout > 0):

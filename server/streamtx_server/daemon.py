@@ -283,16 +283,22 @@ class Server:
         plan = plan_batch([q.session.id for q in batch], [len(q.request.obs) for q in batch],
                           [q.request.act for q in batch])
         actions: dict[int, np.ndarray] = {}
+        model_time = 0.0  # the policy calls and their device transfers only: the rest is serving overhead
         try:
             with torch.no_grad():
                 for round_ in plan.rounds:
                     for group in round_.observe:
                         obs = torch.from_numpy(np.stack([batch[i].request.obs for i in group]))
-                        self.policy.observe(self.state, obs.to(self.policy.device, self.policy.dtype),
-                                            rows=self._rows(batch, group))
+                        rows = self._rows(batch, group)
+                        t0 = time.perf_counter()
+                        self.policy.observe(self.state, obs.to(self.policy.device, self.policy.dtype), rows=rows)
+                        model_time += time.perf_counter() - t0
                     if round_.act:
-                        chunk = self.policy.act(self.state, rows=self._rows(batch, round_.act)).cpu().numpy()
-                        actions.update(zip(round_.act, chunk))
+                        rows = self._rows(batch, round_.act)
+                        t0 = time.perf_counter()
+                        chunk = self.policy.act(self.state, rows=rows).cpu()
+                        model_time += time.perf_counter() - t0
+                        actions.update(zip(round_.act, chunk.numpy()))
         except Exception as exc:  # noqa: BLE001 - a model failure must not take the daemon down
             log_event(self.log, logging.ERROR, "batch_failed", exc_info=True, batch=len(batch),
                       sessions=sorted({q.session.id for q in batch}))
@@ -300,7 +306,6 @@ class Server:
                 self._reply_error(router, item.envelope, item.request.id, ErrorCode.INTERNAL,
                                   f"the policy raised {type(exc).__name__}: {exc}", item.received)
             return
-        model_time = time.perf_counter() - start
         self.stats.latency["model"].add(model_time)
         self.stats.batch_sizes.add(len(batch))
         self.stats.superseded += len(plan.superseded)
@@ -309,12 +314,14 @@ class Server:
             session, request = item.session, item.request
             session.tokens += len(request.obs)
             session.steps += i in actions
-            result: dict[str, Any] = {"tokens": session.tokens}
+            # timing lets a client split its round trip into the daemon's model time and the serving overhead
+            result: dict[str, Any] = {
+                "tokens": session.tokens,
+                "timing": {"queue_s": start - item.ready, "model_s": model_time, "batch": len(batch)},
+            }
             if request.act:
                 result["actions"] = actions.get(i)
                 result["superseded"] = i in superseded
-            if request.timing:
-                result["timing"] = {"queue_s": start - item.ready, "model_s": model_time, "batch": len(batch)}
             self._reply(router, item.envelope, ok_reply(request.id, result), item.received)
 
     @staticmethod

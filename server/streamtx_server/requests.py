@@ -40,7 +40,6 @@ class Step:
     session: str
     obs: np.ndarray  # (S, obs_dim), finite, floating
     act: bool  # False: only feed the observations
-    timing: bool  # True: the result carries the daemon's stage times of this request
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "hello": {},
     "stats": {},
     "open": {"session": None, "seed": None, "steps": 0},
-    "step": {"session": _REQUIRED, "obs": _REQUIRED, "act": True, "timing": False},
+    "step": {"session": _REQUIRED, "obs": _REQUIRED, "act": True},
     "reset": {"session": _REQUIRED, "seed": None},
     "close": {"session": _REQUIRED},
 }
@@ -156,8 +155,7 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
                     _count(fields["steps"], "steps"))
     if kind == "step":
         obs = _observations(fields["obs"], obs_dim, max_tokens)
-        return Step(rid, _session(fields["session"]), obs, _flag(fields["act"], "act"),
-                    _flag(fields["timing"], "timing"))
+        return Step(rid, _session(fields["session"]), obs, _flag(fields["act"], "act"))
     if kind == "reset":
         return Reset(rid, _session(fields["session"]), _seed(fields["seed"]))
     return Close(rid, _session(fields["session"]))

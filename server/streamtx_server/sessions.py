@@ -32,9 +32,6 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._sessions
-
     def open(self, session_id: str, seed: int, now: float) -> Session:
         """A fresh session under ``session_id``; an existing one keeps its slot and restarts."""
         session = self._sessions.get(session_id)
@@ -64,6 +61,3 @@ class SessionTable:
     def idle(self, now: float, timeout: float) -> list[Session]:
         """Sessions without activity for more than ``timeout`` seconds."""
         return [s for s in self._sessions.values() if now - s.last_active > timeout]
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(list(self._sessions.values()))

@@ -12,7 +12,8 @@ __all__ = ["SlidingWindow", "ServerStats", "STAGES"]
 
 STAGES = ("decode", "queue", "model", "encode", "total")
 """decode: bytes -> checked request; queue: checked -> its batch starts; model: one batch's policy calls;
-encode: result -> bytes sent; total: received -> reply sent (per request)."""
+encode: result -> bytes sent; total: received -> reply sent (per request). Model time counts only the policy calls
+(and their device transfers), so total minus model is what serving adds."""
 
 
 class SlidingWindow:

@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from .core import (
-    RECONNECT, Flow, ServerInfo, SessionLog, call, close_flow, hello_flow, open_flow, reset_flow, step_flow,
+    RECONNECT, Flow, ServerInfo, SessionLog, SessionView, call, close_flow, hello_flow, open_flow, reset_flow, step_flow,
 )
 from .errors import ProtocolError, RequestTimeout
 from .protocol import decode, request
@@ -169,21 +169,12 @@ class AsyncClient:
                 future.set_result(reply)
 
 
-class AsyncSession:
+class AsyncSession(SessionView):
     """One robot stream on the daemon, opened by :meth:`AsyncClient.open`; see :class:`streamtx_client.Session`."""
 
     def __init__(self, client: AsyncClient, log: SessionLog, info: ServerInfo) -> None:
+        super().__init__(log, info)
         self._client = client
-        self._log = log
-        self.info = info
-
-    @property
-    def id(self) -> str:
-        return self._log.session_id
-
-    @property
-    def seed(self) -> int:
-        return self._log.seed
 
     async def step(self, obs: Any) -> np.ndarray | None:
         return await self._client._run(step_flow(self._log, self.info, obs, True, self._client.retries))
@@ -202,6 +193,3 @@ class AsyncSession:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        return f"AsyncSession(id={self.id!r}, seed={self.seed})"

@@ -12,7 +12,7 @@ import numpy as np
 import zmq
 
 from .core import (
-    RECONNECT, Flow, ServerInfo, SessionLog, call, close_flow, hello_flow, open_flow, reset_flow, step_flow,
+    RECONNECT, Flow, ServerInfo, SessionLog, SessionView, call, close_flow, hello_flow, open_flow, reset_flow, step_flow,
 )
 from .errors import RequestTimeout
 from .protocol import decode, request
@@ -133,21 +133,12 @@ class Client:
         raise RequestTimeout(f"no reply from {self.endpoint} within {self.timeout} s to {command.get('kind')!r}")
 
 
-class Session:
+class Session(SessionView):
     """One robot stream on the daemon, opened by :meth:`Client.open`."""
 
     def __init__(self, client: Client, log: SessionLog, info: ServerInfo) -> None:
+        super().__init__(log, info)
         self._client = client
-        self._log = log
-        self.info = info
-
-    @property
-    def id(self) -> str:
-        return self._log.session_id
-
-    @property
-    def seed(self) -> int:
-        return self._log.seed
 
     def step(self, obs: Any) -> np.ndarray | None:
         """Feed observation token(s) ``(obs_dim,)`` or ``(S, obs_dim)`` and get the action chunk
@@ -170,6 +161,3 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"Session(id={self.id!r}, seed={self.seed})"

@@ -22,6 +22,7 @@ __all__ = [
     "Flow",
     "ServerInfo",
     "SessionLog",
+    "SessionView",
     "call",
     "result_of",
     "as_tokens",
@@ -144,6 +145,7 @@ class SessionLog:
         self.max_tokens_per_step = max_tokens_per_step
         self.steps = 0  # control steps (actions computed) since the last open or reset
         self.closed = False
+        self.last_timing: dict[str, Any] | None = None  # the daemon's timing of the last step
         self._window: deque[np.ndarray] = deque(maxlen=window)
 
     def open_request(self) -> dict[str, Any]:
@@ -201,6 +203,7 @@ def step_flow(log: SessionLog, info: ServerInfo, obs: Any, act: bool, retries: i
         raise ServerError(ErrorCode.BAD_MESSAGE.value, f"step result: expected actions of shape "
                                                        f"({info.horizon}, {info.action_dim}), got {actions!r}")
     log.record(tokens, act=actions is not None)
+    log.last_timing = result.get("timing")
     return actions
 
 
@@ -224,3 +227,30 @@ def close_flow(log: SessionLog, retries: int) -> Flow[None]:
     except ServerError as err:
         if err.code != ErrorCode.UNKNOWN_SESSION.value:
             raise
+
+
+class SessionView:
+    """What :class:`~streamtx_client.Session` and :class:`~streamtx_client.AsyncSession` show of a session."""
+
+    def __init__(self, log: SessionLog, info: ServerInfo) -> None:
+        self._log = log
+        self.info = info
+
+    @property
+    def id(self) -> str:
+        return self._log.session_id
+
+    @property
+    def seed(self) -> int:
+        """The seed of the policy's sampling noise for this session (the daemon's pick if none was given)."""
+        return self._log.seed
+
+    @property
+    def last_timing(self) -> dict[str, Any] | None:
+        """The daemon's timing of this session's last step: ``queue_s`` (waiting for its batch), ``model_s`` (the
+        batch's policy calls), ``batch`` (steps in that batch). Round trip minus ``model_s`` is the serving
+        overhead."""
+        return self._log.last_timing
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, seed={self.seed})"
