@@ -6,7 +6,7 @@ single-output step, the guard's exact recomputes per step and head (generic and 
 against the batch forward. Everything is measured side by side in one run, so the ratios hold on a noisy machine.
 The last step's error is relative to the output scale (float32).
 
-    .venv/bin/python benchmarks/bench_retroactive.py [--n 64 256 1024] [--threads 1]
+    .venv/bin/python benchmarks/bench_retroactive.py [--n 64 256 1024] [--batch 1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ def recomputes_per_step(retro: eRetroactiveEncoderLayer, x: torch.Tensor, steps:
 
 
 @torch.no_grad()
-def bench(n: int, layer: eTransformerEncoderLayer, peaked: eTransformerEncoderLayer, repeats: int) -> dict:
+def bench(n: int, layer: eTransformerEncoderLayer, peaked: eTransformerEncoderLayer, batch: int, repeats: int
+          ) -> dict:
     d = layer.in_rep.size
-    x = torch.randn(1, n + 2 * repeats + 4, d, generator=torch.Generator().manual_seed(n))
+    x = torch.randn(batch, n + 2 * repeats + 4, d, generator=torch.Generator().manual_seed(n))
     retro, single = eRetroactiveEncoderLayer(layer, n), eRetroactiveEncoderLayer(layer, n, single_output=True)
     state, single_state = filled(retro, x), filled(single, x)
     next_pos = n  # the steppers below continue one stream
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[64, 256, 1024], help="window sizes")
     parser.add_argument("--copies", type=int, default=8, help="regular copies of D4 (D = 8 * copies)")
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1, help="independent streams stepped together")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per measurement (best of)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
@@ -105,14 +107,14 @@ def main() -> None:
     with torch.no_grad():
         peaked.self_attn.q_proj.weight.mul_(60.0)  # logits of ~100: rows dominated by one key
     print(f"eRetroactiveEncoderLayer, D4 x {args.copies} copies (D = {rep.size}), {args.heads} heads, "
-          f"ff = {4 * rep.size}, batch 1, float32, {args.threads} thread(s), best of {args.repeats} interleaved calls")
+          f"ff = {4 * rep.size}, batch {args.batch}, float32, {args.threads} thread(s), best of {args.repeats} interleaved calls")
     print("times in ms; 'attn': attention part only; recomputes: guard's exact rows per step and head")
     header = (f"{'n':>5} | {'batch':>7} | {'step':>7} | {'ratio':>6} | {'batch attn':>10} | {'step attn':>9} | "
               f"{'ratio':>6} | {'single':>7} | {'recomp':>6} | {'peaked':>6} | {'rel err':>8}")
     print(header)
     print("-" * len(header))
     for n in args.n:
-        r = bench(n, layer, peaked, args.repeats)
+        r = bench(n, layer, peaked, args.batch, args.repeats)
         print(f"{n:>5} | {r['batch']:7.3f} | {r['step']:7.3f} | {r['batch'] / r['step']:5.1f}x | "
               f"{r['batch_attn']:10.3f} | {r['step_attn']:9.3f} | {r['batch_attn'] / r['step_attn']:5.1f}x | "
               f"{r['single']:7.3f} | {r['recompute']:6.2f} | {r['recompute_peaked']:6.2f} | {r['error']:8.1e}")
