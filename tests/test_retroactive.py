@@ -54,7 +54,6 @@ def stream(layer: eTransformerEncoderLayer, batch: int = 2, length: int = T, see
     return x.to(layer.linear1.weight.dtype)
 
 
-
 def window_errors(retro: eRetroactiveEncoderLayer, x: Tensor, reference: nn.Module | None = None
                   ) -> tuple[float, float, RetroactiveState]:
     """Step ``x (B, T, D)`` token by token; after each step compare the window with ``reference`` (default: the
@@ -232,7 +231,7 @@ def test_single_output_is_the_newest_row_and_the_causal_window_step():
     assert (newest[:, -1] - last[:, -1]).abs().max() <= 1e-10 * newest.abs().max()
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)  # deterministic
 @given(st.lists(st.integers(1, 2 * N + 3), min_size=1, max_size=8), st.sampled_from([0.25, 1.0, 4.0]))
 def test_multi_token_steps_equal_token_by_token(chunks, threshold):
     """``S`` tokens entering together (also ``S > n``, run in blocks of ``n``) give the windows that one token per
