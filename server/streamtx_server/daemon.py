@@ -36,6 +36,7 @@ from .stats import ServerStats
 __all__ = ["Server", "ServedPolicy"]
 
 _DRAIN_LIMIT = 256  # messages read per wake-up before a due batch gets its turn
+_SHUTDOWN_DRAIN_LIMIT = 16 * _DRAIN_LIMIT
 _HARD_SIZE_FACTOR = 8  # messages over this many times max_message_bytes cost the sender its connection
 
 
@@ -149,16 +150,17 @@ class Server:
         router.setsockopt(zmq.MAXMSGSIZE, _HARD_SIZE_FACTOR * self.config.max_message_bytes)
         authenticator = secure_router(context, router, self.curve) if self.curve is not None else None
         try:
+            bound = []
             for endpoint in self.endpoints:
                 router.bind(endpoint)
-                self.bound.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
+                bound.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
+            self.bound = bound
             log_event(self.log, logging.INFO, "listening", endpoints=self.bound, curve=self.curve is not None,
                       **self.config.limits())
             self._loop(router)
-            # Graceful stop: whatever was received before the stop gets its reply.
-            self._receive(router, limit=None)
-            while self._queue:
-                self._run_batch(router)
+            # Graceful stop: what was received before the stop gets its reply (bounded, should a flood go on).
+            self._receive(router, limit=_SHUTDOWN_DRAIN_LIMIT)
+            self._flush(router)
             log_event(self.log, logging.INFO, "stopped", sessions=len(self.sessions),
                       requests=sum(self.stats.requests.values()))
         finally:
@@ -191,15 +193,13 @@ class Server:
 
     # -- requests
 
-    def _receive(self, router: zmq.Socket[Any], limit: int | None) -> None:
-        count = 0
-        while limit is None or count < limit:
+    def _receive(self, router: zmq.Socket[Any], limit: int) -> None:
+        for _ in range(limit):
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._handle(router, frames, time.perf_counter())
-            count += 1
 
     def _handle(self, router: zmq.Socket[Any], frames: list[bytes], received: float) -> None:
         # DEALER peers send [body]; REQ peers send ["", body]. ROUTER prepends the peer's identity.
@@ -219,8 +219,8 @@ class Server:
                 session.last_active = time.monotonic()
                 self._queue.append(_Queued(envelope, request, session, received, time.perf_counter()))
                 return
-            if isinstance(request, (Open, Reset, Close)) and self._queue:
-                self._run_batch(router)  # steps queued before this request must run before it
+            if isinstance(request, (Open, Reset, Close)):
+                self._flush(router)  # steps queued before this request must run before it
             result = self._control(request)
             self._reply(router, envelope, ok_reply(request.id, result), received)
         except ProtocolError as err:
@@ -247,7 +247,6 @@ class Server:
         session.last_active = time.monotonic()
         if isinstance(request, Reset):
             session.seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
-            session.tokens = session.steps = 0
             self._reset_row(session)
             log_event(self.log, logging.INFO, "session_reset", session=session.id, seed=session.seed)
             return {"seed": session.seed}
@@ -262,7 +261,7 @@ class Server:
         with torch.no_grad():
             self.policy.reset(self.state, rows=torch.tensor([session.slot]), seed=session.seed)
             self.state.steps[session.slot] = steps
-        session.steps = steps
+        session.tokens, session.steps = 0, steps
 
     # -- batches
 
@@ -274,6 +273,10 @@ class Server:
         if time.perf_counter() >= self._queue[0].ready + self.config.max_wait:
             return True
         return len({q.session.id for q in self._queue}) == len(self.sessions)  # nobody else can join
+
+    def _flush(self, router: zmq.Socket[Any]) -> None:
+        while self._queue:
+            self._run_batch(router)
 
     def _run_batch(self, router: zmq.Socket[Any]) -> None:
         batch, self._queue = self._queue[: self.config.max_batch], self._queue[self.config.max_batch:]

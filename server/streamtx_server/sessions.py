@@ -27,13 +27,13 @@ class SessionTable:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._sessions: dict[str, Session] = {}
-        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out the lowest free slot
+        self._free = list(range(capacity - 1, -1, -1))  # pop() hands out slots 0, 1, ... first
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def open(self, session_id: str, seed: int, now: float) -> Session:
-        """A fresh session under ``session_id``; an existing one keeps its slot and restarts."""
+        """A session under ``session_id`` (an existing one keeps its slot); the caller resets its state row."""
         session = self._sessions.get(session_id)
         if session is None:
             if not self._free:
@@ -42,7 +42,7 @@ class SessionTable:
             session = Session(session_id, self._free.pop(), seed, now)
             self._sessions[session_id] = session
         else:
-            session.seed, session.last_active, session.tokens, session.steps = seed, now, 0, 0
+            session.seed, session.last_active = seed, now
         return session
 
     def get(self, session_id: str) -> Session:

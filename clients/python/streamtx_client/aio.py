@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
+import itertools
 import uuid
 from typing import Any, TypeVar
 
@@ -58,22 +58,25 @@ class AsyncClient:
         self._generation = 0  # bumps on every reconnect; a flow reconnects only the socket it used
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
-        self._ids = random.getrandbits(31)
+        self._ids = itertools.count(1)
         self._info: ServerInfo | None = None
         self._info_lock: asyncio.Lock | None = None
 
     # -- operations
 
     async def hello(self) -> dict[str, Any]:
-        return (await self.info()).raw
+        """Ask the daemon for its description: protocol, policy metadata and dimensions, limits."""
+        self._info = await self._run(hello_flow(self.retries))
+        return self._info.raw
 
     async def info(self) -> ServerInfo:
-        """The daemon's dimensions and limits (asked once, then cached)."""
+        """The daemon's dimensions and limits (from the last :meth:`hello`; asked once if none yet)."""
         if self._info_lock is None:
             self._info_lock = asyncio.Lock()
         async with self._info_lock:  # concurrent first calls ask once
             if self._info is None:
-                self._info = await self._run(hello_flow(self.retries))
+                await self.hello()
+        assert self._info is not None
         return self._info
 
     async def stats(self) -> dict[str, Any]:
@@ -143,8 +146,7 @@ class AsyncClient:
     async def _roundtrip(self, message: dict[str, Any]) -> dict[str, Any]:
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read_replies(self._socket))
-        self._ids = (self._ids + 1) % 2**62
-        request_id = self._ids
+        request_id = next(self._ids)
         limit = self._info.max_message_bytes if self._info is not None else None
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import random
+import itertools
 import time
 import uuid
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ class Client:
             and replaying its recent observations; 0 turns automatic reconnect off.
         server_key: the daemon's CURVE public key (Z85 text or its ``.key`` file) when it requires CURVE.
         client_keys: this client's ``.key_secret`` file, when the daemon only admits listed clients.
+        context: the ZeroMQ context (default: the process-wide one).
 
     Example::
 
@@ -60,19 +61,21 @@ class Client:
         self._curve: CurveKeys | None = None if server_key is None else load_curve_keys(server_key, client_keys)
         self._context = context or zmq.Context.instance()
         self._socket = connect_dealer(self._context, endpoint, self._curve)
-        self._ids = random.getrandbits(31)  # ids from several client processes need not collide, but stale ones must
+        self._ids = itertools.count(1)
         self._info: ServerInfo | None = None
 
     # -- operations
 
     def hello(self) -> dict[str, Any]:
-        """The daemon's description: protocol, policy metadata and dimensions, limits."""
-        return self.info().raw
+        """Ask the daemon for its description: protocol, policy metadata and dimensions, limits."""
+        self._info = self._run(hello_flow(self.retries))
+        return self._info.raw
 
     def info(self) -> ServerInfo:
-        """The daemon's dimensions and limits (asked once, then cached)."""
+        """The daemon's dimensions and limits (from the last :meth:`hello`; asked once if none yet)."""
         if self._info is None:
-            self._info = self._run(hello_flow(self.retries))
+            self.hello()
+        assert self._info is not None
         return self._info
 
     def stats(self) -> dict[str, Any]:
@@ -118,8 +121,7 @@ class Client:
             self._socket.close(linger=0)
             self._socket = connect_dealer(self._context, self.endpoint, self._curve)
             return None
-        self._ids = (self._ids + 1) % 2**62
-        request_id = self._ids
+        request_id = next(self._ids)
         limit = self._info.max_message_bytes if self._info is not None else None
         self._socket.send(frame_request(command, request_id, limit))
         deadline = time.monotonic() + self.timeout

@@ -68,24 +68,21 @@ def call(message: dict[str, Any], *, retries: int, session: SessionLog | None = 
     on the daemon (re-open with its id and seed, replay its recent observations), so the retried request meets the
     state it would have met without the failure.
     """
-    restore = False
-    for attempt in range(retries + 1):
-        last = attempt == retries
+    attempt = 0
+    while True:
         try:
-            if restore:
-                assert session is not None
+            if attempt and session is not None:
                 for replay in session.restore_requests():
                     result_of((yield replay))
             return result_of((yield message))
         except RequestTimeout:
-            if last:
+            if attempt == retries:
                 raise
             yield RECONNECT
         except ServerError as err:
-            if last or session is None or err.code != ErrorCode.UNKNOWN_SESSION.value:
+            if attempt == retries or session is None or err.code != ErrorCode.UNKNOWN_SESSION.value:
                 raise
-        restore = session is not None
-    raise AssertionError("unreachable")  # the last attempt returns or raises
+        attempt += 1
 
 
 @dataclass(frozen=True)
