@@ -1,10 +1,10 @@
 """Retroactive (full-window) streaming step vs recomputing the layer's batch forward over the last n tokens.
 
-Prints, per window n: the time (best of interleaved calls) of one step of :class:`eRetroactiveEncoderLayer` (all n outputs updated) and of the
-batch forward over the window, the attention part alone (the O(n d) update vs the O(n^2 d) batch attention), the
-single-output step, the guard's exact recomputes per step and head (generic and peaked logits), and the step's error
-against the batch forward. Everything is measured side by side in one run, so the ratios hold on a noisy machine.
-The last step's error is relative to the output scale (float32).
+Prints, per window n: the time of one step of :class:`eRetroactiveEncoderLayer` (all n outputs updated) and of the
+batch forward over the window, the attention part alone (the O(n d) update vs the batch self-attention module:
+projections, O(n^2 d) attention, out projection), the single-output step, the guard's exact recomputes per step and
+head (generic and peaked logits), and the last step's error against the batch forward relative to the output scale.
+Times are the best of interleaved calls, measured side by side in one run, so the ratios hold on a noisy machine.
 
     .venv/bin/python benchmarks/bench_retroactive.py [--n 64 256 1024] [--batch 1] [--threads 1]
 """
@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from streamtx.nn.retroactive import eRetroactiveEncoderLayer
-from streamtx.nn.transformer import eTransformerEncoderLayer
+from streamtx.nn.retroactive import RetroactiveState, eRetroactiveEncoderLayer
+from streamtx.nn.transformer import EncoderLayerState, eTransformerEncoderLayer
 from streamtx.symmetry import Representation, dihedral
 
 
@@ -37,17 +37,19 @@ def best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
     return {name: 1e3 * min(t) for name, t in times.items()}
 
 
-def filled(retro: eRetroactiveEncoderLayer, x: torch.Tensor):
+def filled(retro: eRetroactiveEncoderLayer, x: torch.Tensor) -> RetroactiveState | EncoderLayerState:
     """A state whose window already holds the first n tokens of ``x`` (entered as one block)."""
     state = retro.init_state(x.shape[0])
     retro.forward_step(x[:, :retro.window], state)
     return state
 
 
-def recomputes_per_step(retro: eRetroactiveEncoderLayer, x: torch.Tensor, steps: int) -> float:
+def recomputes_per_step(retro: eRetroactiveEncoderLayer, x: torch.Tensor) -> float:
+    """Guard recomputes per step and head, streaming the rest of ``x`` after a full window."""
     state = filled(retro, x)
+    steps = x.shape[1] - retro.window
     before = state.recomputed.sum().item()
-    retro.forward_steps(x[:, retro.window:retro.window + steps], state)
+    retro.forward_steps(x[:, retro.window:], state)
     heads = retro.layer.self_attn.num_heads
     return (state.recomputed.sum().item() - before) / (steps * heads * x.shape[0])
 
@@ -84,9 +86,8 @@ def bench(n: int, layer: eTransformerEncoderLayer, peaked: eTransformerEncoderLa
     lo = next_pos - n + 1
     ref = layer(x[:, lo:next_pos + 1], src_pos=torch.arange(lo, next_pos + 1))
     row["error"] = ((y - ref).abs().max() / ref.abs().max()).item()
-    steps = min(repeats, 32)
-    row["recompute"] = recomputes_per_step(retro, x, steps)
-    row["recompute_peaked"] = recomputes_per_step(eRetroactiveEncoderLayer(peaked, n), x, steps)
+    row["recompute"] = recomputes_per_step(retro, x)
+    row["recompute_peaked"] = recomputes_per_step(eRetroactiveEncoderLayer(peaked, n), x)
     return row
 
 
@@ -107,7 +108,8 @@ def main() -> None:
     with torch.no_grad():
         peaked.self_attn.q_proj.weight.mul_(60.0)  # logits of ~100: rows dominated by one key
     print(f"eRetroactiveEncoderLayer, D4 x {args.copies} copies (D = {rep.size}), {args.heads} heads, "
-          f"ff = {4 * rep.size}, batch {args.batch}, float32, {args.threads} thread(s), best of {args.repeats} interleaved calls")
+          f"ff = {4 * rep.size}, batch {args.batch}, float32, {args.threads} thread(s), "
+          f"best of {args.repeats} interleaved calls")
     print("times in ms; 'attn': attention part only; recomputes: guard's exact rows per step and head")
     header = (f"{'n':>5} | {'batch':>7} | {'step':>7} | {'ratio':>6} | {'batch attn':>10} | {'step attn':>9} | "
               f"{'ratio':>6} | {'single':>7} | {'recomp':>6} | {'peaked':>6} | {'rel err':>8}")
