@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from pathlib import Path
 import uuid
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -41,21 +41,30 @@ class GatedPolicy:
         return self._policy.act(state, rows)
 
 
-@pytest.fixture
-def served(policy) -> Iterator[tuple[Server, GatedPolicy, str, threading.Thread]]:
-    gated = GatedPolicy(policy)
-    endpoint = f"inproc://daemon-{uuid.uuid4().hex}"
-    server = Server(gated, [endpoint], ServerConfig(max_sessions=4, idle_timeout=0.3, max_wait=0.0))
+def start_server(policy: Any, endpoint: str, **config: Any) -> tuple[Server, threading.Thread]:
+    server = Server(policy, [endpoint], ServerConfig(**config))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.bound and time.monotonic() < deadline:
         time.sleep(0.005)
-    yield server, gated, endpoint, thread
-    gated.release.set()
+    return server, thread
+
+
+def stop_server(server: Server, thread: threading.Thread) -> None:
     server.stop()
     thread.join(10)
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def served(policy) -> Iterator[tuple[Server, GatedPolicy, str, threading.Thread]]:
+    gated = GatedPolicy(policy)
+    endpoint = f"inproc://daemon-{uuid.uuid4().hex}"
+    server, thread = start_server(gated, endpoint, max_sessions=4, idle_timeout=0.3, max_wait=0.0)
+    yield server, gated, endpoint, thread
+    gated.release.set()
+    stop_server(server, thread)
 
 
 def _replies(peer: RawPeer, n: int) -> dict[int, dict[str, Any]]:
@@ -89,6 +98,31 @@ def test_overload_feeds_every_observation_but_acts_only_for_the_newest(served, p
         policy.observe(state, torch.from_numpy(o)[None])
     np.testing.assert_allclose(newest["actions"], policy.act(state)[0].numpy(), rtol=0, atol=1e-6)
     assert server.stats.superseded == 3
+
+
+def test_control_requests_wait_for_every_queued_step(policy) -> None:
+    """A reset queued behind more steps than one batch holds still comes after all of them."""
+    gated = GatedPolicy(policy)
+    server, thread = start_server(gated, f"inproc://daemon-{uuid.uuid4().hex}", max_batch=2, max_wait=0.0)
+    obs = np.ones((1, policy.obs_dim), np.float32)
+    try:
+        with RawPeer(server.bound[0]) as peer:
+            assert peer.request("open", session="s", seed=1)["ok"]
+            gated.gate_next_act = True
+            ids = [peer.send_request("step", session="s", obs=obs)]
+            assert gated.acting.wait(20.0)
+            ids += [peer.send_request("step", session="s", obs=obs, act=False) for _ in range(5)]
+            ids.append(peer.send_request("reset", session="s", seed=2))
+            ids.append(peer.send_request("step", session="s", obs=obs))
+            time.sleep(0.2)
+            gated.release.set()
+            replies = _replies(peer, len(ids))
+    finally:
+        gated.release.set()
+        stop_server(server, thread)
+    assert [replies[i]["result"]["tokens"] for i in ids[:6]] == [1, 2, 3, 4, 5, 6]
+    assert replies[ids[6]]["result"] == {"seed": 2}
+    assert replies[ids[7]]["result"]["tokens"] == 1  # after the reset, not before it
 
 
 def test_stop_answers_every_request_already_received(served, policy) -> None:
@@ -136,24 +170,17 @@ def test_idle_sessions_expire_and_free_their_slot(served, policy) -> None:
     assert stats["expired_sessions"] == 4 and stats["sessions"] == 1
 
 
-def _serve_in_thread(policy: Any, endpoint: str) -> tuple[Server, threading.Thread]:
-    server = Server(policy, [endpoint], ServerConfig(max_sessions=4))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, thread
-
-
 def test_async_client_sessions_survive_a_daemon_restart(policy, tmp_path: Path) -> None:
     """Three sessions on one asyncio client; the daemon goes away mid-stream and a fresh one comes back on the same
     endpoint. Their requests time out together; one reconnect serves them all; each session is restored."""
     endpoint = f"ipc://{tmp_path}/async.ipc"
     rng = np.random.default_rng(9)
     scripts = [make_script(rng, 22, policy.obs_dim, MAX_TOKENS, observe_every=3) for _ in range(3)]
-    servers = [_serve_in_thread(policy, endpoint)]
+    servers = [start_server(policy, endpoint, max_sessions=4)]
 
     def restart() -> None:
         time.sleep(0.6)  # a few client timeouts while nobody listens
-        servers.append(_serve_in_thread(policy, endpoint))
+        servers.append(start_server(policy, endpoint, max_sessions=4))
 
     async def run() -> list[list[np.ndarray | None]]:
         async with AsyncClient(endpoint, timeout=0.25, retries=40) as client:
@@ -161,9 +188,7 @@ def test_async_client_sessions_survive_a_daemon_restart(policy, tmp_path: Path) 
             out: list[list[np.ndarray | None]] = [[] for _ in sessions]
             for t in range(22):
                 if t == 17:
-                    server, thread = servers[0]
-                    server.stop()
-                    thread.join(10)
+                    stop_server(*servers[0])
                     threading.Thread(target=restart).start()
                 chunks = await asyncio.gather(*(s.step(sc[t][0]) if sc[t][1] else s.observe(sc[t][0])
                                                 for s, sc in zip(sessions, scripts)))
@@ -175,8 +200,7 @@ def test_async_client_sessions_survive_a_daemon_restart(policy, tmp_path: Path) 
         got = asyncio.run(run())
     finally:
         for server, thread in servers:
-            server.stop()
-            thread.join(10)
+            stop_server(server, thread)
     assert len(servers) == 2
     for i, script in enumerate(scripts):
         assert_same_actions(got[i], reference_run(policy, 30 + i, script))
