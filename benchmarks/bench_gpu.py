@@ -7,6 +7,7 @@ work, device-to-host copy of the actions), each sample one step, for:
   (a) recompute  eCondTransformerRegressor.forward on the last cond_horizon observations, K times, eager
   (b) stream     StreamingPolicy.step (ring caches, eager, module by module)
   (c) graph      StaticStreamingPolicy.step: the fused static plan replayed as CUDA graphs, 64 session slots
+  (ct) graph     (c) with torch's kernels instead of the plan's Triton kernels (attention, add + norm)
   (c') static    the same plan run eagerly (the fallback path)
   (c16) graph    (c) computing in bfloat16
   (d) torch      plain CondTransformerRegressor (trivial group: dense torch layers) recompute, K times, eager
@@ -134,7 +135,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, few samples (smoke test)")
     parser.add_argument("--out", help="also write the table (markdown) and raw numbers (.json) here")
     parser.add_argument("--profile", action="store_true",
-                        help="then print the kernels of (c) and (c') at the first config and batch (torch.profiler)")
+                        help="then print the kernels of (c) and (ct) at the first config and batch (torch.profiler)")
     args = parser.parse_args()
     if args.quick:
         args.configs, args.batches, args.budget, args.samples = ["tiny"], [1, 2], 0.2, 10
@@ -153,11 +154,13 @@ def main() -> None:
         equi, plain, sampler = build(config, args.horizon, args.window, args.steps, device)
         reference = StreamingPolicy(equi, sampler)
         static = {"graph": StaticStreamingPolicy(reference),
+                  "graph_torch": StaticStreamingPolicy(reference, fused_kernels=False),
                   "static": StaticStreamingPolicy(reference, cuda_graph=False),
                   "graph16": StaticStreamingPolicy(reference, dtype=torch.bfloat16)}
-        checks = {k: agreement(reference, static[k], 4, obs_dim) for k in ("graph", "graph16")}
-        print(f"[{config}] agreement with StreamingPolicy: fp32 graph {checks['graph']:.1e}, "
-              f"bf16 graph {checks['graph16']:.1e}", flush=True)
+        checks = {k: agreement(reference, static[k], 4, obs_dim) for k in ("graph", "graph_torch", "graph16")}
+        print(f"[{config}] agreement with StreamingPolicy: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
+              + f"; fused kernels: {static['graph'].plan.fused} ({static['graph'].plan.fused_reason}), "
+              f"bf16: {static['graph16'].plan.fused}", flush=True)
         states = {}
         for key, policy in static.items():
             t0 = time.perf_counter()
@@ -182,7 +185,7 @@ def main() -> None:
                       f"(n={len(ms)})", flush=True)
             results.append(row)
             if args.profile and config == args.configs[0] and batch == args.batches[0]:
-                for key in ("graph", "static"):
+                for key in ("graph", "graph_torch"):
                     profile(steps[key], f"[{config} b={batch}] {key}")
     table = format_table(results)
     print(header)
@@ -214,7 +217,8 @@ def profile(step: Callable[[], object], title: str, steps: int = 10) -> None:
 
 def format_table(results: list[dict]) -> str:
     cols = [("a", "(a) recompute"), ("b", "(b) stream eager"), ("graph", "(c) stream graph"),
-            ("static", "(c') static eager"), ("graph16", "(c16) graph bf16"), ("d", "(d) torch recompute")]
+            ("graph_torch", "(ct) graph, torch kernels"), ("static", "(c') static eager"),
+            ("graph16", "(c16) graph bf16"), ("d", "(d) torch recompute")]
     lines = ["| config | batch | " + " | ".join(t for _, t in cols) + " | (a)/(c) | (b)/(c) | (d)/(c) |",
              "|---|---:|" + "---:|" * (len(cols) + 3)]
     for r in results:

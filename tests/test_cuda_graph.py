@@ -22,7 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from streamtx.checkpoint import load_policy, make_random_checkpoint
 from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor
 from streamtx.policy import DDIMSampler, FlowMatchingSampler, Sampler, StreamingPolicy
+from streamtx.policy import static_plan
 from streamtx.policy.cuda_graph import CapturedProgram, capture_unavailable
+from streamtx.policy.static_kernels import add_norm, attention, fused_kernels_available
 from streamtx.policy.static import StaticStreamingPolicy, default_buckets, load_static_policy
 from streamtx.symmetry import Representation, dihedral
 
@@ -39,7 +41,7 @@ def make_policy(variant: str = "encoder", sampler: Sampler | None = None, dtype:
     plane = faithful_rep(g)
     obs, act = plane + plane + Representation.trivial(g, 2), plane
     kw = dict(in_horizon=4, cond_horizon=5, num_layers=2, num_attention_heads=2, embedding_dim=32, cond_window=3,
-              num_cond_layers=2, dtype=dtype, device=device)
+              num_cond_layers=2, dtype=dtype)
     if variant == "mlp":  # no encoder: the per-token conditioning MLP
         kw.update(num_cond_layers=0)
     elif variant == "rms_causal":
@@ -49,7 +51,7 @@ def make_policy(variant: str = "encoder", sampler: Sampler | None = None, dtype:
         model = CondTransformerRegressor(act.size, obs.size, act.size, **kw)
     else:
         model = eCondTransformerRegressor(act, obs, act, **kw)
-    return StreamingPolicy(model.eval(), sampler or FlowMatchingSampler(num_steps=3), max_tokens_per_step)
+    return StreamingPolicy(model.to(device).eval(), sampler or FlowMatchingSampler(num_steps=3), max_tokens_per_step)
 
 
 def run_both(reference: StreamingPolicy, static: StaticStreamingPolicy, calls: list[tuple], slots: int = SLOTS
@@ -258,6 +260,19 @@ def test_eager_fallback_says_why(caplog):
         CapturedProgram(lambda: None, "cpu", warmup=0)
 
 
+def test_failing_fused_kernel_check_falls_back(monkeypatch, caplog):
+    """A fused kernel that does not reproduce the torch path on the plan's shapes is not used, and the log says
+    why (here a broken attention stands in for a miscompiled kernel)."""
+    monkeypatch.setattr(static_plan, "fused_kernels_available", lambda device: True)
+    broken = lambda q, k, v, mask=None, causal=False, fused=False: \
+        attention(q, k, v, mask, causal) * (2.0 if fused else 1.0)  # noqa: E731
+    monkeypatch.setattr(static_plan, "attention", broken)
+    plan = StaticStreamingPolicy(make_policy()).plan
+    assert not plan.fused and plan.fused_reason.startswith("self-attention differs from the torch path by 1.0e+00")
+    assert "plan uses the torch kernels: self-attention differs" in caplog.text
+    assert StaticStreamingPolicy(make_policy(), fused_kernels=False).plan.fused_reason == "fused_kernels=False"
+
+
 def test_load_static_policy_and_metadata(tmp_path):
     path = make_random_checkpoint(tmp_path / "policy.pt", seed=3)
     reference = load_policy(path)
@@ -265,7 +280,8 @@ def test_load_static_policy_and_metadata(tmp_path):
     assert run_both(reference, static, stream_calls(reference.obs_dim, 6, torch.float32, slots=2, max_tokens=1),
                     slots=2) <= 1e-5
     meta = msgpack.unpackb(msgpack.packb(static.metadata()))
-    assert meta["runner"] == {"type": "static", "cuda_graph": True, "io_dtype": "float32", "buckets": [1, 2]}
+    assert meta["runner"] == {"type": "static", "cuda_graph": True, "fused_kernels": False, "io_dtype": "float32",
+                              "buckets": [1, 2]}
     assert meta["dtype"] == "float32" and meta["obs_dim"] == reference.obs_dim
 
 
@@ -277,11 +293,33 @@ def test_default_buckets():
 
 # ---------------------------------------------------------------------------------------------------- GPU
 @cuda
-@pytest.mark.parametrize("sampler", [FlowMatchingSampler(3), DDIMSampler(50, 3)], ids=["euler", "ddim"])
-def test_graph_replay_equals_eager_and_reference(sampler):
-    reference = make_policy("encoder", sampler, dtype=torch.float32, device="cuda")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_kernels_match_torch_path(dtype, tolerance, causal):
+    if not fused_kernels_available("cuda"):
+        pytest.skip("needs triton")
+    gen = torch.Generator("cuda").manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, device="cuda").to(dtype)  # noqa: E731
+    q, k, v = rand(3, 16, 3, 4, 32).transpose(1, 3).unbind(2)  # strided views, as the plan passes them
+    memory = rand(2, 3, 4, 33, 32)
+    mask = torch.zeros(3, 1, 1, 48, dtype=dtype, device="cuda")[..., :33]
+    mask[0, ..., :9] = float("-inf")
+    for args in ((q, k, v, None, causal), (q, memory[0], memory[1], mask, False)):
+        assert rel_err(attention(*args, fused=True).float(), attention(*args, fused=False).float()) <= tolerance
+    x, y, w, b = rand(3, 16, 128), rand(3, 16, 128), rand(128), rand(128)
+    for fused, ref in zip(add_norm(x, y, w, None if causal else b, 1e-5, causal, fused=True),
+                          add_norm(x, y, w, None if causal else b, 1e-5, causal, fused=False)):
+        assert rel_err(fused.float(), ref.float()) <= tolerance
+
+
+@cuda
+@pytest.mark.parametrize("variant, sampler", [("encoder", FlowMatchingSampler(3)), ("rms_causal", DDIMSampler(50, 3)),
+                                              ("mlp", FlowMatchingSampler(2, "heun"))], ids=["euler", "ddim", "heun"])
+def test_graph_replay_equals_eager_and_reference(variant, sampler):
+    reference = make_policy(variant, sampler, dtype=torch.float32, device="cuda")
     graphed = StaticStreamingPolicy(reference)
-    eager = StaticStreamingPolicy(reference, cuda_graph=False)
+    assert graphed.plan.fused == fused_kernels_available("cuda"), graphed.plan.fused_reason
+    eager = StaticStreamingPolicy(reference, cuda_graph=False, fused_kernels=False)
     calls = stream_calls(reference.obs_dim, 16, torch.float32)
     states = [graphed.init_state(SLOTS), eager.init_state(SLOTS)]
     assert states[0].captured and not states[1].captured
@@ -294,7 +332,7 @@ def test_graph_replay_equals_eager_and_reference(sampler):
                 p.observe(s, arg, rows)
         else:
             a, b = graphed.act(states[0], rows), eager.act(states[1], rows)
-            assert rel_err(a, b) <= 1e-6
+            assert rel_err(a, b) <= 1e-5
     assert run_both(reference, graphed, calls) <= 1e-5
 
 
@@ -302,6 +340,8 @@ def test_graph_replay_equals_eager_and_reference(sampler):
 def test_step_never_synchronizes():
     policy = StaticStreamingPolicy(make_policy(dtype=torch.float32, device="cuda"), cuda_graph=False)
     state = policy.init_state(SLOTS)
+    policy.observe(state, torch.zeros(SLOTS, policy.obs_dim))
+    policy.act(state)  # first calls: kernel compilation, lazy caches
     programs = [state.observe_programs[4, 1], state.act_programs[4]]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises

@@ -173,18 +173,19 @@ class StaticStreamingPolicy:
             logged).
         buckets: batch sizes to prepare (``None``: :func:`default_buckets` of the slot count); a call takes at most
             the largest.
+        fused_kernels: use the plan's Triton kernels where they run and pass their build-time check (CUDA).
 
     Pass observations as host arrays or CPU tensors: they go through the pinned buffer. ``act`` returns a CPU tensor.
     """
 
     def __init__(self, policy: StreamingPolicy, *, dtype: torch.dtype | None = None, cuda_graph: bool = True,
-                 buckets: Sequence[int] | None = None) -> None:
+                 buckets: Sequence[int] | None = None, fused_kernels: bool = True) -> None:
         if not isinstance(policy, StreamingPolicy):
             raise TypeError(f"policy: expected a StreamingPolicy, got {type(policy).__name__}")
         if buckets is not None and (len(buckets) == 0 or any(int(b) < 1 for b in buckets)):
             raise ValueError(f"buckets: expected positive batch sizes, got {list(buckets)}")
         self.policy, self.cuda_graph = policy, cuda_graph
-        self.plan = RegressorPlan(policy.model, policy.sampler, dtype)
+        self.plan = RegressorPlan(policy.model, policy.sampler, dtype, fused_kernels)
         self._buckets = None if buckets is None else sorted({int(b) for b in buckets})
         self.obs_dim, self.action_dim = policy.obs_dim, policy.action_dim
         self.horizon, self.cond_window = policy.horizon, policy.cond_window
@@ -338,7 +339,7 @@ class StaticStreamingPolicy:
         """The policy's :meth:`StreamingPolicy.metadata` with the runner's compute dtype and settings."""
         meta = self.policy.metadata()
         meta.update(dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
-                    runner={"type": "static", "cuda_graph": self.cuda_graph,
+                    runner={"type": "static", "cuda_graph": self.cuda_graph, "fused_kernels": self.plan.fused,
                             "io_dtype": str(self.io_dtype).removeprefix("torch."), "buckets": self._buckets})
         return meta
 
@@ -348,11 +349,12 @@ class StaticStreamingPolicy:
 
 
 def load_static_policy(path: str | Path, device: torch.device | str = "cuda", dtype: torch.dtype | None = None, *,
-                       cuda_graph: bool = True, max_tokens_per_step: int = 1,
-                       buckets: Sequence[int] | None = None) -> StaticStreamingPolicy:
+                       cuda_graph: bool = True, max_tokens_per_step: int = 1, buckets: Sequence[int] | None = None,
+                       fused_kernels: bool = True) -> StaticStreamingPolicy:
     """A :class:`StaticStreamingPolicy` from a checkpoint: the weights load in float32 on ``device`` and the plan
     computes in ``dtype`` (``None``: float32)."""
     from ..checkpoint import load_policy  # the checkpoint module imports this package
 
     policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
-    return StaticStreamingPolicy(policy, dtype=dtype, cuda_graph=cuda_graph, buckets=buckets)
+    return StaticStreamingPolicy(policy, dtype=dtype, cuda_graph=cuda_graph, buckets=buckets,
+                                 fused_kernels=fused_kernels)

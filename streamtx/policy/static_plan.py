@@ -21,6 +21,7 @@ travels back to the host, which is what graph capture needs.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from itertools import count
 from typing import Callable
@@ -36,10 +37,13 @@ from ..nn.positional import PositionalAttention, eRoPE
 from ..nn.state import RingCache, StreamState, band_mask
 from ..nn.transformer import eTransformerDecoderLayer, eTransformerEncoderLayer
 from .samplers import Sampler
+from .static_kernels import add_norm, attention, fused_kernels_available, norm
 
 __all__ = ["RegressorPlan", "PlanCaches", "ActWorkspace", "COMPUTE_DTYPES"]
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------- small blocks
@@ -70,9 +74,11 @@ class _Norm:
     eps: float
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.rms:
-            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
-        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return norm(x, self.weight, self.bias, self.eps, self.rms)
+
+    def add(self, x: Tensor, y: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+        """The residual update ``x + y`` and its norm (one kernel when ``fused``)."""
+        return add_norm(x, y, self.weight, self.bias, self.eps, self.rms, fused)
 
 
 @dataclass(frozen=True)
@@ -85,12 +91,6 @@ class _MLP:
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.fc2(self.activation(self.fc1(x)))
-
-
-def _merge_heads(a: Tensor) -> Tensor:
-    """``(b, H, T, hd) -> (b, T, H * hd)``"""
-    b, h, t, hd = a.shape
-    return a.transpose(1, 2).reshape(b, t, h * hd)
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -122,7 +122,7 @@ class _EncoderLayer:
         v_new = qkv[:, :, 2].transpose(1, 2)
         k = torch.cat((ring_k.transpose(1, 2), k_new), dim=2)
         v = torch.cat((ring_v.transpose(1, 2), v_new), dim=2)
-        x = x + self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        x = x + self.out(attention(q, k, v, mask))
         x = x + self.ff(self.norm2(x))
         return x, k_new.transpose(1, 2), v_new.transpose(1, 2)
 
@@ -142,16 +142,19 @@ class _DecoderLayer:
     num_heads: int
     causal: bool
 
-    def __call__(self, x: Tensor, mem_k: Tensor, mem_v: Tensor, mem_mask: Tensor) -> Tensor:
-        """``x (b, T, D)``; memory keys (rotated into the queries' frame) and values ``(b, H, M, hd)``, additive
-        ``mem_mask (b, 1, 1, M)``."""
+    def __call__(self, x: Tensor, normed: Tensor, mem_k: Tensor, mem_v: Tensor, mem_mask: Tensor, fused: bool
+                 ) -> tuple[Tensor, Tensor]:
+        """The residual stream ``x (b, T, D)`` and ``normed = norm1(x)``; memory keys (rotated into the queries'
+        frame) and values ``(b, H, M, hd)``, additive ``mem_mask (b, 1, 1, M)``. Returns the stream before the
+        feed-forward residual and the feed-forward output: the caller adds them in one kernel with the norm that
+        reads the sum (the next layer's ``norm1`` or the final norm)."""
         b, t, d = x.shape
         h, hd = self.num_heads, d // self.num_heads
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, h, hd).transpose(1, 3).unbind(2)
-        x = x + self.self_out(_merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)))
-        q = self.cross_q(self.norm2(x)).view(b, t, h, hd).transpose(1, 2)
-        x = x + self.cross_out(_merge_heads(F.scaled_dot_product_attention(q, mem_k, mem_v, attn_mask=mem_mask)))
-        return x + self.ff(self.norm3(x))
+        q, k, v = self.qkv(normed).view(b, t, 3, h, hd).transpose(1, 3).unbind(2)
+        x, normed = self.norm2.add(x, self.self_out(attention(q, k, v, causal=self.causal, fused=fused)), fused)
+        q = self.cross_q(normed).view(b, t, h, hd).transpose(1, 2)
+        x, normed = self.norm3.add(x, self.cross_out(attention(q, mem_k, mem_v, mem_mask, fused=fused)), fused)
+        return x, self.ff(normed)
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -243,7 +246,8 @@ class RegressorPlan:
             ``state_dtype = promote(dtype, float32)``: reduced-precision plans keep float32 actions and noise.
     """
 
-    def __init__(self, model: eCondTransformerRegressor, sampler: Sampler, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: eCondTransformerRegressor, sampler: Sampler, dtype: torch.dtype | None = None,
+                 fused_kernels: bool = True) -> None:
         if not isinstance(model, eCondTransformerRegressor):
             raise TypeError(f"model: expected an eCondTransformerRegressor, got {type(model).__name__}")
         ref = model.input_emb.weight
@@ -261,6 +265,39 @@ class RegressorPlan:
             attn.head_dim, len(layers)
         with torch.no_grad():
             self._read_model(model, layers, dtype)
+        self.fused, self.fused_reason = False, "fused_kernels=False"
+        if fused_kernels:
+            self.fused_reason = self._probe_fused_kernels()
+            self.fused = self.fused_reason is None
+            if not self.fused and fused_kernels_available(self.device):
+                log.warning("plan uses the torch kernels: %s", self.fused_reason)
+
+    def _probe_fused_kernels(self) -> str | None:
+        """Why the fused kernels cannot serve this plan (``None``: they can): unavailable here, or failing to build
+        or to match the torch path on the plan's own shapes."""
+        if not fused_kernels_available(self.device):
+            return "Triton kernels need CUDA and the triton package"
+        gen = torch.Generator(self.device).manual_seed(0)
+        rand = lambda *shape: torch.randn(*shape, generator=gen, device=self.device).to(self.dtype)  # noqa: E731
+        heads, hd, t, keys = self.num_heads, self.head_dim, self.horizon, self.cond_horizon + 1
+        qkv, mem = rand(2, t, 3, heads, hd).transpose(1, 3).unbind(2), rand(2, 2, heads, keys, hd)
+        mask = torch.zeros(2, 1, 1, keys, dtype=self.dtype, device=self.device)
+        mask[0, ..., :3] = float("-inf")
+        x, y = rand(2, t, self.dim), rand(2, t, self.dim)
+        first = self.decoder[0]
+        checks = {"self-attention": lambda f: attention(*qkv, causal=first.causal, fused=f),
+                  "cross-attention": lambda f: attention(qkv[0], mem[0], mem[1], mask, fused=f),
+                  "add+norm": lambda f: torch.cat(first.norm2.add(x, y, f))}
+        tolerance = 1e-5 if self.dtype in (torch.float32, torch.float64) else 2e-2
+        try:
+            for name, check in checks.items():
+                fused, reference = check(True), check(False)
+                err = float((fused - reference).abs().max() / reference.abs().max())
+                if not err <= tolerance:
+                    return f"{name} differs from the torch path by {err:.1e} (> {tolerance:.0e})"
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile or launch here must not stop serving
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return None
 
     def _read_model(self, model: eCondTransformerRegressor, layers: list[eTransformerDecoderLayer],
                     dtype: torch.dtype) -> None:
@@ -311,6 +348,7 @@ class RegressorPlan:
         pos = model.pos_emb.repeat_interleave(n, dim=-1).to(dtype)  # (Tx, D), invariant per copy
         self.action_emb = _Affine(emb.weight, pos if emb.bias is None else emb.bias + pos)
         self.final_norm = _norm(model.ln_f, dtype)
+        self._norm_after = [layer.norm1 for layer in self.decoder[1:]] + [self.final_norm]  # reads layer i's output
         self.head = _dense(model.head, dtype)
         # step tokens of the schedule and their keys/values in every decoder layer: (E, L, 2, H, hd)
         self.schedule = sampler_schedule(self.sampler, self.horizon, self.action_dim, self.state_dtype)
@@ -390,13 +428,15 @@ class RegressorPlan:
             # `k` is the recorded schedule's entry (checked at build): its step token's keys/values are precomputed
             kv[:, :, :, :, m] = self.step_kv[next(calls)][:, :, None]
             h = self.action_emb(x.to(self.dtype))
+            normed = self.decoder[0].norm1(h)
             for i, layer in enumerate(self.decoder):
-                h = layer(h, kv[i, 0], kv[i, 1], workspace.mask)
-            return self.head(self.final_norm(h)).to(x.dtype)
+                h, ff = layer(h, normed, kv[i, 0], kv[i, 1], workspace.mask, self.fused)
+                h, normed = self._norm_after[i].add(h, ff, self.fused)
+            return self.head(normed).to(x.dtype)
 
         return self.sampler.sample(denoise, noise)
 
     def __repr__(self) -> str:
         return (f"RegressorPlan(dim={self.dim}, heads={self.num_heads}, encoder_layers={len(self.encoder)}, "
                 f"decoder_layers={self.num_layers}, evaluations={len(self.schedule)}, dtype={self.dtype}, "
-                f"device={self.device})")
+                f"device={self.device}, fused_kernels={self.fused})")
