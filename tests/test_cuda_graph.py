@@ -172,8 +172,8 @@ def test_programs_are_static():
         for name, program, fill in ((f"observe", state.observe_programs[4, 1], "obs"),
                                     ("act", state.act_programs[4], "noise")):
             inputs = program.staging.write()
-            inputs["rows"][:3] = torch.tensor(rows)
-            inputs[fill].copy_(torch.randn(inputs[fill].shape, generator=gen))
+            inputs["rows"][:3] = rows
+            inputs[fill][:] = torch.randn(inputs[fill].shape, generator=gen, dtype=torch.float64).numpy()
             with torch.no_grad(), _Trace() as trace:
                 program.program.body()
             traces.append((name, trace.ops))

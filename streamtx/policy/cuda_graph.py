@@ -3,6 +3,7 @@ logged, where capture is off or impossible."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Callable
 
@@ -40,7 +41,8 @@ class CapturedProgram:
         warmup: eager runs before capture.
 
     If capture raises (an operation that synchronizes or is not capturable), the program runs eagerly from then on,
-    the reason is in ``fallback_reason`` and logged as a warning.
+    the reason is in ``fallback_reason`` and logged as a warning; ``pool`` may then be unusable for other captures
+    (PyTorch can leave it marked as recording), so give the next ones a fresh pool.
     """
 
     def __init__(self, body: Callable[[], None], device: torch.device | str, *, enabled: bool = True,
@@ -69,8 +71,16 @@ class CapturedProgram:
                 self.body()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.body()
+        # the garbage collector must not run inside the capture: freeing another object's CUDA graph (or pinned
+        # memory) there is an operation capture forbids, and it invalidates this capture
+        collect = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                self.body()
+        finally:
+            if collect:
+                gc.enable()
         return graph
 
     def __call__(self) -> None:

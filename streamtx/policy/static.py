@@ -41,7 +41,8 @@ def default_buckets(num_slots: int) -> list[int]:
 
 class _Staging:
     """A program's inputs: typed views into one host block (pinned on CUDA) and its device twin, uploaded with one
-    asynchronous copy. Writing waits until the previous upload has left the host block."""
+    asynchronous copy. The host side is written through numpy views (a microsecond per write, where a torch op on
+    a small CPU tensor costs several). Writing waits until the previous upload has left the host block."""
 
     def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> None:
         cuda = device.type == "cuda"
@@ -56,11 +57,12 @@ class _Staging:
             return {name: block[offsets[name]:offsets[name] + int(np.prod(shape)) * dtype.itemsize]
                     .view(dtype).view(shape) for name, (shape, dtype) in fields.items()}
 
-        self.host, self.device = views(self._host), views(self._device)
+        self.device = views(self._device)
+        self.host = {name: view.numpy() for name, view in views(self._host).items()}
         self._uploaded = torch.cuda.Event() if cuda else None
         self._pending = False
 
-    def write(self) -> dict[str, Tensor]:
+    def write(self) -> dict[str, np.ndarray]:
         if self._pending:
             self._uploaded.synchronize()  # the last upload of this block (long done, in practice)
             self._pending = False
@@ -81,19 +83,19 @@ class _Program:
                  body: Callable[[dict[str, Tensor]], Tensor | None], scratch_row: int, *, capture: bool,
                  pool: tuple[int, int] | None, out: tuple[tuple[int, ...], torch.dtype] | None = None) -> None:
         self.staging = _Staging(fields, device)
-        self.staging.host["rows"].fill_(scratch_row)
+        self.staging.host["rows"][:] = scratch_row
         self.staging.upload()
         cuda = device.type == "cuda"
-        self.out = None if out is None else torch.zeros(*out[0], dtype=out[1], device=device)
+        self.out = output = None if out is None else torch.zeros(*out[0], dtype=out[1], device=device)
         self.out_host = None if out is None else (
             torch.zeros(*out[0], dtype=out[1], pin_memory=True) if cuda else self.out)
         self._downloaded = torch.cuda.Event() if cuda and out is not None else None
         inputs = self.staging.device
 
-        def run() -> None:
+        def run() -> None:  # refers to no object that refers back to it: states are freed as soon as dropped
             result = body(inputs)
-            if self.out is not None:
-                self.out.copy_(result)
+            if output is not None:
+                output.copy_(result)
 
         self.program = CapturedProgram(run, device, enabled=capture, pool=pool, name=name)
 
@@ -122,12 +124,12 @@ class StaticPolicyState:
     moved, its graphs would still point at the original.
     """
 
-    def __init__(self, caches: PlanCaches, num_slots: int, horizon: int, action_dim: int, pinned: bool) -> None:
+    def __init__(self, caches: PlanCaches, num_slots: int, horizon: int, action_dim: int) -> None:
         self.caches, self.num_slots = caches, num_slots
-        self.seed = torch.zeros(num_slots, dtype=torch.long)
-        self.steps = torch.zeros(num_slots, dtype=torch.long)
-        self.observed = torch.zeros(num_slots, dtype=torch.long)
-        self.next_noise = torch.zeros(num_slots, horizon, action_dim, pin_memory=pinned)
+        self.seed = np.zeros(num_slots, dtype=np.int64)
+        self.steps = np.zeros(num_slots, dtype=np.int64)
+        self.observed = np.zeros(num_slots, dtype=np.int64)
+        self.next_noise = np.zeros((num_slots, horizon, action_dim), dtype=np.float32)
         self.observe_programs: dict[tuple[int, int], _Program] = {}
         self.act_programs: dict[int, _Program] = {}
 
@@ -214,26 +216,31 @@ class StaticStreamingPolicy:
         buckets = self._buckets or default_buckets(batch_size)
         if buckets[-1] > batch_size:
             raise ValueError(f"buckets: expected sizes <= batch_size={batch_size}, got {buckets}")
-        cuda = self.device.type == "cuda"
         state = StaticPolicyState(self.plan.caches(batch_size + 1, self.max_tokens_per_step), batch_size,
-                                  self.horizon, self.action_dim, pinned=cuda)
+                                  self.horizon, self.action_dim)
         self._draw_noise(state, range(batch_size))
         capture, unavailable = self.cuda_graph, capture_unavailable(self.device)
-        pool = torch.cuda.graph_pool_handle() if capture and unavailable is None else None
+        capturing = capture and unavailable is None
+        pool = torch.cuda.graph_pool_handle() if capturing else None
         io, long = self.io_dtype, torch.long
         plan, caches, scratch = self.plan, state.caches, state.scratch_row
         for b in reversed(buckets):  # largest first: smaller graphs reuse its pool memory
+            programs = []
             for s in range(1, self.max_tokens_per_step + 1):
-                state.observe_programs[b, s] = _Program(
+                programs.append(_Program(
                     f"observe[b={b},S={s}]", self.device, {"rows": ((b,), long), "obs": ((b, s, self.obs_dim), io)},
-                    lambda x: plan.observe(x["obs"], caches, x["rows"]), scratch, capture=capture, pool=pool)
+                    lambda x: plan.observe(x["obs"], caches, x["rows"]), scratch, capture=capture, pool=pool))
+                state.observe_programs[b, s] = programs[-1]
             # the scratch row must have observations before its act runs (warm-up) or pads a bucket
             state.observe_programs[b, 1].program.body()
             workspace = plan.act_workspace(caches, b)
-            state.act_programs[b] = _Program(
+            programs.append(_Program(
                 f"act[b={b}]", self.device, {"rows": ((b,), long), "noise": ((b, self.horizon, self.action_dim), io)},
                 lambda x, ws=workspace: plan.act(x["noise"], caches, x["rows"], ws), scratch, capture=capture,
-                pool=pool, out=((b, self.horizon, self.action_dim), io))
+                pool=pool, out=((b, self.horizon, self.action_dim), io)))
+            state.act_programs[b] = programs[-1]
+            if capturing and not all(p.program.captured for p in programs):
+                pool = torch.cuda.graph_pool_handle()  # a failed capture can leave its pool unusable
         if not self.cuda_graph:
             log.info("static policy runs eagerly: cuda_graph=False")
         elif unavailable is not None:
@@ -246,11 +253,10 @@ class StaticStreamingPolicy:
         seeds = np.asarray(0 if seed is None else seed)
         if seeds.dtype.kind not in "iu" or seeds.ndim > 1 or (seeds.ndim == 1 and seeds.size != index.size):
             raise ValueError(f"seed: expected an integer or one integer per row ({index.size}), got {seed!r}")
-        rows_t = torch.from_numpy(index)
-        state.caches.reset(rows_t.to(self.device))
-        state.seed[rows_t] = torch.as_tensor(seeds, dtype=torch.long)
-        state.steps[rows_t] = 0
-        state.observed[rows_t] = 0
+        state.caches.reset(torch.from_numpy(index).to(self.device))
+        state.seed[index] = seeds
+        state.steps[index] = 0
+        state.observed[index] = 0
         self._draw_noise(state, index.tolist())
 
     # ---------------------------------------------------------------- control step
@@ -258,15 +264,15 @@ class StaticStreamingPolicy:
         """New observation tokens ``obs (b, S, obs_dim)`` (or ``(b, obs_dim)``), ``S <= max_tokens_per_step``, of
         ``rows`` (all slots if ``None``). Launches the work and returns without waiting for it."""
         index = self._rows(state, rows)
-        obs = torch.as_tensor(obs).cpu()  # a device tensor syncs here: pass host arrays
-        if obs.dim() == 2:
+        obs = _host_array(obs)
+        if obs.ndim == 2:
             obs = obs[:, None]
         b = len(index)
-        if obs.dim() != 3 or obs.shape[0] != b or obs.shape[2] != self.obs_dim or \
+        if obs.ndim != 3 or obs.shape[0] != b or obs.shape[2] != self.obs_dim or \
                 not 1 <= obs.shape[1] <= self.max_tokens_per_step:
             raise ValueError(f"obs: expected ({b}, S, {self.obs_dim}) with 1 <= S <= {self.max_tokens_per_step}, "
                              f"got {tuple(obs.shape)}")
-        if not obs.is_floating_point() or not bool(torch.isfinite(obs).all()):
+        if obs.dtype.kind != "f" or not np.isfinite(obs).all():
             raise ValueError("obs: expected finite floating-point values (got NaN/Inf or a non-float dtype)")
         s = obs.shape[1]
         program = state.observe_programs[self._bucket(state, b), s]
@@ -274,23 +280,22 @@ class StaticStreamingPolicy:
         self._stage_rows(host["rows"], index, state.scratch_row)
         host["obs"][:b] = obs
         program.launch()
-        state.observed[torch.from_numpy(index)] += s
+        state.observed[index] += s
 
     def act(self, state: StaticPolicyState, rows: Rows = None) -> Tensor:
         """One control step's action chunk ``(b, Tx, action_dim)`` (CPU, ``io_dtype``) of ``rows``."""
         index = self._rows(state, rows)
-        rows_t = torch.from_numpy(index)
-        empty = state.observed[rows_t] == 0
-        if bool(empty.any()):
-            raise ValueError(f"rows: rows {index[empty.numpy()].tolist()} have no observation since their reset; "
+        empty = state.observed[index] == 0
+        if empty.any():
+            raise ValueError(f"rows: rows {index[empty].tolist()} have no observation since their reset; "
                              "call observe first")
         b = len(index)
         program = state.act_programs[self._bucket(state, b)]
         host = program.staging.write()
         self._stage_rows(host["rows"], index, state.scratch_row)
-        host["noise"][:b] = state.next_noise[rows_t]
+        host["noise"][:b] = state.next_noise[index]
         program.launch()
-        state.steps[rows_t] += 1
+        state.steps[index] += 1
         self._draw_noise(state, index.tolist())  # on the host while the GPU runs this step
         return program.result(b)
 
@@ -313,7 +318,7 @@ class StaticStreamingPolicy:
             index = index.astype(np.int64)
             if index.min() < 0 or index.max() >= n:
                 raise ValueError(f"rows: expected indices in 0..{n - 1}, got {index.tolist()}")
-            if np.unique(index).size != index.size:
+            if len(set(index.tolist())) != index.size:
                 raise ValueError(f"rows: expected distinct rows, got {index.tolist()}")
         if limit and index.size > state.buckets[-1]:
             raise ValueError(f"rows: at most {state.buckets[-1]} rows per call (the largest bucket), got {index.size}")
@@ -325,14 +330,14 @@ class StaticStreamingPolicy:
         return buckets[bisect.bisect_left(buckets, b)]
 
     @staticmethod
-    def _stage_rows(staged: Tensor, index: np.ndarray, scratch: int) -> None:
-        staged[:len(index)] = torch.from_numpy(index)
+    def _stage_rows(staged: np.ndarray, index: np.ndarray, scratch: int) -> None:
+        staged[:len(index)] = index
         staged[len(index):] = scratch
 
     def _draw_noise(self, state: StaticPolicyState, rows: Sequence[int]) -> None:
         gen, shape = torch.Generator(), (self.horizon, self.action_dim)
         for r in rows:
-            state.next_noise[r] = step_noise(int(state.seed[r]), int(state.steps[r]), shape, gen)
+            state.next_noise[r] = step_noise(int(state.seed[r]), int(state.steps[r]), shape, gen).numpy()
 
     # ---------------------------------------------------------------- description
     def metadata(self) -> dict[str, Any]:
@@ -346,6 +351,15 @@ class StaticStreamingPolicy:
     def __repr__(self) -> str:
         return (f"StaticStreamingPolicy({self.plan}, sampler={self.policy.sampler}, "
                 f"max_tokens_per_step={self.max_tokens_per_step}, cuda_graph={self.cuda_graph})")
+
+
+def _host_array(obs: Any) -> np.ndarray:
+    if isinstance(obs, Tensor):
+        obs = obs.detach().cpu()  # a device tensor syncs here: pass host arrays
+        if obs.is_floating_point() and obs.dtype != torch.float64:
+            obs = obs.float()  # numpy has no bfloat16
+        return obs.numpy()
+    return np.asarray(obs)
 
 
 def load_static_policy(path: str | Path, device: torch.device | str = "cuda", dtype: torch.dtype | None = None, *,

@@ -178,11 +178,13 @@ class ActWorkspace:
 
     ``kv (L, 2, b, H, M + 1, hd)``: per decoder layer, the rotated memory keys and values followed by the step token's
     slot; ``mask (b, 1, 1, M + 1)``: the additive band mask (a view into rows padded to 16 elements, the alignment the
-    memory-efficient attention kernels want).
+    memory-efficient attention kernels want); ``action_bias (b, Tx, D)``: the action embedding's bias plus position
+    table, added to the embedded action tokens by the first norm's kernel.
     """
 
     kv: Tensor
     mask: Tensor
+    action_bias: Tensor
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -346,7 +348,7 @@ class RegressorPlan:
                                       for p in (layer.multihead_attn.k_proj, layer.multihead_attn.v_proj)])
         emb = _dense(model.input_emb, dtype)
         pos = model.pos_emb.repeat_interleave(n, dim=-1).to(dtype)  # (Tx, D), invariant per copy
-        self.action_emb = _Affine(emb.weight, pos if emb.bias is None else emb.bias + pos)
+        self.action_weight, self.action_bias = emb.weight, pos if emb.bias is None else emb.bias + pos
         self.final_norm = _norm(model.ln_f, dtype)
         self._norm_after = [layer.norm1 for layer in self.decoder[1:]] + [self.final_norm]  # reads layer i's output
         self.head = _dense(model.head, dtype)
@@ -383,7 +385,7 @@ class RegressorPlan:
                          device=self.device)
         padded = -(-slots // 16) * 16
         mask = torch.zeros(batch, 1, 1, padded, dtype=self.dtype, device=self.device)[..., :slots]
-        return ActWorkspace(kv, mask)
+        return ActWorkspace(kv, mask, self.action_bias.expand(batch, -1, -1).contiguous())
 
     # ---------------------------------------------------------------- the control step
     def observe(self, obs: Tensor, caches: PlanCaches, rows: Tensor) -> None:
@@ -427,8 +429,8 @@ class RegressorPlan:
         def denoise(x: Tensor, k: Tensor) -> Tensor:
             # `k` is the recorded schedule's entry (checked at build): its step token's keys/values are precomputed
             kv[:, :, :, :, m] = self.step_kv[next(calls)][:, :, None]
-            h = self.action_emb(x.to(self.dtype))
-            normed = self.decoder[0].norm1(h)
+            h, normed = self.decoder[0].norm1.add(F.linear(x.to(self.dtype), self.action_weight),
+                                                  workspace.action_bias, self.fused)
             for i, layer in enumerate(self.decoder):
                 h, ff = layer(h, normed, kv[i, 0], kv[i, 1], workspace.mask, self.fused)
                 h, normed = self._norm_after[i].add(h, ff, self.fused)
