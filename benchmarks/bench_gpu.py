@@ -187,6 +187,9 @@ def main() -> None:
             if args.profile and config == args.configs[0] and batch == args.batches[0]:
                 for key in ("graph", "graph_torch"):
                     profile(steps[key], f"[{config} b={batch}] {key}")
+                ms = replay_only(states["graph"], batch, args.samples)
+                print(f"[{config} b={batch}] graph replays only (no staging, validation, copies): p50 "
+                      f"{np.percentile(ms, 50):.3f} ms, p99 {np.percentile(ms, 99):.3f} ms", flush=True)
     table = format_table(results)
     print(header)
     print(table)
@@ -195,6 +198,20 @@ def main() -> None:
             f.write(header + "\n\n" + table + "\n")
         with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
             json.dump({"header": header, "results": results}, f, indent=1)
+
+
+def replay_only(state, batch: int, samples: int) -> np.ndarray:
+    """Device time of a control step: the observe and act programs of the batch's bucket replayed back to back on
+    whatever their inputs hold, then a synchronize."""
+    bucket = min(b for b in state.buckets if b >= batch)
+    programs = [state.observe_programs[bucket, 1].program, state.act_programs[bucket].program]
+
+    def step() -> None:
+        for program in programs:
+            program()
+        torch.cuda.synchronize()
+
+    return timed(step, 1.0, samples)
 
 
 def profile(step: Callable[[], object], title: str, steps: int = 10) -> None:

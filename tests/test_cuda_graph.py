@@ -9,6 +9,7 @@ path and the reference, the step never synchronizes, and a failed capture falls 
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import msgpack
@@ -370,6 +371,26 @@ def test_failed_capture_falls_back_with_logged_reason(caplog):
     ok()
     ok()
     assert ok.captured and torch.equal(y, torch.full_like(y, 2.0))
+
+
+@cuda
+def test_capture_survives_garbage_holding_graphs():
+    """Seen on the H100: the cycle collector freed an unreachable state's CUDA graphs in the middle of another
+    capture, which invalidated it. Captures now run with the collector paused."""
+    x = torch.zeros(4, device="cuda")
+    cycle: list = [CapturedProgram(lambda: x.add_(1), "cuda")]
+    cycle.append(cycle)  # only the cycle collector can free this graph
+    del cycle
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)  # collect at (nearly) every allocation
+    try:
+        program = CapturedProgram(lambda: x.add_(torch.ones(4, device="cuda")), "cuda")
+    finally:
+        gc.set_threshold(*threshold)
+    assert program.captured, program.fallback_reason
+    x.zero_()
+    program()
+    assert torch.equal(x, torch.ones_like(x))
 
 
 @cuda
