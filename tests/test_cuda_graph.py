@@ -13,7 +13,6 @@ import gc
 import logging
 
 import msgpack
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings

@@ -11,7 +11,9 @@ trained model once and keeps only what inference needs:
   precomputed: a denoiser evaluation starts by copying them into the memory, nothing else about ``k`` is computed;
 * queries of the decoder's cross-attention all sit at ``now`` (the newest token), and RoPE scores depend only on
   ``key_pos - now``; so once per control step the cached (unrotated) memory keys are rotated by ``key_pos - now``
-  and the per-evaluation queries need no rotation at all; the band mask is also built once per control step.
+  and the per-evaluation queries need no rotation at all; the band mask is also built once per control step;
+* on CUDA, attention and every residual add + norm pair run as the Triton kernels of
+  :mod:`~streamtx.policy.static_kernels`, checked against the torch path on the plan's shapes when it is built.
 
 The plan computes the same function as :class:`~streamtx.policy.StreamingPolicy` over the same model (float64:
 agreement to ~1e-13; float32: ~1e-6, summation order differs). Everything it reads or writes in :meth:`observe` and
