@@ -27,6 +27,7 @@ from streamtx.symmetry import Representation
 from streamtx.tasks import task_representations
 
 from .data import ChunkDataset, load_dataset
+from .normalize import fold_input_normalization, observation_normalizer
 from .trainer import TrainConfig, TrainResult, train
 
 __all__ = ["build_model", "build_sampler", "split_episodes", "main"]
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     sampler = build_sampler(args.sampler, args.sampling_steps)
     history = model.receptive_field()
     tr, va = split_episodes(len(obs), args.val_fraction)
+    scale, shift = observation_normalizer(obs[tr], obs_rep)
+    obs = ((obs - shift) * scale).astype(np.float32)  # trained on normalized observations, folded in below
     train_set = ChunkDataset(obs[tr], act[tr], history, args.action_horizon)
     val_set = ChunkDataset(obs[va], act[va], history, args.action_horizon) if va.stop > va.start else None
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     result: TrainResult = train(model, sampler, train_set, config, get_optim_groups(model, args.weight_decay),
                                 val_set)
     seconds = time.perf_counter() - start
+    fold_input_normalization(result.ema_model.cond_obs_emb, scale, shift)  # the checkpoint takes raw observations
     extra = {"task": task, "command": "streamtx train " + shlex.join(argv), "train": config.to_dict(),
              "dataset": {"path": str(args.data), "episodes": int(len(obs)),
                          "half": str(data["half"]) if "half" in data else "all"},
