@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .models.cond_regressor import CondTransformerRegressor, eCondTransformerRegressor
@@ -32,7 +33,8 @@ def _rep_dict(rep: Representation) -> dict[str, Any]:
 def _rep_from(d: dict[str, Any], group: Group) -> Representation:
     if d["regular_copies"] is not None:
         return Representation.regular(group, d["regular_copies"])
-    return Representation.from_generators(group, [torch.tensor(m).numpy() for m in d["generators"]], name=d["name"])
+    return Representation.from_generators(group, [np.asarray(m, dtype=np.float64) for m in d["generators"]],
+                                          name=d["name"])
 
 
 def save_checkpoint(path: str | Path, model: eCondTransformerRegressor, sampler: Sampler,
@@ -73,7 +75,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
                ) -> tuple[eCondTransformerRegressor, Sampler, dict[str, Any]]:
     """``(model in eval mode, sampler, extra)`` from a checkpoint."""
     payload = load_checkpoint(path)
-    group = Group([torch.tensor(m).numpy() for m in payload["group"]["generators"]], name=payload["group"]["name"])
+    group = Group([np.asarray(m, dtype=np.float64) for m in payload["group"]["generators"]],
+                  name=payload["group"]["name"])
     reps = {name: _rep_from(d, group) for name, d in payload["representations"].items()}
     config = dict(payload["config"])
     in_h, cond_h = config.pop("in_horizon"), config.pop("cond_horizon")

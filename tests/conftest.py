@@ -25,6 +25,10 @@ QUADRUPED_LR = ([3, 4, 5, 0, 1, 2, 9, 10, 11, 6, 7, 8], [-1, 1, 1] * 4)
 QUADRUPED_FB = ([6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5], [1, -1, -1] * 4)
 
 
+# The layers here are small: one thread is faster than two fighting over a shared 2-core CI machine.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

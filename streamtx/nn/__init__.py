@@ -7,6 +7,7 @@ from .linear import eLinear
 from .norm import eLayerNorm, eRMSNorm
 from .positional import (AbsolutePositional, PositionalAttention, RecyclingPositionalEncoding, RelativePositionBias,
                          eRoPE, make_positional)
+from .retroactive import RetroactiveState, accumulator_dtype, eRetroactiveEncoderLayer
 from .state import RingCache, StreamState, band_mask
 from .stream import Stream
 from .transformer import (DecoderLayerState, DecoderState, EncoderLayerState, EncoderState, eTransformerDecoder,
@@ -17,5 +18,6 @@ __all__ = [
     "PositionalAttention", "AbsolutePositional", "RelativePositionBias", "eRoPE", "make_positional",
     "RecyclingPositionalEncoding", "eTransformerEncoderLayer", "eTransformerDecoderLayer", "eTransformerEncoder",
     "eTransformerDecoder", "RingCache", "StreamState", "band_mask", "Stream", "AttentionState", "EncoderLayerState",
-    "DecoderLayerState", "EncoderState", "DecoderState", "equivariance_error",
+    "DecoderLayerState", "EncoderState", "DecoderState", "equivariance_error", "eRetroactiveEncoderLayer",
+    "RetroactiveState", "accumulator_dtype",
 ]

@@ -82,7 +82,7 @@ class eMultiheadAttention(nn.Module):
         self.k_proj = eLinear(key_rep, self.hidden_rep, bias=bias, **fk)
         self.v_proj = eLinear(value_rep, self.hidden_rep, bias=bias, **fk)
         self.out_proj = eLinear(self.hidden_rep, in_rep, bias=bias, **fk)
-        self.positional = make_positional(positional, num_heads, copies // num_heads, n)
+        self.positional = make_positional(positional, num_heads, copies // num_heads, n).to(device)
 
     # ---------------------------------------------------------------- building blocks
     def _heads(self, x: Tensor) -> Tensor:
