@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..symmetry import Representation
-from .linear import check_same_group, eLinear
+from .linear import WeightCache, check_same_group, eLinear
 from .positional import PositionalAttention, make_positional
 from .state import RingCache, Rows, StreamState, band_mask
 
@@ -83,6 +83,7 @@ class eMultiheadAttention(nn.Module):
         self.v_proj = eLinear(value_rep, self.hidden_rep, bias=bias, **fk)
         self.out_proj = eLinear(self.hidden_rep, in_rep, bias=bias, **fk)
         self.positional = make_positional(positional, num_heads, copies // num_heads, n).to(device)
+        self._qkv_cache = WeightCache()
 
     # ---------------------------------------------------------------- building blocks
     def _heads(self, x: Tensor) -> Tensor:
@@ -93,6 +94,17 @@ class eMultiheadAttention(nn.Module):
     def project_query(self, query: Tensor, pos: Tensor) -> Tensor:
         """Batch-first ``query (B, L, E)``, ``pos (B, L)`` -> encoded per-head queries ``(B, H, L, hd)``."""
         return self.positional.encode_query(self._heads(self.q_proj(query)), pos)
+
+    def _fused_qkv(self) -> tuple[Tensor, Tensor | None]:
+        (wq, bq), (wk, bk), (wv, bv) = (p.dense() for p in (self.q_proj, self.k_proj, self.v_proj))
+        return torch.cat((wq, wk, wv)), None if bq is None else torch.cat((bq, bk, bv))
+
+    def project_self(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention ``x (B, L, E)`` -> encoded ``q, k, v (B, H, L, hd)`` with one fused matmul (the three
+        projections' dense weights concatenated and cached, like torch's ``in_proj_weight``)."""
+        weight, bias = self._qkv_cache.get((self.q_proj, self.k_proj, self.v_proj), self._fused_qkv)
+        q, k, v = (self._heads(t) for t in F.linear(x, weight, bias).chunk(3, dim=-1))
+        return self.positional.encode_query(q, pos), self.positional.encode_key(k, pos), v
 
     def project_kv(self, key: Tensor, value: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Batch-first ``key``/``value (B, S, *)``, ``pos (B, S)`` -> encoded ``k, v (B, H, S, hd)``."""
@@ -144,8 +156,11 @@ class eMultiheadAttention(nn.Module):
                              f"got {tuple(value.shape[:2])}")
         query_pos = _positions(query_pos, b, length, query.device, "query_pos")
         key_pos = _positions(key_pos, b, src, query.device, "key_pos")
-        q = self.project_query(query, query_pos)
-        k, v = self.project_kv(key, value, key_pos)
+        if query is key and key is value and self.key_rep is self.in_rep and self.value_rep is self.in_rep:
+            q, k, v = self.project_self(query, query_pos)
+        else:
+            q = self.project_query(query, query_pos)
+            k, v = self.project_kv(key, value, key_pos)
         mask = self._merge_masks(attn_mask, key_padding_mask, is_causal, b, length, src, q.dtype, q.device)
         bias = self.positional.score_bias(query_pos, key_pos)
         if bias is not None:
@@ -225,8 +240,11 @@ class eMultiheadAttention(nn.Module):
                       causal: bool = True, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """Queries ``(b, L, E)`` at positions ``(b, L)`` attend to the cached keys allowed by
         ``band_mask(query_pos, key_pos, state.window, causal)``."""
+        return self._attend_cache(self.project_query(query, query_pos), state, query_pos, rows, causal, need_weights)
+
+    def _attend_cache(self, q: Tensor, state: AttentionState, query_pos: Tensor, rows: Rows, causal: bool = True,
+                      need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         data, key_pos = state.cache.read(rows)
-        q = self.project_query(query, query_pos)
         mask = _additive(band_mask(query_pos, key_pos, state.window, causal=causal), q.dtype)[:, None]
         bias = self.positional.score_bias(query_pos, key_pos)
         if bias is not None:
@@ -245,8 +263,10 @@ class eMultiheadAttention(nn.Module):
         outs = []
         for start in range(0, xs.shape[1], chunk):
             part = xs[:, start:start + chunk]
-            pos = self.append_kv(part, state, rows)
-            outs.append(self.attend_cached(part, state, pos, rows)[0])
+            pos = state.cache.positions(rows)[:, None] + torch.arange(part.shape[1], device=part.device)
+            q, k, v = self.project_self(part, pos)
+            state.cache.append({"k": k.transpose(1, 2), "v": v.transpose(1, 2)}, rows)
+            outs.append(self._attend_cache(q, state, pos, rows)[0])
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return (out[:, 0] if single else out), state
 

@@ -4,6 +4,7 @@ parameters, in closed form (DESIGN.md section 2) and a dense weight cached for i
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,8 +42,11 @@ class WeightCache:
     def _state(tensors: list[Tensor]) -> tuple:
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
-    def get(self, module: nn.Module, build) -> tuple[Tensor | None, ...]:
-        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    def get(self, modules: nn.Module | Sequence[nn.Module], build) -> tuple[Tensor | None, ...]:
+        """``build()``'s result, rebuilt when a direct parameter or buffer of ``modules`` changed."""
+        # direct dict access: this runs on every forward, and nn.Module.parameters() is a slow generator walk
+        tensors = [t for m in ((modules,) if isinstance(modules, nn.Module) else modules)
+                   for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
         if torch.is_grad_enabled() and any(p.requires_grad for p in tensors):
             self._key = self._value = None  # do not keep a graph-less copy around while training
             return build()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..symmetry import Representation
+from .linear import WeightCache
 
 __all__ = ["eLayerNorm", "eRMSNorm"]
 
@@ -29,6 +30,7 @@ class _eNorm(nn.Module):
         fk = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(m, **fk)) if elementwise_affine else None
         self.bias = nn.Parameter(torch.empty(m, **fk)) if elementwise_affine and bias else None
+        self._cache = WeightCache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -37,9 +39,13 @@ class _eNorm(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def _affine(self) -> tuple[Tensor | None, Tensor | None]:
+    def _expand(self) -> tuple[Tensor | None, Tensor | None]:
         expand = lambda p: None if p is None else p.repeat_interleave(self.group_order)  # noqa: E731
         return expand(self.weight), expand(self.bias)
+
+    def _affine(self) -> tuple[Tensor | None, Tensor | None]:
+        """Per-feature affine (cached like eLinear's weights while no gradient is needed)."""
+        return self._cache.get(self, self._expand)  # type: ignore[return-value]
 
     @torch.no_grad()
     def load_dense_(self, weight: Tensor | None, bias: Tensor | None = None) -> None:

@@ -1,0 +1,22 @@
+"""Shared timing helper for the CPU benchmarks: interleaved repeats, median, so both sides of a ratio see the same
+machine noise."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def median_ms(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median wall time in ms of each function, measured round-robin (a, b, a, b, ...)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
