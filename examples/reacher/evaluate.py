@@ -1,6 +1,6 @@
 """Evaluate policies in closed loop through the daemon on held-out Reacher-v5 targets, next to the scripted expert.
 
-    python examples/reacher/evaluate.py policy.pt [other.pt ...] --episodes 100 [--half lower] [--execute 2]
+    python examples/reacher/evaluate.py policy.pt [other.pt ...] --episodes 100 [--half lower] [--execute 1]
 
 Each checkpoint is served by its own daemon process and driven through the client SDK, exactly as `streamtx demo`
 does; the table gives success rate (fingertip within 0.02 m at the end) and mean final distance.

@@ -2,7 +2,7 @@
 lies in the upper half-plane (y > 0), then evaluate both through the daemon on held-out targets in the lower
 half-plane (never seen) and in the upper one (seen).
 
-    python examples/reacher/half_plane.py --workdir runs/half_plane [--episodes 100] [--steps 8000]
+    python examples/reacher/half_plane.py --workdir runs/half_plane [--episodes 100] [--steps 6000]
 
 Steps whose output already exists in ``--workdir`` are skipped, so the experiment can be resumed or re-evaluated.
 Both policies are trained with the same data, architecture width, optimizer settings and seed; only the symmetry
@@ -26,7 +26,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("runs/half_plane"))
     p.add_argument("--demos", type=int, default=1000, help="upper-half-plane demonstration episodes")
-    p.add_argument("--steps", type=int, default=8000, help="training steps of each policy")
+    p.add_argument("--steps", type=int, default=6000, help="training steps of each policy")
     p.add_argument("--dim", type=int, default=32, help="embedding dim of both policies")
     p.add_argument("--episodes", type=int, default=100, help="evaluation episodes per half-plane")
     p.add_argument("--execute", type=int, default=DEFAULT_EXECUTE)

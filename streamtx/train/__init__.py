@@ -3,6 +3,8 @@
 
 from .data import ChunkDataset, load_dataset, save_dataset
 from .ema import EMA
+from .normalize import fold_input_normalization, observation_normalizer
 from .trainer import TrainConfig, TrainResult, train
 
-__all__ = ["ChunkDataset", "EMA", "TrainConfig", "TrainResult", "load_dataset", "save_dataset", "train"]
+__all__ = ["ChunkDataset", "EMA", "TrainConfig", "TrainResult", "fold_input_normalization", "load_dataset",
+           "observation_normalizer", "save_dataset", "train"]

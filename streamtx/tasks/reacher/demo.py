@@ -23,8 +23,9 @@ __all__ = ["DEFAULT_CHECKPOINT", "DEFAULT_EXECUTE", "main"]
 
 DEFAULT_CHECKPOINT = Path(__file__).with_name("policy.pt")
 """The shipped policy (see examples/reacher/README.md for the command that reproduces it)."""
-DEFAULT_EXECUTE = 2
-"""Control steps per action chunk in the demo: the robot asks for a chunk every second step, observes in between."""
+DEFAULT_EXECUTE = 1
+"""Control steps per action chunk in the demo: a fresh chunk every step (``--execute 2`` asks every second step and
+only observes in between), so every request is a full control step and the daemon's model time is per chunk."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<26} {r.success_rate:>8.1%} {r.mean_final_distance:>16.4f}")
     print(f"  latency per chunk request: client round trip p50 {np.percentile(client_ms, 50):.2f} ms, "
           f"p99 {np.percentile(client_ms, 99):.2f} ms; daemon model time p50 {model_ms['p50']:.2f} ms, "
-          f"p99 {model_ms['p99']:.2f} ms ({len(client_ms)} requests)")
+          f"p99 {model_ms['p99']:.2f} ms ({len(client_ms)} chunk requests"
+          f"{'' if args.execute == 1 else '; the model time includes the observe-only steps'})")
 
     from .plot import plot_evaluation
 
