@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zmq
 
 from streamtx.checkpoint import load_policy, make_random_checkpoint
 from streamtx_client import AsyncClient, Client
@@ -104,6 +106,43 @@ def async_run(endpoint: str, sessions: int, obs: np.ndarray, steps: int | None =
     return samples
 
 
+ECHO_SERVER = """
+import sys, time, zmq
+router = zmq.Context().socket(zmq.ROUTER)
+router.bind(sys.argv[1])
+while True:
+    peer, wait = router.recv_multipart()
+    start = time.perf_counter()
+    while time.perf_counter() - start < float(wait):  # busy, like a model on the CPU
+        pass
+    router.send_multipart([peer, b"%.9f" % (time.perf_counter() - start)])
+"""
+
+
+def echo_floor(endpoint: str, wait_s: float, steps: int) -> list[float]:
+    """Round trip minus the wait of a bare ZeroMQ echo in a child process that busy-waits ``wait_s`` before each
+    reply: what this machine charges for the same message pattern with no streamtx code at all."""
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint])
+    try:
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(endpoint)
+        overhead = []
+        for i in range(steps + WARMUP):
+            start = time.perf_counter()
+            dealer.send(b"%.9f" % wait_s)
+            if not dealer.poll(30_000):
+                raise RuntimeError("the echo server did not answer")
+            waited = float(dealer.recv())
+            if i >= WARMUP:
+                overhead.append(time.perf_counter() - start - waited)
+        dealer.close()
+        return overhead
+    finally:
+        server.kill()
+        server.wait()
+
+
 def in_process_model_ms(checkpoint: Path, batch: int, steps: int) -> float:
     """Median time of one batched policy step in this process (what the daemon's model stage runs)."""
     policy = load_policy(checkpoint)
@@ -151,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in (16, 64):
                 throughput[n, False] = async_run(daemon.endpoints[0], n, obs, seconds=args.seconds, warmup=1).rate
         inproc = {n: in_process_model_ms(checkpoint, n, 50 if args.quick else 200) for n in {1, *args.sessions}}
+        single = next(s for _, client, _, s in rows if client == "blocking")
+        floor = echo_floor(f"ipc://{tmp}/echo.ipc", float(np.median(single.model)), args.steps // 4)
 
     print(f"\nstreamtx daemon: serving overhead = round trip - daemon model time (ms); 1 torch thread in daemon and "
           f"client;\nrandom checkpoint, {obs.shape[1]}-d observation tokens; load average "
@@ -165,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     for transport, values in hello.items():
         print(f"{transport:<9} {'hello':<8} {'-':>8} {len(values):>6} {ms(values, 50):>8.3f} {ms(values, 99):>8.3f} "
               f"{'-':>9} {'-':>8} {ms(values, 50):>8.3f} {ms(values, 99):>8.3f} {'-':>6}")
+    print(f"{'ipc':<9} {'echo':<8} {'-':>8} {len(floor):>6} {'-':>8} {'-':>8} {ms(single.model, 50):>9.3f} "
+          f"{'-':>8} {ms(floor, 50):>8.3f} {ms(floor, 99):>8.3f} {'-':>6}")
     print("model p50: the daemon's policy time per batch; in-proc: the same batched step in this process;\n"
-          "batch: mean steps per batch; hello: a round trip with no model (the floor of the overhead)\n")
+          "batch: mean steps per batch; hello: a round trip with no model; echo: a bare ZeroMQ echo process that\n"
+          "busy-waits the one-session model p50 before replying (no streamtx code: the machine's own floor)\n")
     print(f"{'sessions':>8} {'batching off':>14} {'batching on':>13} {'ratio':>7}   (steps/s, closed loops)")
     for n in (16, 64):
         print(f"{n:>8} {throughput[n, False]:>12.0f} {throughput[n, True]:>13.0f} "

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Iterator
-
-import signal
 
 import pytest
 import torch
 
-from serving_helpers import MAX_TOKENS
+from serving_helpers import MAX_TOKENS, start_daemon
 from streamtx.checkpoint import load_policy, make_random_checkpoint
 from streamtx_server.process import DaemonProcess
-
-# Small limits, so the limit tests need small messages.
-DAEMON_FLAGS = ("--threads=1", f"--max-tokens-per-step={MAX_TOKENS}", "--max-message-bytes=65536",
-                "--max-array-elements=4096", "--max-sessions=24", "--max-wait-ms=2")
 
 
 @pytest.fixture(autouse=True)
@@ -38,13 +33,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def policy(checkpoint: Path):
     """The in-process reference: the same checkpoint, loaded as the daemon loads it."""
     return load_policy(checkpoint, max_tokens_per_step=MAX_TOKENS)
-
-
-def start_daemon(checkpoint: Path, directory: Path, *flags: str, binds: tuple[str, ...] | None = None) -> DaemonProcess:
-    binds = binds or ("tcp://127.0.0.1:*", f"ipc://{directory}/daemon.ipc")
-    daemon = DaemonProcess.serve(checkpoint, binds, directory / "daemon.log", *DAEMON_FLAGS, *flags)
-    daemon.start()
-    return daemon
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,57 @@
-"""Helpers of the serving tests: the in-process reference run, and a raw DEALER peer for hand-made messages."""
+"""Helpers of the serving tests: daemons in child processes, the in-process reference run, and a raw DEALER peer
+for hand-made messages."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
+
+import threading
+import time
 
 import numpy as np
 import torch
 import zmq
 
 from streamtx_client.protocol import decode, encode
+from streamtx_server import Server, ServerConfig
+from streamtx_server.process import DaemonProcess
 
 Script = Sequence[tuple[np.ndarray, bool]]
 """A session's stream: per control step, observation tokens ``(S, obs_dim)`` and whether it asks for actions."""
 
 TIMEOUT = 20.0  # seconds; generous for a loaded 2-core machine, still bounded
 MAX_TOKENS = 4  # observation tokens per step, in the daemon under test and the in-process reference
+# Small limits, so the limit tests need small messages.
+DAEMON_FLAGS = ("--threads=1", f"--max-tokens-per-step={MAX_TOKENS}", "--max-message-bytes=65536",
+                "--max-array-elements=4096", "--max-sessions=24", "--max-wait-ms=2")
+
+
+def start_daemon(checkpoint: Path, directory: Path, *flags: str, binds: tuple[str, ...] | None = None) -> DaemonProcess:
+    """``python -m streamtx_server serve`` in a child process, listening; default endpoints ``[tcp, ipc]``."""
+    binds = binds or ("tcp://127.0.0.1:*", f"ipc://{directory}/daemon.ipc")
+    daemon = DaemonProcess.serve(checkpoint, binds, directory / "daemon.log", *DAEMON_FLAGS, *flags)
+    daemon.start()
+    return daemon
+
+
+def start_server(policy: Any, endpoint: str, *, context: zmq.Context | None = None, curve: Any = None,
+                 **config: Any) -> tuple[Server, threading.Thread]:
+    """A :class:`Server` serving in a thread of this process; returns once it listens."""
+    server = Server(policy, [endpoint], ServerConfig(**config), curve=curve)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"context": context}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not server.bound:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.005)
+    return server, thread
+
+
+def stop_server(server: Server, thread: threading.Thread) -> None:
+    server.stop()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
 
 
 def make_script(rng: np.random.Generator, steps: int, obs_dim: int, max_tokens: int = 1,

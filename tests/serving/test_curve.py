@@ -3,8 +3,6 @@ with it everything works, encrypted."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +10,8 @@ import pytest
 import zmq
 import zmq.auth
 
-from conftest import start_daemon
+from serving_helpers import start_daemon, start_server, stop_server
 from streamtx_client import Client, RequestTimeout
-from streamtx_server import Server, ServerConfig
 from streamtx_server.auth import create_curve_keys, load_server_keys
 from streamtx_server.cli import keygen_main, stats_main
 
@@ -49,12 +46,9 @@ def test_listed_clients_only(policy, tmp_path: Path) -> None:
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     zmq.auth.create_certificates(stranger, "client")
-    context = zmq.Context()
-    server = Server(policy, ["tcp://127.0.0.1:*"], ServerConfig(max_sessions=2), curve=load_server_keys(keys))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"context": context}, daemon=True)
-    thread.start()
-    while not server.bound:
-        time.sleep(0.005)
+    context = zmq.Context()  # its own: the authenticator checks every CURVE socket of its context
+    server, thread = start_server(policy, "tcp://127.0.0.1:*", context=context, curve=load_server_keys(keys),
+                                  max_sessions=2)
     try:
         with Client(server.bound[0], timeout=0.5, retries=0, server_key=public,
                     client_keys=stranger / "client.key_secret") as refused, pytest.raises(RequestTimeout):
@@ -66,10 +60,8 @@ def test_listed_clients_only(policy, tmp_path: Path) -> None:
                     client_keys=keys / "client0.key_secret") as admitted:
             assert admitted.hello()["protocol"] == 1
     finally:
-        server.stop()
-        thread.join(10)
+        stop_server(server, thread)
         context.term()
-    assert not thread.is_alive()
 
 
 def test_key_errors_are_clear(tmp_path: Path) -> None:

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from serving_helpers import MAX_TOKENS, RawPeer, assert_same_actions, error_code, make_script, reference_run
+from serving_helpers import (
+    MAX_TOKENS, RawPeer, assert_same_actions, error_code, make_script, reference_run, start_server, stop_server,
+)
 from streamtx_client import AsyncClient
-from streamtx_server import Server, ServerConfig
+from streamtx_server import Server
 
 
 class GatedPolicy:
@@ -39,22 +41,6 @@ class GatedPolicy:
             self.acting.set()
             assert self.release.wait(20.0)
         return self._policy.act(state, rows)
-
-
-def start_server(policy: Any, endpoint: str, **config: Any) -> tuple[Server, threading.Thread]:
-    server = Server(policy, [endpoint], ServerConfig(**config))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.bound and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return server, thread
-
-
-def stop_server(server: Server, thread: threading.Thread) -> None:
-    server.stop()
-    thread.join(10)
-    assert not thread.is_alive()
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from conftest import start_daemon
-from serving_helpers import MAX_TOKENS, RawPeer, assert_same_actions, error_code, make_script, reference_run
+from serving_helpers import (
+    MAX_TOKENS, RawPeer, assert_same_actions, error_code, make_script, reference_run, start_daemon,
+)
 from streamtx_client import Client
 from streamtx_client.protocol import ARRAY_EXT, encode
 
