@@ -5,7 +5,7 @@ import torch
 from streamtx.nn import causal_window_mask, eMultiheadAttention
 from streamtx.symmetry import Representation, cyclic, dihedral
 
-from conftest import GROUPS, act, mixed_rep, rel_err
+from layer_testing import GROUPS, act, mixed_rep, rel_err
 
 
 def torch_pair(batch_first: bool, kdim: int | None = None, vdim: int | None = None, dtype=torch.float64):

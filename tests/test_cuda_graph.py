@@ -28,7 +28,7 @@ from streamtx.policy.static_kernels import add_norm, attention, fused_kernels_av
 from streamtx.policy.static import StaticStreamingPolicy, default_buckets, load_static_policy
 from streamtx.symmetry import Representation, dihedral
 
-from conftest import faithful_rep, rel_err
+from layer_testing import faithful_rep, rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SLOTS = 5  # buckets 1, 2, 4, 5: calls of 3 rows run padded

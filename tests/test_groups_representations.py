@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 from streamtx.symmetry import Group, Representation, cyclic, dihedral, direct_product, klein_four, symmetric
 
-from conftest import GROUPS, QUADRUPED_FB, QUADRUPED_LR, faithful_rep, mixed_rep, quadruped
+from layer_testing import GROUPS, QUADRUPED_FB, QUADRUPED_LR, faithful_rep, mixed_rep, quadruped
 
 ORDERS = {"C2": 2, "C5": 5, "D4": 8, "K4": 4, "C2xK4": 8, "S4": 24}
 

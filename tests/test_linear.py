@@ -7,7 +7,7 @@ import torch
 from streamtx.nn import eLinear
 from streamtx.symmetry import Representation, cyclic, dihedral
 
-from conftest import GROUPS, act, faithful_rep, mixed_rep, quadruped, rel_err
+from layer_testing import GROUPS, act, faithful_rep, mixed_rep, quadruped, rel_err
 
 
 def hom_dim(rep_in: Representation, rep_out: Representation) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from streamtx.models import eCondTransformerRegressor
 from streamtx.policy import DDIMSampler, FlowMatchingSampler, StreamingPolicy, make_sampler
 from streamtx.symmetry import Representation, dihedral
 
-from conftest import act, faithful_rep, mixed_rep, rel_err
+from layer_testing import act, faithful_rep, mixed_rep, rel_err
 
 
 def d4_model(**kw) -> eCondTransformerRegressor:

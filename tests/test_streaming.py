@@ -8,7 +8,7 @@ from streamtx.nn import (RecyclingPositionalEncoding, RingCache, Stream, causal_
 from streamtx.nn.state import band_mask
 from streamtx.symmetry import Representation, dihedral, trivial_group
 
-from conftest import rel_err
+from layer_testing import rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 GROUPS = {"trivial": trivial_group, "D4": lambda: dihedral(4)}

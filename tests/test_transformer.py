@@ -5,7 +5,7 @@ from streamtx.nn import (eLayerNorm, ePointwise, eRMSNorm, eTransformerDecoder, 
                          eTransformerEncoder, eTransformerEncoderLayer, causal_window_mask)
 from streamtx.symmetry import Representation, cyclic, dihedral
 
-from conftest import GROUPS, act, faithful_rep, quadruped, rel_err
+from layer_testing import GROUPS, act, faithful_rep, quadruped, rel_err
 
 
 @pytest.mark.parametrize("name", list(GROUPS))
