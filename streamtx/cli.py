@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("streamtx.tasks.reacher.demo", "main", "run Reacher episodes through the daemon with the shipped policy"),
     "serve": ("streamtx_server.cli", "serve_main", "run the inference daemon for a checkpoint"),
     "stats": ("streamtx_server.cli", "stats_main", "print a running daemon's statistics"),
+    "keygen": ("streamtx_server.cli", "keygen_main", "create CURVE keys for serve --curve-keys"),
     "collect": ("streamtx.tasks.reacher.collect", "main", "collect Reacher demonstrations from the scripted expert"),
     "train": ("streamtx.train.cli", "main", "train a policy on a demonstration file"),
     "random-checkpoint": ("streamtx.checkpoint", "random_checkpoint_main", "write a small random-weight checkpoint"),

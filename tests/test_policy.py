@@ -155,3 +155,16 @@ def test_checkpoint_round_trip(tmp_path):
     torch.save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a streamtx checkpoint"):
         load_model(tmp_path / "other.pt")
+
+
+def test_reset_with_a_step_count_resumes_the_noise_sequence():
+    policy = StreamingPolicy(d4_model(), FlowMatchingSampler(2))
+    z = torch.randn(1, 6, policy.obs_dim)
+    run = policy.init_state(1)
+    policy.reset(run, seed=4)
+    for t in range(5):
+        policy.step(run, z[:, t])
+    resumed = policy.init_state(1)
+    policy.reset(resumed, seed=4, steps=5)  # a session rebuilt elsewhere after 5 control steps
+    assert torch.equal(policy.noise(resumed), policy.noise(run))
+    assert policy.receptive_field == policy.model.receptive_field()

@@ -91,7 +91,13 @@ def serve_main(argv: list[str] | None = None) -> int:
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        policy = load_policy(args.checkpoint, device=args.device, max_tokens_per_step=args.max_tokens_per_step)
+        if torch.device(args.device).type == "cuda":  # static plan + CUDA graphs captured at start-up, pinned I/O
+            from streamtx.policy.static import load_static_policy
+
+            policy = load_static_policy(args.checkpoint, device=args.device,
+                                        max_tokens_per_step=args.max_tokens_per_step)
+        else:
+            policy = load_policy(args.checkpoint, device=args.device, max_tokens_per_step=args.max_tokens_per_step)
         return run_server(policy, args.bind or ["tcp://127.0.0.1:5555"], config, curve_keys=args.curve_keys)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         log_event(log, logging.ERROR, "serve_failed", error=f"{type(exc).__name__}: {exc}")

@@ -43,9 +43,9 @@ _HARD_SIZE_FACTOR = 8  # messages over this many times max_message_bytes cost th
 class ServedPolicy(Protocol):
     """What the daemon needs of a policy (``streamtx.policy.StreamingPolicy`` has it).
 
-    Its state must keep each row's control-step counter in ``state.steps`` (``(B,)`` ints: the noise of a row's next
-    action chunk is drawn from its seed and this counter), and ``model.receptive_field()`` must give the observation
-    tokens a row's state depends on: together they let a client rebuild a session on a fresh daemon.
+    ``reset(state, rows, seed, steps)`` sets a row's seed and control-step counter (the noise of a row's next action
+    chunk is drawn from both), and ``receptive_field`` is the number of observation tokens a row's state depends on:
+    together they let a client rebuild a session on a fresh daemon.
     """
 
     obs_dim: int
@@ -55,7 +55,7 @@ class ServedPolicy(Protocol):
     max_tokens_per_step: int
     dtype: torch.dtype
     device: torch.device
-    model: Any
+    receptive_field: int
 
     def metadata(self) -> dict[str, Any]: ...
     def init_state(self, batch_size: int) -> Any: ...
@@ -119,7 +119,7 @@ class Server:
                 "horizon": policy.horizon,
                 "cond_window": policy.cond_window,
                 # tokens a reconnecting client replays: the state depends on no older observation
-                "replay_window": int(policy.model.receptive_field()),
+                "replay_window": int(policy.receptive_field),
                 "max_tokens_per_step": policy.max_tokens_per_step,
                 "dtype": str(policy.dtype).removeprefix("torch."),
                 "metadata": policy.metadata(),
@@ -127,7 +127,6 @@ class Server:
             "limits": self.config.limits(),
         }
         encode(self._hello)  # metadata that cannot go on the wire fails here, not at the first hello
-        self._device, self._dtype = policy.device, policy.dtype  # looked up once: each lookup costs microseconds
         self._queue: list[_Queued] = []
         self._wake_r, self._wake_w = pysocket.socketpair()
         self._wake_w.setblocking(False)
@@ -260,8 +259,7 @@ class Server:
         """Empty the session's row, set its seed, and its step counter (nonzero when a client resumes a session
         that took ``steps`` control steps elsewhere, so its noise sequence continues where it was)."""
         with torch.no_grad():
-            self.policy.reset(self.state, rows=torch.tensor([session.slot]), seed=session.seed)
-            self.state.steps[session.slot] = steps
+            self.policy.reset(self.state, rows=torch.tensor([session.slot]), seed=session.seed, steps=steps)
         session.tokens, session.steps = 0, steps
 
     # -- batches
@@ -295,7 +293,7 @@ class Server:
                         obs = torch.from_numpy(np.stack([batch[i].request.obs for i in group]))
                         rows = self._rows(batch, group)
                         t0 = time.perf_counter()
-                        self.policy.observe(self.state, obs.to(self._device, self._dtype), rows=rows)
+                        self.policy.observe(self.state, obs, rows=rows)  # the policy moves/casts (pinned for CUDA)
                         model_time += time.perf_counter() - t0
                     if round_.act:
                         rows = self._rows(batch, round_.act)

@@ -192,6 +192,7 @@ class StaticStreamingPolicy:
         self.obs_dim, self.action_dim = policy.obs_dim, policy.action_dim
         self.horizon, self.cond_window = policy.horizon, policy.cond_window
         self.max_tokens_per_step = policy.max_tokens_per_step
+        self.receptive_field = policy.receptive_field
 
     @property
     def dtype(self) -> torch.dtype:
@@ -247,15 +248,17 @@ class StaticStreamingPolicy:
             log.warning("static policy runs eagerly: %s", unavailable)
         return state
 
-    def reset(self, state: StaticPolicyState, rows: Rows = None, seed: int | Sequence[int] | None = None) -> None:
-        """Forget the past of ``rows`` (all if ``None``) and set their noise seed (``None``: 0)."""
+    def reset(self, state: StaticPolicyState, rows: Rows = None, seed: int | Sequence[int] | None = None,
+              steps: int | Sequence[int] = 0) -> None:
+        """Forget the past of ``rows`` (all if ``None``) and set their noise seed (``None``: 0) and control-step
+        counter (as :meth:`StreamingPolicy.reset`)."""
         index = self._rows(state, rows, limit=False)
         seeds = np.asarray(0 if seed is None else seed)
         if seeds.dtype.kind not in "iu" or seeds.ndim > 1 or (seeds.ndim == 1 and seeds.size != index.size):
             raise ValueError(f"seed: expected an integer or one integer per row ({index.size}), got {seed!r}")
         state.caches.reset(torch.from_numpy(index).to(self.device))
         state.seed[index] = seeds
-        state.steps[index] = 0
+        state.steps[index] = steps
         state.observed[index] = 0
         self._draw_noise(state, index.tolist())
 

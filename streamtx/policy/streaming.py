@@ -66,6 +66,11 @@ class StreamingPolicy(nn.Module):
         self.horizon, self.cond_window = model.in_horizon, model.cond_horizon
 
     @property
+    def receptive_field(self) -> int:
+        """Observation tokens a row's state depends on: replaying this many rebuilds a session exactly."""
+        return self.model.receptive_field()
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.model.input_emb.weight.dtype
 
@@ -92,13 +97,15 @@ class StreamingPolicy(nn.Module):
             raise ValueError(f"rows: expected distinct rows, got {rows_t.tolist()}")
         return rows_t.to(self.device)
 
-    def reset(self, state: PolicyState, rows: Rows = None, seed: int | Sequence[int] | None = None) -> None:
-        """Forget the past of ``rows`` (all if ``None``) and set their noise seed (``None``: 0)."""
+    def reset(self, state: PolicyState, rows: Rows = None, seed: int | Sequence[int] | None = None,
+              steps: int | Sequence[int] = 0) -> None:
+        """Forget the past of ``rows`` (all if ``None``) and set their noise seed (``None``: 0) and control-step
+        counter (nonzero to resume a session elsewhere: its noise sequence continues where it was)."""
         rows_t = self._rows(state, rows)
         state.model.reset(rows_t)
         index = _index(state, rows_t)
         state.seed[index] = torch.as_tensor(0 if seed is None else seed, dtype=torch.long)
-        state.steps[index] = 0
+        state.steps[index] = torch.as_tensor(steps, dtype=torch.long)
 
     # ---------------------------------------------------------------- control step
     @torch.no_grad()

@@ -62,7 +62,7 @@ def test_hello_describes_the_policy_and_the_limits(daemon, policy) -> None:
         hello = client.hello()
     assert hello["protocol"] == 1
     assert hello["policy"]["metadata"] == policy.metadata()
-    assert hello["policy"]["replay_window"] == policy.model.receptive_field()
+    assert hello["policy"]["replay_window"] == policy.receptive_field == policy.model.receptive_field()
     assert hello["limits"] == {"max_message_bytes": 65536, "max_array_elements": 4096, "max_sessions": 24,
                                "max_tokens_per_step": MAX_TOKENS}
 
