@@ -7,23 +7,16 @@ Usage: python benchmarks/bench_layers.py [--threads 1]
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor
 from streamtx.nn import eTransformerDecoderLayer, eTransformerEncoderLayer
 from streamtx.symmetry import Representation, dihedral
-from timing import median_ms
+from timing import median_ms, setup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=30)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = setup(__doc__, repeats=30)
     group = dihedral(4)
     rows = []
     for width, batch in ((128, 8), (256, 8)):

@@ -10,15 +10,13 @@ Usage: python benchmarks/bench_streaming.py [--threads 1] [--repeats 20]
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from streamtx.models import eCondTransformerRegressor
 from streamtx.nn import causal_window_mask, eTransformerEncoder, eTransformerEncoderLayer
 from streamtx.policy import FlowMatchingSampler, StreamingPolicy
 from streamtx.symmetry import Representation, dihedral
-from timing import median_ms
+from timing import median_ms, setup
 
 
 def per_token(rep: Representation, depth: int, window: int, repeats: int) -> tuple[float, float]:
@@ -66,12 +64,7 @@ def control_step(repeats: int) -> tuple[float, float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = setup(__doc__, repeats=20)
     rep = Representation.regular(dihedral(4), 16)  # D = 128
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU, D4, D=128, median of {args.repeats} runs")
     print("(1) one new token: forward_step vs recomputing the window")

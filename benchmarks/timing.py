@@ -3,9 +3,12 @@ machine noise."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
+
+import torch
 
 
 def median_ms(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
@@ -20,3 +23,14 @@ def median_ms(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: i
             fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def setup(doc: str, repeats: int) -> argparse.Namespace:
+    """Parse ``--threads`` / ``--repeats``, pin torch's thread count and seed: the same start for every benchmark."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args

@@ -1,6 +1,8 @@
-"""Fixtures of the layer tests; shared helpers live in layer_testing.py."""
+"""Fixtures of all tests; the layer tests' shared helpers live in layer_testing.py."""
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -8,8 +10,14 @@ import torch
 
 from streamtx.symmetry import Group, trivial_group
 
-# The layers here are small: one thread is faster than two fighting over a shared 2-core CI machine.
-torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Every test runs single-threaded: the models here are small, and on a shared 2-core machine contending
+    intra-op threads make ops ~10x slower. Restored afterwards (training code under test may set it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

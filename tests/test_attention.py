@@ -38,6 +38,7 @@ def test_trivial_group_reproduces_torch(batch_first, need_weights, average):
             assert float((wa - wb).nan_to_num().abs().max()) <= 1e-6
 
 
+@torch.no_grad()
 def test_trivial_group_kdim_vdim_and_unbatched():
     ours, ref = torch_pair(True, kdim=12, vdim=8)
     q, k, v = torch.randn(5, 16, dtype=torch.float64), torch.randn(6, 12, dtype=torch.float64), \

@@ -5,7 +5,7 @@ import torch
 from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor, get_optim_groups
 from streamtx.symmetry import Representation, dihedral
 
-from layer_testing import GROUPS, act, faithful_rep, mixed_rep, quadruped, rel_err
+from layer_testing import GROUPS, faithful_rep, mixed_rep, quadruped
 
 
 def small(in_rep, cond_rep, out_rep, **kw):

@@ -169,7 +169,7 @@ def test_programs_are_static():
     gen = torch.Generator().manual_seed(0)
     traces = []
     for rows in ([0, 1, 2], [4, 2, 3]):  # bucket 4, padded
-        for name, program, fill in ((f"observe", state.observe_programs[4, 1], "obs"),
+        for name, program, fill in (("observe", state.observe_programs[4, 1], "obs"),
                                     ("act", state.act_programs[4], "noise")):
             inputs = program.staging.write()
             inputs["rows"][:3] = rows

@@ -24,16 +24,6 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 GROUPS = {"C1": (trivial_group, 16), "D4": (lambda: dihedral(4), 4)}  # group, regular copies (D = 16 or 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine a contended thread pool makes
-    every op ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_layer(group: str = "D4", *, dtype: torch.dtype = torch.float64, norm_first: bool = False,
                positional: str | None = None, query_scale: float = 1.0, seed: int = 0) -> eTransformerEncoderLayer:
     torch.manual_seed(seed)

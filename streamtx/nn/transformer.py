@@ -75,6 +75,15 @@ class _LayerBase(nn.Module):
             setattr(self, f"norm{i}", make_norm(norm_module, in_rep, layer_norm_eps, bias, **fk))
             setattr(self, f"dropout{i}", nn.Dropout(dropout))
 
+    def _set_attention(self, name: str, prebuilt: eMultiheadAttention | None, in_rep: Representation, nhead: int,
+                       dropout: float, bias: bool, positional: str | PositionalAttention | None, fk: dict) -> None:
+        """Use a pre-built attention module (checked to act on ``in_rep``) or build one."""
+        attn = prebuilt if prebuilt is not None else eMultiheadAttention(
+            in_rep, nhead, dropout=dropout, bias=bias, batch_first=True, positional=positional, **fk)
+        if attn.in_rep != in_rep:
+            raise ValueError(f"{name}: expected attention over {in_rep.name}, got {attn.in_rep.name}")
+        setattr(self, name, attn)
+
     def _ff_block(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
@@ -119,10 +128,7 @@ class eTransformerEncoderLayer(_LayerBase):
         fk = {"device": device, "dtype": dtype}
         self._init_common(in_rep, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias,
                           norm_module, 2, fk)
-        self.self_attn = self_attn if self_attn is not None else eMultiheadAttention(
-            in_rep, nhead, dropout=dropout, bias=bias, batch_first=True, positional=positional, **fk)
-        if self.self_attn.in_rep != in_rep:
-            raise ValueError(f"self_attn: expected attention over {in_rep.name}, got {self.self_attn.in_rep.name}")
+        self._set_attention("self_attn", self_attn, in_rep, nhead, dropout, bias, positional, fk)
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False, *, src_pos: Tensor | None = None) -> Tensor:
@@ -192,14 +198,8 @@ class eTransformerDecoderLayer(_LayerBase):
         fk = {"device": device, "dtype": dtype}
         self._init_common(in_rep, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias,
                           norm_module, 3, fk)
-        self.self_attn = self_attn if self_attn is not None else eMultiheadAttention(
-            in_rep, nhead, dropout=dropout, bias=bias, batch_first=True, positional=positional, **fk)
-        self.multihead_attn = multihead_attn if multihead_attn is not None else eMultiheadAttention(
-            in_rep, nhead, dropout=dropout, bias=bias, batch_first=True, positional=cross_positional, **fk)
-        for name in ("self_attn", "multihead_attn"):
-            if getattr(self, name).in_rep != in_rep:
-                raise ValueError(f"{name}: expected attention over {in_rep.name}, "
-                                 f"got {getattr(self, name).in_rep.name}")
+        self._set_attention("self_attn", self_attn, in_rep, nhead, dropout, bias, positional, fk)
+        self._set_attention("multihead_attn", multihead_attn, in_rep, nhead, dropout, bias, cross_positional, fk)
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None, memory_mask: Tensor | None = None,
                 tgt_key_padding_mask: Tensor | None = None, memory_key_padding_mask: Tensor | None = None,

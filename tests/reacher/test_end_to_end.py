@@ -1,11 +1,8 @@
 """The whole pipeline on a tiny scale: collect -> train (the `streamtx train` entry point) -> serve (a real daemon
 process) -> control (the client SDK drives the simulator)."""
 
-from typing import Iterator
-
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("gymnasium")
 pytest.importorskip("streamtx_server")
@@ -15,15 +12,6 @@ from streamtx.checkpoint import load_model  # noqa: E402
 from streamtx.tasks.reacher.collect import main as collect_main  # noqa: E402
 from streamtx.tasks.reacher.evaluate import eval_seeds, evaluate_served  # noqa: E402
 from streamtx.train.cli import main as train_main  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Training in the test process runs single-threaded (it sets torch's threads), like the daemon: on a small
-    shared machine intra-op threads only contend; restore the setting for the other tests."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_collect_train_serve_control(tmp_path, capsys):

@@ -7,21 +7,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import torch
 
 from serving_helpers import MAX_TOKENS, start_daemon
 from streamtx.checkpoint import load_policy, make_random_checkpoint
 from streamtx_server.process import DaemonProcess
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The in-process reference runs single-threaded, like the daemons under test (``--threads=1``): on a small
-    shared machine, intra-op threads only contend with the daemon."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

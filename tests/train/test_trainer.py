@@ -1,7 +1,6 @@
 """The trainer: seeded and reproducible, learns, weights examples alike across window lengths, checks its inputs."""
 
 import math
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -11,15 +10,6 @@ from streamtx.models import CondTransformerRegressor, get_optim_groups
 from streamtx.policy import FlowMatchingSampler
 from streamtx.train import ChunkDataset, TrainConfig, train
 from streamtx.train.trainer import chunk_loss
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models on a small shared machine: intra-op threads only contend (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _dataset(episodes=8, steps=12, seed=0):

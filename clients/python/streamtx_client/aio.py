@@ -13,7 +13,8 @@ import zmq
 import zmq.asyncio
 
 from .core import (
-    RECONNECT, Flow, ServerInfo, SessionLog, SessionView, call, close_flow, hello_flow, open_flow, reset_flow, step_flow,
+    RECONNECT, Flow, ServerInfo, SessionLog, SessionView, call, check_options, close_flow, hello_flow, open_flow,
+    reset_flow, step_flow,
 )
 from .errors import ProtocolError, RequestTimeout
 from .protocol import decode, request
@@ -45,13 +46,8 @@ class AsyncClient:
         client_keys: str | os.PathLike[str] | None = None,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries: expected an int >= 0, got {retries!r}")
+        self.timeout, self.retries = check_options(timeout, retries)
         self.endpoint = endpoint
-        self.timeout = float(timeout)
-        self.retries = retries
         self._curve: CurveKeys | None = None if server_key is None else load_curve_keys(server_key, client_keys)
         self._context = context or zmq.asyncio.Context.instance()
         self._socket = connect_dealer(self._context, endpoint, self._curve)

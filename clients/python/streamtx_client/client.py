@@ -12,7 +12,8 @@ import numpy as np
 import zmq
 
 from .core import (
-    RECONNECT, Flow, ServerInfo, SessionLog, SessionView, call, close_flow, hello_flow, open_flow, reset_flow, step_flow,
+    RECONNECT, Flow, ServerInfo, SessionLog, SessionView, call, check_options, close_flow, hello_flow, open_flow,
+    reset_flow, step_flow,
 )
 from .errors import RequestTimeout
 from .protocol import decode, request
@@ -51,13 +52,8 @@ class Client:
         client_keys: str | os.PathLike[str] | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries: expected an int >= 0, got {retries!r}")
+        self.timeout, self.retries = check_options(timeout, retries)
         self.endpoint = endpoint
-        self.timeout = float(timeout)
-        self.retries = retries
         self._curve: CurveKeys | None = None if server_key is None else load_curve_keys(server_key, client_keys)
         self._context = context or zmq.Context.instance()
         self._socket = connect_dealer(self._context, endpoint, self._curve)

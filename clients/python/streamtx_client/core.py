@@ -24,6 +24,7 @@ __all__ = [
     "SessionLog",
     "SessionView",
     "call",
+    "check_options",
     "result_of",
     "as_tokens",
     "hello_flow",
@@ -45,6 +46,15 @@ RECONNECT = _Reconnect()
 """Command: close the socket and connect a fresh one, so a late reply to a lost request can never be mistaken."""
 
 Flow = Generator["dict[str, Any] | _Reconnect", "dict[str, Any] | None", T]
+
+
+def check_options(timeout: float, retries: int) -> tuple[float, int]:
+    """Validated client options, shared by the blocking and asyncio clients."""
+    if not timeout > 0:
+        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries: expected an int >= 0, got {retries!r}")
+    return float(timeout), retries
 
 
 def result_of(reply: Mapping[str, Any]) -> dict[str, Any]:
