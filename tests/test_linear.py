@@ -88,6 +88,7 @@ def test_load_dense_is_the_orthogonal_projection(src, dst, kind):
     assert float(((w0 - wp) * w).sum().abs()) <= 1e-9 * float(w0.norm() * w.norm())
 
 
+@torch.no_grad()
 def test_init_scale_matches_nn_linear():
     group = cyclic(4)
     rin = Representation.regular(group, 16)
