@@ -8,6 +8,7 @@ integrates from noise to actions with ``num_steps`` denoiser calls (Heun: ``2 * 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import torch
@@ -19,21 +20,21 @@ Denoise = Callable[[Tensor, Tensor], Tensor]
 """``denoise(x (B, Tx, A), k (B,)) -> (B, Tx, A)``"""
 
 
-class Sampler:
+class Sampler(ABC):
     num_steps: int
 
+    @abstractmethod
     def training_example(self, actions: Tensor, generator: torch.Generator | None = None
                          ) -> tuple[Tensor, Tensor, Tensor]:
         """``actions (B, Tx, A)`` -> ``(x_k, k (B,), target)``: train with ``mse(f(x_k, k, Z), target)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sample(self, denoise: Denoise, noise: Tensor) -> Tensor:
         """Integrate from ``noise (B, Tx, A)`` to actions."""
-        raise NotImplementedError
 
+    @abstractmethod
     def config(self) -> dict[str, Any]:
         """Constructor arguments plus ``"type"``, for checkpoints (see :func:`make_sampler`)."""
-        raise NotImplementedError
 
     @property
     def num_evaluations(self) -> int:
