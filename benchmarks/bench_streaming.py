@@ -19,13 +19,13 @@ from streamtx.symmetry import Representation, dihedral
 from timing import median_ms, setup
 
 
-def per_token(rep: Representation, depth: int, window: int, repeats: int) -> tuple[float, float]:
+def per_token(rep: Representation, depth: int, window: int, repeats: int, batch: int) -> tuple[float, float]:
     layer = eTransformerEncoderLayer(rep, 4, 4 * rep.size, dropout=0.0, batch_first=True, norm_first=True,
                                      positional="rope")
     enc = eTransformerEncoder(layer, depth).eval()
-    x = torch.randn(1, window, rep.size)
+    x = torch.randn(batch, window, rep.size)
     mask = causal_window_mask(window, window)
-    state = enc.init_state(1, window)
+    state = enc.init_state(batch, window)
     with torch.no_grad():
         for t in range(window):  # a full ring: every step attends to W cached tokens
             enc.forward_step(x[:, t], state)
@@ -67,12 +67,13 @@ def main() -> None:
     args = setup(__doc__, repeats=20)
     rep = Representation.regular(dihedral(4), 16)  # D = 128
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU, D4, D=128, median of {args.repeats} runs")
-    print("(1) one new token: forward_step vs recomputing the window")
-    print(f"{'layers':>6} {'W':>5} {'step ms':>9} {'recompute ms':>13} {'speed-up':>9}")
-    for depth in (1, 4):
-        for window in (64, 256, 1024):
-            step, full = per_token(rep, depth, window, args.repeats)
-            print(f"{depth:>6} {window:>5} {step:>9.3f} {full:>13.3f} {full / step:>8.1f}x")
+    print("(1) one new token per stream: forward_step vs recomputing the window")
+    print(f"{'streams':>7} {'layers':>6} {'W':>5} {'step ms':>9} {'recompute ms':>13} {'speed-up':>9}")
+    for batch in (1, 8):
+        for depth in (1, 4):
+            for window in (64, 256, 1024):
+                step, full = per_token(rep, depth, window, args.repeats, batch)
+                print(f"{batch:>7} {depth:>6} {window:>5} {step:>9.3f} {full:>13.3f} {full / step:>8.1f}x")
     stream, full, evals = control_step(args.repeats)
     print(f"(2) control step, robot config, K = {evals} denoiser evaluations")
     print(f"{'StreamingPolicy ms':>19} {'recompute ms':>13} {'speed-up':>9}")
