@@ -202,8 +202,11 @@ class eCondTransformerRegressor(nn.Module):
         x = self._action_tokens(X)
         mask = self._tgt_mask(x.shape[1], x)
         query_pos = now.expand(-1, x.shape[1])
+        # every layer's memory ring holds the same positions: one band mask serves them all
+        memory_mask = self.decoder.layers[0].multihead_attn.cached_mask(state.memory[0], query_pos, rows,
+                                                                          dtype=x.dtype)
         for layer, mem in zip(self.decoder.layers, state.memory):
-            x = layer.forward_cached_memory(x, mem, query_pos, rows, tgt_mask=mask)
+            x = layer.forward_cached_memory(x, mem, query_pos, rows, tgt_mask=mask, memory_mask=memory_mask)
         return self.head(self.ln_f(x))
 
     def receptive_field(self) -> int:

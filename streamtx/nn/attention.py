@@ -236,16 +236,27 @@ class eMultiheadAttention(nn.Module):
         k, v = self.project_kv(key, value, pos)
         state.cache.write_extra({"k": k.transpose(1, 2), "v": v.transpose(1, 2)}, pos, rows)
 
+    @staticmethod
+    def cached_mask(state: AttentionState, query_pos: Tensor, rows: Rows = None, causal: bool = True,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+        """Additive ``(b, 1, L, C)`` mask of ``band_mask(query_pos, key_pos, state.window, causal)`` over the cache:
+        caches filled in lockstep (e.g. every decoder layer's memory ring) share it, so it can be built once."""
+        return _additive(band_mask(query_pos, state.cache.read(rows)[1], state.window, causal=causal), dtype)[:, None]
+
     def attend_cached(self, query: Tensor, state: AttentionState, query_pos: Tensor, rows: Rows = None,
-                      causal: bool = True, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                      causal: bool = True, need_weights: bool = False, mask: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor | None]:
         """Queries ``(b, L, E)`` at positions ``(b, L)`` attend to the cached keys allowed by
-        ``band_mask(query_pos, key_pos, state.window, causal)``."""
-        return self._attend_cache(self.project_query(query, query_pos), state, query_pos, rows, causal, need_weights)
+        ``band_mask(query_pos, key_pos, state.window, causal)``; ``mask``: that mask from :meth:`cached_mask`, if
+        already built."""
+        return self._attend_cache(self.project_query(query, query_pos), state, query_pos, rows, causal, need_weights,
+                                  mask)
 
     def _attend_cache(self, q: Tensor, state: AttentionState, query_pos: Tensor, rows: Rows, causal: bool = True,
-                      need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                      need_weights: bool = False, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         data, key_pos = state.cache.read(rows)
-        mask = _additive(band_mask(query_pos, key_pos, state.window, causal=causal), q.dtype)[:, None]
+        if mask is None:
+            mask = self.cached_mask(state, query_pos, rows, causal, q.dtype)
         bias = self.positional.score_bias(query_pos, key_pos)
         if bias is not None:
             mask = mask + bias.to(q.dtype)

@@ -251,13 +251,16 @@ class eTransformerDecoderLayer(_LayerBase):
         return self.forward_step(x, state, memory, rows)
 
     def forward_cached_memory(self, tgt: Tensor, state: AttentionState, query_pos: Tensor, rows: Rows = None,
-                              tgt_mask: Tensor | None = None, tgt_pos: Tensor | None = None) -> Tensor:
+                              tgt_mask: Tensor | None = None, tgt_pos: Tensor | None = None,
+                              memory_mask: Tensor | None = None) -> Tensor:
         """Batch self-attention over ``tgt (b, T, D)`` (batch-first) with cross-attention over a cached memory
         ``state`` (ring and pinned slots), queried at positions ``query_pos (b, T)``. Used by policies that re-run
-        the same target tokens against one memory many times (denoising iterations)."""
+        the same target tokens against one memory many times (denoising iterations); ``memory_mask`` is
+        :meth:`eMultiheadAttention.cached_mask` of the memory, if already built."""
         sa = lambda h: _call_attention(self.self_attn, h, h, attn_mask=tgt_mask,  # noqa: E731
                                        query_pos=tgt_pos, key_pos=tgt_pos)
-        ca = lambda h: self.multihead_attn.attend_cached(h, state, query_pos, rows)[0]  # noqa: E731
+        def ca(h: Tensor) -> Tensor:
+            return self.multihead_attn.attend_cached(h, state, query_pos, rows, mask=memory_mask)[0]
         return self._residual(tgt, [sa, ca, self._ff_block])
 
     # ---------------------------------------------------------------- checks and conversion
