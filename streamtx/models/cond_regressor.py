@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..nn.activation import ePointwise
 from ..nn.attention import causal_window_mask
+from ..nn.equivariance import equivariance_error
 from ..nn.linear import check_same_group, eLinear
 from ..nn.state import Rows, StreamState
 from ..nn.transformer import (EncoderState, eTransformerDecoder, eTransformerDecoderLayer, eTransformerEncoder,
@@ -217,8 +218,6 @@ class eCondTransformerRegressor(nn.Module):
     def check_equivariance(self, batch_size: int = 2, history: int | None = None, dtype: torch.dtype = torch.float64,
                            generator: torch.Generator | None = None) -> float:
         """Max relative equivariance error of :meth:`forward` over all group elements on random inputs."""
-        from ..nn.equivariance import equivariance_error
-
         x = torch.randn(batch_size, self.in_horizon, self.in_rep.size, generator=generator, dtype=dtype)
         z = torch.randn(batch_size, history or self.cond_horizon, self.cond_rep.size, generator=generator, dtype=dtype)
         k = torch.rand(batch_size, generator=generator, dtype=dtype) * 100
