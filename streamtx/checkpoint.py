@@ -9,17 +9,18 @@ of the group's generators.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from .models.cond_regressor import CondTransformerRegressor, eCondTransformerRegressor
 from .policy.samplers import FlowMatchingSampler, Sampler, make_sampler
+from .policy.static import StaticStreamingPolicy
 from .policy.streaming import StreamingPolicy
 from .symmetry import Group, Representation, cyclic
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "load_policy", "make_random_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "load_policy", "load_static_policy", "make_random_checkpoint"]
 
 FORMAT, VERSION = "streamtx-checkpoint", 1
 
@@ -112,13 +113,11 @@ def make_random_checkpoint(path: str | Path, *, seed: int = 0, **model_overrides
     return save_checkpoint(path, model, FlowMatchingSampler(num_steps=4), extra={"random_seed": seed})
 
 
-def random_checkpoint_main(argv: list[str] | None = None) -> int:
-    """``streamtx random-checkpoint PATH [--seed N]``"""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="streamtx random-checkpoint", description=make_random_checkpoint.__doc__)
-    parser.add_argument("path")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(make_random_checkpoint(args.path, seed=args.seed))
-    return 0
+def load_static_policy(path: str | Path, device: torch.device | str = "cuda", dtype: torch.dtype | None = None, *,
+                       cuda_graph: bool = True, max_tokens_per_step: int = 1, buckets: Sequence[int] | None = None,
+                       fused_kernels: bool = True) -> StaticStreamingPolicy:
+    """A :class:`StaticStreamingPolicy` from a checkpoint: the weights load in float32 on ``device`` and the plan
+    computes in ``dtype`` (``None``: float32)."""
+    policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
+    return StaticStreamingPolicy(policy, dtype=dtype, cuda_graph=cuda_graph, buckets=buckets,
+                                 fused_kernels=fused_kernels)

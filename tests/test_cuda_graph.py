@@ -25,7 +25,8 @@ from streamtx.policy import DDIMSampler, FlowMatchingSampler, Sampler, Streaming
 from streamtx.policy import static_plan
 from streamtx.policy.cuda_graph import CapturedProgram, capture_unavailable
 from streamtx.policy.static_kernels import add_norm, attention, fused_kernels_available
-from streamtx.policy.static import StaticStreamingPolicy, default_buckets, load_static_policy
+from streamtx.checkpoint import load_static_policy
+from streamtx.policy.static import StaticStreamingPolicy, default_buckets
 from streamtx.symmetry import Representation, dihedral
 
 from layer_testing import faithful_rep, rel_err

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from streamtx.tasks.reacher.demo import DEFAULT_EXECUTE
-from streamtx.tasks.reacher.evaluate import EVAL_SEED, EvalResult, ExpertController, eval_seeds, evaluate_served, \
-    run_episodes
+from streamtx.apps.demo import DEFAULT_EXECUTE
+from streamtx.apps.served_eval import evaluate_served
+from streamtx.tasks.reacher.evaluate import EVAL_SEED, EvalResult, ExpertController, eval_seeds, run_episodes
 
 
 def evaluate(checkpoints: list[Path], episodes: int, half: str | None, execute: int, seed: int = EVAL_SEED,

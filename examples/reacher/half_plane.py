@@ -17,9 +17,9 @@ from pathlib import Path
 
 from evaluate import evaluate, table  # examples/reacher/evaluate.py
 
-from streamtx.tasks.reacher.collect import main as collect_main
-from streamtx.tasks.reacher.demo import DEFAULT_EXECUTE
-from streamtx.train.cli import main as train_main
+from streamtx.apps.collect import main as collect_main
+from streamtx.apps.demo import DEFAULT_EXECUTE
+from streamtx.apps.train import main as train_main
 
 
 def main() -> None:

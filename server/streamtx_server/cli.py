@@ -1,4 +1,5 @@
-"""Command line: ``serve`` (run the daemon), ``stats`` (print a daemon's statistics), ``keygen`` (CURVE keys)."""
+"""Command line: ``serve`` (run the daemon for a policy loader), ``stats`` (print a daemon's statistics), ``keygen``
+(CURVE keys). ``streamtx serve`` / ``stats`` / ``keygen`` (``streamtx.apps.serve``) call these."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .config import ServerConfig
 
@@ -70,8 +71,13 @@ def run_server(policy: Any, endpoints: Sequence[str], config: ServerConfig, *, c
     return 0
 
 
-def serve_main(argv: list[str] | None = None) -> int:
-    """``streamtx serve --checkpoint PATH --bind tcp://127.0.0.1:5555 ...``"""
+PolicyLoader = Callable[[Path, str, "int | None", int], Any]
+"""``(checkpoint, device, threads, max_tokens_per_step) -> policy``: how ``serve`` turns its flags into the policy it
+serves. The daemon knows no model library; the application that runs it (``streamtx serve``) passes its loader."""
+
+
+def serve_main(argv: list[str] | None, load_policy: PolicyLoader) -> int:
+    """``serve --checkpoint PATH --bind tcp://127.0.0.1:5555 ...`` with the policy that ``load_policy`` makes."""
     args = serve_parser().parse_args(argv)
     from .jsonlog import configure_logging, log_event
 
@@ -86,18 +92,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             max_wait=args.max_wait_ms / 1e3,
             idle_timeout=args.idle_timeout,
         )
-        import torch
-        from streamtx.checkpoint import load_policy
-
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        if torch.device(args.device).type == "cuda":  # static plan + CUDA graphs captured at start-up, pinned I/O
-            from streamtx.policy.static import load_static_policy
-
-            policy = load_static_policy(args.checkpoint, device=args.device,
-                                        max_tokens_per_step=args.max_tokens_per_step)
-        else:
-            policy = load_policy(args.checkpoint, device=args.device, max_tokens_per_step=args.max_tokens_per_step)
+        policy = load_policy(args.checkpoint, args.device, args.threads, args.max_tokens_per_step)
         return run_server(policy, args.bind or ["tcp://127.0.0.1:5555"], config, curve_keys=args.curve_keys)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         log_event(log, logging.ERROR, "serve_failed", error=f"{type(exc).__name__}: {exc}")
@@ -158,10 +153,11 @@ def keygen_main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m streamtx_server {serve,stats,keygen} ...``"""
+    """``python -m streamtx_server {stats,keygen} ...`` (serving a checkpoint is ``streamtx serve``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve": serve_main, "stats": stats_main, "keygen": keygen_main}
+    commands = {"stats": stats_main, "keygen": keygen_main}
     if not argv or argv[0] not in commands:
-        print(f"usage: python -m streamtx_server {{{','.join(commands)}}} ...", file=sys.stderr)
+        print(f"usage: python -m streamtx_server {{{','.join(commands)}}} ...  (to serve a checkpoint: streamtx serve)",
+              file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])

@@ -32,8 +32,8 @@ class DaemonProcess:
     @classmethod
     def serve(cls, checkpoint: str | os.PathLike[str], binds: Sequence[str], log_path: str | os.PathLike[str],
               *extra_args: str) -> DaemonProcess:
-        """``python -m streamtx_server serve`` of ``checkpoint`` on ``binds`` (more CLI flags in ``extra_args``)."""
-        command = [sys.executable, "-m", "streamtx_server", "serve", f"--checkpoint={checkpoint}",
+        """``python -m streamtx serve`` of ``checkpoint`` on ``binds`` (more CLI flags in ``extra_args``)."""
+        command = [sys.executable, "-m", "streamtx", "serve", f"--checkpoint={checkpoint}",
                    *(f"--bind={b}" for b in binds), "--log-format=json", *extra_args]
         return cls(command, log_path)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -25,7 +24,7 @@ from .cuda_graph import CapturedProgram, capture_unavailable
 from .static_plan import PlanCaches, RegressorPlan
 from .streaming import StreamingPolicy, step_noise
 
-__all__ = ["StaticStreamingPolicy", "StaticPolicyState", "load_static_policy", "default_buckets"]
+__all__ = ["StaticStreamingPolicy", "StaticPolicyState", "default_buckets"]
 
 log = logging.getLogger(__name__)
 
@@ -363,15 +362,3 @@ def _host_array(obs: Any) -> np.ndarray:
             obs = obs.float()  # numpy has no bfloat16
         return obs.numpy()
     return np.asarray(obs)
-
-
-def load_static_policy(path: str | Path, device: torch.device | str = "cuda", dtype: torch.dtype | None = None, *,
-                       cuda_graph: bool = True, max_tokens_per_step: int = 1, buckets: Sequence[int] | None = None,
-                       fused_kernels: bool = True) -> StaticStreamingPolicy:
-    """A :class:`StaticStreamingPolicy` from a checkpoint: the weights load in float32 on ``device`` and the plan
-    computes in ``dtype`` (``None``: float32)."""
-    from ..checkpoint import load_policy  # the checkpoint module imports this package
-
-    policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
-    return StaticStreamingPolicy(policy, dtype=dtype, cuda_graph=cuda_graph, buckets=buckets,
-                                 fused_kernels=fused_kernels)

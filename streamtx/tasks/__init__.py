@@ -6,19 +6,22 @@ Each task module names the representations of its observations and actions (``ob
 
 from __future__ import annotations
 
-from importlib import import_module
+from typing import Callable
 
-from streamtx.symmetry import Representation
+from ..symmetry import Representation
+from .reacher import symmetry as reacher_symmetry
 
 __all__ = ["TASKS", "task_representations"]
 
-TASKS = {"reacher": "streamtx.tasks.reacher.symmetry"}
-"""Task name -> module providing ``observation_rep()`` and ``action_rep()``."""
+TASKS: dict[str, tuple[Callable[[], Representation], Callable[[], Representation]]] = {
+    "reacher": (reacher_symmetry.observation_rep, reacher_symmetry.action_rep),
+}
+"""Task name -> ``(observation_rep, action_rep)`` factories."""
 
 
 def task_representations(name: str) -> tuple[Representation, Representation]:
     """``(observation_rep, action_rep)`` of the task ``name``."""
     if name not in TASKS:
         raise ValueError(f"name: expected one of the tasks {sorted(TASKS)}, got {name!r}")
-    module = import_module(TASKS[name])
-    return module.observation_rep(), module.action_rep()
+    observation_rep, action_rep = TASKS[name]
+    return observation_rep(), action_rep()

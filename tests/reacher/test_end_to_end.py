@@ -9,9 +9,10 @@ pytest.importorskip("streamtx_server")
 pytest.importorskip("streamtx_client")
 
 from streamtx.checkpoint import load_model  # noqa: E402
-from streamtx.tasks.reacher.collect import main as collect_main  # noqa: E402
-from streamtx.tasks.reacher.evaluate import eval_seeds, evaluate_served  # noqa: E402
-from streamtx.train.cli import main as train_main  # noqa: E402
+from streamtx.apps.collect import main as collect_main  # noqa: E402
+from streamtx.apps.served_eval import evaluate_served  # noqa: E402
+from streamtx.tasks.reacher.evaluate import eval_seeds  # noqa: E402
+from streamtx.apps.train import main as train_main  # noqa: E402
 
 
 def test_collect_train_serve_control(tmp_path, capsys):

@@ -4,7 +4,7 @@ denoiser and as a whole sampled policy."""
 import torch
 
 from streamtx.checkpoint import load_model, load_policy
-from streamtx.tasks.reacher.demo import DEFAULT_CHECKPOINT
+from streamtx.tasks.reacher import SHIPPED_POLICY as DEFAULT_CHECKPOINT
 from streamtx.tasks.reacher.symmetry import action_rep, observation_rep
 
 MAX_BYTES = 5_000_000

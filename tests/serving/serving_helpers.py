@@ -28,7 +28,7 @@ DAEMON_FLAGS = ("--threads=1", f"--max-tokens-per-step={MAX_TOKENS}", "--max-mes
 
 
 def start_daemon(checkpoint: Path, directory: Path, *flags: str, binds: tuple[str, ...] | None = None) -> DaemonProcess:
-    """``python -m streamtx_server serve`` in a child process, listening; default endpoints ``[tcp, ipc]``."""
+    """``python -m streamtx serve`` in a child process, listening; default endpoints ``[tcp, ipc]``."""
     binds = binds or ("tcp://127.0.0.1:*", f"ipc://{directory}/daemon.ipc")
     daemon = DaemonProcess.serve(checkpoint, binds, directory / "daemon.log", *DAEMON_FLAGS, *flags)
     daemon.start()

@@ -9,7 +9,8 @@ from typing import Iterator
 
 import pytest
 
-from streamtx_server.cli import main, serve_main, stats_main
+from streamtx.apps.serve import serve_main
+from streamtx_server.cli import main, stats_main
 from streamtx_server.jsonlog import LOGGER_NAME
 
 

@@ -1,26 +1,19 @@
-"""Collect demonstrations of the scripted expert into a ``.npz`` dataset.
+"""Demonstrations of the scripted expert (``streamtx collect`` writes them as a dataset file).
 
-    python -m streamtx.tasks.reacher.collect --episodes 1000 --out reacher.npz [--half upper]
-
-The file holds ``observations (E, 50, 10)`` (before each action), ``actions (E, 50, 2)`` (the expert's), the
+The arrays are ``observations (E, 50, 10)`` (before each action), ``actions (E, 50, 2)`` (the expert's), the
 ``seeds (E,)`` of the episodes, ``final_distance (E,)`` and the metadata ``task``, ``half`` and ``action_noise``.
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 from tqdm.auto import tqdm
-
-from streamtx.train.data import save_dataset
 
 from .env import EPISODE_STEPS, Half, fingertip_distance, make_env, reset_episode
 from .expert import ReacherExpert
 from .symmetry import ACT_DIM, OBS_DIM
 
-__all__ = ["collect_demonstrations", "main"]
+__all__ = ["TASK", "collect_demonstrations"]
 
 TASK = "reacher"
 
@@ -56,26 +49,3 @@ def collect_demonstrations(num_episodes: int, seed: int = 0, half: Half | None =
     return {"observations": obs.astype(np.float32), "actions": act.astype(np.float32), "seeds": seeds,
             "final_distance": final, "task": np.array(TASK), "half": np.array(half or "all"),
             "action_noise": np.array(action_noise)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="streamtx collect", description="Collect Reacher-v5 expert demonstrations.")
-    parser.add_argument("--episodes", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=Path("reacher_demos.npz"))
-    parser.add_argument("--seed", type=int, default=0, help="episodes use seeds seed, seed+1, ...")
-    parser.add_argument("--half", choices=["upper", "lower"], default=None,
-                        help="only targets in this half-plane (mirrored into it)")
-    parser.add_argument("--action-noise", type=float, default=0.1,
-                        help="std of the noise added to the executed torques (the recorded ones stay clean)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    data = collect_demonstrations(args.episodes, args.seed, args.half, args.action_noise, progress=not args.quiet)
-    save_dataset(args.out, data)
-    d = data["final_distance"]
-    print(f"wrote {args.out}: {args.episodes} episodes x {EPISODE_STEPS} steps; expert success "
-          f"{(d < 0.02).mean():.1%}, mean final distance {d.mean():.4f}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .env import SUCCESS_DISTANCE
-from .evaluate import EVAL_SEED, ExpertController, eval_seeds, evaluate_served, run_episodes
+from ..tasks.reacher import SHIPPED_POLICY
+from ..tasks.reacher.env import SUCCESS_DISTANCE
+from ..tasks.reacher.evaluate import EVAL_SEED, ExpertController, eval_seeds, run_episodes
+from ..tasks.reacher.plot import plot_evaluation
+from .served_eval import evaluate_served
 
-__all__ = ["DEFAULT_CHECKPOINT", "DEFAULT_EXECUTE", "main"]
+__all__ = ["DEFAULT_EXECUTE", "main"]
 
-DEFAULT_CHECKPOINT = Path(__file__).with_name("policy.pt")
-"""The shipped policy (see examples/reacher/README.md for the command that reproduces it)."""
 DEFAULT_EXECUTE = 1
 """Control steps per action chunk in the demo: a fresh chunk every step (``--execute 2`` asks every second step and
 only observes in between), so every request is a full control step and the daemon's model time is per chunk."""
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamtx demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--episodes", type=int, default=100, help="held-out episodes (targets) to run")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="policy to serve")
+    p.add_argument("--checkpoint", type=Path, default=SHIPPED_POLICY, help="policy to serve")
     p.add_argument("--execute", type=int, default=DEFAULT_EXECUTE, help="control steps per action chunk")
     p.add_argument("--half", choices=["upper", "lower"], default=None, help="only targets in this half-plane")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="first episode seed (training used 0, 1, ...)")
@@ -70,13 +71,8 @@ def main(argv: list[str] | None = None) -> int:
           f"p99 {model_ms['p99']:.2f} ms ({len(client_ms)} chunk requests"
           f"{'' if args.execute == 1 else '; the model time includes the observe-only steps'})")
 
-    from .plot import plot_evaluation
-
     plot_evaluation(policy, args.png, latencies=served.latencies, expert=expert, model_time_ms=model_ms,
                     title=f"streamtx demo: Reacher-v5 through the daemon ({args.episodes} episodes)")
     print(f"wrote {args.png}; done in {time.perf_counter() - start:.0f} s")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,15 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamtx.checkpoint import save_checkpoint
-from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor, get_optim_groups
-from streamtx.policy import DDIMSampler, FlowMatchingSampler, Sampler
-from streamtx.symmetry import Representation
-from streamtx.tasks import task_representations
-
-from .data import ChunkDataset, load_dataset
-from .normalize import fold_input_normalization, observation_normalizer
-from .trainer import TrainConfig, TrainResult, train
+from ..checkpoint import save_checkpoint
+from ..models import CondTransformerRegressor, eCondTransformerRegressor, get_optim_groups
+from ..policy import DDIMSampler, FlowMatchingSampler, Sampler
+from ..symmetry import Representation
+from ..tasks import task_representations
+from ..train.data import ChunkDataset, load_dataset
+from ..train.normalize import fold_input_normalization, observation_normalizer
+from ..train.trainer import TrainConfig, TrainResult, train
 
 __all__ = ["build_model", "build_sampler", "split_episodes", "main"]
 
@@ -142,6 +141,3 @@ def main(argv: list[str] | None = None) -> int:
           f"training loss {extra['final_loss']:.4f}{val}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,7 @@
+"""``python -m streamtx``: the ``streamtx`` command."""
+
+import sys
+
+from .apps.cli import main
+
+sys.exit(main())
