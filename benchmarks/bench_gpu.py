@@ -24,7 +24,7 @@ import datetime
 import json
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -60,8 +60,9 @@ def build(config: str, horizon: int, window: int, steps: int, device: str, seed:
     return equi, plain, FlowMatchingSampler(num_steps=steps)
 
 
-def timed(step: Callable[[], object], budget_s: float, max_samples: int, min_samples: int = 30,
-          warmup: int = 5) -> np.ndarray:
+def timed(
+    step: Callable[[], object], budget_s: float, max_samples: int, min_samples: int = 30, warmup: int = 5
+) -> np.ndarray:
     for _ in range(warmup):
         step()
     samples: list[float] = []
@@ -134,17 +135,22 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=400, help="max samples per variant and batch")
     parser.add_argument("--quick", action="store_true", help="tiny model, few samples (smoke test)")
     parser.add_argument("--out", help="also write the table (markdown) and raw numbers (.json) here")
-    parser.add_argument("--profile", action="store_true",
-                        help="then print the kernels of (c) and (ct) at the first config and batch (torch.profiler)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then print the kernels of (c) and (ct) at the first config and batch (torch.profiler)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.configs, args.batches, args.budget, args.samples = ["tiny"], [1, 2], 0.2, 10
         args.horizon, args.window, args.steps = 4, 8, 3
     device = args.device
     name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
-    header = (f"device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
-              f"{datetime.date.today().isoformat()}; Tx={args.horizon}, window={args.window}, K={args.steps}, "
-              f"group D4, latency per control step in ms (p50 / p99), host clock, inputs and actions on the host")
+    header = (
+        f"device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
+        f"{datetime.date.today().isoformat()}; Tx={args.horizon}, window={args.window}, K={args.steps}, "
+        f"group D4, latency per control step in ms (p50 / p99), host clock, inputs and actions on the host"
+    )
     print(header, flush=True)
     obs_dim = reps()[0].size
     slots = max(SLOTS, max(args.batches))
@@ -153,14 +159,20 @@ def main() -> None:
     for config in args.configs:
         equi, plain, sampler = build(config, args.horizon, args.window, args.steps, device)
         reference = StreamingPolicy(equi, sampler)
-        static = {"graph": StaticStreamingPolicy(reference),
-                  "graph_torch": StaticStreamingPolicy(reference, fused_kernels=False),
-                  "static": StaticStreamingPolicy(reference, cuda_graph=False),
-                  "graph16": StaticStreamingPolicy(reference, dtype=torch.bfloat16)}
+        static = {
+            "graph": StaticStreamingPolicy(reference),
+            "graph_torch": StaticStreamingPolicy(reference, fused_kernels=False),
+            "static": StaticStreamingPolicy(reference, cuda_graph=False),
+            "graph16": StaticStreamingPolicy(reference, dtype=torch.bfloat16),
+        }
         checks = {k: agreement(reference, static[k], 4, obs_dim) for k in ("graph", "graph_torch", "graph16")}
-        print(f"[{config}] agreement with StreamingPolicy: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
-              + f"; fused kernels: {static['graph'].plan.fused} ({static['graph'].plan.fused_reason}), "
-              f"bf16: {static['graph16'].plan.fused}", flush=True)
+        print(
+            f"[{config}] agreement with StreamingPolicy: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
+            + f"; fused kernels: {static['graph'].plan.fused} ({static['graph'].plan.fused_reason}), "
+            f"bf16: {static['graph16'].plan.fused}",
+            flush=True,
+        )
         states = {}
         for key, policy in static.items():
             t0 = time.perf_counter()
@@ -181,15 +193,21 @@ def main() -> None:
             for key, step in steps.items():
                 ms = timed(step, args.budget, args.samples)
                 row[key] = {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "n": len(ms)}
-                print(f"[{config} b={batch}] {key}: p50 {row[key]['p50']:.3f} ms, p99 {row[key]['p99']:.3f} ms "
-                      f"(n={len(ms)})", flush=True)
+                print(
+                    f"[{config} b={batch}] {key}: p50 {row[key]['p50']:.3f} ms, p99 {row[key]['p99']:.3f} ms "
+                    f"(n={len(ms)})",
+                    flush=True,
+                )
             results.append(row)
             if args.profile and config == args.configs[0] and batch == args.batches[0]:
                 for key in ("graph", "graph_torch"):
                     profile(steps[key], f"[{config} b={batch}] {key}")
                 ms = replay_only(states["graph"], batch, args.samples)
-                print(f"[{config} b={batch}] graph replays only (no staging, validation, copies): p50 "
-                      f"{np.percentile(ms, 50):.3f} ms, p99 {np.percentile(ms, 99):.3f} ms", flush=True)
+                print(
+                    f"[{config} b={batch}] graph replays only (no staging, validation, copies): p50 "
+                    f"{np.percentile(ms, 50):.3f} ms, p99 {np.percentile(ms, 99):.3f} ms",
+                    flush=True,
+                )
     table = format_table(results)
     print(header)
     print(table)
@@ -228,16 +246,29 @@ def profile(step: Callable[[], object], title: str, steps: int = 10) -> None:
     launches = sum(e.count for e in kernels) / steps
     device_us = sum(e.self_device_time_total for e in kernels) / steps
     print(f"{title}: {launches:.0f} kernels per control step, {device_us:.0f} us of kernel time per step")
-    print(events.table(sort_by="self_device_time_total" if kernels else "self_cpu_time_total", row_limit=14,
-                       max_name_column_width=60))
+    print(
+        events.table(
+            sort_by="self_device_time_total" if kernels else "self_cpu_time_total",
+            row_limit=14,
+            max_name_column_width=60,
+        )
+    )
 
 
 def format_table(results: list[dict]) -> str:
-    cols = [("a", "(a) recompute"), ("b", "(b) stream eager"), ("graph", "(c) stream graph"),
-            ("graph_torch", "(ct) graph, torch kernels"), ("static", "(c') static eager"),
-            ("graph16", "(c16) graph bf16"), ("d", "(d) torch recompute")]
-    lines = ["| config | batch | " + " | ".join(t for _, t in cols) + " | (a)/(c) | (b)/(c) | (d)/(c) |",
-             "|---|---:|" + "---:|" * (len(cols) + 3)]
+    cols = [
+        ("a", "(a) recompute"),
+        ("b", "(b) stream eager"),
+        ("graph", "(c) stream graph"),
+        ("graph_torch", "(ct) graph, torch kernels"),
+        ("static", "(c') static eager"),
+        ("graph16", "(c16) graph bf16"),
+        ("d", "(d) torch recompute"),
+    ]
+    lines = [
+        "| config | batch | " + " | ".join(t for _, t in cols) + " | (a)/(c) | (b)/(c) | (d)/(c) |",
+        "|---|---:|" + "---:|" * (len(cols) + 3),
+    ]
     for r in results:
         cells = [f"{r[k]['p50']:.2f} / {r[k]['p99']:.2f}" for k, _ in cols]
         c = r["graph"]["p50"]

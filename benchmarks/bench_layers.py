@@ -8,11 +8,11 @@ Usage: python benchmarks/bench_layers.py [--threads 1]
 from __future__ import annotations
 
 import torch
+from timing import median_ms, setup
 
 from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor
 from streamtx.nn import eTransformerDecoderLayer, eTransformerEncoderLayer
 from streamtx.symmetry import Representation, dihedral
-from timing import median_ms, setup
 
 
 def main() -> None:
@@ -28,16 +28,25 @@ def main() -> None:
         ours_enc = eTransformerEncoderLayer(rep, 8, **kw).eval()
         ref_enc = torch.nn.TransformerEncoderLayer(width, 8, activation="gelu", **kw).eval()
         with torch.no_grad():
-            t = median_ms({"e_dec": lambda: ours_dec(tgt, mem), "t_dec": lambda: ref_dec(tgt, mem),
-                           "e_enc": lambda: ours_enc(mem), "t_enc": lambda: ref_enc(mem)}, args.repeats)
+            t = median_ms(
+                {
+                    "e_dec": lambda: ours_dec(tgt, mem),
+                    "t_dec": lambda: ref_dec(tgt, mem),
+                    "e_enc": lambda: ours_enc(mem),
+                    "t_enc": lambda: ref_enc(mem),
+                },
+                args.repeats,
+            )
         rows.append((f"decoder layer D={width} B={batch}", t["e_dec"], t["t_dec"]))
         rows.append((f"encoder layer D={width} B={batch}", t["e_enc"], t["t_enc"]))
     # the full regressor, robot-sized (D4, embedding 128, 4 decoder + 2 encoder layers, Tx 16, 32 observation tokens)
-    act = Representation.from_generators(group, [group.matrices[g] for g in group.generators]) + \
-        Representation.trivial(group, 1)
+    act = Representation.from_generators(group, [group.matrices[g] for g in group.generators]) + Representation.trivial(
+        group, 1
+    )
     obs = act + act + Representation.regular(group, 2)
-    cfg = dict(in_horizon=16, cond_horizon=32, num_layers=4, num_attention_heads=4, embedding_dim=128,
-               num_cond_layers=2)
+    cfg = dict(
+        in_horizon=16, cond_horizon=32, num_layers=4, num_attention_heads=4, embedding_dim=128, num_cond_layers=2
+    )
     ours = eCondTransformerRegressor(act, obs, act, **cfg).eval()
     plain = CondTransformerRegressor(act.size, obs.size, act.size, **cfg).eval()
     x, z, k = torch.randn(8, 16, act.size), torch.randn(8, 32, obs.size), torch.full((8,), 10.0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -49,10 +49,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    attn = O3MultiheadAttention(args.features, args.max_degree, args.heads, include_pseudotensors=args.pseudotensors,
-                                num_basis=args.num_basis, cutoff=4.0, softmax_cutoff=True, dtype=dtype).eval()
-    print(f"O3MultiheadAttention {attn.layout}, F={args.features}, heads={args.heads}, K={args.num_basis}, "
-          f"relative encoding in query-key and values, {args.dtype}, {args.threads} thread(s), batch 1")
+    attn = O3MultiheadAttention(
+        args.features,
+        args.max_degree,
+        args.heads,
+        include_pseudotensors=args.pseudotensors,
+        num_basis=args.num_basis,
+        cutoff=4.0,
+        softmax_cutoff=True,
+        dtype=dtype,
+    ).eval()
+    print(
+        f"O3MultiheadAttention {attn.layout}, F={args.features}, heads={args.heads}, K={args.num_basis}, "
+        f"relative encoding in query-key and values, {args.dtype}, {args.threads} thread(s), batch 1"
+    )
     print(f"{'N':>6} {'recompute ms':>13} {'step ms':>9} {'recompute/step':>15} {'max |diff|':>11}")
     for n in args.sizes:
         x = torch.randn(1, n + 64, *attn.layout.shape(args.features), dtype=dtype)
@@ -60,7 +70,7 @@ def main() -> None:
         t = torch.arange(n)
         with torch.inference_mode():
             state = attn.init_state(1, n)
-            attn.forward_steps(x[:, :n - 1], pos[:, :n - 1], state)  # the ring holds the previous N - 1 tokens
+            attn.forward_steps(x[:, : n - 1], pos[:, : n - 1], state)  # the ring holds the previous N - 1 tokens
             newest, _ = attn.forward_step(x[:, n - 1], pos[:, n - 1], state.clone())
             reference = attn(x[:, :n], pos[:, :n], band_mask(t, t, n))[:, -1]
             diff = (newest - reference).abs().max().item()

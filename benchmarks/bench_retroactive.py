@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -40,7 +40,7 @@ def best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
 def filled(retro: eRetroactiveEncoderLayer, x: torch.Tensor) -> RetroactiveState | EncoderLayerState:
     """A state whose window already holds the first n tokens of ``x`` (entered as one block)."""
     state = retro.init_state(x.shape[0])
-    retro.forward_step(x[:, :retro.window], state)
+    retro.forward_step(x[:, : retro.window], state)
     return state
 
 
@@ -49,14 +49,13 @@ def recomputes_per_step(retro: eRetroactiveEncoderLayer, x: torch.Tensor) -> flo
     state = filled(retro, x)
     steps = x.shape[1] - retro.window
     before = state.recomputed.sum().item()
-    retro.forward_steps(x[:, retro.window:], state)
+    retro.forward_steps(x[:, retro.window :], state)
     heads = retro.layer.self_attn.num_heads
     return (state.recomputed.sum().item() - before) / (steps * heads * x.shape[0])
 
 
 @torch.no_grad()
-def bench(n: int, layer: eTransformerEncoderLayer, peaked: eTransformerEncoderLayer, batch: int, repeats: int
-          ) -> dict:
+def bench(n: int, layer: eTransformerEncoderLayer, peaked: eTransformerEncoderLayer, batch: int, repeats: int) -> dict:
     d = layer.in_rep.size
     x = torch.randn(batch, n + 2 * repeats + 4, d, generator=torch.Generator().manual_seed(n))
     retro, single = eRetroactiveEncoderLayer(layer, n), eRetroactiveEncoderLayer(layer, n, single_output=True)
@@ -74,17 +73,20 @@ def bench(n: int, layer: eTransformerEncoderLayer, peaked: eTransformerEncoderLa
         next_pos += 1
 
     window, pos = x[:, :n], torch.arange(n)
-    row = best_ms({
-        "batch": lambda: layer(window, src_pos=pos),
-        "step": step,
-        "batch_attn": lambda: layer.self_attn(window, window, window, need_weights=False),
-        "step_attn": attention_update,
-        "single": lambda: single.forward_step(x[:, n], single_state),
-    }, repeats)
+    row = best_ms(
+        {
+            "batch": lambda: layer(window, src_pos=pos),
+            "step": step,
+            "batch_attn": lambda: layer.self_attn(window, window, window, need_weights=False),
+            "step_attn": attention_update,
+            "single": lambda: single.forward_step(x[:, n], single_state),
+        },
+        repeats,
+    )
     # Accuracy after all those steps (float32): the last step against the batch forward over its window.
     y, _ = retro.forward_step(x[:, next_pos], state)
     lo = next_pos - n + 1
-    ref = layer(x[:, lo:next_pos + 1], src_pos=torch.arange(lo, next_pos + 1))
+    ref = layer(x[:, lo : next_pos + 1], src_pos=torch.arange(lo, next_pos + 1))
     row["error"] = ((y - ref).abs().max() / ref.abs().max()).item()
     row["recompute"] = recomputes_per_step(retro, x)
     row["recompute_peaked"] = recomputes_per_step(eRetroactiveEncoderLayer(peaked, n), x)
@@ -107,19 +109,25 @@ def main() -> None:
     peaked = copy.deepcopy(layer)
     with torch.no_grad():
         peaked.self_attn.q_proj.weight.mul_(60.0)  # logits of ~100: rows dominated by one key
-    print(f"eRetroactiveEncoderLayer, D4 x {args.copies} copies (D = {rep.size}), {args.heads} heads, "
-          f"ff = {4 * rep.size}, batch {args.batch}, float32, {args.threads} thread(s), "
-          f"best of {args.repeats} interleaved calls")
+    print(
+        f"eRetroactiveEncoderLayer, D4 x {args.copies} copies (D = {rep.size}), {args.heads} heads, "
+        f"ff = {4 * rep.size}, batch {args.batch}, float32, {args.threads} thread(s), "
+        f"best of {args.repeats} interleaved calls"
+    )
     print("times in ms; 'attn': attention part only; recomputes: guard's exact rows per step and head")
-    header = (f"{'n':>5} | {'batch':>7} | {'step':>7} | {'ratio':>6} | {'batch attn':>10} | {'step attn':>9} | "
-              f"{'ratio':>6} | {'single':>7} | {'recomp':>6} | {'peaked':>6} | {'rel err':>8}")
+    header = (
+        f"{'n':>5} | {'batch':>7} | {'step':>7} | {'ratio':>6} | {'batch attn':>10} | {'step attn':>9} | "
+        f"{'ratio':>6} | {'single':>7} | {'recomp':>6} | {'peaked':>6} | {'rel err':>8}"
+    )
     print(header)
     print("-" * len(header))
     for n in args.n:
         r = bench(n, layer, peaked, args.batch, args.repeats)
-        print(f"{n:>5} | {r['batch']:7.3f} | {r['step']:7.3f} | {r['batch'] / r['step']:5.1f}x | "
-              f"{r['batch_attn']:10.3f} | {r['step_attn']:9.3f} | {r['batch_attn'] / r['step_attn']:5.1f}x | "
-              f"{r['single']:7.3f} | {r['recompute']:6.2f} | {r['recompute_peaked']:6.2f} | {r['error']:8.1e}")
+        print(
+            f"{n:>5} | {r['batch']:7.3f} | {r['step']:7.3f} | {r['batch'] / r['step']:5.1f}x | "
+            f"{r['batch_attn']:10.3f} | {r['step_attn']:9.3f} | {r['batch_attn'] / r['step_attn']:5.1f}x | "
+            f"{r['single']:7.3f} | {r['recompute']:6.2f} | {r['recompute_peaked']:6.2f} | {r['error']:8.1e}"
+        )
 
 
 if __name__ == "__main__":

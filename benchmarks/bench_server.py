@@ -80,8 +80,14 @@ def blocking_run(endpoint: str, steps: int, obs: np.ndarray) -> tuple[Samples, l
     return samples, hello
 
 
-def async_run(endpoint: str, sessions: int, obs: np.ndarray, steps: int | None = None,
-              seconds: float | None = None, warmup: int = WARMUP) -> Samples:
+def async_run(
+    endpoint: str,
+    sessions: int,
+    obs: np.ndarray,
+    steps: int | None = None,
+    seconds: float | None = None,
+    warmup: int = WARMUP,
+) -> Samples:
     """Closed loops of ``sessions`` sessions for ``steps`` measured steps in all, or for ``seconds``."""
     samples = Samples()
     per_session = None if steps is None else max(steps // sessions, 1)
@@ -193,33 +199,49 @@ def main(argv: list[str] | None = None) -> int:
         single = next(s for _, client, _, s in rows if client == "blocking")
         floor = echo_floor(f"ipc://{tmp}/echo.ipc", float(np.median(single.model)), args.steps // 4)
 
-    print(f"\nstreamtx daemon: serving overhead = round trip - daemon model time (ms); 1 torch thread in daemon and "
-          f"client;\nrandom checkpoint, {obs.shape[1]}-d observation tokens; load average "
-          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores\n")
-    head = (f"{'transport':<9} {'client':<8} {'sessions':>8} {'steps':>6} {'rtt p50':>8} {'rtt p99':>8} "
-            f"{'model p50':>9} {'in-proc':>8} {'ovh p50':>8} {'ovh p99':>8} {'batch':>6}")
+    print(
+        f"\nstreamtx daemon: serving overhead = round trip - daemon model time (ms); 1 torch thread in daemon and "
+        f"client;\nrandom checkpoint, {obs.shape[1]}-d observation tokens; load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores\n"
+    )
+    head = (
+        f"{'transport':<9} {'client':<8} {'sessions':>8} {'steps':>6} {'rtt p50':>8} {'rtt p99':>8} "
+        f"{'model p50':>9} {'in-proc':>8} {'ovh p50':>8} {'ovh p99':>8} {'batch':>6}"
+    )
     print(head + "\n" + "-" * len(head))
-    for transport, client, n, s in rows:
-        print(f"{transport:<9} {client:<8} {n:>8} {len(s.rtt):>6} {ms(s.rtt, 50):>8.3f} {ms(s.rtt, 99):>8.3f} "
-              f"{ms(s.model, 50):>9.3f} {inproc[n]:>8.3f} {ms(s.overhead, 50):>8.3f} {ms(s.overhead, 99):>8.3f} "
-              f"{np.mean(s.batch):>6.1f}")
+    for transport, client, _, s in rows:
+        print(
+            f"{transport:<9} {client:<8} {n:>8} {len(s.rtt):>6} {ms(s.rtt, 50):>8.3f} {ms(s.rtt, 99):>8.3f} "
+            f"{ms(s.model, 50):>9.3f} {inproc[n]:>8.3f} {ms(s.overhead, 50):>8.3f} {ms(s.overhead, 99):>8.3f} "
+            f"{np.mean(s.batch):>6.1f}"
+        )
     for transport, values in hello.items():
-        print(f"{transport:<9} {'hello':<8} {'-':>8} {len(values):>6} {ms(values, 50):>8.3f} {ms(values, 99):>8.3f} "
-              f"{'-':>9} {'-':>8} {ms(values, 50):>8.3f} {ms(values, 99):>8.3f} {'-':>6}")
-    print(f"{'ipc':<9} {'echo':<8} {'-':>8} {len(floor):>6} {'-':>8} {'-':>8} {ms(single.model, 50):>9.3f} "
-          f"{'-':>8} {ms(floor, 50):>8.3f} {ms(floor, 99):>8.3f} {'-':>6}")
-    print("model p50: the daemon's policy time per batch; in-proc: the same batched step in this process;\n"
-          "batch: mean steps per batch; hello: a round trip with no model; echo: a bare ZeroMQ echo process that\n"
-          "busy-waits the one-session model p50 before replying (no streamtx code: the machine's own floor)\n")
+        print(
+            f"{transport:<9} {'hello':<8} {'-':>8} {len(values):>6} {ms(values, 50):>8.3f} {ms(values, 99):>8.3f} "
+            f"{'-':>9} {'-':>8} {ms(values, 50):>8.3f} {ms(values, 99):>8.3f} {'-':>6}"
+        )
+    print(
+        f"{'ipc':<9} {'echo':<8} {'-':>8} {len(floor):>6} {'-':>8} {'-':>8} {ms(single.model, 50):>9.3f} "
+        f"{'-':>8} {ms(floor, 50):>8.3f} {ms(floor, 99):>8.3f} {'-':>6}"
+    )
+    print(
+        "model p50: the daemon's policy time per batch; in-proc: the same batched step in this process;\n"
+        "batch: mean steps per batch; hello: a round trip with no model; echo: a bare ZeroMQ echo process that\n"
+        "busy-waits the one-session model p50 before replying (no streamtx code: the machine's own floor)\n"
+    )
     print(f"{'sessions':>8} {'batching off':>14} {'batching on':>13} {'ratio':>7}   (steps/s, closed loops)")
     for n in (16, 64):
-        print(f"{n:>8} {throughput[n, False]:>12.0f} {throughput[n, True]:>13.0f} "
-              f"{throughput[n, True] / throughput[n, False]:>6.1f}x")
+        print(
+            f"{n:>8} {throughput[n, False]:>12.0f} {throughput[n, True]:>13.0f} "
+            f"{throughput[n, True] / throughput[n, False]:>6.1f}x"
+        )
     print()
-    for transport, client, n, s in rows:
+    for transport, client, _, s in rows:
         if client == "blocking":
-            print(f"{transport}: one session, overhead p50 {ms(s.overhead, 50):.3f} ms (goal <= 0.3), "
-                  f"p99 {ms(s.overhead, 99):.3f} ms (goal <= 2)")
+            print(
+                f"{transport}: one session, overhead p50 {ms(s.overhead, 50):.3f} ms (goal <= 0.3), "
+                f"p99 {ms(s.overhead, 99):.3f} ms (goal <= 2)"
+            )
     print(f"batching at 16 sessions: {throughput[16, True] / throughput[16, False]:.1f}x the throughput (goal >= 3x)")
     return 0
 

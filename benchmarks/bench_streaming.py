@@ -11,17 +11,18 @@ Usage: python benchmarks/bench_streaming.py [--threads 1] [--repeats 20]
 from __future__ import annotations
 
 import torch
+from timing import median_ms, setup
 
 from streamtx.models import eCondTransformerRegressor
 from streamtx.nn import causal_window_mask, eTransformerEncoder, eTransformerEncoderLayer
 from streamtx.policy import FlowMatchingSampler, StreamingPolicy
 from streamtx.symmetry import Representation, dihedral
-from timing import median_ms, setup
 
 
 def per_token(rep: Representation, depth: int, window: int, repeats: int, batch: int) -> tuple[float, float]:
-    layer = eTransformerEncoderLayer(rep, 4, 4 * rep.size, dropout=0.0, batch_first=True, norm_first=True,
-                                     positional="rope")
+    layer = eTransformerEncoderLayer(
+        rep, 4, 4 * rep.size, dropout=0.0, batch_first=True, norm_first=True, positional="rope"
+    )
     enc = eTransformerEncoder(layer, depth).eval()
     x = torch.randn(batch, window, rep.size)
     mask = causal_window_mask(window, window)
@@ -30,8 +31,7 @@ def per_token(rep: Representation, depth: int, window: int, repeats: int, batch:
         for t in range(window):  # a full ring: every step attends to W cached tokens
             enc.forward_step(x[:, t], state)
         token = x[:, -1]
-        t = median_ms({"step": lambda: enc.forward_step(token, state),
-                       "recompute": lambda: enc(x, mask=mask)}, repeats)
+        t = median_ms({"step": lambda: enc.forward_step(token, state), "recompute": lambda: enc(x, mask=mask)}, repeats)
     return t["step"], t["recompute"]
 
 
@@ -40,8 +40,17 @@ def control_step(repeats: int) -> tuple[float, float, int]:
     vec = Representation.from_generators(group, [group.matrices[g] for g in group.generators])
     action = vec + Representation.trivial(group, 1)
     obs = vec + vec + Representation.trivial(group, 2) + Representation.regular(group, 1)
-    model = eCondTransformerRegressor(action, obs, action, in_horizon=16, cond_horizon=32, num_layers=4,
-                                      num_attention_heads=4, embedding_dim=128, num_cond_layers=2).eval()
+    model = eCondTransformerRegressor(
+        action,
+        obs,
+        action,
+        in_horizon=16,
+        cond_horizon=32,
+        num_layers=4,
+        num_attention_heads=4,
+        embedding_dim=128,
+        num_cond_layers=2,
+    ).eval()
     sampler = FlowMatchingSampler(num_steps=10)
     policy = StreamingPolicy(model, sampler)
     state = policy.init_state(1)

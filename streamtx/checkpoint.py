@@ -8,8 +8,9 @@ of the group's generators.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,30 +21,44 @@ from .policy.static import StaticStreamingPolicy
 from .policy.streaming import StreamingPolicy
 from .symmetry import Group, Representation, cyclic
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "load_policy", "load_static_policy", "make_random_checkpoint"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "load_policy",
+    "load_static_policy",
+    "make_random_checkpoint",
+]
 
 FORMAT, VERSION = "streamtx-checkpoint", 1
 
 
 def _rep_dict(rep: Representation) -> dict[str, Any]:
     gens = rep.group.generators
-    return {"name": rep.name, "regular_copies": rep.regular_copies,
-            "generators": [rep.matrices[g].tolist() for g in gens]}
+    return {
+        "name": rep.name,
+        "regular_copies": rep.regular_copies,
+        "generators": [rep.matrices[g].tolist() for g in gens],
+    }
 
 
 def _rep_from(d: dict[str, Any], group: Group) -> Representation:
     if d["regular_copies"] is not None:
         return Representation.regular(group, d["regular_copies"])
-    return Representation.from_generators(group, [np.asarray(m, dtype=np.float64) for m in d["generators"]],
-                                          name=d["name"])
+    return Representation.from_generators(
+        group, [np.asarray(m, dtype=np.float64) for m in d["generators"]], name=d["name"]
+    )
 
 
-def save_checkpoint(path: str | Path, model: eCondTransformerRegressor, sampler: Sampler,
-                    extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path, model: eCondTransformerRegressor, sampler: Sampler, extra: dict[str, Any] | None = None
+) -> Path:
     """Write ``model`` (config, weights, representations) and ``sampler`` to ``path``."""
     group = model.in_rep.group
     payload = {
-        "format": FORMAT, "version": VERSION, "model_class": type(model).__name__,
+        "format": FORMAT,
+        "version": VERSION,
+        "model_class": type(model).__name__,
         "config": dict(model.config),
         "group": {"name": group.name, "generators": [group.matrices[g].tolist() for g in group.generators]},
         "representations": {name: _rep_dict(getattr(model, name)) for name in ("in_rep", "cond_rep", "out_rep")},
@@ -72,18 +87,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-               ) -> tuple[eCondTransformerRegressor, Sampler, dict[str, Any]]:
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[eCondTransformerRegressor, Sampler, dict[str, Any]]:
     """``(model in eval mode, sampler, extra)`` from a checkpoint."""
     payload = load_checkpoint(path)
-    group = Group([np.asarray(m, dtype=np.float64) for m in payload["group"]["generators"]],
-                  name=payload["group"]["name"])
+    group = Group(
+        [np.asarray(m, dtype=np.float64) for m in payload["group"]["generators"]], name=payload["group"]["name"]
+    )
     reps = {name: _rep_from(d, group) for name, d in payload["representations"].items()}
     config = dict(payload["config"])
     in_h, cond_h = config.pop("in_horizon"), config.pop("cond_horizon")
     if payload["model_class"] == "CondTransformerRegressor":
-        model = CondTransformerRegressor(reps["in_rep"].size, reps["cond_rep"].size, reps["out_rep"].size, in_h,
-                                         cond_h, **config)
+        model = CondTransformerRegressor(
+            reps["in_rep"].size, reps["cond_rep"].size, reps["out_rep"].size, in_h, cond_h, **config
+        )
     else:
         model = eCondTransformerRegressor(reps["in_rep"], reps["cond_rep"], reps["out_rep"], in_h, cond_h, **config)
     model.load_state_dict(payload["state_dict"])
@@ -91,8 +109,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     return model, make_sampler(payload["sampler"]), payload["extra"]
 
 
-def load_policy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                max_tokens_per_step: int = 1) -> StreamingPolicy:
+def load_policy(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, max_tokens_per_step: int = 1
+) -> StreamingPolicy:
     """A :class:`StreamingPolicy` (eval mode) from a checkpoint."""
     model, sampler, _ = load_model(path, device, dtype)
     return StreamingPolicy(model, sampler, max_tokens_per_step).eval()
@@ -106,18 +125,27 @@ def make_random_checkpoint(path: str | Path, *, seed: int = 0, **model_overrides
     group = cyclic(2)
     obs_rep = Representation.from_signed_permutations(group, [[1, 0, 2, 3]], [[1, 1, -1, -1]], name="obs")
     act_rep = Representation.from_signed_permutations(group, [[0, 1]], [[-1, -1]], name="action")
-    config = dict(in_horizon=4, cond_horizon=8, num_layers=2, num_attention_heads=2, embedding_dim=16,
-                  num_cond_layers=1)
+    config = dict(
+        in_horizon=4, cond_horizon=8, num_layers=2, num_attention_heads=2, embedding_dim=16, num_cond_layers=1
+    )
     config.update(model_overrides)
     model = eCondTransformerRegressor(act_rep, obs_rep, act_rep, **config)
     return save_checkpoint(path, model, FlowMatchingSampler(num_steps=4), extra={"random_seed": seed})
 
 
-def load_static_policy(path: str | Path, device: torch.device | str = "cuda", dtype: torch.dtype | None = None, *,
-                       cuda_graph: bool = True, max_tokens_per_step: int = 1, buckets: Sequence[int] | None = None,
-                       fused_kernels: bool = True) -> StaticStreamingPolicy:
+def load_static_policy(
+    path: str | Path,
+    device: torch.device | str = "cuda",
+    dtype: torch.dtype | None = None,
+    *,
+    cuda_graph: bool = True,
+    max_tokens_per_step: int = 1,
+    buckets: Sequence[int] | None = None,
+    fused_kernels: bool = True,
+) -> StaticStreamingPolicy:
     """A :class:`StaticStreamingPolicy` from a checkpoint: the weights load in float32 on ``device`` and the plan
     computes in ``dtype`` (``None``: float32)."""
     policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
-    return StaticStreamingPolicy(policy, dtype=dtype, cuda_graph=cuda_graph, buckets=buckets,
-                                 fused_kernels=fused_kernels)
+    return StaticStreamingPolicy(
+        policy, dtype=dtype, cuda_graph=cuda_graph, buckets=buckets, fused_kernels=fused_kernels
+    )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
 from streamtx.symmetry import Group, trivial_group
+
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:

@@ -24,9 +24,6 @@ QUADRUPED_LR = ([3, 4, 5, 0, 1, 2, 9, 10, 11, 6, 7, 8], [-1, 1, 1] * 4)
 QUADRUPED_FB = ([6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5], [1, -1, -1] * 4)
 
 
-
-
-
 def random_orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
     q, r = np.linalg.qr(rng.standard_normal((d, d)))
     return q * np.sign(np.diag(r))
@@ -49,8 +46,9 @@ def quadruped(group_name: str) -> tuple[Group, Representation]:
         g = cyclic(2)
         return g, Representation.from_signed_permutations(g, [QUADRUPED_LR[0]], [QUADRUPED_LR[1]], name="joints")
     g = klein_four()
-    return g, Representation.from_signed_permutations(g, [QUADRUPED_LR[0], QUADRUPED_FB[0]],
-                                                      [QUADRUPED_LR[1], QUADRUPED_FB[1]], name="joints")
+    return g, Representation.from_signed_permutations(
+        g, [QUADRUPED_LR[0], QUADRUPED_FB[0]], [QUADRUPED_LR[1], QUADRUPED_FB[1]], name="joints"
+    )
 
 
 def act(rep: Representation, g: int, x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from layer_testing import GROUPS, act, mixed_rep, rel_err
 
 from streamtx.nn import causal_window_mask, eMultiheadAttention
 from streamtx.symmetry import Representation, cyclic, dihedral
-
-from layer_testing import GROUPS, act, mixed_rep, rel_err
 
 
 def torch_pair(batch_first: bool, kdim: int | None = None, vdim: int | None = None, dtype=torch.float64):
@@ -27,8 +26,12 @@ def test_trivial_group_reproduces_torch(batch_first, need_weights, average):
     q, kv = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
     pad = torch.zeros(2, 7, dtype=torch.bool)
     pad[1, 5:] = True
-    for kwargs in ({}, {"attn_mask": causal_window_mask(7, 3, dtype=torch.float64)}, {"key_padding_mask": pad},
-                   {"attn_mask": torch.rand(8, 7, 7) > 0.7, "key_padding_mask": pad}):
+    for kwargs in (
+        {},
+        {"attn_mask": causal_window_mask(7, 3, dtype=torch.float64)},
+        {"key_padding_mask": pad},
+        {"attn_mask": torch.rand(8, 7, 7) > 0.7, "key_padding_mask": pad},
+    ):
         a, wa = ours(q, kv, kv, need_weights=need_weights, average_attn_weights=average, **kwargs)
         b, wb = ref(q, kv, kv, need_weights=need_weights, average_attn_weights=average, **kwargs)
         finite = torch.isfinite(b)  # rows masked entirely are NaN in both
@@ -41,8 +44,11 @@ def test_trivial_group_reproduces_torch(batch_first, need_weights, average):
 @torch.no_grad()
 def test_trivial_group_kdim_vdim_and_unbatched():
     ours, ref = torch_pair(True, kdim=12, vdim=8)
-    q, k, v = torch.randn(5, 16, dtype=torch.float64), torch.randn(6, 12, dtype=torch.float64), \
-        torch.randn(6, 8, dtype=torch.float64)
+    q, k, v = (
+        torch.randn(5, 16, dtype=torch.float64),
+        torch.randn(6, 12, dtype=torch.float64),
+        torch.randn(6, 8, dtype=torch.float64),
+    )
     a, _ = ours(q, k, v)
     b, _ = ref(q, k, v)
     assert a.shape == (5, 16) and float((a - b).abs().max()) <= 1e-6

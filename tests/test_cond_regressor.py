@@ -1,17 +1,23 @@
 import numpy as np
 import pytest
 import torch
+from layer_testing import GROUPS, faithful_rep, mixed_rep, quadruped
 
 from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor, get_optim_groups
 from streamtx.symmetry import Representation, dihedral
 
-from layer_testing import GROUPS, faithful_rep, mixed_rep, quadruped
-
 
 def small(in_rep, cond_rep, out_rep, **kw):
     n = in_rep.group.order
-    cfg = dict(in_horizon=4, cond_horizon=5, num_layers=2, num_attention_heads=2, embedding_dim=4 * n,
-               num_cond_layers=2, cond_window=3)
+    cfg = dict(
+        in_horizon=4,
+        cond_horizon=5,
+        num_layers=2,
+        num_attention_heads=2,
+        embedding_dim=4 * n,
+        num_cond_layers=2,
+        cond_window=3,
+    )
     cfg.update(kw)
     return eCondTransformerRegressor(in_rep, cond_rep, out_rep, **cfg)
 
@@ -51,8 +57,9 @@ def test_output_shape_and_step_kinds():
 
 
 def test_plain_baseline_has_the_same_architecture():
-    base = CondTransformerRegressor(2, 6, 2, in_horizon=4, cond_horizon=5, num_layers=2, num_attention_heads=2,
-                                    embedding_dim=16)
+    base = CondTransformerRegressor(
+        2, 6, 2, in_horizon=4, cond_horizon=5, num_layers=2, num_attention_heads=2, embedding_dim=16
+    )
     assert base.in_rep.group.order == 1 and base.hidden_rep.regular_copies == 16
     # every eLinear of the trivial group is an unconstrained dense map
     lin = base.decoder.layers[0].linear1

@@ -17,32 +17,43 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from layer_testing import faithful_rep, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from streamtx.checkpoint import load_policy, make_random_checkpoint
+from streamtx.checkpoint import load_policy, load_static_policy, make_random_checkpoint
 from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor
-from streamtx.policy import DDIMSampler, FlowMatchingSampler, Sampler, StreamingPolicy
-from streamtx.policy import static_plan
+from streamtx.policy import DDIMSampler, FlowMatchingSampler, Sampler, StreamingPolicy, static_plan
 from streamtx.policy.cuda_graph import CapturedProgram, capture_unavailable
-from streamtx.policy.static_kernels import add_norm, attention, fused_kernels_available
-from streamtx.checkpoint import load_static_policy
 from streamtx.policy.static import StaticStreamingPolicy, default_buckets
+from streamtx.policy.static_kernels import add_norm, attention, fused_kernels_available
 from streamtx.symmetry import Representation, dihedral
-
-from layer_testing import faithful_rep, rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SLOTS = 5  # buckets 1, 2, 4, 5: calls of 3 rows run padded
 
 
-def make_policy(variant: str = "encoder", sampler: Sampler | None = None, dtype: torch.dtype = torch.float64,
-                device: str = "cpu", max_tokens_per_step: int = 2, seed: int = 0) -> StreamingPolicy:
+def make_policy(
+    variant: str = "encoder",
+    sampler: Sampler | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
+    max_tokens_per_step: int = 2,
+    seed: int = 0,
+) -> StreamingPolicy:
     """Small policies over D4 (planar vectors observed and commanded) covering the plan's branches."""
     g = dihedral(4)
     plane = faithful_rep(g)
     obs, act = plane + plane + Representation.trivial(g, 2), plane
-    kw = dict(in_horizon=4, cond_horizon=5, num_layers=2, num_attention_heads=2, embedding_dim=32, cond_window=3,
-              num_cond_layers=2, dtype=dtype)
+    kw = dict(
+        in_horizon=4,
+        cond_horizon=5,
+        num_layers=2,
+        num_attention_heads=2,
+        embedding_dim=32,
+        cond_window=3,
+        num_cond_layers=2,
+        dtype=dtype,
+    )
     if variant == "mlp":  # no encoder: the per-token conditioning MLP
         kw.update(num_cond_layers=0)
     elif variant == "rms_causal":
@@ -55,8 +66,9 @@ def make_policy(variant: str = "encoder", sampler: Sampler | None = None, dtype:
     return StreamingPolicy(model.to(device).eval(), sampler or FlowMatchingSampler(num_steps=3), max_tokens_per_step)
 
 
-def run_both(reference: StreamingPolicy, static: StaticStreamingPolicy, calls: list[tuple], slots: int = SLOTS
-             ) -> float:
+def run_both(
+    reference: StreamingPolicy, static: StaticStreamingPolicy, calls: list[tuple], slots: int = SLOTS
+) -> float:
     """Apply the same calls to both; the max relative difference of all actions."""
     ref_state, state = reference.init_state(slots), static.init_state(slots)
     err = 0.0
@@ -75,28 +87,36 @@ def run_both(reference: StreamingPolicy, static: StaticStreamingPolicy, calls: l
     return err
 
 
-def stream_calls(obs_dim: int, num_steps: int, dtype: torch.dtype, seed: int = 0, slots: int = SLOTS,
-                 max_tokens: int = 2) -> list[tuple]:
+def stream_calls(
+    obs_dim: int, num_steps: int, dtype: torch.dtype, seed: int = 0, slots: int = SLOTS, max_tokens: int = 2
+) -> list[tuple]:
     """A busy stream: random row subsets (every bucket, padded ones too), 1..max_tokens tokens per call, resets,
     long enough to wrap every ring several times."""
     gen = torch.Generator().manual_seed(seed)
-    calls: list[tuple] = [("reset", None, [11 * i + seed for i in range(slots)]),
-                          ("observe", None, torch.randn(slots, obs_dim, generator=gen, dtype=dtype))]
+    calls: list[tuple] = [
+        ("reset", None, [11 * i + seed for i in range(slots)]),
+        ("observe", None, torch.randn(slots, obs_dim, generator=gen, dtype=dtype)),
+    ]
     for t in range(num_steps):
-        rows = torch.randperm(slots, generator=gen)[:1 + t % slots].tolist()
+        rows = torch.randperm(slots, generator=gen)[: 1 + t % slots].tolist()
         s = 1 + t % max_tokens
         calls.append(("observe", rows, torch.randn(len(rows), s, obs_dim, generator=gen, dtype=dtype)))
         if t % 7 == 3:
-            calls += [("reset", rows[:1], 100 + t),
-                      ("observe", rows[:1], torch.randn(1, obs_dim, generator=gen, dtype=dtype))]
+            calls += [
+                ("reset", rows[:1], 100 + t),
+                ("observe", rows[:1], torch.randn(1, obs_dim, generator=gen, dtype=dtype)),
+            ]
         calls.append(("act", rows, None))
     return calls
 
 
 # ---------------------------------------------------------------------------------------------------- CPU
 @pytest.mark.parametrize("variant", ["encoder", "mlp", "rms_causal", "plain"])
-@pytest.mark.parametrize("sampler", [FlowMatchingSampler(3), FlowMatchingSampler(2, "heun"),
-                                     DDIMSampler(50, 3, clip_sample=1.0)], ids=["euler", "heun", "ddim"])
+@pytest.mark.parametrize(
+    "sampler",
+    [FlowMatchingSampler(3), FlowMatchingSampler(2, "heun"), DDIMSampler(50, 3, clip_sample=1.0)],
+    ids=["euler", "heun", "ddim"],
+)
 def test_static_plan_equals_streaming_policy_float64(variant, sampler):
     reference = make_policy(variant, sampler)
     calls = stream_calls(reference.obs_dim, 16, torch.float64)
@@ -125,17 +145,26 @@ _HYPO_STATIC = StaticStreamingPolicy(_HYPO_POLICY, buckets=[2, 4])
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(["observe", "act", "reset"]),
-                          st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True),
-                          st.integers(1, 3)), min_size=1, max_size=14))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["observe", "act", "reset"]),
+            st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True),
+            st.integers(1, 3),
+        ),
+        min_size=1,
+        max_size=14,
+    )
+)
 def test_any_call_sequence_equals_streaming_policy(ops):
     """Any interleaving of row subsets, token counts, resets and acts (custom buckets 2 and 4)."""
     gen = torch.Generator().manual_seed(len(ops))
     observed, calls = set(), [("reset", None, [3, 1, 4, 1])]
     for kind, rows, s in ops:
         if kind == "observe":
-            calls.append(("observe", rows, torch.randn(len(rows), s, _HYPO_POLICY.obs_dim, generator=gen,
-                                                       dtype=torch.float64)))
+            calls.append(
+                ("observe", rows, torch.randn(len(rows), s, _HYPO_POLICY.obs_dim, generator=gen, dtype=torch.float64))
+            )
             observed |= set(rows)
         elif kind == "reset":
             calls.append(("reset", rows, s))
@@ -170,8 +199,10 @@ def test_programs_are_static():
     gen = torch.Generator().manual_seed(0)
     traces = []
     for rows in ([0, 1, 2], [4, 2, 3]):  # bucket 4, padded
-        for name, program, fill in (("observe", state.observe_programs[4, 1], "obs"),
-                                    ("act", state.act_programs[4], "noise")):
+        for name, program, fill in (
+            ("observe", state.observe_programs[4, 1], "obs"),
+            ("act", state.act_programs[4], "noise"),
+        ):
             inputs = program.staging.write()
             inputs["rows"][:3] = rows
             inputs[fill][:] = torch.randn(inputs[fill].shape, generator=gen, dtype=torch.float64).numpy()
@@ -229,8 +260,9 @@ def test_bad_input_raises_clear_errors():
         (lambda: StaticStreamingPolicy(policy.policy, dtype=torch.int32), "dtype: expected one of"),
     ]
     for call, message in cases:
-        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
-                           .replace("]", r"\]")):
+        with pytest.raises(
+            ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+        ):
             call()
     with pytest.raises(TypeError, match="policy: expected a StreamingPolicy"):
         StaticStreamingPolicy(policy.policy.model)
@@ -251,8 +283,7 @@ def test_eager_fallback_says_why(caplog):
     policy = StaticStreamingPolicy(make_policy())
     state = policy.init_state(2)
     assert not state.captured and len(state.programs()) == 2 * 2 + 2  # buckets 1, 2 x (S = 1, 2) + act per bucket
-    assert all(p.fallback_reason == "device is cpu: CUDA graphs need a CUDA device"
-               for p in state.programs().values())
+    assert all(p.fallback_reason == "device is cpu: CUDA graphs need a CUDA device" for p in state.programs().values())
     assert "runs eagerly: device is cpu" in caplog.text
     off = StaticStreamingPolicy(policy.policy, cuda_graph=False).init_state(1)
     assert all(p.fallback_reason == "capture disabled" for p in off.programs().values())
@@ -265,8 +296,10 @@ def test_failing_fused_kernel_check_falls_back(monkeypatch, caplog):
     """A fused kernel that does not reproduce the torch path on the plan's shapes is not used, and the log says
     why (here a broken attention stands in for a miscompiled kernel)."""
     monkeypatch.setattr(static_plan, "fused_kernels_available", lambda device: True)
-    broken = lambda q, k, v, mask=None, causal=False, fused=False: \
-        attention(q, k, v, mask, causal) * (2.0 if fused else 1.0)  # noqa: E731
+
+    def broken(q, k, v, mask=None, causal=False, fused=False):
+        return attention(q, k, v, mask, causal) * (2.0 if fused else 1.0)
+
     monkeypatch.setattr(static_plan, "attention", broken)
     plan = StaticStreamingPolicy(make_policy()).plan
     assert not plan.fused and plan.fused_reason.startswith("self-attention differs from the torch path by 1.0e+00")
@@ -278,11 +311,18 @@ def test_load_static_policy_and_metadata(tmp_path):
     path = make_random_checkpoint(tmp_path / "policy.pt", seed=3)
     reference = load_policy(path)
     static = load_static_policy(path, device="cpu", buckets=[1, 2])
-    assert run_both(reference, static, stream_calls(reference.obs_dim, 6, torch.float32, slots=2, max_tokens=1),
-                    slots=2) <= 1e-5
+    assert (
+        run_both(reference, static, stream_calls(reference.obs_dim, 6, torch.float32, slots=2, max_tokens=1), slots=2)
+        <= 1e-5
+    )
     meta = msgpack.unpackb(msgpack.packb(static.metadata()))
-    assert meta["runner"] == {"type": "static", "cuda_graph": True, "fused_kernels": False, "io_dtype": "float32",
-                              "buckets": [1, 2]}
+    assert meta["runner"] == {
+        "type": "static",
+        "cuda_graph": True,
+        "fused_kernels": False,
+        "io_dtype": "float32",
+        "buckets": [1, 2],
+    }
     assert meta["dtype"] == "float32" and meta["obs_dim"] == reference.obs_dim
 
 
@@ -300,7 +340,10 @@ def test_fused_kernels_match_torch_path(dtype, tolerance, causal):
     if not fused_kernels_available("cuda"):
         pytest.skip("needs triton")
     gen = torch.Generator("cuda").manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, device="cuda").to(dtype)  # noqa: E731
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+
     q, k, v = rand(3, 16, 3, 4, 32).transpose(1, 3).unbind(2)  # strided views, as the plan passes them
     memory = rand(2, 3, 4, 33, 32)
     mask = torch.zeros(3, 1, 1, 48, dtype=dtype, device="cuda")[..., :33]
@@ -308,14 +351,19 @@ def test_fused_kernels_match_torch_path(dtype, tolerance, causal):
     for args in ((q, k, v, None, causal), (q, memory[0], memory[1], mask, False)):
         assert rel_err(attention(*args, fused=True).float(), attention(*args, fused=False).float()) <= tolerance
     x, y, w, b = rand(3, 16, 128), rand(3, 16, 128), rand(128), rand(128)
-    for fused, ref in zip(add_norm(x, y, w, None if causal else b, 1e-5, causal, fused=True),
-                          add_norm(x, y, w, None if causal else b, 1e-5, causal, fused=False)):
+    for fused, ref in zip(
+        add_norm(x, y, w, None if causal else b, 1e-5, causal, fused=True),
+        add_norm(x, y, w, None if causal else b, 1e-5, causal, fused=False),
+    ):
         assert rel_err(fused.float(), ref.float()) <= tolerance
 
 
 @cuda
-@pytest.mark.parametrize("variant, sampler", [("encoder", FlowMatchingSampler(3)), ("rms_causal", DDIMSampler(50, 3)),
-                                              ("mlp", FlowMatchingSampler(2, "heun"))], ids=["euler", "ddim", "heun"])
+@pytest.mark.parametrize(
+    "variant, sampler",
+    [("encoder", FlowMatchingSampler(3)), ("rms_causal", DDIMSampler(50, 3)), ("mlp", FlowMatchingSampler(2, "heun"))],
+    ids=["euler", "ddim", "heun"],
+)
 def test_graph_replay_equals_eager_and_reference(variant, sampler):
     reference = make_policy(variant, sampler, dtype=torch.float32, device="cuda")
     graphed = StaticStreamingPolicy(reference)

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from layer_testing import GROUPS, QUADRUPED_FB, QUADRUPED_LR, faithful_rep, mixed_rep, quadruped
 
 from streamtx.symmetry import Group, Representation, cyclic, dihedral, direct_product, klein_four, symmetric
-
-from layer_testing import GROUPS, QUADRUPED_FB, QUADRUPED_LR, faithful_rep, mixed_rep, quadruped
 
 ORDERS = {"C2": 2, "C5": 5, "D4": 8, "K4": 4, "C2xK4": 8, "S4": 24}
 

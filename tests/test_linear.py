@@ -3,11 +3,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from layer_testing import GROUPS, act, faithful_rep, mixed_rep, quadruped, rel_err
 
 from streamtx.nn import eLinear
 from streamtx.symmetry import Representation, cyclic, dihedral
-
-from layer_testing import GROUPS, act, faithful_rep, mixed_rep, quadruped, rel_err
 
 
 def hom_dim(rep_in: Representation, rep_out: Representation) -> tuple[int, int]:
@@ -17,18 +16,30 @@ def hom_dim(rep_in: Representation, rep_out: Representation) -> tuple[int, int]:
     d_in, d_out = rep_in.size, rep_out.size
     c = np.concatenate([np.kron(np.eye(d_out), rep_in(s).T) - np.kron(rep_out(s), np.eye(d_in)) for s in gens])
     b = np.concatenate([rep_out(s) - np.eye(d_out) for s in gens])
-    nullity = lambda m: m.shape[1] - np.linalg.matrix_rank(m, tol=1e-8)  # noqa: E731
+
+    def nullity(m):
+        return m.shape[1] - np.linalg.matrix_rank(m, tol=1e-8)
+
     return nullity(c), nullity(b)
 
 
 def reps_for(group, rng):
     # few copies keep the independent nullspace computation (a (d_in d_out)^2 SVD) fast for |G| = 24
-    return {"regA": Representation.regular(group, 1), "regB": Representation.regular(group, 2),
-            "mixed": mixed_rep(group, rng), "defining": faithful_rep(group)}
+    return {
+        "regA": Representation.regular(group, 1),
+        "regB": Representation.regular(group, 2),
+        "mixed": mixed_rep(group, rng),
+        "defining": faithful_rep(group),
+    }
 
 
-PAIRS = [("regA", "regB", "conv"), ("mixed", "regA", "lift"), ("regB", "mixed", "project"),
-         ("mixed", "defining", "basis"), ("defining", "mixed", "basis")]
+PAIRS = [
+    ("regA", "regB", "conv"),
+    ("mixed", "regA", "lift"),
+    ("regB", "mixed", "project"),
+    ("mixed", "defining", "basis"),
+    ("defining", "mixed", "basis"),
+]
 
 
 @pytest.mark.parametrize("name", list(GROUPS))

@@ -2,21 +2,27 @@
 
 import pytest
 import torch
+from layer_testing import act, faithful_rep, mixed_rep, rel_err
 
 from streamtx.checkpoint import load_model, load_policy, make_random_checkpoint, save_checkpoint
 from streamtx.models import eCondTransformerRegressor
 from streamtx.policy import DDIMSampler, FlowMatchingSampler, StreamingPolicy, make_sampler
 from streamtx.symmetry import Representation, dihedral
 
-from layer_testing import act, faithful_rep, mixed_rep, rel_err
-
 
 def d4_model(**kw) -> eCondTransformerRegressor:
     group = dihedral(4)
     action = faithful_rep(group) + Representation.trivial(group, 1)
     obs = mixed_rep(group, __import__("numpy").random.default_rng(0))
-    cfg = dict(in_horizon=4, cond_horizon=6, num_layers=2, num_attention_heads=2, embedding_dim=32,
-               num_cond_layers=2, cond_window=4)
+    cfg = dict(
+        in_horizon=4,
+        cond_horizon=6,
+        num_layers=2,
+        num_attention_heads=2,
+        embedding_dim=32,
+        num_cond_layers=2,
+        cond_window=4,
+    )
     cfg.update(kw)
     return eCondTransformerRegressor(action, obs, action, **cfg).eval()
 
@@ -34,11 +40,11 @@ def test_denoiser_stream_equals_batch_for_2000_steps():
     with torch.no_grad():
         outs = []
         for t in range(steps):
-            model.observe(z[:, t:t + 1], state)
+            model.observe(z[:, t : t + 1], state)
             outs.append(model.denoise(x, k, state))
         out = torch.stack(outs, 1)  # (b, steps, Tx, A)
         r = model.receptive_field()
-        refs = [model(x, k, z[:, :t + 1]) for t in range(r - 1)]  # warm-up: shorter histories
+        refs = [model(x, k, z[:, : t + 1]) for t in range(r - 1)]  # warm-up: shorter histories
         windows = z.unfold(1, r, 1).permute(1, 0, 3, 2).reshape(-1, r, z.shape[-1])  # (steps - r + 1) * b windows
         n_win = windows.shape[0] // b
         full = model(x.repeat(n_win, 1, 1), k.repeat(n_win), windows).reshape(n_win, b, *out.shape[2:])
@@ -48,8 +54,9 @@ def test_denoiser_stream_equals_batch_for_2000_steps():
     assert worst <= 1e-5
 
 
-@pytest.mark.parametrize("sampler", [FlowMatchingSampler(4, "euler"), FlowMatchingSampler(3, "heun"),
-                                     DDIMSampler(50, 5)])
+@pytest.mark.parametrize(
+    "sampler", [FlowMatchingSampler(4, "euler"), FlowMatchingSampler(3, "heun"), DDIMSampler(50, 5)]
+)
 def test_policy_actions_equal_batch_sampling(sampler):
     model = d4_model()
     policy = StreamingPolicy(model, sampler, max_tokens_per_step=2)
@@ -59,8 +66,8 @@ def test_policy_actions_equal_batch_sampling(sampler):
     with torch.no_grad():
         for t in range(0, 40, 2):
             noise = policy.noise(state)
-            actions = policy.step(state, z[:, t:t + 2])
-            hist = z[:, max(0, t + 2 - model.receptive_field()):t + 2]
+            actions = policy.step(state, z[:, t : t + 2])
+            hist = z[:, max(0, t + 2 - model.receptive_field()) : t + 2]
             ref = sampler.sample(lambda xk, k: model(xk, k, hist), noise)
             assert rel_err(actions, ref) <= 1e-5
     assert state.steps.tolist() == [20, 20]
@@ -75,8 +82,8 @@ def test_seeded_actions_are_reproducible_and_batching_changes_nothing():
     for row in range(4):
         alone = policy.init_state(1)
         policy.reset(alone, seed=5 + row)
-        single = torch.stack([policy.step(alone, z[row:row + 1, t]) for t in range(25)], 1)
-        assert float((single - batched[row:row + 1]).abs().max()) <= 1e-6
+        single = torch.stack([policy.step(alone, z[row : row + 1, t]) for t in range(25)], 1)
+        assert float((single - batched[row : row + 1]).abs().max()) <= 1e-6
     again = policy.init_state(4)
     policy.reset(again, seed=[5, 6, 7, 8])
     assert torch.equal(torch.stack([policy.step(again, z[:, t]) for t in range(25)], 1), batched)

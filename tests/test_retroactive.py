@@ -24,13 +24,21 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 GROUPS = {"C1": (trivial_group, 16), "D4": (lambda: dihedral(4), 4)}  # group, regular copies (D = 16 or 32)
 
 
-def make_layer(group: str = "D4", *, dtype: torch.dtype = torch.float64, norm_first: bool = False,
-               positional: str | None = None, query_scale: float = 1.0, seed: int = 0) -> eTransformerEncoderLayer:
+def make_layer(
+    group: str = "D4",
+    *,
+    dtype: torch.dtype = torch.float64,
+    norm_first: bool = False,
+    positional: str | None = None,
+    query_scale: float = 1.0,
+    seed: int = 0,
+) -> eTransformerEncoderLayer:
     torch.manual_seed(seed)
     make_group, copies = GROUPS[group]
     rep = Representation.regular(make_group(), copies)
-    layer = eTransformerEncoderLayer(rep, 2, 2 * rep.size, dropout=0.0, batch_first=True, norm_first=norm_first,
-                                     positional=positional)
+    layer = eTransformerEncoderLayer(
+        rep, 2, 2 * rep.size, dropout=0.0, batch_first=True, norm_first=norm_first, positional=positional
+    )
     with torch.no_grad():
         if positional == "relative":
             nn.init.normal_(layer.self_attn.positional.bias)  # zeros at init would test nothing
@@ -44,8 +52,9 @@ def stream(layer: eTransformerEncoderLayer, batch: int = 2, length: int = T, see
     return x.to(layer.linear1.weight.dtype)
 
 
-def window_errors(retro: eRetroactiveEncoderLayer, x: Tensor, reference: nn.Module | None = None
-                  ) -> tuple[float, float, RetroactiveState]:
+def window_errors(
+    retro: eRetroactiveEncoderLayer, x: Tensor, reference: nn.Module | None = None
+) -> tuple[float, float, RetroactiveState]:
     """Step ``x (B, T, D)`` token by token; after each step compare the window with ``reference`` (default: the
     layer itself) applied to the tokens seen so far in the window at their stream positions. Checks the warm-up
     padding and positions on the way. Returns (max abs error, max abs reference output, final state)."""
@@ -59,12 +68,12 @@ def window_errors(retro: eRetroactiveEncoderLayer, x: Tensor, reference: nn.Modu
             y, state = retro.forward_step(x[:, t], state)
             lo = max(0, t - n + 1)
             seen = t + 1 - lo
-            ref = reference(x[:, lo:t + 1].to(ref_dtype), src_pos=torch.arange(lo, t + 1))
+            ref = reference(x[:, lo : t + 1].to(ref_dtype), src_pos=torch.arange(lo, t + 1))
             assert y.shape == (x.shape[0], n, x.shape[2])
             pos = state.window_positions()
-            assert torch.equal(pos[:, n - seen:], torch.arange(lo, t + 1).expand(x.shape[0], -1))
-            assert (pos[:, :n - seen] == -1).all() and (y[:, :n - seen] == 0).all()
-            err = max(err, (y[:, n - seen:].to(ref_dtype) - ref).abs().max().item())
+            assert torch.equal(pos[:, n - seen :], torch.arange(lo, t + 1).expand(x.shape[0], -1))
+            assert (pos[:, : n - seen] == -1).all() and (y[:, : n - seen] == 0).all()
+            err = max(err, (y[:, n - seen :].to(ref_dtype) - ref).abs().max().item())
             scale = max(scale, ref.abs().max().item())
     return err, scale, state
 
@@ -77,7 +86,7 @@ def max_window_logit(layer: eTransformerEncoderLayer, x: Tensor, n: int) -> floa
     with torch.no_grad():
         q = attn.project_query(x, pos)
         k, _ = attn.project_kv(x, x, pos)
-        s = (q @ k.transpose(-1, -2)).abs() / attn.head_dim ** 0.5
+        s = (q @ k.transpose(-1, -2)).abs() / attn.head_dim**0.5
     band = (pos[0, :, None] - pos[0, None, :]).abs() < n
     return s.masked_fill(~band, 0).max().item()
 
@@ -109,8 +118,9 @@ def test_large_logits_float32_guard_recomputes_cancelled_rows():
     assert err <= 1e-5 * scale, (err, scale)
     assert state.recomputed.sum() > 0  # peaked rows lost their dominant key: the guard had work to do
     # Without the guard the subtraction of a dominant key cancels catastrophically.
-    err_unguarded, _, _ = window_errors(eRetroactiveEncoderLayer(layer, N, recompute_threshold=float("inf")), x,
-                                        reference)
+    err_unguarded, _, _ = window_errors(
+        eRetroactiveEncoderLayer(layer, N, recompute_threshold=float("inf")), x, reference
+    )
     assert not err_unguarded <= 1e-2 * scale  # large or NaN
 
 
@@ -159,8 +169,9 @@ def test_window_outputs_are_equivariant():
 def _torch_and_ours(n_model: int, nhead: int, ff: int) -> tuple[nn.TransformerEncoderLayer, eTransformerEncoderLayer]:
     torch.manual_seed(0)
     ref = nn.TransformerEncoderLayer(n_model, nhead, ff, dropout=0.0, activation="relu", batch_first=True).double()
-    ours = eTransformerEncoderLayer(Representation.regular(trivial_group(), n_model), nhead, ff, dropout=0.0,
-                                    activation="relu", batch_first=True).double()
+    ours = eTransformerEncoderLayer(
+        Representation.regular(trivial_group(), n_model), nhead, ff, dropout=0.0, activation="relu", batch_first=True
+    ).double()
     return ref.eval(), ours.load_torch_(ref).eval()
 
 
@@ -171,13 +182,24 @@ def test_matches_continual_inference_retroactive_layer():
     co = pytest.importorskip("continual")
     ref, ours = _torch_and_ours(16, 2, 32)
     co_layer = co.RetroactiveTransformerEncoderLayer(16, 2, 32, dropout=0.0, sequence_len=N, dtype=torch.float64)
-    co_layer.load_state_dict({
-        **{f"0.self_attn.{k}": v for k, v in ref.self_attn.state_dict().items()},
-        **{f"1.fn.{k}": v for k, v in ref.state_dict().items() if k.startswith(("norm1", "norm2"))},
-        **{f"1.fn._ff_block.fn.{k}": v for k, v in ref.state_dict().items() if k.startswith(("linear1", "linear2"))},
-    })
-    co_attn = co.RetroactiveMultiheadAttention(16, 2, sequence_len=N, batch_first=True, embed_dim_second=True,
-                                               forward_returns_attn_mask=False, dtype=torch.float64)
+    co_layer.load_state_dict(
+        {
+            **{f"0.self_attn.{k}": v for k, v in ref.self_attn.state_dict().items()},
+            **{f"1.fn.{k}": v for k, v in ref.state_dict().items() if k.startswith(("norm1", "norm2"))},
+            **{
+                f"1.fn._ff_block.fn.{k}": v for k, v in ref.state_dict().items() if k.startswith(("linear1", "linear2"))
+            },
+        }
+    )
+    co_attn = co.RetroactiveMultiheadAttention(
+        16,
+        2,
+        sequence_len=N,
+        batch_first=True,
+        embed_dim_second=True,
+        forward_returns_attn_mask=False,
+        dtype=torch.float64,
+    )
     co_attn.load_state_dict(ref.self_attn.state_dict())
     co_layer.eval()
     co_attn.eval()
@@ -192,7 +214,7 @@ def test_matches_continual_inference_retroactive_layer():
             if t < N - 1:
                 assert out_layer is None and att is None
                 continue
-            h = ref.norm1(x[:, t - N + 1:t + 1] + att.transpose(1, 2))
+            h = ref.norm1(x[:, t - N + 1 : t + 1] + att.transpose(1, 2))
             expected = ref.norm2(h + ref.linear2(torch.relu(ref.linear1(h))))
             assert (y - expected).abs().max() <= 1e-10 * expected.abs().max(), t
             compared_attn += 1
@@ -213,7 +235,7 @@ def test_single_output_is_the_newest_row_and_the_causal_window_step():
         assert isinstance(state, EncoderLayerState)
         newest, _ = single.forward_steps(x, state)
         state = single.init_state(2)
-        chunked = torch.cat([single.forward_step(x[:, i:i + 3], state)[0] for i in range(0, x.shape[1], 3)], dim=1)
+        chunked = torch.cat([single.forward_step(x[:, i : i + 3], state)[0] for i in range(0, x.shape[1], 3)], dim=1)
         last = full(x[:, -N:], src_pos=torch.arange(x.shape[1] - N, x.shape[1]))
     assert newest.shape == x.shape
     assert (newest - windows[:, :, -1]).abs().max() <= 1e-10 * newest.abs().max()
@@ -233,7 +255,7 @@ def test_multi_token_steps_equal_token_by_token(chunks, threshold):
         per_token, _ = retro.forward_steps(x, retro.init_state(2))
         state, end = retro.init_state(2), 0
         for s in chunks:
-            y, state = retro.forward_step(x[:, end:end + s], state)
+            y, state = retro.forward_step(x[:, end : end + s], state)
             end += s
             assert (y - per_token[:, end - 1]).abs().max() <= 1e-10 * per_token.abs().max()
 
@@ -254,22 +276,25 @@ def test_row_subsets_resets_and_snapshots():
             if t % 2 == 0:
                 retro.forward_step(x[1, t // 2][None], state, rows=[1])
         y = retro.forward_step(x[:, 2 * N], state)[0]
-        for b, tokens in ((0, x[0, :2 * N + 1]), (1, torch.cat([x[1, :N], x[1, 2 * N:2 * N + 1]])),
-                          (2, x[2, :2 * N + 1])):
+        for b, tokens in (
+            (0, x[0, : 2 * N + 1]),
+            (1, torch.cat([x[1, :N], x[1, 2 * N : 2 * N + 1]])),
+            (2, x[2, : 2 * N + 1]),
+        ):
             assert (y[b] - alone(tokens)).abs().max() <= 1e-10 * y.abs().max(), b
 
         snapshot = state.state_dict()
         state.reset(rows=[1])
         assert state.window_positions([1]).tolist() == [[-1] * N] and state.recomputed[1] == 0
-        y_reset = retro.forward_steps(x[1:2, 2 * N + 1:2 * N + 4], state, rows=[1])[0][0, -1]
-        assert (y_reset[-3:] - alone(x[1, 2 * N + 1:2 * N + 4])[-3:]).abs().max() <= 1e-10 * y.abs().max()
+        y_reset = retro.forward_steps(x[1:2, 2 * N + 1 : 2 * N + 4], state, rows=[1])[0][0, -1]
+        assert (y_reset[-3:] - alone(x[1, 2 * N + 1 : 2 * N + 4])[-3:]).abs().max() <= 1e-10 * y.abs().max()
         assert (y_reset[:-3] == 0).all()
 
         restored = retro.init_state(3)
         restored.load_state_dict(snapshot)
         clone = restored.clone()
         y_next = retro.forward_step(x[:, 2 * N + 1], restored)[0]
-        assert (y_next[0] - alone(x[0, :2 * N + 2])).abs().max() <= 1e-10 * y.abs().max()
+        assert (y_next[0] - alone(x[0, : 2 * N + 2])).abs().max() <= 1e-10 * y.abs().max()
         assert clone.cache.positions().tolist() == [2 * N + 1, N + 1, 2 * N + 1]  # the clone did not move
 
 
@@ -304,8 +329,9 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(TypeError, match="state: expected dtype torch.float64"):
         retro.forward_step(torch.zeros(2, d, dtype=torch.float64), state.to(torch.float32))
     with pytest.raises(ValueError, match="state: expected a window"):
-        eRetroactiveEncoderLayer(layer, N, single_output=True).forward_step(torch.zeros(2, d, dtype=torch.float64),
-                                                                            layer.init_state(2, N + 1))
+        eRetroactiveEncoderLayer(layer, N, single_output=True).forward_step(
+            torch.zeros(2, d, dtype=torch.float64), layer.init_state(2, N + 1)
+        )
     assert state.cache.positions().tolist() == [0, 0]  # nothing entered
 
 

@@ -2,13 +2,21 @@
 
 import pytest
 import torch
+from layer_testing import rel_err
 
-from streamtx.nn import (RecyclingPositionalEncoding, RingCache, Stream, causal_window_mask, eMultiheadAttention,
-                         eTransformerDecoder, eTransformerDecoderLayer, eTransformerEncoder, eTransformerEncoderLayer)
+from streamtx.nn import (
+    RecyclingPositionalEncoding,
+    RingCache,
+    Stream,
+    causal_window_mask,
+    eMultiheadAttention,
+    eTransformerDecoder,
+    eTransformerDecoderLayer,
+    eTransformerEncoder,
+    eTransformerEncoderLayer,
+)
 from streamtx.nn.state import band_mask
 from streamtx.symmetry import Representation, dihedral, trivial_group
-
-from layer_testing import rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 GROUPS = {"trivial": trivial_group, "D4": lambda: dihedral(4)}
@@ -21,7 +29,7 @@ def hidden(group_name: str) -> Representation:
 
 def stream(step, x: torch.Tensor, s: int) -> torch.Tensor:
     """Feed ``x (B, T, D)`` through ``step`` in chunks of ``s`` tokens (single tokens as (B, D) when s == 1)."""
-    outs = [step(x[:, t]) [:, None] if s == 1 else step(x[:, t:t + s]) for t in range(0, x.shape[1], s)]
+    outs = [step(x[:, t])[:, None] if s == 1 else step(x[:, t : t + s]) for t in range(0, x.shape[1], s)]
     return torch.cat(outs, dim=1)
 
 
@@ -54,8 +62,9 @@ def test_attention_step_equals_batch(dtype, group_name, positional, window, s):
 def test_encoder_stack_step_equals_batch(group_name, depth, norm_first):
     rep = hidden(group_name)
     window, t = 4, 80
-    layer = eTransformerEncoderLayer(rep, 2, 2 * rep.size, dropout=0.0, batch_first=True, norm_first=norm_first,
-                                     positional="rope")
+    layer = eTransformerEncoderLayer(
+        rep, 2, 2 * rep.size, dropout=0.0, batch_first=True, norm_first=norm_first, positional="rope"
+    )
     enc = eTransformerEncoder(layer, depth).double().eval()
     x = torch.randn(2, t, rep.size, dtype=torch.float64)
     with torch.no_grad():
@@ -71,8 +80,16 @@ def test_encoder_stack_step_equals_batch(group_name, depth, norm_first):
 def test_decoder_stack_step_equals_batch(dtype, group_name, depth):
     rep = hidden(group_name)
     window, memory_window, t = 3, 5, 60
-    layer = eTransformerDecoderLayer(rep, 2, 2 * rep.size, dropout=0.0, batch_first=True, norm_first=True,
-                                     positional="relative", cross_positional="rope")
+    layer = eTransformerDecoderLayer(
+        rep,
+        2,
+        2 * rep.size,
+        dropout=0.0,
+        batch_first=True,
+        norm_first=True,
+        positional="relative",
+        cross_positional="rope",
+    )
     dec = eTransformerDecoder(layer, depth).to(dtype).eval()
     randomize(dec)
     x, mem = torch.randn(2, t, rep.size, dtype=dtype), torch.randn(2, t, rep.size, dtype=dtype)
@@ -81,8 +98,9 @@ def test_decoder_stack_step_equals_batch(dtype, group_name, depth):
     with torch.no_grad():
         ref = dec(x, mem, tgt_mask=causal_window_mask(t, window, dtype=dtype), memory_mask=memory_mask)
         state = dec.init_state(2, window, memory_window, max_tokens_per_step=2, max_memory_tokens_per_step=2)
-        out = torch.cat([dec.forward_step(x[:, i:i + 2], state, memory=mem[:, i:i + 2])[0] for i in range(0, t, 2)],
-                        dim=1)
+        out = torch.cat(
+            [dec.forward_step(x[:, i : i + 2], state, memory=mem[:, i : i + 2])[0] for i in range(0, t, 2)], dim=1
+        )
     assert rel_err(out, ref) <= TOL[dtype]
 
 
@@ -105,9 +123,9 @@ def test_per_row_reset_with_rows_started_at_different_times(group_name):
             outs.append(enc.forward_step(x[:, i], state)[0])
         out = torch.stack(outs, dim=1)
         for r, s in enumerate(starts):
-            seg = x[r:r + 1, s:]
+            seg = x[r : r + 1, s:]
             ref = enc(seg, mask=causal_window_mask(seg.shape[1], window, dtype=torch.float64))
-            assert rel_err(out[r:r + 1, s:], ref) <= 1e-10
+            assert rel_err(out[r : r + 1, s:], ref) <= 1e-10
 
 
 def test_row_subsets_leave_other_rows_untouched():
@@ -129,8 +147,9 @@ def test_row_subsets_leave_other_rows_untouched():
 def test_recycling_positions_match_the_batch_model_with_the_same_ids():
     rep = hidden("D4")
     window, t = 6, 130  # > 20 windows
-    pe = RecyclingPositionalEncoding(rep.regular_copies, rep.group.order, num_positions=2 * window - 1,
-                                     window=window).double()
+    pe = RecyclingPositionalEncoding(
+        rep.regular_copies, rep.group.order, num_positions=2 * window - 1, window=window
+    ).double()
     layer = eTransformerEncoderLayer(rep, 2, 64, dropout=0.0, batch_first=True)
     enc = eTransformerEncoder(layer, 3).double().eval()
     x = torch.randn(2, t, rep.size, dtype=torch.float64)
@@ -138,10 +157,10 @@ def test_recycling_positions_match_the_batch_model_with_the_same_ids():
     with torch.no_grad():
         ref = enc(pe(x, pos), mask=causal_window_mask(t, window, dtype=torch.float64))
         state = enc.init_state(2, window)
-        out = torch.stack([enc.forward_step(pe(x[:, i:i + 1], pos[i:i + 1]), state)[0][:, 0] for i in range(t)], 1)
+        out = torch.stack([enc.forward_step(pe(x[:, i : i + 1], pos[i : i + 1]), state)[0][:, 0] for i in range(t)], 1)
     assert rel_err(out, ref) <= 1e-10
     ids = pos % pe.num_positions  # every window sees distinct ids
-    assert all(len(set(ids[i:i + window].tolist())) == window for i in range(t - window))
+    assert all(len(set(ids[i : i + window].tolist())) == window for i in range(t - window))
     with pytest.raises(ValueError, match="num_positions"):
         RecyclingPositionalEncoding(4, 8, num_positions=10, window=6)
 

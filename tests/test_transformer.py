@@ -1,11 +1,18 @@
 import pytest
 import torch
-
-from streamtx.nn import (eLayerNorm, ePointwise, eRMSNorm, eTransformerDecoder, eTransformerDecoderLayer,
-                         eTransformerEncoder, eTransformerEncoderLayer, causal_window_mask)
-from streamtx.symmetry import Representation, cyclic, dihedral
-
 from layer_testing import GROUPS, act, faithful_rep, quadruped, rel_err
+
+from streamtx.nn import (
+    causal_window_mask,
+    eLayerNorm,
+    ePointwise,
+    eRMSNorm,
+    eTransformerDecoder,
+    eTransformerDecoderLayer,
+    eTransformerEncoder,
+    eTransformerEncoderLayer,
+)
+from streamtx.symmetry import Representation, cyclic, dihedral
 
 
 @pytest.mark.parametrize("name", list(GROUPS))
@@ -75,10 +82,18 @@ def test_layers_are_equivariant(name, norm_module):
     group = GROUPS[name]()
     rep = Representation.regular(group, 4)
     gen = torch.Generator().manual_seed(0)
-    enc = eTransformerEncoderLayer(rep, 2, 8 * group.order, batch_first=True, norm_module=norm_module,
-                                   positional="rope", norm_first=True)
-    dec = eTransformerDecoderLayer(rep, 2, 8 * group.order, batch_first=True, norm_module=norm_module,
-                                   positional="relative", cross_positional="rope")
+    enc = eTransformerEncoderLayer(
+        rep, 2, 8 * group.order, batch_first=True, norm_module=norm_module, positional="rope", norm_first=True
+    )
+    dec = eTransformerDecoderLayer(
+        rep,
+        2,
+        8 * group.order,
+        batch_first=True,
+        norm_module=norm_module,
+        positional="relative",
+        cross_positional="rope",
+    )
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         assert enc.check_equivariance(dtype=dtype, generator=gen) <= tol
         assert enc.check_equivariance(dtype=dtype, generator=gen, is_causal=True) <= tol

@@ -16,8 +16,9 @@ from streamtx.apps.served_eval import evaluate_served
 from streamtx.tasks.reacher.evaluate import EVAL_SEED, EvalResult, ExpertController, eval_seeds, run_episodes
 
 
-def evaluate(checkpoints: list[Path], episodes: int, half: str | None, execute: int, seed: int = EVAL_SEED,
-             progress: bool = True) -> dict[str, EvalResult]:
+def evaluate(
+    checkpoints: list[Path], episodes: int, half: str | None, execute: int, seed: int = EVAL_SEED, progress: bool = True
+) -> dict[str, EvalResult]:
     """``{name: result}`` for the expert and every checkpoint, on the same targets."""
     seeds = eval_seeds(episodes, seed)
     results = {"expert": run_episodes(ExpertController(), seeds, half, progress=progress, desc="expert")}

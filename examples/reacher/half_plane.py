@@ -43,11 +43,15 @@ def main() -> None:
     summary = {}
     for half in ("lower", "upper"):
         results = evaluate(list(policies.values()), args.episodes, half, args.execute)
-        print(f"\ntargets in the {half} half-plane ({'unseen' if half == 'lower' else 'seen'} in training), "
-              f"{args.episodes} held-out episodes\n")
+        print(
+            f"\ntargets in the {half} half-plane ({'unseen' if half == 'lower' else 'seen'} in training), "
+            f"{args.episodes} held-out episodes\n"
+        )
         print(table(results))
-        summary[half] = {name: {"success_rate": r.success_rate, "mean_final_distance": r.mean_final_distance}
-                         for name, r in results.items()}
+        summary[half] = {
+            name: {"success_rate": r.success_rate, "mean_final_distance": r.mean_final_distance}
+            for name, r in results.items()
+        }
     out = args.workdir / "results.json"
     out.write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {out}")

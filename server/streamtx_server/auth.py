@@ -37,8 +37,9 @@ def load_server_keys(directory: str | os.PathLike[str]) -> CurveServerKeys:
     directory = Path(directory)
     secret_file = directory / f"{SERVER_NAME}.key_secret"
     if not secret_file.is_file():
-        raise ValueError(f"curve keys: {secret_file} not found; create keys with "
-                         f"`python -m streamtx_server keygen {directory}`")
+        raise ValueError(
+            f"curve keys: {secret_file} not found; create keys with `python -m streamtx_server keygen {directory}`"
+        )
     public, secret = zmq.auth.load_certificate(secret_file)
     if secret is None:
         raise ValueError(f"curve keys: {secret_file} holds no secret key")
@@ -61,7 +62,9 @@ def create_curve_keys(directory: str | os.PathLike[str], clients: int = 0) -> Pa
     return Path(public_file)
 
 
-def secure_router(context: zmq.Context[Any], socket: zmq.Socket[Any], keys: CurveServerKeys) -> ThreadAuthenticator | None:
+def secure_router(
+    context: zmq.Context[Any], socket: zmq.Socket[Any], keys: CurveServerKeys
+) -> ThreadAuthenticator | None:
     """Make ``socket`` (before it binds) a CURVE server; starts and returns the authenticator that checks client
     keys when the keys name authorized clients (stop it when the socket closes)."""
     authenticator = None

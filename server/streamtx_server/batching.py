@@ -11,8 +11,8 @@ call needs equal ``S`` for all rows), then acts for the steps that get actions.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Sequence
 
 __all__ = ["Round", "BatchPlan", "plan_batch"]
 
@@ -32,8 +32,9 @@ class BatchPlan:
 def plan_batch(sessions: Sequence[Hashable], tokens: Sequence[int], act: Sequence[bool]) -> BatchPlan:
     """Plan queued steps given, in arrival order, by their session, token count and whether they ask for actions."""
     if not len(sessions) == len(tokens) == len(act):
-        raise ValueError(f"sessions, tokens, act: expected equal lengths, got {len(sessions)}, {len(tokens)}, "
-                         f"{len(act)}")
+        raise ValueError(
+            f"sessions, tokens, act: expected equal lengths, got {len(sessions)}, {len(tokens)}, {len(act)}"
+        )
     queues: dict[Hashable, list[int]] = {}
     newest_acting: dict[Hashable, int] = {}
     for i, session in enumerate(sessions):

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .config import ServerConfig
 
@@ -34,22 +35,42 @@ def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
     defaults = ServerConfig()
     p = argparse.ArgumentParser(prog=prog, description="Serve a streaming policy checkpoint over ZeroMQ.")
     p.add_argument("--checkpoint", required=True, type=Path, help="policy checkpoint (streamtx.checkpoint format)")
-    p.add_argument("--bind", action="append", metavar="ENDPOINT",
-                   help="tcp://host:port or ipc:///path; repeat for several (default tcp://127.0.0.1:5555)")
+    p.add_argument(
+        "--bind",
+        action="append",
+        metavar="ENDPOINT",
+        help="tcp://host:port or ipc:///path; repeat for several (default tcp://127.0.0.1:5555)",
+    )
     p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
     p.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--max-sessions", type=_positive_int, default=defaults.max_sessions)
     p.add_argument("--max-message-bytes", type=_positive_int, default=defaults.max_message_bytes)
     p.add_argument("--max-array-elements", type=_positive_int, default=defaults.max_array_elements)
     p.add_argument("--max-tokens-per-step", type=_positive_int, default=defaults.max_tokens_per_step)
-    p.add_argument("--max-batch", type=_positive_int, default=defaults.max_batch,
-                   help="most session steps per batched forward; 1 turns batching off")
-    p.add_argument("--max-wait-ms", type=_non_negative_float, default=defaults.max_wait * 1e3,
-                   help="how long a step may wait for others to join its batch")
-    p.add_argument("--idle-timeout", type=_non_negative_float, default=defaults.idle_timeout,
-                   help="seconds after which an idle session is closed")
-    p.add_argument("--curve-keys", type=Path, metavar="DIR",
-                   help="require CURVE: DIR holds server.key_secret (and optionally authorized_clients/)")
+    p.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=defaults.max_batch,
+        help="most session steps per batched forward; 1 turns batching off",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=_non_negative_float,
+        default=defaults.max_wait * 1e3,
+        help="how long a step may wait for others to join its batch",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_non_negative_float,
+        default=defaults.idle_timeout,
+        help="seconds after which an idle session is closed",
+    )
+    p.add_argument(
+        "--curve-keys",
+        type=Path,
+        metavar="DIR",
+        help="require CURVE: DIR holds server.key_secret (and optionally authorized_clients/)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="json", choices=["json", "text"])
     return p
@@ -100,20 +121,27 @@ def serve_main(argv: list[str] | None, load_policy: PolicyLoader) -> int:
 
 
 def _table(stats: dict[str, Any]) -> str:
-    lines = [f"sessions {stats['sessions']}/{stats['max_sessions']}   uptime {stats['uptime_s']:.1f} s   "
-             f"batches {stats['batches']['count']} (mean size {stats['batches']['mean_size']:.2f}, "
-             f"max {stats['batches']['max_size']})   superseded {stats['superseded']}   "
-             f"expired {stats['expired_sessions']}",
-             "",
-             f"{'stage':<8} {'count':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'max ms':>9}"]
+    lines = [
+        f"sessions {stats['sessions']}/{stats['max_sessions']}   uptime {stats['uptime_s']:.1f} s   "
+        f"batches {stats['batches']['count']} (mean size {stats['batches']['mean_size']:.2f}, "
+        f"max {stats['batches']['max_size']})   superseded {stats['superseded']}   "
+        f"expired {stats['expired_sessions']}",
+        "",
+        f"{'stage':<8} {'count':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'max ms':>9}",
+    ]
     for stage, s in stats["latency"].items():
         if s["count"]:
-            lines.append(f"{stage:<8} {s['count']:>9} {s['p50_ms']:>9.3f} {s['p99_ms']:>9.3f} {s['mean_ms']:>9.3f} "
-                         f"{s['max_ms']:>9.3f}")
+            lines.append(
+                f"{stage:<8} {s['count']:>9} {s['p50_ms']:>9.3f} {s['p99_ms']:>9.3f} {s['mean_ms']:>9.3f} "
+                f"{s['max_ms']:>9.3f}"
+            )
         else:
             lines.append(f"{stage:<8} {0:>9} {'-':>9} {'-':>9} {'-':>9} {'-':>9}")
-    lines += ["", "requests " + (", ".join(f"{k} {v}" for k, v in sorted(stats["requests"].items())) or "none"),
-              "errors   " + (", ".join(f"{k} {v}" for k, v in sorted(stats["errors"].items())) or "none")]
+    lines += [
+        "",
+        "requests " + (", ".join(f"{k} {v}" for k, v in sorted(stats["requests"].items())) or "none"),
+        "errors   " + (", ".join(f"{k} {v}" for k, v in sorted(stats["errors"].items())) or "none"),
+    ]
     return "\n".join(lines)
 
 
@@ -129,8 +157,9 @@ def stats_main(argv: list[str] | None = None) -> int:
     from streamtx_client import Client, RequestTimeout, ServerError
 
     try:
-        with Client(args.endpoint, timeout=args.timeout, retries=0, server_key=args.server_key,
-                    client_keys=args.client_keys) as client:
+        with Client(
+            args.endpoint, timeout=args.timeout, retries=0, server_key=args.server_key, client_keys=args.client_keys
+        ) as client:
             stats = client.stats()
     except (RequestTimeout, ServerError, ValueError) as exc:
         print(f"streamtx stats: {exc}", file=sys.stderr)
@@ -157,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"stats": stats_main, "keygen": keygen_main}
     if not argv or argv[0] not in commands:
-        print(f"usage: python -m streamtx_server {{{','.join(commands)}}} ...  (to serve a checkpoint: streamtx serve)",
-              file=sys.stderr)
+        print(
+            f"usage: python -m streamtx_server {{{','.join(commands)}}} ...  (to serve a checkpoint: streamtx serve)",
+            file=sys.stderr,
+        )
         return 2
     return commands[argv[0]](argv[1:])

@@ -15,8 +15,9 @@ import secrets
 import socket as pysocket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ class Server:
         self,
         policy: ServedPolicy,
         endpoints: Sequence[str],
-        config: ServerConfig = ServerConfig(),
+        config: ServerConfig | None = None,
         *,
         curve: CurveServerKeys | None = None,
         logger: logging.Logger | None = None,
@@ -103,6 +104,7 @@ class Server:
                 raise ValueError(f"endpoints: expected 'tcp://host:port' or 'ipc://path', got {endpoint!r}")
         self.policy = policy
         self.endpoints = list(endpoints)
+        config = config if config is not None else ServerConfig()
         self.config = replace(config, max_tokens_per_step=min(config.max_tokens_per_step, policy.max_tokens_per_step))
         self.curve = curve
         self.log = logger or logging.getLogger(LOGGER_NAME)
@@ -155,14 +157,25 @@ class Server:
                 router.bind(endpoint)
                 bound.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
             self.bound = bound
-            log_event(self.log, logging.INFO, "listening", endpoints=self.bound, curve=self.curve is not None,
-                      **self.config.limits())
+            log_event(
+                self.log,
+                logging.INFO,
+                "listening",
+                endpoints=self.bound,
+                curve=self.curve is not None,
+                **self.config.limits(),
+            )
             self._loop(router)
             # Graceful stop: what was received before the stop gets its reply (bounded, should a flood go on).
             self._receive(router, limit=_SHUTDOWN_DRAIN_LIMIT)
             self._flush(router)
-            log_event(self.log, logging.INFO, "stopped", sessions=len(self.sessions),
-                      requests=sum(self.stats.requests.values()))
+            log_event(
+                self.log,
+                logging.INFO,
+                "stopped",
+                sessions=len(self.sessions),
+                requests=sum(self.stats.requests.values()),
+            )
         finally:
             router.close(linger=1000)  # let the last replies leave
             if authenticator is not None:
@@ -209,8 +222,9 @@ class Server:
             if not (len(frames) == 2 or (len(frames) == 3 and frames[1] == b"")):
                 envelope = frames[:1]
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"expected one message frame, got {len(frames) - 1}")
-            message = decode(body, max_bytes=self.config.max_message_bytes,
-                             max_array_elements=self.config.max_array_elements)
+            message = decode(
+                body, max_bytes=self.config.max_message_bytes, max_array_elements=self.config.max_array_elements
+            )
             request = parse_request(message, obs_dim=self.policy.obs_dim, max_tokens=self.config.max_tokens_per_step)
             self.stats.latency["decode"].add(time.perf_counter() - received)
             self.stats.requests[type(request).__name__.lower()] += 1
@@ -227,8 +241,9 @@ class Server:
             self._reply_error(router, envelope, request_id(message), err.code, err.message, received)
         except Exception as exc:  # noqa: BLE001 - one request's bug must not take the daemon down
             log_event(self.log, logging.ERROR, "request_failed", exc_info=True, id=request_id(message))
-            self._reply_error(router, envelope, request_id(message), ErrorCode.INTERNAL,
-                              f"{type(exc).__name__}: {exc}", received)
+            self._reply_error(
+                router, envelope, request_id(message), ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", received
+            )
 
     def _control(self, request: Hello | Stats | Open | Reset | Close) -> dict[str, Any]:
         if isinstance(request, Hello):
@@ -240,8 +255,16 @@ class Server:
             seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
             session = self.sessions.open(session_id, seed, time.monotonic())
             self._reset_row(session, steps=request.steps)
-            log_event(self.log, logging.INFO, "session_opened", session=session.id, slot=session.slot, seed=seed,
-                      steps=request.steps, sessions=len(self.sessions))
+            log_event(
+                self.log,
+                logging.INFO,
+                "session_opened",
+                session=session.id,
+                slot=session.slot,
+                seed=seed,
+                steps=request.steps,
+                sessions=len(self.sessions),
+            )
             return {"session": session.id, "seed": seed}
         session = self.sessions.get(request.session)
         session.last_active = time.monotonic()
@@ -251,8 +274,15 @@ class Server:
             log_event(self.log, logging.INFO, "session_reset", session=session.id, seed=session.seed)
             return {"seed": session.seed}
         self.sessions.close(session.id)
-        log_event(self.log, logging.INFO, "session_closed", session=session.id, tokens=session.tokens,
-                  steps=session.steps, sessions=len(self.sessions))
+        log_event(
+            self.log,
+            logging.INFO,
+            "session_closed",
+            session=session.id,
+            tokens=session.tokens,
+            steps=session.steps,
+            sessions=len(self.sessions),
+        )
         return {}
 
     def _reset_row(self, session: Session, steps: int = 0) -> None:
@@ -278,12 +308,13 @@ class Server:
             self._run_batch(router)
 
     def _run_batch(self, router: zmq.Socket[Any]) -> None:
-        batch, self._queue = self._queue[: self.config.max_batch], self._queue[self.config.max_batch:]
+        batch, self._queue = self._queue[: self.config.max_batch], self._queue[self.config.max_batch :]
         start = time.perf_counter()
         for item in batch:
             self.stats.latency["queue"].add(start - item.ready)
-        plan = plan_batch([q.session.id for q in batch], [len(q.request.obs) for q in batch],
-                          [q.request.act for q in batch])
+        plan = plan_batch(
+            [q.session.id for q in batch], [len(q.request.obs) for q in batch], [q.request.act for q in batch]
+        )
         actions: dict[int, np.ndarray] = {}
         model_time = 0.0  # the policy calls and their device transfers only: the rest is serving overhead
         try:
@@ -302,11 +333,23 @@ class Server:
                         model_time += time.perf_counter() - t0
                         actions.update(zip(round_.act, chunk.numpy()))
         except Exception as exc:  # noqa: BLE001 - a model failure must not take the daemon down
-            log_event(self.log, logging.ERROR, "batch_failed", exc_info=True, batch=len(batch),
-                      sessions=sorted({q.session.id for q in batch}))
+            log_event(
+                self.log,
+                logging.ERROR,
+                "batch_failed",
+                exc_info=True,
+                batch=len(batch),
+                sessions=sorted({q.session.id for q in batch}),
+            )
             for item in batch:
-                self._reply_error(router, item.envelope, item.request.id, ErrorCode.INTERNAL,
-                                  f"the policy raised {type(exc).__name__}: {exc}", item.received)
+                self._reply_error(
+                    router,
+                    item.envelope,
+                    item.request.id,
+                    ErrorCode.INTERNAL,
+                    f"the policy raised {type(exc).__name__}: {exc}",
+                    item.received,
+                )
             return
         self.stats.latency["model"].add(model_time)
         self.stats.batch_sizes.add(len(batch))
@@ -342,8 +385,15 @@ class Server:
         self.stats.latency["encode"].add(done - start)
         self.stats.latency["total"].add(done - received)
 
-    def _reply_error(self, router: zmq.Socket[Any], envelope: list[bytes], rid: int | None, code: ErrorCode,
-                     message: str, received: float) -> None:
+    def _reply_error(
+        self,
+        router: zmq.Socket[Any],
+        envelope: list[bytes],
+        rid: int | None,
+        code: ErrorCode,
+        message: str,
+        received: float,
+    ) -> None:
         self.stats.errors[code.value] += 1
         log_event(self.log, logging.INFO, "request_rejected", code=code.value, detail=message, id=rid)
         self._reply(router, envelope, error_reply(rid, code, message), received)
@@ -358,5 +408,11 @@ class Server:
             if session.id not in busy:
                 self.sessions.close(session.id)
                 self.stats.expired += 1
-                log_event(self.log, logging.INFO, "session_expired", session=session.id,
-                          idle_s=self.config.idle_timeout, sessions=len(self.sessions))
+                log_event(
+                    self.log,
+                    logging.INFO,
+                    "session_expired",
+                    session=session.id,
+                    idle_s=self.config.idle_timeout,
+                    sessions=len(self.sessions),
+                )

@@ -8,8 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["DaemonProcess"]
 
@@ -30,11 +30,24 @@ class DaemonProcess:
         self._process: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def serve(cls, checkpoint: str | os.PathLike[str], binds: Sequence[str], log_path: str | os.PathLike[str],
-              *extra_args: str) -> DaemonProcess:
+    def serve(
+        cls,
+        checkpoint: str | os.PathLike[str],
+        binds: Sequence[str],
+        log_path: str | os.PathLike[str],
+        *extra_args: str,
+    ) -> DaemonProcess:
         """``python -m streamtx serve`` of ``checkpoint`` on ``binds`` (more CLI flags in ``extra_args``)."""
-        command = [sys.executable, "-m", "streamtx", "serve", f"--checkpoint={checkpoint}",
-                   *(f"--bind={b}" for b in binds), "--log-format=json", *extra_args]
+        command = [
+            sys.executable,
+            "-m",
+            "streamtx",
+            "serve",
+            f"--checkpoint={checkpoint}",
+            *(f"--bind={b}" for b in binds),
+            "--log-format=json",
+            *extra_args,
+        ]
         return cls(command, log_path)
 
     @property
@@ -46,8 +59,9 @@ class DaemonProcess:
             raise RuntimeError("daemon already running")
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                             env=self.env)
+            self._process = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for event in self._events(offset):

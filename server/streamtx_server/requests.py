@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +55,7 @@ class Close:
     session: str
 
 
-Request = Union[Hello, Stats, Open, Step, Reset, Close]
+Request = Hello | Stats | Open | Step | Reset | Close
 
 
 def request_id(message: Any) -> int | None:
@@ -66,8 +66,10 @@ def request_id(message: Any) -> int | None:
 
 def _session(value: Any) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_SESSION_ID_CHARS:
-        raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"session: expected a string of 1 to {MAX_SESSION_ID_CHARS} "
-                                                    f"characters, got {_show(value)}")
+        raise ProtocolError(
+            ErrorCode.BAD_ARGUMENT,
+            f"session: expected a string of 1 to {MAX_SESSION_ID_CHARS} characters, got {_show(value)}",
+        )
     return value
 
 
@@ -94,8 +96,9 @@ def _observations(value: Any, obs_dim: int, max_tokens: int) -> np.ndarray:
         raise ProtocolError(ErrorCode.BAD_DTYPE, f"obs: expected a floating dtype (float16/32/64), got {value.dtype}")
     obs = value[None] if value.ndim == 1 else value
     if obs.ndim != 2 or obs.shape[1] != obs_dim or obs.shape[0] == 0:
-        raise ProtocolError(ErrorCode.BAD_SHAPE, f"obs: expected shape ({obs_dim},) or (S, {obs_dim}) with S >= 1, "
-                                                 f"got {value.shape}")
+        raise ProtocolError(
+            ErrorCode.BAD_SHAPE, f"obs: expected shape ({obs_dim},) or (S, {obs_dim}) with S >= 1, got {value.shape}"
+        )
     if obs.shape[0] > max_tokens:
         raise ProtocolError(ErrorCode.TOO_MANY_TOKENS, f"obs: {obs.shape[0]} tokens in one step, limit is {max_tokens}")
     if not np.isfinite(obs).all():
@@ -125,8 +128,9 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
     """Check a decoded request against the protocol and the policy's observation size."""
     version = message.get("v")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(ErrorCode.BAD_VERSION, f"v: this daemon speaks protocol {PROTOCOL_VERSION}, "
-                                                   f"got {_show(version)}")
+        raise ProtocolError(
+            ErrorCode.BAD_VERSION, f"v: this daemon speaks protocol {PROTOCOL_VERSION}, got {_show(version)}"
+        )
     rid = request_id(message)
     if rid is None:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"id: expected an int, got {_show(message.get('id'))}")
@@ -136,8 +140,9 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
     spec = _FIELDS[kind]
     unknown = set(message) - {"v", "id", "kind"} - set(spec)
     if unknown:
-        raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"{kind}: unknown fields {sorted(map(str, unknown))}; "
-                                                    f"expected {sorted(spec)}")
+        raise ProtocolError(
+            ErrorCode.BAD_ARGUMENT, f"{kind}: unknown fields {sorted(map(str, unknown))}; expected {sorted(spec)}"
+        )
     fields: dict[str, Any] = {}
     for name, default in spec.items():
         if name in message:
@@ -151,8 +156,12 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
     if kind == "stats":
         return Stats(rid)
     if kind == "open":
-        return Open(rid, None if fields["session"] is None else _session(fields["session"]), _seed(fields["seed"]),
-                    _count(fields["steps"], "steps"))
+        return Open(
+            rid,
+            None if fields["session"] is None else _session(fields["session"]),
+            _seed(fields["seed"]),
+            _count(fields["steps"], "steps"),
+        )
     if kind == "step":
         obs = _observations(fields["obs"], obs_dim, max_tokens)
         return Step(rid, _session(fields["session"]), obs, _flag(fields["act"], "act"))

@@ -37,8 +37,10 @@ class SessionTable:
         session = self._sessions.get(session_id)
         if session is None:
             if not self._free:
-                raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS,
-                                    f"all {self.capacity} session slots are taken; close a session or retry later")
+                raise ProtocolError(
+                    ErrorCode.TOO_MANY_SESSIONS,
+                    f"all {self.capacity} session slots are taken; close a session or retry later",
+                )
             session = Session(session_id, self._free.pop(), seed, now)
             self._sessions[session_id] = session
         else:
@@ -49,8 +51,9 @@ class SessionTable:
         try:
             return self._sessions[session_id]
         except KeyError:
-            raise ProtocolError(ErrorCode.UNKNOWN_SESSION,
-                                f"session {session_id!r} is not open (never opened, closed, or expired)") from None
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_SESSION, f"session {session_id!r} is not open (never opened, closed, or expired)"
+            ) from None
 
     def close(self, session_id: str) -> Session:
         session = self.get(session_id)

@@ -36,8 +36,13 @@ def _latency_summary(window: SlidingWindow) -> dict[str, float | int]:
     if not len(ms):
         return {"count": 0}
     p50, p99 = np.percentile(ms, [50, 99])
-    return {"count": window.count, "p50_ms": float(p50), "p99_ms": float(p99), "mean_ms": float(ms.mean()),
-            "max_ms": float(ms.max())}
+    return {
+        "count": window.count,
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
+        "mean_ms": float(ms.mean()),
+        "max_ms": float(ms.max()),
+    }
 
 
 class ServerStats:

@@ -30,8 +30,11 @@ only observes in between), so every request is a full control step and the daemo
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="streamtx demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="streamtx demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--episodes", type=int, default=100, help="held-out episodes (targets) to run")
     p.add_argument("--checkpoint", type=Path, default=SHIPPED_POLICY, help="policy to serve")
     p.add_argument("--execute", type=int, default=DEFAULT_EXECUTE, help="control steps per action chunk")
@@ -50,29 +53,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seeds = eval_seeds(args.episodes, args.seed)
     start = time.perf_counter()
-    served = evaluate_served(args.checkpoint, seeds, args.half, args.execute, log_path=args.log,
-                             progress=not args.quiet)
+    served = evaluate_served(
+        args.checkpoint, seeds, args.half, args.execute, log_path=args.log, progress=not args.quiet
+    )
     expert = run_episodes(ExpertController(), seeds, args.half, progress=not args.quiet, desc="expert")
     policy, meta = served.result, served.hello["policy"]["metadata"]
     client_ms = 1e3 * served.latencies
     model_ms = served.model_time_ms()
 
-    print(f"\nReacher-v5, {args.episodes} held-out targets (seeds {seeds[0]}..{seeds[-1]}"
-          f"{', ' + args.half + ' half-plane' if args.half else ''}); success = fingertip within "
-          f"{SUCCESS_DISTANCE} m at the end")
-    print(f"policy: {meta['model']} over {meta['group']['name']}, {meta['num_parameters']:,} parameters, "
-          f"{meta['sampler']['type']} sampler with {meta['num_evaluations']} denoiser calls per chunk of "
-          f"{meta['horizon']} actions, a chunk every {args.execute} control steps")
+    print(
+        f"\nReacher-v5, {args.episodes} held-out targets (seeds {seeds[0]}..{seeds[-1]}"
+        f"{', ' + args.half + ' half-plane' if args.half else ''}); success = fingertip within "
+        f"{SUCCESS_DISTANCE} m at the end"
+    )
+    print(
+        f"policy: {meta['model']} over {meta['group']['name']}, {meta['num_parameters']:,} parameters, "
+        f"{meta['sampler']['type']} sampler with {meta['num_evaluations']} denoiser calls per chunk of "
+        f"{meta['horizon']} actions, a chunk every {args.execute} control steps"
+    )
     print(f"  {'controller':<26} {'success':>8} {'mean final dist':>16}")
     for name, r in (("policy through the daemon", policy), ("scripted expert", expert)):
         print(f"  {name:<26} {r.success_rate:>8.1%} {r.mean_final_distance:>16.4f}")
-    print(f"  latency per chunk request: client round trip p50 {np.percentile(client_ms, 50):.2f} ms, "
-          f"p99 {np.percentile(client_ms, 99):.2f} ms; daemon model time p50 {model_ms['p50']:.2f} ms, "
-          f"p99 {model_ms['p99']:.2f} ms ({len(client_ms)} chunk requests"
-          f"{'' if args.execute == 1 else '; the model time includes the observe-only steps'})")
+    print(
+        f"  latency per chunk request: client round trip p50 {np.percentile(client_ms, 50):.2f} ms, "
+        f"p99 {np.percentile(client_ms, 99):.2f} ms; daemon model time p50 {model_ms['p50']:.2f} ms, "
+        f"p99 {model_ms['p99']:.2f} ms ({len(client_ms)} chunk requests"
+        f"{'' if args.execute == 1 else '; the model time includes the observe-only steps'})"
+    )
 
-    plot_evaluation(policy, args.png, latencies=served.latencies, expert=expert, model_time_ms=model_ms,
-                    title=f"streamtx demo: Reacher-v5 through the daemon ({args.episodes} episodes)")
+    plot_evaluation(
+        policy,
+        args.png,
+        latencies=served.latencies,
+        expert=expert,
+        model_time_ms=model_ms,
+        title=f"streamtx demo: Reacher-v5 through the daemon ({args.episodes} episodes)",
+    )
     print(f"wrote {args.png}; done in {time.perf_counter() - start:.0f} s")
     return 0
-

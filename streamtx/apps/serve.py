@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from streamtx_server import cli as server_cli
 
 from ..checkpoint import load_policy, load_static_policy, make_random_checkpoint

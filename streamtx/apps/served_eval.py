@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
 from streamtx_client import ActionChunkBuffer, Client
 from streamtx_server.process import DaemonProcess
 
@@ -77,9 +79,17 @@ class ServedEvaluation:
         return {"p50": float(model["p50_ms"]), "p99": float(model["p99_ms"])} if model["count"] else {}
 
 
-def evaluate_served(checkpoint: str | os.PathLike[str], seeds: Sequence[int], half: Half | None = None,
-                    execute: int = 1, *, threads: int = 1, log_path: str | os.PathLike[str] | None = None,
-                    progress: bool = True, desc: str = "policy") -> ServedEvaluation:
+def evaluate_served(
+    checkpoint: str | os.PathLike[str],
+    seeds: Sequence[int],
+    half: Half | None = None,
+    execute: int = 1,
+    *,
+    threads: int = 1,
+    log_path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    desc: str = "policy",
+) -> ServedEvaluation:
     """Start the daemon on ``checkpoint`` (a child process on a free local port, ``threads`` torch threads), run one
     episode per seed as a client robot through the SDK (one session, reset with the episode's seed), and shut the
     daemon down. The daemon's JSON log goes to ``log_path`` (default: a temporary file, removed afterwards)."""

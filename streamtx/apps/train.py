@@ -32,8 +32,9 @@ from ..train.trainer import TrainConfig, TrainResult, train
 __all__ = ["build_model", "build_sampler", "split_episodes", "main"]
 
 
-def build_model(obs_rep: Representation, act_rep: Representation, *, equivariant: bool = True, **arch: Any
-                ) -> eCondTransformerRegressor:
+def build_model(
+    obs_rep: Representation, act_rep: Representation, *, equivariant: bool = True, **arch: Any
+) -> eCondTransformerRegressor:
     """The policy denoiser ``V = f(X_k, k, Z)``: equivariant over the representations' group, or the plain baseline
     with the same dimensions. ``arch`` are ``eCondTransformerRegressor`` arguments (``in_horizon``,
     ``cond_horizon``, ``num_layers``, ...)."""
@@ -61,8 +62,11 @@ def split_episodes(num_episodes: int, val_fraction: float) -> tuple[slice, slice
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="streamtx train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="streamtx train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("data", type=Path, help="demonstration .npz (observations (E, T, obs), actions (E, T, act))")
     p.add_argument("--out", type=Path, required=True, help="checkpoint to write")
     p.add_argument("--task", default=None, help="task whose symmetry to use (default: the dataset's 'task')")
@@ -71,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--action-horizon", type=int, default=8, help="Tx, actions per chunk")
     g.add_argument("--obs-horizon", type=int, default=2, help="Tz, observation tokens in the decoder's memory")
     g.add_argument("--layers", type=int, default=2, help="decoder layers")
-    g.add_argument("--cond-layers", type=int, default=0,
-                   help="conditioning-encoder layers (0: a per-token equivariant MLP)")
+    g.add_argument(
+        "--cond-layers", type=int, default=0, help="conditioning-encoder layers (0: a per-token equivariant MLP)"
+    )
     g.add_argument("--heads", type=int, default=2)
     g.add_argument("--dim", type=int, default=32, help="embedding dim (a multiple of |G| * 2 * heads)")
     g.add_argument("--sampler", choices=["flow", "ddim"], default="flow")
@@ -104,12 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     obs_rep, act_rep = task_representations(task)
     obs, act = data["observations"], data["actions"]
     if obs.shape[-1] != obs_rep.size or act.shape[-1] != act_rep.size:
-        raise SystemExit(f"streamtx train: task {task!r} has observations of size {obs_rep.size} and actions of size "
-                         f"{act_rep.size}, the dataset {obs.shape[-1]} and {act.shape[-1]}")
+        raise SystemExit(
+            f"streamtx train: task {task!r} has observations of size {obs_rep.size} and actions of size "
+            f"{act_rep.size}, the dataset {obs.shape[-1]} and {act.shape[-1]}"
+        )
     torch.manual_seed(args.seed)  # the model's initialization
-    model = build_model(obs_rep, act_rep, equivariant=not args.no_equivariance, in_horizon=args.action_horizon,
-                        cond_horizon=args.obs_horizon, num_layers=args.layers, num_attention_heads=args.heads,
-                        embedding_dim=args.dim, num_cond_layers=args.cond_layers)
+    model = build_model(
+        obs_rep,
+        act_rep,
+        equivariant=not args.no_equivariance,
+        in_horizon=args.action_horizon,
+        cond_horizon=args.obs_horizon,
+        num_layers=args.layers,
+        num_attention_heads=args.heads,
+        embedding_dim=args.dim,
+        num_cond_layers=args.cond_layers,
+    )
     sampler = build_sampler(args.sampler, args.sampling_steps)
     history = model.receptive_field()
     tr, va = split_episodes(len(obs), args.val_fraction)
@@ -117,27 +132,45 @@ def main(argv: list[str] | None = None) -> int:
     obs = ((obs - shift) * scale).astype(np.float32)  # trained on normalized observations, folded in below
     train_set = ChunkDataset(obs[tr], act[tr], history, args.action_horizon)
     val_set = ChunkDataset(obs[va], act[va], history, args.action_horizon) if va.stop > va.start else None
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         warmup_steps=min(args.warmup_steps, args.steps - 1), ema_decay=args.ema_decay,
-                         seed=args.seed, eval_every=args.eval_every, progress=not args.quiet)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=min(args.warmup_steps, args.steps - 1),
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        progress=not args.quiet,
+    )
     num_params = sum(p.numel() for p in model.parameters())
-    print(f"{type(model).__name__} ({num_params:,} parameters, receptive field {history} observations), {sampler}; "
-          f"{len(train_set):,} training examples from {tr.stop} episodes of task {task!r}")
+    print(
+        f"{type(model).__name__} ({num_params:,} parameters, receptive field {history} observations), {sampler}; "
+        f"{len(train_set):,} training examples from {tr.stop} episodes of task {task!r}"
+    )
     start = time.perf_counter()
-    result: TrainResult = train(model, sampler, train_set, config, get_optim_groups(model, args.weight_decay),
-                                val_set)
+    result: TrainResult = train(model, sampler, train_set, config, get_optim_groups(model, args.weight_decay), val_set)
     seconds = time.perf_counter() - start
     fold_input_normalization(result.ema_model.cond_obs_emb, scale, shift)  # the checkpoint takes raw observations
-    extra = {"task": task, "command": "streamtx train " + shlex.join(argv), "train": config.to_dict(),
-             "dataset": {"path": str(args.data), "episodes": int(len(obs)),
-                         "half": str(data["half"]) if "half" in data else "all"},
-             "final_loss": float(np.mean(result.losses[-100:])), "train_seconds": seconds}
+    extra = {
+        "task": task,
+        "command": "streamtx train " + shlex.join(argv),
+        "train": config.to_dict(),
+        "dataset": {
+            "path": str(args.data),
+            "episodes": int(len(obs)),
+            "half": str(data["half"]) if "half" in data else "all",
+        },
+        "final_loss": float(np.mean(result.losses[-100:])),
+        "train_seconds": seconds,
+    }
     if result.val_losses:
         extra["val_loss"] = result.val_losses[-1][1]
     save_checkpoint(args.out, result.ema_model, sampler, extra=extra)
     size = args.out.stat().st_size
     val = f", validation loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""
-    print(f"wrote {args.out} ({size / 1e6:.2f} MB) after {seconds / 60:.1f} min; "
-          f"training loss {extra['final_loss']:.4f}{val}")
+    print(
+        f"wrote {args.out} ({size / 1e6:.2f} MB) after {seconds / 60:.1f} min; "
+        f"training loss {extra['final_loss']:.4f}{val}"
+    )
     return 0
-

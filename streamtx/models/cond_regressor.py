@@ -14,8 +14,14 @@ from ..nn.attention import causal_window_mask
 from ..nn.equivariance import equivariance_error
 from ..nn.linear import check_same_group, eLinear
 from ..nn.state import Rows, StreamState
-from ..nn.transformer import (EncoderState, eTransformerDecoder, eTransformerDecoderLayer, eTransformerEncoder,
-                              eTransformerEncoderLayer, make_norm)
+from ..nn.transformer import (
+    EncoderState,
+    eTransformerDecoder,
+    eTransformerDecoderLayer,
+    eTransformerEncoder,
+    eTransformerEncoderLayer,
+    make_norm,
+)
 from ..symmetry import Representation, trivial_group
 
 __all__ = ["eCondTransformerRegressor", "CondTransformerRegressor", "RegressorState", "get_optim_groups"]
@@ -61,12 +67,27 @@ class eCondTransformerRegressor(nn.Module):
     This is the batch reference of the streaming methods :meth:`init_state`, :meth:`observe` and :meth:`denoise`.
     """
 
-    def __init__(self, in_rep: Representation, cond_rep: Representation, out_rep: Representation, in_horizon: int,
-                 cond_horizon: int, num_layers: int = 4, num_attention_heads: int = 4, embedding_dim: int = 128,
-                 p_drop_emb: float = 0.0, p_drop_attn: float = 0.0, causal_attn: bool = False,
-                 num_cond_layers: int = 2, norm_module: str = "layernorm", dim_feedforward: int | None = None,
-                 activation: str = "gelu", cond_window: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_rep: Representation,
+        cond_rep: Representation,
+        out_rep: Representation,
+        in_horizon: int,
+        cond_horizon: int,
+        num_layers: int = 4,
+        num_attention_heads: int = 4,
+        embedding_dim: int = 128,
+        p_drop_emb: float = 0.0,
+        p_drop_attn: float = 0.0,
+        causal_attn: bool = False,
+        num_cond_layers: int = 2,
+        norm_module: str = "layernorm",
+        dim_feedforward: int | None = None,
+        activation: str = "gelu",
+        cond_window: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         check_same_group(in_rep=in_rep, cond_rep=cond_rep, out_rep=out_rep)
         group = in_rep.group
@@ -75,18 +96,30 @@ class eCondTransformerRegressor(nn.Module):
             raise ValueError(f"embedding_dim: expected a multiple of the group order {n}, got {embedding_dim}")
         m = embedding_dim // n
         if num_attention_heads < 1 or m % num_attention_heads or (m // num_attention_heads) % 2:
-            raise ValueError(f"num_attention_heads: the {m} regular copies (embedding_dim / |G|) must split into heads "
-                             f"of an even number of copies (for equivariant RoPE), got {num_attention_heads} heads")
+            raise ValueError(
+                f"num_attention_heads: the {m} regular copies (embedding_dim / |G|) must split into heads "
+                f"of an even number of copies (for equivariant RoPE), got {num_attention_heads} heads"
+            )
         for name, value in (("in_horizon", in_horizon), ("cond_horizon", cond_horizon), ("num_layers", num_layers)):
             if value < 1:
                 raise ValueError(f"{name}: expected >= 1, got {value}")
         if num_cond_layers < 0:
             raise ValueError(f"num_cond_layers: expected >= 0, got {num_cond_layers}")
         self.config: dict[str, Any] = dict(
-            in_horizon=in_horizon, cond_horizon=cond_horizon, num_layers=num_layers,
-            num_attention_heads=num_attention_heads, embedding_dim=embedding_dim, p_drop_emb=p_drop_emb,
-            p_drop_attn=p_drop_attn, causal_attn=causal_attn, num_cond_layers=num_cond_layers,
-            norm_module=norm_module, dim_feedforward=dim_feedforward, activation=activation, cond_window=cond_window)
+            in_horizon=in_horizon,
+            cond_horizon=cond_horizon,
+            num_layers=num_layers,
+            num_attention_heads=num_attention_heads,
+            embedding_dim=embedding_dim,
+            p_drop_emb=p_drop_emb,
+            p_drop_attn=p_drop_attn,
+            causal_attn=causal_attn,
+            num_cond_layers=num_cond_layers,
+            norm_module=norm_module,
+            dim_feedforward=dim_feedforward,
+            activation=activation,
+            cond_window=cond_window,
+        )
         self.in_rep, self.cond_rep, self.out_rep = in_rep, cond_rep, out_rep
         self.in_horizon, self.cond_horizon = in_horizon, cond_horizon
         self.cond_window = cond_window or cond_horizon
@@ -100,22 +133,44 @@ class eCondTransformerRegressor(nn.Module):
         self.input_emb = eLinear(in_rep, hidden, **fk)
         self.pos_emb = nn.Parameter(torch.zeros(in_horizon, m, **fk))  # invariant: one value per copy
         self.cond_obs_emb = eLinear(cond_rep, hidden, **fk)
-        self.time_mlp = nn.Sequential(eLinear(hidden, wide, **fk), ePointwise(wide, "mish"), eLinear(wide, hidden, **fk))
+        self.time_mlp = nn.Sequential(
+            eLinear(hidden, wide, **fk), ePointwise(wide, "mish"), eLinear(wide, hidden, **fk)
+        )
         self.drop = nn.Dropout(p_drop_emb)
         self.encoder: eTransformerEncoder | None
         self.cond_mlp: nn.Sequential | None
         if num_cond_layers > 0:
-            layer = eTransformerEncoderLayer(hidden, num_attention_heads, dff, p_drop_attn, activation,
-                                             batch_first=True, norm_first=True, norm_module=norm_module,
-                                             positional="rope", **fk)
+            layer = eTransformerEncoderLayer(
+                hidden,
+                num_attention_heads,
+                dff,
+                p_drop_attn,
+                activation,
+                batch_first=True,
+                norm_first=True,
+                norm_module=norm_module,
+                positional="rope",
+                **fk,
+            )
             self.encoder = eTransformerEncoder(layer, num_cond_layers, norm=make_norm(norm_module, hidden, 1e-5, **fk))
             self.cond_mlp = None
         else:
             self.encoder = None
-            self.cond_mlp = nn.Sequential(eLinear(hidden, wide, **fk), ePointwise(wide, "mish"),
-                                          eLinear(wide, hidden, **fk))
-        layer = eTransformerDecoderLayer(hidden, num_attention_heads, dff, p_drop_attn, activation, batch_first=True,
-                                         norm_first=True, norm_module=norm_module, cross_positional="rope", **fk)
+            self.cond_mlp = nn.Sequential(
+                eLinear(hidden, wide, **fk), ePointwise(wide, "mish"), eLinear(wide, hidden, **fk)
+            )
+        layer = eTransformerDecoderLayer(
+            hidden,
+            num_attention_heads,
+            dff,
+            p_drop_attn,
+            activation,
+            batch_first=True,
+            norm_first=True,
+            norm_module=norm_module,
+            cross_positional="rope",
+            **fk,
+        )
         self.decoder = eTransformerDecoder(layer, num_layers)
         self.ln_f = make_norm(norm_module, hidden, 1e-5, **fk)
         self.head = eLinear(hidden, out_rep, **fk)
@@ -156,27 +211,47 @@ class eCondTransformerRegressor(nn.Module):
         b, th = Z.shape[:2]
         z = self.drop(self.cond_obs_emb(Z))
         if self.encoder is not None:
-            z = self.encoder(z, mask=causal_window_mask(th, self.cond_window, device=z.device, dtype=z.dtype),
-                             src_pos=torch.arange(th, device=z.device))
+            z = self.encoder(
+                z,
+                mask=causal_window_mask(th, self.cond_window, device=z.device, dtype=z.dtype),
+                src_pos=torch.arange(th, device=z.device),
+            )
         else:
             z = self.cond_mlp(z)
         keep = min(th, self.cond_horizon)
-        memory = torch.cat((self._step_token(opt_step, b, z), z[:, th - keep:]), dim=1)
+        memory = torch.cat((self._step_token(opt_step, b, z), z[:, th - keep :]), dim=1)
         now = th - 1
         memory_pos = torch.cat((torch.tensor([now]), torch.arange(th - keep, th))).to(z.device)
         x = self._action_tokens(X)
-        x = self.decoder(x, memory, tgt_mask=self._tgt_mask(x.shape[1], x),
-                         tgt_pos=torch.full((x.shape[1],), now, device=x.device), memory_pos=memory_pos)
+        x = self.decoder(
+            x,
+            memory,
+            tgt_mask=self._tgt_mask(x.shape[1], x),
+            tgt_pos=torch.full((x.shape[1],), now, device=x.device),
+            memory_pos=memory_pos,
+        )
         return self.head(self.ln_f(x))
 
     # ---------------------------------------------------------------- streaming
-    def init_state(self, batch_size: int, max_tokens_per_step: int = 1, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None) -> RegressorState:
+    def init_state(
+        self,
+        batch_size: int,
+        max_tokens_per_step: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> RegressorState:
         """Empty caches for ``batch_size`` independent observation streams."""
-        enc = None if self.encoder is None else self.encoder.init_state(
-            batch_size, self.cond_window, max_tokens_per_step, dtype=dtype, device=device)
-        memory = [layer.multihead_attn.init_state(batch_size, self.cond_horizon, max_tokens_per_step, extra_slots=1,
-                                                  dtype=dtype, device=device) for layer in self.decoder.layers]
+        enc = (
+            None
+            if self.encoder is None
+            else self.encoder.init_state(batch_size, self.cond_window, max_tokens_per_step, dtype=dtype, device=device)
+        )
+        memory = [
+            layer.multihead_attn.init_state(
+                batch_size, self.cond_horizon, max_tokens_per_step, extra_slots=1, dtype=dtype, device=device
+            )
+            for layer in self.decoder.layers
+        ]
         return RegressorState(enc, memory)
 
     def observe(self, Z: Tensor, state: RegressorState, rows: Rows = None) -> None:
@@ -204,8 +279,7 @@ class eCondTransformerRegressor(nn.Module):
         mask = self._tgt_mask(x.shape[1], x)
         query_pos = now.expand(-1, x.shape[1])
         # every layer's memory ring holds the same positions: one band mask serves them all
-        memory_mask = self.decoder.layers[0].multihead_attn.cached_mask(state.memory[0], query_pos, rows,
-                                                                          dtype=x.dtype)
+        memory_mask = self.decoder.layers[0].multihead_attn.cached_mask(state.memory[0], query_pos, rows, dtype=x.dtype)
         for layer, mem in zip(self.decoder.layers, state.memory):
             x = layer.forward_cached_memory(x, mem, query_pos, rows, tgt_mask=mask, memory_mask=memory_mask)
         return self.head(self.ln_f(x))
@@ -215,14 +289,20 @@ class eCondTransformerRegressor(nn.Module):
         layers = 0 if self.encoder is None else self.encoder.num_layers
         return self.cond_horizon + layers * (self.cond_window - 1)
 
-    def check_equivariance(self, batch_size: int = 2, history: int | None = None, dtype: torch.dtype = torch.float64,
-                           generator: torch.Generator | None = None) -> float:
+    def check_equivariance(
+        self,
+        batch_size: int = 2,
+        history: int | None = None,
+        dtype: torch.dtype = torch.float64,
+        generator: torch.Generator | None = None,
+    ) -> float:
         """Max relative equivariance error of :meth:`forward` over all group elements on random inputs."""
         x = torch.randn(batch_size, self.in_horizon, self.in_rep.size, generator=generator, dtype=dtype)
         z = torch.randn(batch_size, history or self.cond_horizon, self.cond_rep.size, generator=generator, dtype=dtype)
         k = torch.rand(batch_size, generator=generator, dtype=dtype) * 100
-        return equivariance_error(self, lambda m, xs: m(xs[0], k, xs[1]), [(x, self.in_rep), (z, self.cond_rep)],
-                                  self.out_rep, dtype)
+        return equivariance_error(
+            self, lambda m, xs: m(xs[0], k, xs[1]), [(x, self.in_rep), (z, self.cond_rep)], self.out_rep, dtype
+        )
 
 
 class CondTransformerRegressor(eCondTransformerRegressor):
@@ -239,8 +319,14 @@ class CondTransformerRegressor(eCondTransformerRegressor):
             if dim < 1:
                 raise ValueError(f"{name}: expected >= 1, got {dim}")
         group = trivial_group()
-        super().__init__(Representation.trivial(group, in_dim), Representation.trivial(group, cond_dim),
-                         Representation.trivial(group, out_dim), in_horizon, cond_horizon, **kwargs)
+        super().__init__(
+            Representation.trivial(group, in_dim),
+            Representation.trivial(group, cond_dim),
+            Representation.trivial(group, out_dim),
+            in_horizon,
+            cond_horizon,
+            **kwargs,
+        )
 
 
 def get_optim_groups(model: nn.Module, weight_decay: float = 1e-3) -> list[dict]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,7 +12,12 @@ from ..symmetry import Representation
 __all__ = ["ePointwise", "get_activation"]
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "mish": F.mish, "tanh": F.tanh, "elu": F.elu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "mish": F.mish,
+    "tanh": F.tanh,
+    "elu": F.elu,
 }
 
 
@@ -35,8 +40,10 @@ class ePointwise(nn.Module):
     def __init__(self, rep: Representation, activation: str | Callable[[Tensor], Tensor] = "gelu") -> None:
         super().__init__()
         if not rep.is_permutation:
-            raise ValueError(f"rep: a pointwise nonlinearity needs a permutation representation (e.g. regular copies), "
-                             f"got {rep.name}, whose matrices are not all permutations")
+            raise ValueError(
+                f"rep: a pointwise nonlinearity needs a permutation representation (e.g. regular copies), "
+                f"got {rep.name}, whose matrices are not all permutations"
+            )
         self.rep, self.fn = rep, get_activation(activation)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -18,8 +18,9 @@ from .state import RingCache, Rows, StreamState, band_mask
 __all__ = ["eMultiheadAttention", "AttentionState", "causal_window_mask"]
 
 
-def causal_window_mask(length: int, window: int | None = None, device: torch.device | str | None = None,
-                       dtype: torch.dtype = torch.float32) -> Tensor:
+def causal_window_mask(
+    length: int, window: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Additive ``(L, L)`` mask (0 = attend, -inf = not): token ``i`` sees tokens ``i - window + 1 .. i``.
 
     The batch reference of every causal-window ``forward_step`` (``window=None``: plain causal)."""
@@ -53,13 +54,23 @@ class eMultiheadAttention(nn.Module):
     ``vdim`` -> ``value_rep``), plus ``positional``: how token positions enter (``None``, ``"absolute"``,
     ``"relative"``, ``"rope"`` or a :class:`PositionalAttention`).
 
-    Shapes: ``query (L, B, E)`` (``(B, L, E)`` if ``batch_first``), ``key``/``value (S, B, *)`` -> output like ``query``.
+    Shapes: ``query (L, B, E)`` (``(B, L, E)`` if ``batch_first``), ``key``/``value (S, B, *)`` -> output like
+    ``query``.
     """
 
-    def __init__(self, in_rep: Representation, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 key_rep: Representation | None = None, value_rep: Representation | None = None,
-                 batch_first: bool = False, positional: str | PositionalAttention | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_rep: Representation,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        key_rep: Representation | None = None,
+        value_rep: Representation | None = None,
+        batch_first: bool = False,
+        positional: str | PositionalAttention | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         key_rep = key_rep or in_rep
         value_rep = value_rep or in_rep
@@ -69,8 +80,10 @@ class eMultiheadAttention(nn.Module):
             raise ValueError(f"in_rep: size {in_rep.size} is not a multiple of the group order {n}")
         copies = in_rep.size // n
         if num_heads < 1 or copies % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of the {copies} regular copies of in_rep "
-                             f"({in_rep.size} / |G|={n}), got {num_heads}")
+            raise ValueError(
+                f"num_heads: expected a divisor of the {copies} regular copies of in_rep "
+                f"({in_rep.size} / |G|={n}), got {num_heads}"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
         self.in_rep, self.key_rep, self.value_rep = in_rep, key_rep, value_rep
@@ -111,8 +124,9 @@ class eMultiheadAttention(nn.Module):
         k = self.positional.encode_key(self._heads(self.k_proj(key)), pos)
         return k, self._heads(self.v_proj(value))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, need_weights: bool = False
-               ) -> tuple[Tensor, Tensor | None]:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         """Scaled dot-product attention of ``q (B, H, L, hd)`` over ``k, v (B, H, S, hd)`` with an additive float
         ``mask`` broadcastable to ``(B, H, L, S)``, then the output projection: ``(B, L, E)`` and the weights
         ``(B, H, L, S)`` if asked for."""
@@ -130,10 +144,20 @@ class eMultiheadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim)), weights
 
     # ---------------------------------------------------------------- batch forward (torch.nn.MultiheadAttention API)
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False, *, query_pos: Tensor | None = None, key_pos: Tensor | None = None
-                ) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        *,
+        query_pos: Tensor | None = None,
+        key_pos: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """Like ``torch.nn.MultiheadAttention.forward``. ``attn_mask``: ``(L, S)`` or ``(B * H, L, S)``, bool (True =
         not allowed) or float (added); ``key_padding_mask (B, S)``, bool (True = padding) or float; ``is_causal``
         without ``attn_mask`` applies a causal mask. ``query_pos (B, L)``/``key_pos (B, S)``: integer positions for the
@@ -145,15 +169,22 @@ class eMultiheadAttention(nn.Module):
                 key_padding_mask = key_padding_mask[None]
         elif not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        for name, t, rep in (("query", query, self.in_rep), ("key", key, self.key_rep), ("value", value, self.value_rep)):
+        for name, t, rep in (
+            ("query", query, self.in_rep),
+            ("key", key, self.key_rep),
+            ("value", value, self.value_rep),
+        ):
             if t.dim() != 3 or t.shape[-1] != rep.size:
-                raise ValueError(f"{name}: expected (L, B, {rep.size}) or (B, L, {rep.size}) per batch_first, "
-                                 f"or unbatched (L, {rep.size}); got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name}: expected (L, B, {rep.size}) or (B, L, {rep.size}) per batch_first, "
+                    f"or unbatched (L, {rep.size}); got {tuple(t.shape)}"
+                )
         b, length, _ = query.shape
         src = key.shape[1]
         if key.shape[:2] != value.shape[:2]:
-            raise ValueError(f"value: expected the batch and length of key {tuple(key.shape[:2])}, "
-                             f"got {tuple(value.shape[:2])}")
+            raise ValueError(
+                f"value: expected the batch and length of key {tuple(key.shape[:2])}, got {tuple(value.shape[:2])}"
+            )
         query_pos = _positions(query_pos, b, length, query.device, "query_pos")
         key_pos = _positions(key_pos, b, src, query.device, "key_pos")
         if query is key and key is value and self.key_rep is self.in_rep and self.value_rep is self.in_rep:
@@ -174,12 +205,22 @@ class eMultiheadAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, weights
 
-    def _merge_masks(self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool, b: int,
-                     length: int, src: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    def _merge_masks(
+        self,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        is_causal: bool,
+        b: int,
+        length: int,
+        src: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Tensor | None:
         mask = None
         if attn_mask is None and is_causal:
-            attn_mask = _additive(band_mask(torch.arange(length, device=device), torch.arange(src, device=device),
-                                            None), dtype)
+            attn_mask = _additive(
+                band_mask(torch.arange(length, device=device), torch.arange(src, device=device), None), dtype
+            )
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:
                 attn_mask = _additive(~attn_mask, dtype)
@@ -188,8 +229,10 @@ class eMultiheadAttention(nn.Module):
             elif attn_mask.shape == (b * self.num_heads, length, src):
                 mask = attn_mask.to(dtype).view(b, self.num_heads, length, src)
             else:
-                raise ValueError(f"attn_mask: expected shape {(length, src)} or "
-                                 f"{(b * self.num_heads, length, src)}, got {tuple(attn_mask.shape)}")
+                raise ValueError(
+                    f"attn_mask: expected shape {(length, src)} or "
+                    f"{(b * self.num_heads, length, src)}, got {tuple(attn_mask.shape)}"
+                )
         if key_padding_mask is not None:
             if key_padding_mask.shape != (b, src):
                 raise ValueError(f"key_padding_mask: expected shape {(b, src)}, got {tuple(key_padding_mask.shape)}")
@@ -200,8 +243,15 @@ class eMultiheadAttention(nn.Module):
         return mask
 
     # ---------------------------------------------------------------- streaming
-    def init_state(self, batch_size: int, window: int | None, max_tokens_per_step: int = 1, extra_slots: int = 0,
-                   dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> AttentionState:
+    def init_state(
+        self,
+        batch_size: int,
+        window: int | None,
+        max_tokens_per_step: int = 1,
+        extra_slots: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> AttentionState:
         """An empty cache for causal-window streaming: each new token attends to the ``window`` newest tokens
         (itself included). The ring holds ``window - 1 + max_tokens_per_step`` slots, enough for a step of up to
         ``max_tokens_per_step`` tokens to see every key it needs; ``extra_slots`` are pinned slots written with
@@ -211,9 +261,14 @@ class eMultiheadAttention(nn.Module):
         if max_tokens_per_step < 1:
             raise ValueError(f"max_tokens_per_step: expected >= 1, got {max_tokens_per_step}")
         ref = self.q_proj.weight
-        cache = RingCache(batch_size, window - 1 + max_tokens_per_step,
-                          {"k": (self.num_heads, self.head_dim), "v": (self.num_heads, self.head_dim)},
-                          extra_slots=extra_slots, dtype=dtype or ref.dtype, device=device or ref.device)
+        cache = RingCache(
+            batch_size,
+            window - 1 + max_tokens_per_step,
+            {"k": (self.num_heads, self.head_dim), "v": (self.num_heads, self.head_dim)},
+            extra_slots=extra_slots,
+            dtype=dtype or ref.dtype,
+            device=device or ref.device,
+        )
         return AttentionState(cache=cache, window=window)
 
     def append_kv(self, key: Tensor, state: AttentionState, rows: Rows = None, value: Tensor | None = None) -> Tensor:
@@ -222,38 +277,62 @@ class eMultiheadAttention(nn.Module):
         value = key if value is None else value
         per_step = state.cache.capacity - (state.window - 1)
         if key.shape[1] > per_step:
-            raise ValueError(f"key: the cache takes at most {per_step} new tokens per step (max_tokens_per_step at "
-                             f"init_state), got {key.shape[1]}")
+            raise ValueError(
+                f"key: the cache takes at most {per_step} new tokens per step (max_tokens_per_step at "
+                f"init_state), got {key.shape[1]}"
+            )
         pos = state.cache.positions(rows)[:, None] + torch.arange(key.shape[1], device=key.device)
         k, v = self.project_kv(key, value, pos)
         state.cache.append({"k": k.transpose(1, 2), "v": v.transpose(1, 2)}, rows)
         return pos
 
-    def write_extra(self, key: Tensor, state: AttentionState, pos: Tensor, rows: Rows = None,
-                    value: Tensor | None = None) -> None:
+    def write_extra(
+        self, key: Tensor, state: AttentionState, pos: Tensor, rows: Rows = None, value: Tensor | None = None
+    ) -> None:
         """Encode ``key``/``value (b, E, *)`` at positions ``pos (b, E)`` into the pinned slots (overwriting them)."""
         value = key if value is None else value
         k, v = self.project_kv(key, value, pos)
         state.cache.write_extra({"k": k.transpose(1, 2), "v": v.transpose(1, 2)}, pos, rows)
 
     @staticmethod
-    def cached_mask(state: AttentionState, query_pos: Tensor, rows: Rows = None, causal: bool = True,
-                    dtype: torch.dtype = torch.float32) -> Tensor:
+    def cached_mask(
+        state: AttentionState,
+        query_pos: Tensor,
+        rows: Rows = None,
+        causal: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
         """Additive ``(b, 1, L, C)`` mask of ``band_mask(query_pos, key_pos, state.window, causal)`` over the cache:
         caches filled in lockstep (e.g. every decoder layer's memory ring) share it, so it can be built once."""
         return _additive(band_mask(query_pos, state.cache.read(rows)[1], state.window, causal=causal), dtype)[:, None]
 
-    def attend_cached(self, query: Tensor, state: AttentionState, query_pos: Tensor, rows: Rows = None,
-                      causal: bool = True, need_weights: bool = False, mask: Tensor | None = None
-                      ) -> tuple[Tensor, Tensor | None]:
+    def attend_cached(
+        self,
+        query: Tensor,
+        state: AttentionState,
+        query_pos: Tensor,
+        rows: Rows = None,
+        causal: bool = True,
+        need_weights: bool = False,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """Queries ``(b, L, E)`` at positions ``(b, L)`` attend to the cached keys allowed by
         ``band_mask(query_pos, key_pos, state.window, causal)``; ``mask``: that mask from :meth:`cached_mask`, if
         already built."""
-        return self._attend_cache(self.project_query(query, query_pos), state, query_pos, rows, causal, need_weights,
-                                  mask)
+        return self._attend_cache(
+            self.project_query(query, query_pos), state, query_pos, rows, causal, need_weights, mask
+        )
 
-    def _attend_cache(self, q: Tensor, state: AttentionState, query_pos: Tensor, rows: Rows, causal: bool = True,
-                      need_weights: bool = False, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def _attend_cache(
+        self,
+        q: Tensor,
+        state: AttentionState,
+        query_pos: Tensor,
+        rows: Rows,
+        causal: bool = True,
+        need_weights: bool = False,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         data, key_pos = state.cache.read(rows)
         if mask is None:
             mask = self.cached_mask(state, query_pos, rows, causal, q.dtype)
@@ -273,7 +352,7 @@ class eMultiheadAttention(nn.Module):
         chunk = state.cache.capacity - (state.window - 1)
         outs = []
         for start in range(0, xs.shape[1], chunk):
-            part = xs[:, start:start + chunk]
+            part = xs[:, start : start + chunk]
             pos = state.cache.positions(rows)[:, None] + torch.arange(part.shape[1], device=part.device)
             q, k, v = self.project_self(part, pos)
             state.cache.append({"k": k.transpose(1, 2), "v": v.transpose(1, 2)}, rows)
@@ -291,8 +370,10 @@ class eMultiheadAttention(nn.Module):
         """Copy the weights of a ``torch.nn.MultiheadAttention`` of the same size (projected onto the equivariant
         maps: exact for the trivial group)."""
         if mha.embed_dim != self.embed_dim or mha.num_heads != self.num_heads:
-            raise ValueError(f"mha: expected embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-                             f"got embed_dim={mha.embed_dim}, num_heads={mha.num_heads}")
+            raise ValueError(
+                f"mha: expected embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"got embed_dim={mha.embed_dim}, num_heads={mha.num_heads}"
+            )
         if mha._qkv_same_embed_dim:
             wq, wk, wv = mha.in_proj_weight.chunk(3)
         else:
@@ -305,8 +386,10 @@ class eMultiheadAttention(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"{self.in_rep.name} ({self.embed_dim}), num_heads={self.num_heads}, head_dim={self.head_dim}, "
-                f"dropout={self.dropout}, batch_first={self.batch_first}")
+        return (
+            f"{self.in_rep.name} ({self.embed_dim}), num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"dropout={self.dropout}, batch_first={self.batch_first}"
+        )
 
 
 def _positions(pos: Tensor | None, b: int, length: int, device: torch.device, name: str) -> Tensor:
@@ -316,6 +399,8 @@ def _positions(pos: Tensor | None, b: int, length: int, device: torch.device, na
     if pos.dim() == 1:
         pos = pos.expand(b, -1)
     if pos.shape != (b, length) or pos.is_floating_point():
-        raise ValueError(f"{name}: expected integer positions of shape ({length},) or {(b, length)}, "
-                         f"got {tuple(pos.shape)} {pos.dtype}")
+        raise ValueError(
+            f"{name}: expected integer positions of shape ({length},) or {(b, length)}, "
+            f"got {tuple(pos.shape)} {pos.dtype}"
+        )
     return pos

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,9 +18,13 @@ def act(rep: Representation, g: int, x: Tensor) -> Tensor:
     return x @ torch.as_tensor(rep.matrices[g], dtype=x.dtype, device=x.device).T
 
 
-def equivariance_error(module: nn.Module, fn: Callable[[nn.Module, Sequence[Tensor]], Tensor],
-                       inputs: Sequence[tuple[Tensor, Representation]], out_rep: Representation,
-                       dtype: torch.dtype = torch.float64) -> float:
+def equivariance_error(
+    module: nn.Module,
+    fn: Callable[[nn.Module, Sequence[Tensor]], Tensor],
+    inputs: Sequence[tuple[Tensor, Representation]],
+    out_rep: Representation,
+    dtype: torch.dtype = torch.float64,
+) -> float:
     """``max_g |f(rho_in(g) x) - rho_out(g) f(x)| / max |f(x)|`` over all group elements, run on an ``eval()`` copy of
     ``module`` in ``dtype`` (the module itself is untouched)."""
     m = copy.deepcopy(module).to(dtype).eval()

@@ -4,7 +4,7 @@ parameters, in closed form (DESIGN.md section 2) and a dense weight cached for i
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,10 @@ def check_same_group(**reps: Representation) -> None:
     name0, rep0 = items[0]
     for name, rep in items[1:]:
         if rep.group != rep0.group:
-            raise ValueError(f"{name}: expected a representation of {rep0.group.name} (the group of {name0}), "
-                             f"got one of {rep.group.name}")
+            raise ValueError(
+                f"{name}: expected a representation of {rep0.group.name} (the group of {name0}), "
+                f"got one of {rep.group.name}"
+            )
 
 
 class WeightCache:
@@ -45,8 +47,12 @@ class WeightCache:
     def get(self, modules: nn.Module | Sequence[nn.Module], build) -> tuple[Tensor | None, ...]:
         """``build()``'s result, rebuilt when a direct parameter or buffer of ``modules`` changed."""
         # direct dict access: this runs on every forward, and nn.Module.parameters() is a slow generator walk
-        tensors = [t for m in ((modules,) if isinstance(modules, nn.Module) else modules)
-                   for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        tensors = [
+            t
+            for m in ((modules,) if isinstance(modules, nn.Module) else modules)
+            for t in (*m._parameters.values(), *m._buffers.values())
+            if t is not None
+        ]
         if torch.is_grad_enabled() and any(p.requires_grad for p in tensors):
             self._key = self._value = None  # do not keep a graph-less copy around while training
             return build()
@@ -79,8 +85,14 @@ class eLinear(nn.Module):
     Initialization matches ``torch.nn.Linear``'s entry variance, so swapping layers keeps activations' scale.
     """
 
-    def __init__(self, in_rep: Representation, out_rep: Representation, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_rep: Representation,
+        out_rep: Representation,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         check_same_group(in_rep=in_rep, out_rep=out_rep)
         # Structural constants stay float64 numpy (exact) and are converted per dtype/device on use: as buffers they
@@ -181,22 +193,24 @@ class eLinear(nn.Module):
         """Set the parameters to the orthogonal projection of a dense ``(d_out, d_in)`` weight (and bias) onto the
         equivariant maps: exact for an already equivariant weight (e.g. any weight when ``G`` is trivial)."""
         if weight.shape != (self.out_features, self.in_features):
-            raise ValueError(f"weight: expected shape {(self.out_features, self.in_features)}, "
-                             f"got {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight: expected shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}"
+            )
         w = weight.to(self.weight)
         n_g = self.in_rep.group.order
         if self.kind == "conv":
             n, m = self.weight.shape[:2]
             blocks = w.reshape(n, n_g, m, n_g).permute(0, 2, 1, 3)  # [c, c', a, b]
-            flat = torch.zeros_like(self.weight).index_add_(
-                2, self.index.flatten(), blocks.reshape(n, m, n_g * n_g))
+            flat = torch.zeros_like(self.weight).index_add_(2, self.index.flatten(), blocks.reshape(n, m, n_g * n_g))
             self.weight.copy_(flat / n_g)  # every a^-1 b value occurs N times
         elif self.kind == "lift":
-            self.weight.copy_(torch.einsum("chi,hij->cj", w.reshape(-1, n_g, self.in_features),
-                                           self._const("rho", w)) / n_g)
+            self.weight.copy_(
+                torch.einsum("chi,hij->cj", w.reshape(-1, n_g, self.in_features), self._const("rho", w)) / n_g
+            )
         elif self.kind == "project":
-            self.weight.copy_(torch.einsum("ich,hij->jc", w.reshape(self.out_features, -1, n_g),
-                                           self._const("rho", w)) / n_g)
+            self.weight.copy_(
+                torch.einsum("ich,hij->jc", w.reshape(self.out_features, -1, n_g), self._const("rho", w)) / n_g
+            )
         else:
             self.weight.copy_(torch.einsum("kij,ij->k", self._const("basis", w), w))
         if self.bias is not None:
@@ -209,8 +223,10 @@ class eLinear(nn.Module):
                 self.bias.copy_(self._const("bias_basis", b).T @ b)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_rep.name} ({self.in_features}) -> {self.out_rep.name} ({self.out_features}), "
-                f"group={self.in_rep.group.name}, kind={self.kind}, bias={self.bias is not None}")
+        return (
+            f"{self.in_rep.name} ({self.in_features}) -> {self.out_rep.name} ({self.out_features}), "
+            f"group={self.in_rep.group.name}, kind={self.kind}, bias={self.bias is not None}"
+        )
 
 
 def _hom_basis(in_rep: Representation, out_rep: Representation) -> np.ndarray:

@@ -14,14 +14,23 @@ __all__ = ["eLayerNorm", "eRMSNorm"]
 
 def _copies(rep: Representation) -> int:
     if rep.regular_copies is None:
-        raise ValueError(f"rep: expected copies of the regular representation (Representation.regular), got {rep.name}; "
-                         "per-copy affine parameters are equivariant only on regular copies")
+        raise ValueError(
+            f"rep: expected copies of the regular representation (Representation.regular), got {rep.name}; "
+            "per-copy affine parameters are equivariant only on regular copies"
+        )
     return rep.regular_copies
 
 
 class _eNorm(nn.Module):
-    def __init__(self, rep: Representation, eps: float, elementwise_affine: bool, bias: bool,
-                 device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        rep: Representation,
+        eps: float,
+        elementwise_affine: bool,
+        bias: bool,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
         super().__init__()
         m = _copies(rep)
         self.rep, self.eps, self.elementwise_affine = rep, eps, elementwise_affine
@@ -40,7 +49,9 @@ class _eNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _expand(self) -> tuple[Tensor | None, Tensor | None]:
-        expand = lambda p: None if p is None else p.repeat_interleave(self.group_order)  # noqa: E731
+        def expand(p: Tensor | None) -> Tensor | None:
+            return None if p is None else p.repeat_interleave(self.group_order)
+
         return expand(self.weight), expand(self.bias)
 
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
@@ -64,8 +75,15 @@ class eLayerNorm(_eNorm):
     Equivariant, ``f(rho(g) x) = rho(g) f(x)``: mean and variance are invariant under coordinate permutations.
     """
 
-    def __init__(self, rep: Representation, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        rep: Representation,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(rep, eps, elementwise_affine, bias, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -79,8 +97,14 @@ class eRMSNorm(_eNorm):
     Equivariant, ``f(rho(g) x) = rho(g) f(x)``: the norm is invariant under orthogonal maps.
     """
 
-    def __init__(self, rep: Representation, eps: float = 1e-6, elementwise_affine: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        rep: Representation,
+        eps: float = 1e-6,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(rep, eps, elementwise_affine, False, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -18,8 +18,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PositionalAttention", "AbsolutePositional", "RelativePositionBias", "eRoPE", "make_positional",
-           "RecyclingPositionalEncoding", "sinusoidal_table"]
+__all__ = [
+    "PositionalAttention",
+    "AbsolutePositional",
+    "RelativePositionBias",
+    "eRoPE",
+    "make_positional",
+    "RecyclingPositionalEncoding",
+    "sinusoidal_table",
+]
 
 
 def sinusoidal_table(num_positions: int, dim: int, base: float = 10000.0) -> Tensor:
@@ -54,8 +61,9 @@ class AbsolutePositional(PositionalAttention):
     queries and keys. Positions are taken modulo ``num_positions`` (recycling ids: with ``M >= 2W - 1`` every window
     sees distinct ids, and a cached key keeps its id for life)."""
 
-    def __init__(self, num_heads: int, copies_per_head: int, group_order: int, num_positions: int = 1024,
-                 learned: bool = True) -> None:
+    def __init__(
+        self, num_heads: int, copies_per_head: int, group_order: int, num_positions: int = 1024, learned: bool = True
+    ) -> None:
         super().__init__(num_heads, copies_per_head, group_order)
         self.num_positions, self.learned = num_positions, learned
         table = sinusoidal_table(num_positions, num_heads * copies_per_head).float()
@@ -107,8 +115,10 @@ class eRoPE(PositionalAttention):
     def __init__(self, num_heads: int, copies_per_head: int, group_order: int, base: float = 10000.0) -> None:
         super().__init__(num_heads, copies_per_head, group_order)
         if copies_per_head % 2:
-            raise ValueError(f"copies_per_head: equivariant RoPE rotates pairs of copies, expected an even number, "
-                             f"got {copies_per_head} (choose embedding_dim / (|G| * num_heads) even)")
+            raise ValueError(
+                f"copies_per_head: equivariant RoPE rotates pairs of copies, expected an even number, "
+                f"got {copies_per_head} (choose embedding_dim / (|G| * num_heads) even)"
+            )
         self.base = base
         half = copies_per_head // 2
         self.register_buffer("inv_freq", base ** (-torch.arange(half, dtype=torch.float64) / half), persistent=False)
@@ -127,13 +137,18 @@ class eRoPE(PositionalAttention):
         return f"copies_per_head={self.copies_per_head}, base={self.base}"
 
 
-def make_positional(spec: str | PositionalAttention | None, num_heads: int, copies_per_head: int, group_order: int,
-                    **kwargs) -> PositionalAttention:
+def make_positional(
+    spec: str | PositionalAttention | None, num_heads: int, copies_per_head: int, group_order: int, **kwargs
+) -> PositionalAttention:
     """A backend from its name: ``None``/``"none"``, ``"absolute"``, ``"relative"``, ``"rope"``, or a module."""
     if isinstance(spec, PositionalAttention):
         return spec
-    kinds = {"none": PositionalAttention, "absolute": AbsolutePositional, "relative": RelativePositionBias,
-             "rope": eRoPE}
+    kinds = {
+        "none": PositionalAttention,
+        "absolute": AbsolutePositional,
+        "relative": RelativePositionBias,
+        "rope": eRoPE,
+    }
     name = "none" if spec is None else spec
     if name not in kinds:
         raise ValueError(f"positional: expected one of {sorted(kinds)}, None or a PositionalAttention, got {spec!r}")
@@ -148,8 +163,9 @@ class RecyclingPositionalEncoding(nn.Module):
     same ids as the batch model given ``pos % M``, and nothing cached ever needs re-encoding.
     """
 
-    def __init__(self, copies: int, group_order: int, num_positions: int, learned: bool = False,
-                 window: int | None = None) -> None:
+    def __init__(
+        self, copies: int, group_order: int, num_positions: int, learned: bool = False, window: int | None = None
+    ) -> None:
         super().__init__()
         if window is not None and num_positions < 2 * window - 1:
             raise ValueError(f"num_positions: expected >= 2 * window - 1 = {2 * window - 1}, got {num_positions}")

@@ -111,16 +111,23 @@ class eRetroactiveEncoderLayer(nn.Module):
             mass; accurate only for data without dominant keys). Smaller is more accurate and costs more recomputes.
     """
 
-    def __init__(self, layer: eTransformerEncoderLayer, window: int, *, single_output: bool = False,
-                 recompute_threshold: float = 1.0) -> None:
+    def __init__(
+        self,
+        layer: eTransformerEncoderLayer,
+        window: int,
+        *,
+        single_output: bool = False,
+        recompute_threshold: float = 1.0,
+    ) -> None:
         super().__init__()
         if not isinstance(layer, eTransformerEncoderLayer):
             raise TypeError(f"layer: expected an eTransformerEncoderLayer, got {type(layer).__name__}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window: expected a positive int, got {window!r}")
         if not recompute_threshold > 0:  # also rejects NaN
-            raise ValueError(f"recompute_threshold: expected a positive number (inf allowed), "
-                             f"got {recompute_threshold}")
+            raise ValueError(
+                f"recompute_threshold: expected a positive number (inf allowed), got {recompute_threshold}"
+            )
         self.layer, self.window = layer, window
         self.single_output, self.recompute_threshold = bool(single_output), float(recompute_threshold)
 
@@ -130,8 +137,9 @@ class eRetroactiveEncoderLayer(nn.Module):
         return self.layer(src, src_pos=src_pos)
 
     # ---------------------------------------------------------------- streaming
-    def init_state(self, batch_size: int, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None) -> RetroactiveState | EncoderLayerState:
+    def init_state(
+        self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> RetroactiveState | EncoderLayerState:
         """An empty window for ``batch_size`` streams; ``dtype``/``device`` default to the layer's parameters'.
         Single-output mode returns the layer's own causal-window state."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -145,11 +153,16 @@ class eRetroactiveEncoderLayer(nn.Module):
         fk = {"dtype": accumulator_dtype(dtype), "device": device}
         cache = RingCache(batch_size, self.window, {"x": (attn.embed_dim,), "q": head, "k": head, "v": head}, **fk)
         stats = [torch.zeros(batch_size, self.window, attn.num_heads, **fk) for _ in range(3)]
-        return RetroactiveState(cache, *stats, torch.zeros(batch_size, self.window, *head, **fk),
-                                torch.zeros(batch_size, dtype=torch.long, device=device))
+        return RetroactiveState(
+            cache,
+            *stats,
+            torch.zeros(batch_size, self.window, *head, **fk),
+            torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
 
-    def forward_step(self, x: Tensor, state: RetroactiveState | EncoderLayerState, rows: Rows = None
-                     ) -> tuple[Tensor, RetroactiveState | EncoderLayerState]:
+    def forward_step(
+        self, x: Tensor, state: RetroactiveState | EncoderLayerState, rows: Rows = None
+    ) -> tuple[Tensor, RetroactiveState | EncoderLayerState]:
         """Enter new tokens ``x (b, D)`` or ``(b, S, D)`` (batch-first; ``b`` = all rows or ``len(rows)``).
 
         Returns the outputs of the window after the last of them, ``(b, n, D)`` oldest first, or in single-output
@@ -158,14 +171,17 @@ class eRetroactiveEncoderLayer(nn.Module):
         if self.single_output:
             return self.layer.forward_step(x, state, rows)
         if self.training and self.layer.self_attn.dropout > 0:
-            raise RuntimeError("forward_step: the retroactive update never forms attention weights, so attention "
-                               "dropout cannot be applied; call .eval() (or use dropout=0)")
+            raise RuntimeError(
+                "forward_step: the retroactive update never forms attention weights, so attention "
+                "dropout cannot be applied; call .eval() (or use dropout=0)"
+            )
         for start in range(0, xs.shape[1], self.window):
-            self._enter(xs[:, start:start + self.window], state, rows)
+            self._enter(xs[:, start : start + self.window], state, rows)
         return self._window_outputs(state, rows), state
 
-    def forward_steps(self, x: Tensor, state: RetroactiveState | EncoderLayerState, rows: Rows = None
-                      ) -> tuple[Tensor, RetroactiveState | EncoderLayerState]:
+    def forward_steps(
+        self, x: Tensor, state: RetroactiveState | EncoderLayerState, rows: Rows = None
+    ) -> tuple[Tensor, RetroactiveState | EncoderLayerState]:
         """Stream ``x (b, T, D)`` one token per step; returns every step's output stacked: ``(b, T, n, D)``, or
         ``(b, T, D)`` in single-output mode."""
         if x.dim() != 3:
@@ -185,8 +201,9 @@ class eRetroactiveEncoderLayer(nn.Module):
             raise TypeError(f"x: expected dtype {ref} (the layer's), got {x.dtype}")
         expected = EncoderLayerState if self.single_output else RetroactiveState
         if not isinstance(state, expected):
-            raise TypeError(f"state: expected a {expected.__name__} from this module's init_state, "
-                            f"got {type(state).__name__}")
+            raise TypeError(
+                f"state: expected a {expected.__name__} from this module's init_state, got {type(state).__name__}"
+            )
         if self.single_output:
             if state.self_attn.window != self.window:
                 raise ValueError(f"state: expected a window of {self.window}, got {state.self_attn.window}")
@@ -220,9 +237,11 @@ class eRetroactiveEncoderLayer(nn.Module):
 
         data, pos = cache.read(rows)
         batch = torch.arange(b, device=x.device)[:, None]
-        moving = {"k": torch.cat([data["k"][batch, new_slots], k.to(data["k"].dtype)], 1),  # S leave, S arrive
-                  "v": torch.cat([data["v"][batch, new_slots], v.to(data["v"].dtype)], 1),
-                  "pos": torch.cat([pos[batch, new_slots], new_pos], 1)}
+        moving = {
+            "k": torch.cat([data["k"][batch, new_slots], k.to(data["k"].dtype)], 1),  # S leave, S arrive
+            "v": torch.cat([data["v"][batch, new_slots], v.to(data["v"].dtype)], 1),
+            "pos": torch.cat([pos[batch, new_slots], new_pos], 1),
+        }
         cache.append({"x": x, "q": q, "k": k, "v": v}, rows)
         data, pos = cache.read(rows)
 
@@ -242,8 +261,17 @@ class eRetroactiveEncoderLayer(nn.Module):
                 target[index] = value
         state.recomputed[index] += flagged.sum((1, 2))
 
-    def _slide(self, q: Tensor, pos: Tensor, survivor: Tensor, moving: dict[str, Tensor], m: Tensor, l: Tensor,
-               r: Tensor, acc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _slide(
+        self,
+        q: Tensor,
+        pos: Tensor,
+        survivor: Tensor,
+        moving: dict[str, Tensor],
+        m: Tensor,
+        l: Tensor,
+        r: Tensor,
+        acc: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Bookkeeping ``m, l, r (b, n, H)``, ``acc (b, n, H, hd)`` of the surviving rows after subtracting the
         leaving keys (in the row's frame) and adding the arriving ones (online-softmax rescale); other rows are left
         as they are. ``moving``: ``k, v (b, 2S, H, hd)``, ``pos (b, 2S)``, the ``S`` leaving keys (``pos = -1``: the
@@ -264,8 +292,16 @@ class eRetroactiveEncoderLayer(nn.Module):
         acc = torch.einsum("bnhs,bshd->bnhd", weights, moving["v"]).addcmul_(acc, alpha[..., None])
         return m_new, (l - removed) * alpha + e_new.sum(-1), (r + removed) * alpha, acc
 
-    def _exact_rows(self, data: dict[str, Tensor], pos: Tensor, which: tuple[Tensor, Tensor, Tensor], m: Tensor,
-                    l: Tensor, r: Tensor, acc: Tensor) -> None:
+    def _exact_rows(
+        self,
+        data: dict[str, Tensor],
+        pos: Tensor,
+        which: tuple[Tensor, Tensor, Tensor],
+        m: Tensor,
+        l: Tensor,
+        r: Tensor,
+        acc: Tensor,
+    ) -> None:
         """Compute the (batch, slot, head) rows ``which`` exactly over every key in the window, in place."""
         bi, ni, hi = which
         keys, values = data["k"].transpose(1, 2), data["v"].transpose(1, 2)  # (b, H, n, hd)
@@ -292,5 +328,6 @@ class eRetroactiveEncoderLayer(nn.Module):
         return y.gather(1, _window_slots(state.cache, rows)[..., None].expand(-1, -1, y.shape[-1]))
 
     def extra_repr(self) -> str:
-        return (f"window={self.window}, single_output={self.single_output}, "
-                f"recompute_threshold={self.recompute_threshold}")
+        return (
+            f"window={self.window}, single_output={self.single_output}, recompute_threshold={self.recompute_threshold}"
+        )

@@ -13,7 +13,8 @@ and every state supports the same operations, walked recursively over its fields
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,8 +115,8 @@ class RingCache:
             raise ValueError(f"pos: expected {self.extra_slots} pinned tokens per row, got {pos.shape[-1]}")
         index = slice(None) if rows_t is None else rows_t
         for name, buf in self.data.items():
-            buf[index, self.capacity:] = values[name].to(buf.dtype)
-        self.pos[index, self.capacity:] = pos
+            buf[index, self.capacity :] = values[name].to(buf.dtype)
+        self.pos[index, self.capacity :] = pos
 
     def read(self, rows: Rows = None) -> tuple[dict[str, Tensor], Tensor]:
         """Ring and pinned slots of the given rows: ``({name: (b, C, *shape)}, pos (b, C))``, ``C = capacity +
@@ -154,9 +155,7 @@ class RingCache:
         return f"RingCache(batch_size={self.batch_size}, capacity={self.capacity}, {fields})"
 
 
-def band_mask(
-    q_pos: Tensor, k_pos: Tensor, window: int | None, *, causal: bool = True
-) -> Tensor:
+def band_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, *, causal: bool = True) -> Tensor:
     """Boolean attention mask (True = attend) from token positions: key ``j`` is visible to query ``i`` iff it exists
     (``k_pos >= 0``), is not in the future (``k_pos <= q_pos`` when ``causal``) and is within the window
     (``q_pos - k_pos < window``).
@@ -198,11 +197,13 @@ class StreamState:
 
     def to(self, *args: Any, **kwargs: Any) -> StreamState:
         """Like ``Tensor.to``; floating tensors change dtype, integer positions keep theirs."""
+
         def move(t: Tensor) -> Tensor:
             if t.is_floating_point():
                 return t.to(*args, **kwargs)
             device = next((a for a in args if isinstance(a, (torch.device, str))), kwargs.get("device"))
             return t.to(device) if device is not None else t
+
         return self._map(move)
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +19,17 @@ from .norm import eLayerNorm, eRMSNorm
 from .positional import PositionalAttention
 from .state import Rows, StreamState
 
-__all__ = ["eTransformerEncoderLayer", "eTransformerDecoderLayer", "eTransformerEncoder", "eTransformerDecoder",
-           "EncoderLayerState", "DecoderLayerState", "EncoderState", "DecoderState", "make_norm"]
+__all__ = [
+    "eTransformerEncoderLayer",
+    "eTransformerDecoderLayer",
+    "eTransformerEncoder",
+    "eTransformerDecoder",
+    "EncoderLayerState",
+    "DecoderLayerState",
+    "EncoderState",
+    "DecoderState",
+    "make_norm",
+]
 
 
 def make_norm(norm_module: str, rep: Representation, eps: float, bias: bool = True, **fk) -> nn.Module:
@@ -34,8 +43,10 @@ def make_norm(norm_module: str, rep: Representation, eps: float, bias: bool = Tr
 
 def _regular(rep: Representation, name: str) -> int:
     if rep.regular_copies is None:
-        raise ValueError(f"{name}: the residual stream of a transformer layer must be copies of the regular "
-                         f"representation (Representation.regular), got {rep.name}; lift inputs with eLinear first")
+        raise ValueError(
+            f"{name}: the residual stream of a transformer layer must be copies of the regular "
+            f"representation (Representation.regular), got {rep.name}; lift inputs with eLinear first"
+        )
     return rep.regular_copies
 
 
@@ -54,16 +65,28 @@ def _call_attention(attn: eMultiheadAttention, q: Tensor, kv: Tensor, **kwargs) 
     """Batch-first ``q``/``kv`` through an attention module of either batch convention."""
     if attn.batch_first:
         return attn(q, kv, kv, need_weights=False, **kwargs)[0]
-    return attn(q.transpose(0, 1), kv.transpose(0, 1), kv.transpose(0, 1), need_weights=False, **kwargs)[0] \
-        .transpose(0, 1)
+    return attn(q.transpose(0, 1), kv.transpose(0, 1), kv.transpose(0, 1), need_weights=False, **kwargs)[0].transpose(
+        0, 1
+    )
 
 
 class _LayerBase(nn.Module):
     """Shared pieces of the encoder and decoder layers: feed-forward block, norms and the residual schedule."""
 
-    def _init_common(self, in_rep: Representation, dim_feedforward: int, dropout: float, activation,
-                     layer_norm_eps: float, batch_first: bool, norm_first: bool, bias: bool, norm_module: str,
-                     num_norms: int, fk: dict) -> None:
+    def _init_common(
+        self,
+        in_rep: Representation,
+        dim_feedforward: int,
+        dropout: float,
+        activation,
+        layer_norm_eps: float,
+        batch_first: bool,
+        norm_first: bool,
+        bias: bool,
+        norm_module: str,
+        num_norms: int,
+        fk: dict,
+    ) -> None:
         _regular(in_rep, "in_rep")
         ff_rep = _ff_rep(in_rep, dim_feedforward)
         self.in_rep, self.batch_first, self.norm_first = in_rep, batch_first, norm_first
@@ -75,11 +98,25 @@ class _LayerBase(nn.Module):
             setattr(self, f"norm{i}", make_norm(norm_module, in_rep, layer_norm_eps, bias, **fk))
             setattr(self, f"dropout{i}", nn.Dropout(dropout))
 
-    def _set_attention(self, name: str, prebuilt: eMultiheadAttention | None, in_rep: Representation, nhead: int,
-                       dropout: float, bias: bool, positional: str | PositionalAttention | None, fk: dict) -> None:
+    def _set_attention(
+        self,
+        name: str,
+        prebuilt: eMultiheadAttention | None,
+        in_rep: Representation,
+        nhead: int,
+        dropout: float,
+        bias: bool,
+        positional: str | PositionalAttention | None,
+        fk: dict,
+    ) -> None:
         """Use a pre-built attention module (checked to act on ``in_rep``) or build one."""
-        attn = prebuilt if prebuilt is not None else eMultiheadAttention(
-            in_rep, nhead, dropout=dropout, bias=bias, batch_first=True, positional=positional, **fk)
+        attn = (
+            prebuilt
+            if prebuilt is not None
+            else eMultiheadAttention(
+                in_rep, nhead, dropout=dropout, bias=bias, batch_first=True, positional=positional, **fk
+            )
+        )
         if attn.in_rep != in_rep:
             raise ValueError(f"{name}: expected attention over {in_rep.name}, got {attn.in_rep.name}")
         setattr(self, name, attn)
@@ -118,51 +155,105 @@ class eTransformerEncoderLayer(_LayerBase):
     Shapes: ``src (S, B, D)`` (``(B, S, D)`` if ``batch_first``).
     """
 
-    def __init__(self, in_rep: Representation, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str | Callable[[Tensor], Tensor] = "gelu", layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
-                 norm_module: str = "layernorm", self_attn: eMultiheadAttention | None = None,
-                 positional: str | PositionalAttention | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_rep: Representation,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Callable[[Tensor], Tensor] = "gelu",
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        norm_module: str = "layernorm",
+        self_attn: eMultiheadAttention | None = None,
+        positional: str | PositionalAttention | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
-        self._init_common(in_rep, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias,
-                          norm_module, 2, fk)
+        self._init_common(
+            in_rep,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            batch_first,
+            norm_first,
+            bias,
+            norm_module,
+            2,
+            fk,
+        )
         self._set_attention("self_attn", self_attn, in_rep, nhead, dropout, bias, positional, fk)
 
-    def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
-                is_causal: bool = False, *, src_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        src_pos: Tensor | None = None,
+    ) -> Tensor:
         x = _to_batch_first(src, self.batch_first)
-        sa = lambda h: _call_attention(self.self_attn, h, h, attn_mask=src_mask,  # noqa: E731
-                                       key_padding_mask=src_key_padding_mask, is_causal=is_causal,
-                                       query_pos=src_pos, key_pos=src_pos)
+
+        def sa(h):
+            return _call_attention(
+                self.self_attn,
+                h,
+                h,
+                attn_mask=src_mask,
+                key_padding_mask=src_key_padding_mask,
+                is_causal=is_causal,
+                query_pos=src_pos,
+                key_pos=src_pos,
+            )
+
         return _to_batch_first(self._residual(x, [sa, self._ff_block]), self.batch_first)
 
     # ---------------------------------------------------------------- streaming
-    def init_state(self, batch_size: int, window: int, max_tokens_per_step: int = 1,
-                   dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> EncoderLayerState:
-        return EncoderLayerState(self.self_attn.init_state(batch_size, window, max_tokens_per_step,
-                                                           dtype=dtype, device=device))
+    def init_state(
+        self,
+        batch_size: int,
+        window: int,
+        max_tokens_per_step: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> EncoderLayerState:
+        return EncoderLayerState(
+            self.self_attn.init_state(batch_size, window, max_tokens_per_step, dtype=dtype, device=device)
+        )
 
-    def forward_step(self, x: Tensor, state: EncoderLayerState, rows: Rows = None
-                     ) -> tuple[Tensor, EncoderLayerState]:
+    def forward_step(self, x: Tensor, state: EncoderLayerState, rows: Rows = None) -> tuple[Tensor, EncoderLayerState]:
         """New tokens ``x (b, D)`` or ``(b, S, D)`` (batch-first); equal to :meth:`forward` with
         ``causal_window_mask(T, window)`` over the whole stream."""
-        sa = lambda h: self.self_attn.forward_step(h, state.self_attn, rows)[0]  # noqa: E731
+
+        def sa(h):
+            return self.self_attn.forward_step(h, state.self_attn, rows)[0]
+
         return self._residual(x, [sa, self._ff_block]), state
 
-    def forward_steps(self, x: Tensor, state: EncoderLayerState, rows: Rows = None
-                      ) -> tuple[Tensor, EncoderLayerState]:
+    def forward_steps(self, x: Tensor, state: EncoderLayerState, rows: Rows = None) -> tuple[Tensor, EncoderLayerState]:
         return self.forward_step(x, state, rows)
 
     # ---------------------------------------------------------------- checks and conversion
-    def check_equivariance(self, batch_size: int = 2, seq_len: int = 5, dtype: torch.dtype = torch.float64,
-                           generator: torch.Generator | None = None, **forward_kwargs) -> float:
+    def check_equivariance(
+        self,
+        batch_size: int = 2,
+        seq_len: int = 5,
+        dtype: torch.dtype = torch.float64,
+        generator: torch.Generator | None = None,
+        **forward_kwargs,
+    ) -> float:
         """Max relative equivariance error of :meth:`forward` over all group elements on random inputs."""
         shape = (batch_size, seq_len) if self.batch_first else (seq_len, batch_size)
         x = torch.randn(*shape, self.in_rep.size, generator=generator, dtype=dtype)
-        return equivariance_error(self, lambda m, xs: m(xs[0], **forward_kwargs), [(x, self.in_rep)], self.in_rep,
-                                  dtype)
+        return equivariance_error(
+            self, lambda m, xs: m(xs[0], **forward_kwargs), [(x, self.in_rep)], self.in_rep, dtype
+        )
 
     @torch.no_grad()
     def load_torch_(self, layer: nn.TransformerEncoderLayer) -> eTransformerEncoderLayer:
@@ -186,53 +277,120 @@ class eTransformerDecoderLayer(_LayerBase):
     self- and cross-attention. Shapes: ``tgt (T, B, D)``, ``memory (S, B, D)`` (batch first if ``batch_first``).
     """
 
-    def __init__(self, in_rep: Representation, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str | Callable[[Tensor], Tensor] = "gelu", layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
-                 norm_module: str = "layernorm", self_attn: eMultiheadAttention | None = None,
-                 multihead_attn: eMultiheadAttention | None = None,
-                 positional: str | PositionalAttention | None = None,
-                 cross_positional: str | PositionalAttention | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_rep: Representation,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Callable[[Tensor], Tensor] = "gelu",
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        norm_module: str = "layernorm",
+        self_attn: eMultiheadAttention | None = None,
+        multihead_attn: eMultiheadAttention | None = None,
+        positional: str | PositionalAttention | None = None,
+        cross_positional: str | PositionalAttention | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
-        self._init_common(in_rep, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias,
-                          norm_module, 3, fk)
+        self._init_common(
+            in_rep,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            batch_first,
+            norm_first,
+            bias,
+            norm_module,
+            3,
+            fk,
+        )
         self._set_attention("self_attn", self_attn, in_rep, nhead, dropout, bias, positional, fk)
         self._set_attention("multihead_attn", multihead_attn, in_rep, nhead, dropout, bias, cross_positional, fk)
 
-    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None, memory_mask: Tensor | None = None,
-                tgt_key_padding_mask: Tensor | None = None, memory_key_padding_mask: Tensor | None = None,
-                tgt_is_causal: bool = False, memory_is_causal: bool = False, *, tgt_pos: Tensor | None = None,
-                memory_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+        *,
+        tgt_pos: Tensor | None = None,
+        memory_pos: Tensor | None = None,
+    ) -> Tensor:
         x = _to_batch_first(tgt, self.batch_first)
         mem = _to_batch_first(memory, self.batch_first)
-        sa = lambda h: _call_attention(self.self_attn, h, h, attn_mask=tgt_mask,  # noqa: E731
-                                       key_padding_mask=tgt_key_padding_mask, is_causal=tgt_is_causal,
-                                       query_pos=tgt_pos, key_pos=tgt_pos)
-        ca = lambda h: _call_attention(self.multihead_attn, h, mem, attn_mask=memory_mask,  # noqa: E731
-                                       key_padding_mask=memory_key_padding_mask, is_causal=memory_is_causal,
-                                       query_pos=tgt_pos, key_pos=memory_pos)
+
+        def sa(h):
+            return _call_attention(
+                self.self_attn,
+                h,
+                h,
+                attn_mask=tgt_mask,
+                key_padding_mask=tgt_key_padding_mask,
+                is_causal=tgt_is_causal,
+                query_pos=tgt_pos,
+                key_pos=tgt_pos,
+            )
+
+        def ca(h):
+            return _call_attention(
+                self.multihead_attn,
+                h,
+                mem,
+                attn_mask=memory_mask,
+                key_padding_mask=memory_key_padding_mask,
+                is_causal=memory_is_causal,
+                query_pos=tgt_pos,
+                key_pos=memory_pos,
+            )
+
         return _to_batch_first(self._residual(x, [sa, ca, self._ff_block]), self.batch_first)
 
     # ---------------------------------------------------------------- streaming
-    def init_state(self, batch_size: int, window: int, memory_window: int, max_tokens_per_step: int = 1,
-                   max_memory_tokens_per_step: int = 1, memory_extra_slots: int = 0, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None) -> DecoderLayerState:
+    def init_state(
+        self,
+        batch_size: int,
+        window: int,
+        memory_window: int,
+        max_tokens_per_step: int = 1,
+        max_memory_tokens_per_step: int = 1,
+        memory_extra_slots: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> DecoderLayerState:
         """Caches for a target stream (causal window ``window``) and a memory stream (``memory_window`` newest
         memory tokens not after the query's position)."""
         return DecoderLayerState(
             self.self_attn.init_state(batch_size, window, max_tokens_per_step, dtype=dtype, device=device),
-            self.multihead_attn.init_state(batch_size, memory_window, max_memory_tokens_per_step,
-                                           extra_slots=memory_extra_slots, dtype=dtype, device=device))
+            self.multihead_attn.init_state(
+                batch_size,
+                memory_window,
+                max_memory_tokens_per_step,
+                extra_slots=memory_extra_slots,
+                dtype=dtype,
+                device=device,
+            ),
+        )
 
     def append_memory(self, memory: Tensor, state: AttentionState, rows: Rows = None) -> Tensor:
         """Cache the cross-attention keys/values of new memory tokens ``(b, S, D)`` in the cross-attention state
         (``DecoderLayerState.cross_attn``, or a memory cache of a policy); returns their positions."""
         return self.multihead_attn.append_kv(memory, state, rows)
 
-    def forward_step(self, x: Tensor, state: DecoderLayerState, memory: Tensor | None = None, rows: Rows = None
-                     ) -> tuple[Tensor, DecoderLayerState]:
+    def forward_step(
+        self, x: Tensor, state: DecoderLayerState, memory: Tensor | None = None, rows: Rows = None
+    ) -> tuple[Tensor, DecoderLayerState]:
         """New target tokens ``x (b, D)`` or ``(b, S, D)``, optionally with new memory tokens ``(b, Sm, D)`` that
         arrived with them. Equal to :meth:`forward` with ``tgt_mask = causal_window_mask(T, window)`` and
         ``memory_mask`` the band of ``memory_window`` between target and memory positions."""
@@ -241,39 +399,75 @@ class eTransformerDecoderLayer(_LayerBase):
         single = x.dim() == 2
         xs = x[:, None] if single else x
         q_pos = state.self_attn.cache.positions(rows)[:, None] + torch.arange(xs.shape[1], device=xs.device)
-        sa = lambda h: self.self_attn.forward_step(h, state.self_attn, rows)[0]  # noqa: E731
-        ca = lambda h: self.multihead_attn.attend_cached(h, state.cross_attn, q_pos, rows)[0]  # noqa: E731
+
+        def sa(h):
+            return self.self_attn.forward_step(h, state.self_attn, rows)[0]
+
+        def ca(h):
+            return self.multihead_attn.attend_cached(h, state.cross_attn, q_pos, rows)[0]
+
         y = self._residual(xs, [sa, ca, self._ff_block])
         return (y[:, 0] if single else y), state
 
-    def forward_steps(self, x: Tensor, state: DecoderLayerState, memory: Tensor | None = None, rows: Rows = None
-                      ) -> tuple[Tensor, DecoderLayerState]:
+    def forward_steps(
+        self, x: Tensor, state: DecoderLayerState, memory: Tensor | None = None, rows: Rows = None
+    ) -> tuple[Tensor, DecoderLayerState]:
         return self.forward_step(x, state, memory, rows)
 
-    def forward_cached_memory(self, tgt: Tensor, state: AttentionState, query_pos: Tensor, rows: Rows = None,
-                              tgt_mask: Tensor | None = None, tgt_pos: Tensor | None = None,
-                              memory_mask: Tensor | None = None) -> Tensor:
+    def forward_cached_memory(
+        self,
+        tgt: Tensor,
+        state: AttentionState,
+        query_pos: Tensor,
+        rows: Rows = None,
+        tgt_mask: Tensor | None = None,
+        tgt_pos: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+    ) -> Tensor:
         """Batch self-attention over ``tgt (b, T, D)`` (batch-first) with cross-attention over a cached memory
         ``state`` (ring and pinned slots), queried at positions ``query_pos (b, T)``. Used by policies that re-run
         the same target tokens against one memory many times (denoising iterations); ``memory_mask`` is
         :meth:`eMultiheadAttention.cached_mask` of the memory, if already built."""
-        sa = lambda h: _call_attention(self.self_attn, h, h, attn_mask=tgt_mask,  # noqa: E731
-                                       query_pos=tgt_pos, key_pos=tgt_pos)
+
+        def sa(h):
+            return _call_attention(
+                self.self_attn,
+                h,
+                h,
+                attn_mask=tgt_mask,
+                query_pos=tgt_pos,
+                key_pos=tgt_pos,
+            )
+
         def ca(h: Tensor) -> Tensor:
             return self.multihead_attn.attend_cached(h, state, query_pos, rows, mask=memory_mask)[0]
+
         return self._residual(tgt, [sa, ca, self._ff_block])
 
     # ---------------------------------------------------------------- checks and conversion
-    def check_equivariance(self, batch_size: int = 2, tgt_len: int = 4, memory_len: int = 5,
-                           dtype: torch.dtype = torch.float64, generator: torch.Generator | None = None,
-                           **forward_kwargs) -> float:
+    def check_equivariance(
+        self,
+        batch_size: int = 2,
+        tgt_len: int = 4,
+        memory_len: int = 5,
+        dtype: torch.dtype = torch.float64,
+        generator: torch.Generator | None = None,
+        **forward_kwargs,
+    ) -> float:
         """Max relative equivariance error of :meth:`forward` over all group elements on random inputs."""
+
         def shape(length: int) -> tuple[int, int]:
             return (batch_size, length) if self.batch_first else (length, batch_size)
+
         tgt = torch.randn(*shape(tgt_len), self.in_rep.size, generator=generator, dtype=dtype)
         mem = torch.randn(*shape(memory_len), self.in_rep.size, generator=generator, dtype=dtype)
-        return equivariance_error(self, lambda m, xs: m(xs[0], xs[1], **forward_kwargs),
-                                  [(tgt, self.in_rep), (mem, self.in_rep)], self.in_rep, dtype)
+        return equivariance_error(
+            self,
+            lambda m, xs: m(xs[0], xs[1], **forward_kwargs),
+            [(tgt, self.in_rep), (mem, self.in_rep)],
+            self.in_rep,
+            dtype,
+        )
 
     @torch.no_grad()
     def load_torch_(self, layer: nn.TransformerDecoderLayer) -> eTransformerDecoderLayer:
@@ -310,18 +504,34 @@ class eTransformerEncoder(nn.Module):
         self.layers = _clones(encoder_layer, num_layers)
         self.num_layers, self.norm = num_layers, norm
 
-    def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
-                is_causal: bool = False, *, src_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        src_pos: Tensor | None = None,
+    ) -> Tensor:
         x = src
         for layer in self.layers:
-            x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal,
-                      src_pos=src_pos)
+            x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal, src_pos=src_pos)
         return x if self.norm is None else self.norm(x)
 
-    def init_state(self, batch_size: int, window: int, max_tokens_per_step: int = 1,
-                   dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> EncoderState:
-        return EncoderState([layer.init_state(batch_size, window, max_tokens_per_step, dtype=dtype, device=device)
-                             for layer in self.layers])
+    def init_state(
+        self,
+        batch_size: int,
+        window: int,
+        max_tokens_per_step: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> EncoderState:
+        return EncoderState(
+            [
+                layer.init_state(batch_size, window, max_tokens_per_step, dtype=dtype, device=device)
+                for layer in self.layers
+            ]
+        )
 
     def forward_step(self, x: Tensor, state: EncoderState, rows: Rows = None) -> tuple[Tensor, EncoderState]:
         for layer, layer_state in zip(self.layers, state.layers):
@@ -341,31 +551,71 @@ class eTransformerDecoder(nn.Module):
         self.layers = _clones(decoder_layer, num_layers)
         self.num_layers, self.norm = num_layers, norm
 
-    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None, memory_mask: Tensor | None = None,
-                tgt_key_padding_mask: Tensor | None = None, memory_key_padding_mask: Tensor | None = None,
-                tgt_is_causal: bool = False, memory_is_causal: bool = False, *, tgt_pos: Tensor | None = None,
-                memory_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+        *,
+        tgt_pos: Tensor | None = None,
+        memory_pos: Tensor | None = None,
+    ) -> Tensor:
         x = tgt
         for layer in self.layers:
-            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                      tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
-                      tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal, tgt_pos=tgt_pos,
-                      memory_pos=memory_pos)
+            x = layer(
+                x,
+                memory,
+                tgt_mask=tgt_mask,
+                memory_mask=memory_mask,
+                tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask,
+                tgt_is_causal=tgt_is_causal,
+                memory_is_causal=memory_is_causal,
+                tgt_pos=tgt_pos,
+                memory_pos=memory_pos,
+            )
         return x if self.norm is None else self.norm(x)
 
-    def init_state(self, batch_size: int, window: int, memory_window: int, max_tokens_per_step: int = 1,
-                   max_memory_tokens_per_step: int = 1, memory_extra_slots: int = 0,
-                   dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> DecoderState:
-        return DecoderState([layer.init_state(batch_size, window, memory_window, max_tokens_per_step,
-                                              max_memory_tokens_per_step, memory_extra_slots, dtype=dtype,
-                                              device=device) for layer in self.layers])
+    def init_state(
+        self,
+        batch_size: int,
+        window: int,
+        memory_window: int,
+        max_tokens_per_step: int = 1,
+        max_memory_tokens_per_step: int = 1,
+        memory_extra_slots: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> DecoderState:
+        return DecoderState(
+            [
+                layer.init_state(
+                    batch_size,
+                    window,
+                    memory_window,
+                    max_tokens_per_step,
+                    max_memory_tokens_per_step,
+                    memory_extra_slots,
+                    dtype=dtype,
+                    device=device,
+                )
+                for layer in self.layers
+            ]
+        )
 
-    def forward_step(self, x: Tensor, state: DecoderState, memory: Tensor | None = None, rows: Rows = None
-                     ) -> tuple[Tensor, DecoderState]:
+    def forward_step(
+        self, x: Tensor, state: DecoderState, memory: Tensor | None = None, rows: Rows = None
+    ) -> tuple[Tensor, DecoderState]:
         for layer, layer_state in zip(self.layers, state.layers):
             x, _ = layer.forward_step(x, layer_state, memory, rows)
         return (x if self.norm is None else self.norm(x)), state
 
-    def forward_steps(self, x: Tensor, state: DecoderState, memory: Tensor | None = None, rows: Rows = None
-                      ) -> tuple[Tensor, DecoderState]:
+    def forward_steps(
+        self, x: Tensor, state: DecoderState, memory: Tensor | None = None, rows: Rows = None
+    ) -> tuple[Tensor, DecoderState]:
         return self.forward_step(x, state, memory, rows)

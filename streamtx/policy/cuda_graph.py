@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -45,8 +45,16 @@ class CapturedProgram:
     (PyTorch can leave it marked as recording), so give the next ones a fresh pool.
     """
 
-    def __init__(self, body: Callable[[], None], device: torch.device | str, *, enabled: bool = True,
-                 pool: tuple[int, int] | None = None, name: str = "program", warmup: int = 2) -> None:
+    def __init__(
+        self,
+        body: Callable[[], None],
+        device: torch.device | str,
+        *,
+        enabled: bool = True,
+        pool: tuple[int, int] | None = None,
+        name: str = "program",
+        warmup: int = 2,
+    ) -> None:
         if warmup < 1:
             raise ValueError(f"warmup: expected >= 1 eager runs before capture, got {warmup}")
         self.body, self.name = body, name

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,8 +25,9 @@ class Sampler(ABC):
     num_steps: int
 
     @abstractmethod
-    def training_example(self, actions: Tensor, generator: torch.Generator | None = None
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+    def training_example(
+        self, actions: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """``actions (B, Tx, A)`` -> ``(x_k, k (B,), target)``: train with ``mse(f(x_k, k, Z), target)``."""
 
     @abstractmethod
@@ -56,8 +58,9 @@ class FlowMatchingSampler(Sampler):
             raise ValueError(f"method: expected 'euler' or 'heun', got {method!r}")
         self.num_steps, self.method, self.time_scale = num_steps, method, time_scale
 
-    def training_example(self, actions: Tensor, generator: torch.Generator | None = None
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+    def training_example(
+        self, actions: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         b = actions.shape[0]
         noise = torch.randn(actions.shape, generator=generator, dtype=actions.dtype).to(actions.device)
         t = torch.rand(b, generator=generator, dtype=actions.dtype).to(actions.device)
@@ -112,8 +115,9 @@ class DDIMSampler(Sampler):
             table = self._alphas_on[like.device] = self.alphas_cumprod.to(like.device)
         return table[k].to(like.dtype)[:, None, None]
 
-    def training_example(self, actions: Tensor, generator: torch.Generator | None = None
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+    def training_example(
+        self, actions: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         b = actions.shape[0]
         noise = torch.randn(actions.shape, generator=generator, dtype=actions.dtype).to(actions.device)
         k = torch.randint(0, self.num_train_steps, (b,), generator=generator).to(actions.device)
@@ -137,8 +141,12 @@ class DDIMSampler(Sampler):
         return x
 
     def config(self) -> dict[str, Any]:
-        return {"type": "ddim", "num_train_steps": self.num_train_steps, "num_steps": self.num_steps,
-                "clip_sample": self.clip_sample}
+        return {
+            "type": "ddim",
+            "num_train_steps": self.num_train_steps,
+            "num_steps": self.num_steps,
+            "clip_sample": self.clip_sample,
+        }
 
     def __repr__(self) -> str:
         return f"DDIMSampler(num_train_steps={self.num_train_steps}, num_steps={self.num_steps})"

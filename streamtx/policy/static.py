@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,8 +54,12 @@ class _Staging:
         self._device = torch.zeros(total, dtype=torch.uint8, device=device) if cuda else self._host
 
         def views(block: Tensor) -> dict[str, Tensor]:
-            return {name: block[offsets[name]:offsets[name] + int(np.prod(shape)) * dtype.itemsize]
-                    .view(dtype).view(shape) for name, (shape, dtype) in fields.items()}
+            return {
+                name: block[offsets[name] : offsets[name] + int(np.prod(shape)) * dtype.itemsize]
+                .view(dtype)
+                .view(shape)
+                for name, (shape, dtype) in fields.items()
+            }
 
         self.device = views(self._device)
         self.host = {name: view.numpy() for name, view in views(self._host).items()}
@@ -78,16 +83,26 @@ class _Program:
     """One bucket's static call: staged inputs, a body captured once (or run eagerly), and an optional output
     downloaded into a pinned host buffer."""
 
-    def __init__(self, name: str, device: torch.device, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 body: Callable[[dict[str, Tensor]], Tensor | None], scratch_row: int, *, capture: bool,
-                 pool: tuple[int, int] | None, out: tuple[tuple[int, ...], torch.dtype] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        device: torch.device,
+        fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        body: Callable[[dict[str, Tensor]], Tensor | None],
+        scratch_row: int,
+        *,
+        capture: bool,
+        pool: tuple[int, int] | None,
+        out: tuple[tuple[int, ...], torch.dtype] | None = None,
+    ) -> None:
         self.staging = _Staging(fields, device)
         self.staging.host["rows"][:] = scratch_row
         self.staging.upload()
         cuda = device.type == "cuda"
         self.out = output = None if out is None else torch.zeros(*out[0], dtype=out[1], device=device)
-        self.out_host = None if out is None else (
-            torch.zeros(*out[0], dtype=out[1], pin_memory=True) if cuda else self.out)
+        self.out_host = (
+            None if out is None else (torch.zeros(*out[0], dtype=out[1], pin_memory=True) if cuda else self.out)
+        )
         self._downloaded = torch.cuda.Event() if cuda and out is not None else None
         inputs = self.staging.device
 
@@ -153,8 +168,10 @@ class StaticPolicyState:
 
     def __repr__(self) -> str:
         graphs = sum(p.captured for p in self.programs().values())
-        return (f"StaticPolicyState(num_slots={self.num_slots}, buckets={self.buckets}, "
-                f"graphs={graphs}/{len(self.programs())})")
+        return (
+            f"StaticPolicyState(num_slots={self.num_slots}, buckets={self.buckets}, "
+            f"graphs={graphs}/{len(self.programs())})"
+        )
 
 
 class StaticStreamingPolicy:
@@ -179,8 +196,15 @@ class StaticStreamingPolicy:
     Pass observations as host arrays or CPU tensors: they go through the pinned buffer. ``act`` returns a CPU tensor.
     """
 
-    def __init__(self, policy: StreamingPolicy, *, dtype: torch.dtype | None = None, cuda_graph: bool = True,
-                 buckets: Sequence[int] | None = None, fused_kernels: bool = True) -> None:
+    def __init__(
+        self,
+        policy: StreamingPolicy,
+        *,
+        dtype: torch.dtype | None = None,
+        cuda_graph: bool = True,
+        buckets: Sequence[int] | None = None,
+        fused_kernels: bool = True,
+    ) -> None:
         if not isinstance(policy, StreamingPolicy):
             raise TypeError(f"policy: expected a StreamingPolicy, got {type(policy).__name__}")
         if buckets is not None and (len(buckets) == 0 or any(int(b) < 1 for b in buckets)):
@@ -216,8 +240,9 @@ class StaticStreamingPolicy:
         buckets = self._buckets or default_buckets(batch_size)
         if buckets[-1] > batch_size:
             raise ValueError(f"buckets: expected sizes <= batch_size={batch_size}, got {buckets}")
-        state = StaticPolicyState(self.plan.caches(batch_size + 1, self.max_tokens_per_step), batch_size,
-                                  self.horizon, self.action_dim)
+        state = StaticPolicyState(
+            self.plan.caches(batch_size + 1, self.max_tokens_per_step), batch_size, self.horizon, self.action_dim
+        )
         self._draw_noise(state, range(batch_size))
         capture, unavailable = self.cuda_graph, capture_unavailable(self.device)
         capturing = capture and unavailable is None
@@ -227,17 +252,33 @@ class StaticStreamingPolicy:
         for b in reversed(buckets):  # largest first: smaller graphs reuse its pool memory
             programs = []
             for s in range(1, self.max_tokens_per_step + 1):
-                programs.append(_Program(
-                    f"observe[b={b},S={s}]", self.device, {"rows": ((b,), long), "obs": ((b, s, self.obs_dim), io)},
-                    lambda x: plan.observe(x["obs"], caches, x["rows"]), scratch, capture=capture, pool=pool))
+                programs.append(
+                    _Program(
+                        f"observe[b={b},S={s}]",
+                        self.device,
+                        {"rows": ((b,), long), "obs": ((b, s, self.obs_dim), io)},
+                        lambda x: plan.observe(x["obs"], caches, x["rows"]),
+                        scratch,
+                        capture=capture,
+                        pool=pool,
+                    )
+                )
                 state.observe_programs[b, s] = programs[-1]
             # the scratch row must have observations before its act runs (warm-up) or pads a bucket
             state.observe_programs[b, 1].program.body()
             workspace = plan.act_workspace(caches, b)
-            programs.append(_Program(
-                f"act[b={b}]", self.device, {"rows": ((b,), long), "noise": ((b, self.horizon, self.action_dim), io)},
-                lambda x, ws=workspace: plan.act(x["noise"], caches, x["rows"], ws), scratch, capture=capture,
-                pool=pool, out=((b, self.horizon, self.action_dim), io)))
+            programs.append(
+                _Program(
+                    f"act[b={b}]",
+                    self.device,
+                    {"rows": ((b,), long), "noise": ((b, self.horizon, self.action_dim), io)},
+                    lambda x, ws=workspace: plan.act(x["noise"], caches, x["rows"], ws),
+                    scratch,
+                    capture=capture,
+                    pool=pool,
+                    out=((b, self.horizon, self.action_dim), io),
+                )
+            )
             state.act_programs[b] = programs[-1]
             if capturing and not all(p.program.captured for p in programs):
                 pool = torch.cuda.graph_pool_handle()  # a failed capture can leave its pool unusable
@@ -247,8 +288,13 @@ class StaticStreamingPolicy:
             log.warning("static policy runs eagerly: %s", unavailable)
         return state
 
-    def reset(self, state: StaticPolicyState, rows: Rows = None, seed: int | Sequence[int] | None = None,
-              steps: int | Sequence[int] = 0) -> None:
+    def reset(
+        self,
+        state: StaticPolicyState,
+        rows: Rows = None,
+        seed: int | Sequence[int] | None = None,
+        steps: int | Sequence[int] = 0,
+    ) -> None:
         """Forget the past of ``rows`` (all if ``None``) and set their noise seed (``None``: 0) and control-step
         counter (as :meth:`StreamingPolicy.reset`)."""
         index = self._rows(state, rows, limit=False)
@@ -270,10 +316,16 @@ class StaticStreamingPolicy:
         if obs.ndim == 2:
             obs = obs[:, None]
         b = len(index)
-        if obs.ndim != 3 or obs.shape[0] != b or obs.shape[2] != self.obs_dim or \
-                not 1 <= obs.shape[1] <= self.max_tokens_per_step:
-            raise ValueError(f"obs: expected ({b}, S, {self.obs_dim}) with 1 <= S <= {self.max_tokens_per_step}, "
-                             f"got {tuple(obs.shape)}")
+        if (
+            obs.ndim != 3
+            or obs.shape[0] != b
+            or obs.shape[2] != self.obs_dim
+            or not 1 <= obs.shape[1] <= self.max_tokens_per_step
+        ):
+            raise ValueError(
+                f"obs: expected ({b}, S, {self.obs_dim}) with 1 <= S <= {self.max_tokens_per_step}, "
+                f"got {tuple(obs.shape)}"
+            )
         if obs.dtype.kind != "f" or not np.isfinite(obs).all():
             raise ValueError("obs: expected finite floating-point values (got NaN/Inf or a non-float dtype)")
         s = obs.shape[1]
@@ -289,8 +341,9 @@ class StaticStreamingPolicy:
         index = self._rows(state, rows)
         empty = state.observed[index] == 0
         if empty.any():
-            raise ValueError(f"rows: rows {index[empty].tolist()} have no observation since their reset; "
-                             "call observe first")
+            raise ValueError(
+                f"rows: rows {index[empty].tolist()} have no observation since their reset; call observe first"
+            )
         b = len(index)
         program = state.act_programs[self._bucket(state, b)]
         host = program.staging.write()
@@ -333,8 +386,8 @@ class StaticStreamingPolicy:
 
     @staticmethod
     def _stage_rows(staged: np.ndarray, index: np.ndarray, scratch: int) -> None:
-        staged[:len(index)] = index
-        staged[len(index):] = scratch
+        staged[: len(index)] = index
+        staged[len(index) :] = scratch
 
     def _draw_noise(self, state: StaticPolicyState, rows: Sequence[int]) -> None:
         gen, shape = torch.Generator(), (self.horizon, self.action_dim)
@@ -345,14 +398,24 @@ class StaticStreamingPolicy:
     def metadata(self) -> dict[str, Any]:
         """The policy's :meth:`StreamingPolicy.metadata` with the runner's compute dtype and settings."""
         meta = self.policy.metadata()
-        meta.update(dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
-                    runner={"type": "static", "cuda_graph": self.cuda_graph, "fused_kernels": self.plan.fused,
-                            "io_dtype": str(self.io_dtype).removeprefix("torch."), "buckets": self._buckets})
+        meta.update(
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            runner={
+                "type": "static",
+                "cuda_graph": self.cuda_graph,
+                "fused_kernels": self.plan.fused,
+                "io_dtype": str(self.io_dtype).removeprefix("torch."),
+                "buckets": self._buckets,
+            },
+        )
         return meta
 
     def __repr__(self) -> str:
-        return (f"StaticStreamingPolicy({self.plan}, sampler={self.policy.sampler}, "
-                f"max_tokens_per_step={self.max_tokens_per_step}, cuda_graph={self.cuda_graph})")
+        return (
+            f"StaticStreamingPolicy({self.plan}, sampler={self.policy.sampler}, "
+            f"max_tokens_per_step={self.max_tokens_per_step}, cuda_graph={self.cuda_graph})"
+        )
 
 
 def _host_array(obs: Any) -> np.ndarray:

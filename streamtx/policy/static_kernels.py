@@ -41,8 +41,9 @@ def norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms:
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False,
-              fused: bool = False) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False, fused: bool = False
+) -> Tensor:
     """Multi-head attention ``q (b, H, T, hd)`` over ``k, v (b, H, S, hd)`` -> ``(b, T, H * hd)``, heads merged.
 
     ``mask``: additive, per key, ``(b, 1, 1, S)``; ``causal``: query ``t`` sees keys ``<= t``. Any strides with a
@@ -50,22 +51,46 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causa
     """
     b, h, t, hd = q.shape
     s = k.shape[2]
-    if not (fused and t <= _MAX_TOKENS and s <= _MAX_KEYS and 16 <= hd <= _MAX_HEAD_DIM and hd & (hd - 1) == 0
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+    if not (
+        fused
+        and t <= _MAX_TOKENS
+        and s <= _MAX_KEYS
+        and 16 <= hd <= _MAX_HEAD_DIM
+        and hd & (hd - 1) == 0
+        and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    ):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return out.transpose(1, 2).reshape(b, t, h * hd)
     out = torch.empty(b, t, h, hd, dtype=q.dtype, device=q.device)
     mask_arg, mask_stride = (mask, mask.stride(0)) if mask is not None else (q, 0)
     _attention_kernel[(b * h,)](
-        q, k, v, mask_arg, out, h, t, s, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], mask_stride,
-        *out.stride()[:3], hd ** -0.5, HAS_MASK=mask is not None, CAUSAL=causal,
-        BLOCK_T=max(16, triton.next_power_of_2(t)), BLOCK_S=max(16, triton.next_power_of_2(s)), HEAD_DIM=hd,
-        num_warps=4 if hd <= 64 else 8)
+        q,
+        k,
+        v,
+        mask_arg,
+        out,
+        h,
+        t,
+        s,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        mask_stride,
+        *out.stride()[:3],
+        hd**-0.5,
+        HAS_MASK=mask is not None,
+        CAUSAL=causal,
+        BLOCK_T=max(16, triton.next_power_of_2(t)),
+        BLOCK_S=max(16, triton.next_power_of_2(s)),
+        HEAD_DIM=hd,
+        num_warps=4 if hd <= 64 else 8,
+    )
     return out.view(b, t, h * hd)
 
 
-def add_norm(x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
-             fused: bool = False) -> tuple[Tensor, Tensor]:
+def add_norm(
+    x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, fused: bool = False
+) -> tuple[Tensor, Tensor]:
     """The residual update ``x + y`` and its norm over the last dimension, ``(x + y, norm(x + y))``."""
     d = x.shape[-1]
     if not (fused and d <= _MAX_FEATURES and x.is_contiguous() and y.is_contiguous()):
@@ -73,18 +98,55 @@ def add_norm(x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, e
         return x, norm(x, weight, bias, eps, rms)
     new, normed = torch.empty_like(x), torch.empty_like(x)
     _add_norm_kernel[(x.numel() // d,)](
-        x, y, new, normed, weight if weight is not None else x, bias if bias is not None else x, d, eps,
-        RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None and not rms,
-        BLOCK=triton.next_power_of_2(d), num_warps=1 if d <= 256 else 4)
+        x,
+        y,
+        new,
+        normed,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        d,
+        eps,
+        RMS=rms,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None and not rms,
+        BLOCK=triton.next_power_of_2(d),
+        num_warps=1 if d <= 256 else 4,
+    )
     return new, normed
 
 
 if triton is not None:
+
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, num_heads, num_q, num_k,
-                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, so_b, so_t, so_h, scale,
-                          HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+    def _attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        mask_ptr,
+        out_ptr,
+        num_heads,
+        num_q,
+        num_k,
+        sq_b,
+        sq_h,
+        sq_t,
+        sk_b,
+        sk_h,
+        sk_s,
+        sv_b,
+        sv_h,
+        sv_s,
+        sm_b,
+        so_b,
+        so_t,
+        so_h,
+        scale,
+        HAS_MASK: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         b, h = pid // num_heads, pid % num_heads
         t = tl.arange(0, BLOCK_T)
@@ -102,12 +164,27 @@ if triton is not None:
         scores = tl.where(visible, scores, float("-inf"))
         p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
         out = tl.dot(p.to(v.dtype), v, input_precision="ieee") / tl.sum(p, axis=1)[:, None]
-        tl.store(out_ptr + b * so_b + t[:, None] * so_t + h * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=t[:, None] < num_q)
+        tl.store(
+            out_ptr + b * so_b + t[:, None] * so_t + h * so_h + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=t[:, None] < num_q,
+        )
 
     @triton.jit
-    def _add_norm_kernel(x_ptr, y_ptr, new_ptr, normed_ptr, w_ptr, b_ptr, num_features, eps, RMS: tl.constexpr,
-                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_norm_kernel(
+        x_ptr,
+        y_ptr,
+        new_ptr,
+        normed_ptr,
+        w_ptr,
+        b_ptr,
+        num_features,
+        eps,
+        RMS: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64) * num_features
         cols = tl.arange(0, BLOCK)
         inside = cols < num_features

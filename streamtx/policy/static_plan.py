@@ -24,9 +24,9 @@ travels back to the host, which is what graph capture needs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,8 +111,9 @@ class _EncoderLayer:
     rope: eRoPE
     num_heads: int
 
-    def __call__(self, x: Tensor, pos: Tensor, ring_k: Tensor, ring_v: Tensor, mask: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(
+        self, x: Tensor, pos: Tensor, ring_k: Tensor, ring_v: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """New tokens ``x (b, S, D)`` at ``pos (b, S)`` attend to the ring's ``ring_k/v (b, C, H, hd)`` and to each
         other under ``mask (b, 1, S, C + S)``; returns the layer output and the new tokens' keys/values
         ``(b, S, H, hd)`` for the ring."""
@@ -144,8 +145,9 @@ class _DecoderLayer:
     num_heads: int
     causal: bool
 
-    def __call__(self, x: Tensor, normed: Tensor, mem_k: Tensor, mem_v: Tensor, mem_mask: Tensor, fused: bool
-                 ) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, x: Tensor, normed: Tensor, mem_k: Tensor, mem_v: Tensor, mem_mask: Tensor, fused: bool
+    ) -> tuple[Tensor, Tensor]:
         """The residual stream ``x (b, T, D)`` and ``normed = norm1(x)``; memory keys (rotated into the queries'
         frame) and values ``(b, H, M, hd)``, additive ``mem_mask (b, 1, 1, M)``. Returns the stream before the
         feed-forward residual and the feed-forward output: the caller adds them in one kernel with the norm that
@@ -199,7 +201,10 @@ def _norm(module, dtype: torch.dtype) -> _Norm:
     if not isinstance(module, (eLayerNorm, eRMSNorm)):
         raise TypeError(f"model: expected eLayerNorm or eRMSNorm norms, got {type(module).__name__}")
     weight, bias = module._affine()
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
     return _Norm(isinstance(module, eRMSNorm), cast(weight), cast(bias), module.eps)
 
 
@@ -219,6 +224,7 @@ def sampler_schedule(sampler: Sampler, horizon: int, action_dim: int, dtype: tor
     """The step values ``k`` that ``sampler.sample`` passes to its denoiser, in call order, for a sampler state of
     ``dtype``. Raises ``ValueError`` unless they are the same for every row and any noise and denoiser output: the
     plan precomputes the step tokens from them."""
+
     def record(batch: int, seed: int, output: str) -> list[Tensor]:
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(batch, horizon, action_dim, generator=gen, dtype=torch.float64).to(dtype)
@@ -232,11 +238,12 @@ def sampler_schedule(sampler: Sampler, horizon: int, action_dim: int, dtype: tor
         return calls
 
     first, second = record(1, 0, "zeros"), record(3, 1, "random")
-    same = len(first) == len(second) and all(
-        bool((b == a[0]).all()) for a, b in zip(first, second))
+    same = len(first) == len(second) and all(bool((b == a[0]).all()) for a, b in zip(first, second))
     if not same or len(first) != sampler.num_evaluations:
-        raise ValueError(f"sampler: {sampler!r} does not pass the same denoiser steps for every row and input; the "
-                         "static plan needs a data-independent step schedule")
+        raise ValueError(
+            f"sampler: {sampler!r} does not pass the same denoiser steps for every row and input; the "
+            "static plan needs a data-independent step schedule"
+        )
     return [float(k[0]) for k in first]
 
 
@@ -250,8 +257,13 @@ class RegressorPlan:
             ``state_dtype = promote(dtype, float32)``: reduced-precision plans keep float32 actions and noise.
     """
 
-    def __init__(self, model: eCondTransformerRegressor, sampler: Sampler, dtype: torch.dtype | None = None,
-                 fused_kernels: bool = True) -> None:
+    def __init__(
+        self,
+        model: eCondTransformerRegressor,
+        sampler: Sampler,
+        dtype: torch.dtype | None = None,
+        fused_kernels: bool = True,
+    ) -> None:
         if not isinstance(model, eCondTransformerRegressor):
             raise TypeError(f"model: expected an eCondTransformerRegressor, got {type(model).__name__}")
         ref = model.input_emb.weight
@@ -265,8 +277,12 @@ class RegressorPlan:
         self.cond_window, self.cond_horizon = model.cond_window, model.cond_horizon
         layers = list(model.decoder.layers)
         attn = layers[0].multihead_attn
-        self.dim, self.num_heads, self.head_dim, self.num_layers = model.embedding_dim, attn.num_heads, \
-            attn.head_dim, len(layers)
+        self.dim, self.num_heads, self.head_dim, self.num_layers = (
+            model.embedding_dim,
+            attn.num_heads,
+            attn.head_dim,
+            len(layers),
+        )
         with torch.no_grad():
             self._read_model(model, layers, dtype)
         self.fused, self.fused_reason = False, "fused_kernels=False"
@@ -282,16 +298,21 @@ class RegressorPlan:
         if not fused_kernels_available(self.device):
             return "Triton kernels need CUDA and the triton package"
         gen = torch.Generator(self.device).manual_seed(0)
-        rand = lambda *shape: torch.randn(*shape, generator=gen, device=self.device).to(self.dtype)  # noqa: E731
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen, device=self.device).to(self.dtype)
+
         heads, hd, t, keys = self.num_heads, self.head_dim, self.horizon, self.cond_horizon + 1
         qkv, mem = rand(2, t, 3, heads, hd).transpose(1, 3).unbind(2), rand(2, 2, heads, keys, hd)
         mask = torch.zeros(2, 1, 1, keys, dtype=self.dtype, device=self.device)
         mask[0, ..., :3] = float("-inf")
         x, y = rand(2, t, self.dim), rand(2, t, self.dim)
         first = self.decoder[0]
-        checks = {"self-attention": lambda f: attention(*qkv, causal=first.causal, fused=f),
-                  "cross-attention": lambda f: attention(qkv[0], mem[0], mem[1], mask, fused=f),
-                  "add+norm": lambda f: torch.cat(first.norm2.add(x, y, f))}
+        checks = {
+            "self-attention": lambda f: attention(*qkv, causal=first.causal, fused=f),
+            "cross-attention": lambda f: attention(qkv[0], mem[0], mem[1], mask, fused=f),
+            "add+norm": lambda f: torch.cat(first.norm2.add(x, y, f)),
+        }
         tolerance = 1e-5 if self.dtype in (torch.float32, torch.float64) else 2e-2
         try:
             for name, check in checks.items():
@@ -303,8 +324,9 @@ class RegressorPlan:
             return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return None
 
-    def _read_model(self, model: eCondTransformerRegressor, layers: list[eTransformerDecoderLayer],
-                    dtype: torch.dtype) -> None:
+    def _read_model(
+        self, model: eCondTransformerRegressor, layers: list[eTransformerDecoderLayer], dtype: torch.dtype
+    ) -> None:
         n = model.in_rep.group.order
         self.obs_emb = _dense(model.cond_obs_emb, dtype)
         self.encoder: list[_EncoderLayer] = []
@@ -314,12 +336,17 @@ class RegressorPlan:
             for layer in model.encoder.layers:
                 _check_pre_norm(layer)
                 sa = layer.self_attn
-                self.encoder.append(_EncoderLayer(
-                    _norm(layer.norm1, dtype), _Affine.cat([_dense(sa.q_proj, dtype), _dense(sa.k_proj, dtype),
-                                                            _dense(sa.v_proj, dtype)]),
-                    _dense(sa.out_proj, dtype), _norm(layer.norm2, dtype),
-                    _MLP(_dense(layer.linear1, dtype), layer.activation.fn, _dense(layer.linear2, dtype)),
-                    _rope(sa.positional, "the encoder's self-attention", self.device), sa.num_heads))
+                self.encoder.append(
+                    _EncoderLayer(
+                        _norm(layer.norm1, dtype),
+                        _Affine.cat([_dense(sa.q_proj, dtype), _dense(sa.k_proj, dtype), _dense(sa.v_proj, dtype)]),
+                        _dense(sa.out_proj, dtype),
+                        _norm(layer.norm2, dtype),
+                        _MLP(_dense(layer.linear1, dtype), layer.activation.fn, _dense(layer.linear2, dtype)),
+                        _rope(sa.positional, "the encoder's self-attention", self.device),
+                        sa.num_heads,
+                    )
+                )
             if model.encoder.norm is not None:
                 self.encoder_norm = _norm(model.encoder.norm, dtype)
         else:
@@ -330,24 +357,37 @@ class RegressorPlan:
             _check_pre_norm(layer)
             sa, ca = layer.self_attn, layer.multihead_attn
             if type(sa.positional) is not PositionalAttention:
-                raise TypeError("model: the plan expects no positional encoding in the decoder's self-attention, "
-                                f"got {type(sa.positional).__name__}")
-            self.decoder.append(_DecoderLayer(
-                _norm(layer.norm1, dtype),
-                _Affine.cat([_dense(sa.q_proj, dtype), _dense(sa.k_proj, dtype), _dense(sa.v_proj, dtype)]),
-                _dense(sa.out_proj, dtype), _norm(layer.norm2, dtype), _dense(ca.q_proj, dtype),
-                _dense(ca.out_proj, dtype), _norm(layer.norm3, dtype),
-                _MLP(_dense(layer.linear1, dtype), layer.activation.fn, _dense(layer.linear2, dtype)),
-                sa.num_heads, model.causal_attn))
-        ropes = [_rope(layer.multihead_attn.positional, "the decoder's cross-attention", self.device)
-                 for layer in layers]
+                raise TypeError(
+                    "model: the plan expects no positional encoding in the decoder's self-attention, "
+                    f"got {type(sa.positional).__name__}"
+                )
+            self.decoder.append(
+                _DecoderLayer(
+                    _norm(layer.norm1, dtype),
+                    _Affine.cat([_dense(sa.q_proj, dtype), _dense(sa.k_proj, dtype), _dense(sa.v_proj, dtype)]),
+                    _dense(sa.out_proj, dtype),
+                    _norm(layer.norm2, dtype),
+                    _dense(ca.q_proj, dtype),
+                    _dense(ca.out_proj, dtype),
+                    _norm(layer.norm3, dtype),
+                    _MLP(_dense(layer.linear1, dtype), layer.activation.fn, _dense(layer.linear2, dtype)),
+                    sa.num_heads,
+                    model.causal_attn,
+                )
+            )
+        ropes = [
+            _rope(layer.multihead_attn.positional, "the decoder's cross-attention", self.device) for layer in layers
+        ]
         if any(not torch.equal(r.inv_freq, ropes[0].inv_freq) for r in ropes):
-            raise ValueError("model: the plan rotates all decoder layers' memory keys at once and needs the same RoPE "
-                             "frequencies in every layer")
+            raise ValueError(
+                "model: the plan rotates all decoder layers' memory keys at once and needs the same RoPE "
+                "frequencies in every layer"
+            )
         self.memory_rope = ropes[0]
         # keys and values of every decoder layer's memory from one matrix: output (.., L, 2, H, hd)
-        self.memory_kv = _Affine.cat([_dense(p, dtype) for layer in layers
-                                      for p in (layer.multihead_attn.k_proj, layer.multihead_attn.v_proj)])
+        self.memory_kv = _Affine.cat(
+            [_dense(p, dtype) for layer in layers for p in (layer.multihead_attn.k_proj, layer.multihead_attn.v_proj)]
+        )
         emb = _dense(model.input_emb, dtype)
         pos = model.pos_emb.repeat_interleave(n, dim=-1).to(dtype)  # (Tx, D), invariant per copy
         self.action_weight, self.action_bias = emb.weight, pos if emb.bias is None else emb.bias + pos
@@ -359,8 +399,10 @@ class RegressorPlan:
         ref = model.input_emb.weight
         ks = torch.tensor(self.schedule, dtype=torch.float64, device=self.device)
         step = model._step_token(ks, len(ks), ref)  # (E, 1, D) in the model's dtype
-        kv = [layer.multihead_attn.project_kv(step, step, torch.zeros(len(ks), 1, dtype=torch.long,
-                                                                        device=self.device)) for layer in layers]
+        kv = [
+            layer.multihead_attn.project_kv(step, step, torch.zeros(len(ks), 1, dtype=torch.long, device=self.device))
+            for layer in layers
+        ]
         # RoPE at relative position 0 is the identity: the step token sits at `now`, where the queries are
         self.step_kv = torch.stack([torch.stack((k[:, :, 0], v[:, :, 0]), dim=1) for k, v in kv], dim=1).to(dtype)
 
@@ -370,21 +412,28 @@ class RegressorPlan:
         if max_tokens_per_step < 1:
             raise ValueError(f"max_tokens_per_step: expected >= 1, got {max_tokens_per_step}")
         kw = {"dtype": self.dtype, "device": self.device}
-        per_token = lambda layers: {"k": (layers, self.num_heads, self.head_dim),  # noqa: E731
-                                    "v": (layers, self.num_heads, self.head_dim)}
+
+        def per_token(layers):
+            return {
+                "k": (layers, self.num_heads, self.head_dim),
+                "v": (layers, self.num_heads, self.head_dim),
+            }
+
         encoder = None
         if self.encoder:
             # new tokens attend to the ring *before* it takes them, so it needs the cond_window - 1 older ones
-            encoder = RingCache(num_rows, max(self.cond_window - 1, max_tokens_per_step), per_token(len(self.encoder)),
-                                **kw)
+            encoder = RingCache(
+                num_rows, max(self.cond_window - 1, max_tokens_per_step), per_token(len(self.encoder)), **kw
+            )
         memory = RingCache(num_rows, max(self.cond_horizon, max_tokens_per_step), per_token(self.num_layers), **kw)
         return PlanCaches(encoder, memory)
 
     def act_workspace(self, caches: PlanCaches, batch: int) -> ActWorkspace:
         """The static buffers of :meth:`act` for ``batch`` rows of ``caches``."""
         slots = caches.memory.capacity + 1
-        kv = torch.zeros(self.num_layers, 2, batch, self.num_heads, slots, self.head_dim, dtype=self.dtype,
-                         device=self.device)
+        kv = torch.zeros(
+            self.num_layers, 2, batch, self.num_heads, slots, self.head_dim, dtype=self.dtype, device=self.device
+        )
         padded = -(-slots // 16) * 16
         mask = torch.zeros(batch, 1, 1, padded, dtype=self.dtype, device=self.device)[..., :slots]
         return ActWorkspace(kv, mask, self.action_bias.expand(batch, -1, -1).contiguous())
@@ -431,8 +480,9 @@ class RegressorPlan:
         def denoise(x: Tensor, k: Tensor) -> Tensor:
             # `k` is the recorded schedule's entry (checked at build): its step token's keys/values are precomputed
             kv[:, :, :, :, m] = self.step_kv[next(calls)][:, :, None]
-            h, normed = self.decoder[0].norm1.add(F.linear(x.to(self.dtype), self.action_weight),
-                                                  workspace.action_bias, self.fused)
+            h, normed = self.decoder[0].norm1.add(
+                F.linear(x.to(self.dtype), self.action_weight), workspace.action_bias, self.fused
+            )
             for i, layer in enumerate(self.decoder):
                 h, ff = layer(h, normed, kv[i, 0], kv[i, 1], workspace.mask, self.fused)
                 h, normed = self._norm_after[i].add(h, ff, self.fused)
@@ -441,6 +491,8 @@ class RegressorPlan:
         return self.sampler.sample(denoise, noise)
 
     def __repr__(self) -> str:
-        return (f"RegressorPlan(dim={self.dim}, heads={self.num_heads}, encoder_layers={len(self.encoder)}, "
-                f"decoder_layers={self.num_layers}, evaluations={len(self.schedule)}, dtype={self.dtype}, "
-                f"device={self.device}, fused_kernels={self.fused})")
+        return (
+            f"RegressorPlan(dim={self.dim}, heads={self.num_heads}, encoder_layers={len(self.encoder)}, "
+            f"decoder_layers={self.num_layers}, evaluations={len(self.schedule)}, dtype={self.dtype}, "
+            f"device={self.device}, fused_kernels={self.fused})"
+        )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -81,8 +82,11 @@ class StreamingPolicy(nn.Module):
     # ---------------------------------------------------------------- state
     def init_state(self, batch_size: int) -> PolicyState:
         """All rows empty, seed 0."""
-        return PolicyState(self.model.init_state(batch_size, self.max_tokens_per_step),
-                           torch.zeros(batch_size, dtype=torch.long), torch.zeros(batch_size, dtype=torch.long))
+        return PolicyState(
+            self.model.init_state(batch_size, self.max_tokens_per_step),
+            torch.zeros(batch_size, dtype=torch.long),
+            torch.zeros(batch_size, dtype=torch.long),
+        )
 
     def _rows(self, state: PolicyState, rows: Rows) -> Tensor | None:
         if rows is None:
@@ -97,8 +101,13 @@ class StreamingPolicy(nn.Module):
             raise ValueError(f"rows: expected distinct rows, got {rows_t.tolist()}")
         return rows_t.to(self.device)
 
-    def reset(self, state: PolicyState, rows: Rows = None, seed: int | Sequence[int] | None = None,
-              steps: int | Sequence[int] = 0) -> None:
+    def reset(
+        self,
+        state: PolicyState,
+        rows: Rows = None,
+        seed: int | Sequence[int] | None = None,
+        steps: int | Sequence[int] = 0,
+    ) -> None:
         """Forget the past of ``rows`` (all if ``None``) and set their noise seed (``None``: 0) and control-step
         counter (nonzero to resume a session elsewhere: its noise sequence continues where it was)."""
         rows_t = self._rows(state, rows)
@@ -116,10 +125,16 @@ class StreamingPolicy(nn.Module):
         if obs.dim() == 2:
             obs = obs[:, None]
         b = state.seed.shape[0] if rows_t is None else rows_t.numel()
-        if obs.dim() != 3 or obs.shape[0] != b or obs.shape[2] != self.obs_dim or \
-                not 1 <= obs.shape[1] <= self.max_tokens_per_step:
-            raise ValueError(f"obs: expected ({b}, S, {self.obs_dim}) with 1 <= S <= {self.max_tokens_per_step}, "
-                             f"got {tuple(obs.shape)}")
+        if (
+            obs.dim() != 3
+            or obs.shape[0] != b
+            or obs.shape[2] != self.obs_dim
+            or not 1 <= obs.shape[1] <= self.max_tokens_per_step
+        ):
+            raise ValueError(
+                f"obs: expected ({b}, S, {self.obs_dim}) with 1 <= S <= {self.max_tokens_per_step}, "
+                f"got {tuple(obs.shape)}"
+            )
         if not obs.is_floating_point() or not bool(torch.isfinite(obs).all()):
             raise ValueError("obs: expected finite floating-point values (got NaN/Inf or a non-float dtype)")
         self.model.observe(obs.to(self.device, self.dtype), state.model, rows_t)
@@ -139,8 +154,9 @@ class StreamingPolicy(nn.Module):
         empty = self.model.num_observed(state.model, rows_t) == 0
         if bool(empty.any()):
             all_rows = torch.arange(state.seed.shape[0]) if rows_t is None else rows_t.cpu()
-            raise ValueError(f"rows: rows {all_rows[empty.cpu()].tolist()} have no observation since their reset; "
-                             "call observe first")
+            raise ValueError(
+                f"rows: rows {all_rows[empty.cpu()].tolist()} have no observation since their reset; call observe first"
+            )
         noise = self.noise(state, rows_t)
         actions = self.sampler.sample(lambda x, k: self.model.denoise(x, k, state.model, rows_t), noise)
         state.steps[_index(state, rows_t)] += 1
@@ -158,17 +174,22 @@ class StreamingPolicy(nn.Module):
         group = m.in_rep.group
 
         def rep(r) -> dict[str, Any]:
-            return {"name": r.name, "size": r.size,
-                    "generators": [r.matrices[g].tolist() for g in group.generators]}
+            return {"name": r.name, "size": r.size, "generators": [r.matrices[g].tolist() for g in group.generators]}
 
         return {
-            "model": type(m).__name__, "obs_dim": self.obs_dim, "action_dim": self.action_dim,
-            "horizon": self.horizon, "cond_window": self.cond_window,
-            "max_tokens_per_step": self.max_tokens_per_step, "config": dict(m.config),
+            "model": type(m).__name__,
+            "obs_dim": self.obs_dim,
+            "action_dim": self.action_dim,
+            "horizon": self.horizon,
+            "cond_window": self.cond_window,
+            "max_tokens_per_step": self.max_tokens_per_step,
+            "config": dict(m.config),
             "group": {"name": group.name, "order": group.order},
             "representations": {"obs": rep(m.cond_rep), "action": rep(m.out_rep)},
-            "sampler": self.sampler.config(), "num_evaluations": self.sampler.num_evaluations,
-            "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+            "sampler": self.sampler.config(),
+            "num_evaluations": self.sampler.num_evaluations,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
             "num_parameters": sum(p.numel() for p in m.parameters()),
         }
 

@@ -3,5 +3,13 @@
 from .group import Group, cyclic, dihedral, direct_product, klein_four, symmetric, trivial_group
 from .representation import Representation
 
-__all__ = ["Group", "Representation", "cyclic", "dihedral", "direct_product", "klein_four", "symmetric",
-           "trivial_group"]
+__all__ = [
+    "Group",
+    "Representation",
+    "cyclic",
+    "dihedral",
+    "direct_product",
+    "klein_four",
+    "symmetric",
+    "trivial_group",
+]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -64,9 +64,7 @@ class Group:
         self.words = words
         n = len(mats)
         self.generators = [index[_key(g)] for g in gens]
-        self.mul = np.array(
-            [[index[_key(p)] for p in mats[a] @ self.matrices] for a in range(n)], dtype=np.int64
-        )
+        self.mul = np.array([[index[_key(p)] for p in mats[a] @ self.matrices] for a in range(n)], dtype=np.int64)
         self.inv = np.argmax(self.mul == 0, axis=1).astype(np.int64)
         self._index = index
 

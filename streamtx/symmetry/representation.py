@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,8 +28,15 @@ class Representation:
     ``regular_copies = None``: layers treat it as a general one, which is exact, just not the group-convolution form.
     """
 
-    def __init__(self, group: Group, matrices: np.ndarray, name: str | None = None, *,
-                 regular_copies: int | None = None, check: bool = True):
+    def __init__(
+        self,
+        group: Group,
+        matrices: np.ndarray,
+        name: str | None = None,
+        *,
+        regular_copies: int | None = None,
+        check: bool = True,
+    ):
         mats = np.asarray(matrices, dtype=np.float64)
         n = group.order
         if mats.ndim != 3 or mats.shape[0] != n or mats.shape[1] != mats.shape[2]:
@@ -43,7 +50,8 @@ class Representation:
             hom = max(np.abs(mats @ mats[s] - mats[group.mul[:, s]]).max() for s in group.generators)
             if hom > _TOL:
                 raise ValueError(
-                    f"matrices: not a representation of {group.name}, max |rho(a) rho(b) - rho(ab)| = {hom:.2e}")
+                    f"matrices: not a representation of {group.name}, max |rho(a) rho(b) - rho(ab)| = {hom:.2e}"
+                )
         self.group = group
         self.matrices = mats
         self.name = name or f"rep(d={d})"
@@ -68,18 +76,19 @@ class Representation:
         """``dim`` invariant coordinates."""
         if dim < 1:
             raise ValueError(f"dim: expected >= 1, got {dim}")
-        return cls(group, np.broadcast_to(np.eye(dim), (group.order, dim, dim)).copy(), name=f"triv^{dim}",
-                   check=False)
+        return cls(group, np.broadcast_to(np.eye(dim), (group.order, dim, dim)).copy(), name=f"triv^{dim}", check=False)
 
     @classmethod
-    def from_generators(cls, group: Group, generator_matrices: Sequence[np.ndarray], name: str | None = None
-                        ) -> Representation:
+    def from_generators(
+        cls, group: Group, generator_matrices: Sequence[np.ndarray], name: str | None = None
+    ) -> Representation:
         """Extend one matrix per group generator (in the order of ``group.generators``) to the whole group."""
         gens = [np.asarray(g, dtype=np.float64) for g in generator_matrices]
         if len(gens) != len(group.generators):
             raise ValueError(
                 f"generator_matrices: expected {len(group.generators)} matrices (one per generator of {group.name}), "
-                f"got {len(gens)}")
+                f"got {len(gens)}"
+            )
         d = gens[0].shape[0]
         for i, g in enumerate(gens):
             if g.shape != (d, d):
@@ -93,9 +102,13 @@ class Representation:
         return cls(group, mats, name=name)
 
     @classmethod
-    def from_signed_permutations(cls, group: Group, permutations: Sequence[Sequence[int]],
-                                 signs: Sequence[Sequence[float]] | None = None, name: str | None = None
-                                 ) -> Representation:
+    def from_signed_permutations(
+        cls,
+        group: Group,
+        permutations: Sequence[Sequence[int]],
+        signs: Sequence[Sequence[float]] | None = None,
+        name: str | None = None,
+    ) -> Representation:
         """Per generator, coordinate ``i`` is sent to coordinate ``permutations[k][i]`` times ``signs[k][i]``.
 
         This is how robot joint spaces are usually specified, e.g. a left/right reflection of a quadruped swaps the
@@ -131,7 +144,7 @@ class Representation:
         mats = np.zeros((group.order, d, d))
         off = 0
         for r in reps:
-            mats[:, off:off + r.size, off:off + r.size] = r.matrices
+            mats[:, off : off + r.size, off : off + r.size] = r.matrices
             off += r.size
         copies = [r.regular_copies for r in reps]
         regular = sum(copies) if all(c is not None for c in copies) else None  # type: ignore[arg-type]
@@ -188,8 +201,12 @@ class Representation:
         return torch.as_tensor(self.matrices, dtype=dtype, device=device)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Representation) and other.group == self.group and \
-            other.matrices.shape == self.matrices.shape and bool(np.allclose(other.matrices, self.matrices, atol=1e-9))
+        return (
+            isinstance(other, Representation)
+            and other.group == self.group
+            and other.matrices.shape == self.matrices.shape
+            and bool(np.allclose(other.matrices, self.matrices, atol=1e-9))
+        )
 
     __hash__ = None  # type: ignore[assignment]
 

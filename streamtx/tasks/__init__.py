@@ -6,7 +6,7 @@ Each task module names the representations of its observations and actions (``ob
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..symmetry import Representation
 from .reacher import symmetry as reacher_symmetry

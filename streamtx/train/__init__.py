@@ -6,5 +6,14 @@ from .ema import EMA
 from .normalize import fold_input_normalization, observation_normalizer
 from .trainer import TrainConfig, TrainResult, train
 
-__all__ = ["ChunkDataset", "EMA", "TrainConfig", "TrainResult", "fold_input_normalization", "load_dataset",
-           "observation_normalizer", "save_dataset", "train"]
+__all__ = [
+    "ChunkDataset",
+    "EMA",
+    "TrainConfig",
+    "TrainResult",
+    "fold_input_normalization",
+    "load_dataset",
+    "observation_normalizer",
+    "save_dataset",
+    "train",
+]

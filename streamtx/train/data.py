@@ -53,16 +53,25 @@ class ChunkDataset:
         dtype: of the returned tensors.
     """
 
-    def __init__(self, observations: np.ndarray | Tensor, actions: np.ndarray | Tensor, obs_horizon: int,
-                 action_horizon: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        observations: np.ndarray | Tensor,
+        actions: np.ndarray | Tensor,
+        obs_horizon: int,
+        action_horizon: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         obs = torch.as_tensor(observations, dtype=dtype)
         act = torch.as_tensor(actions, dtype=dtype)
         if obs.dim() != 3 or act.dim() != 3 or obs.shape[:2] != act.shape[:2]:
             raise ValueError(
                 "observations, actions: expected (E, T, obs_dim) and (E, T, act_dim) with the same E and T, got "
-                f"{tuple(obs.shape)} and {tuple(act.shape)}")
+                f"{tuple(obs.shape)} and {tuple(act.shape)}"
+            )
         if obs.shape[0] < 1 or obs.shape[1] < 1:
-            raise ValueError(f"observations: expected at least one episode of at least one step, got {tuple(obs.shape)}")
+            raise ValueError(
+                f"observations: expected at least one episode of at least one step, got {tuple(obs.shape)}"
+            )
         for name, h in (("obs_horizon", obs_horizon), ("action_horizon", action_horizon)):
             if not isinstance(h, int) or h < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {h!r}")

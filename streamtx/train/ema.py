@@ -12,9 +12,9 @@ __all__ = ["EMA"]
 
 
 class EMA:
-    """``shadow <- d * shadow + (1 - d) * weights`` after each optimizer step, with ``d = min(decay, (1 + n) / (10 + n))``
-    at update ``n``: early updates follow the fast-moving weights, later ones average over about ``1 / (1 - decay)``
-    steps. Buffers are copied as they are.
+    """``shadow <- d * shadow + (1 - d) * weights`` after each optimizer step, with
+    ``d = min(decay, (1 + n) / (10 + n))`` at update ``n``: early updates follow the fast-moving weights, later ones
+    average over about ``1 / (1 - decay)`` steps. Buffers are copied as they are.
 
     Args:
         model: the model being trained; the shadow is a frozen deep copy in ``eval()`` mode.

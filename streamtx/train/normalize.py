@@ -21,8 +21,9 @@ from streamtx.symmetry import Representation
 __all__ = ["observation_normalizer", "fold_input_normalization"]
 
 
-def observation_normalizer(observations: np.ndarray, rep: Representation, eps: float = 1e-6
-                           ) -> tuple[np.ndarray, np.ndarray]:
+def observation_normalizer(
+    observations: np.ndarray, rep: Representation, eps: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
     """``(scale (d,), shift (d,))`` for observations ``(..., d)`` of the representation ``rep``, which must be a
     signed permutation representation (every ``|rho(g)|`` a permutation matrix)."""
     x = np.asarray(observations, dtype=np.float64).reshape(-1, rep.size)
@@ -42,6 +43,7 @@ def fold_input_normalization(layer: eLinear, scale: np.ndarray, shift: np.ndarra
     weight, bias = layer.dense()
     s = torch.as_tensor(scale, dtype=weight.dtype)
     weight = weight * s
-    bias = (bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)) - \
-        weight @ torch.as_tensor(shift, dtype=weight.dtype)
+    bias = (bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)) - weight @ torch.as_tensor(
+        shift, dtype=weight.dtype
+    )
     layer.load_dense_(weight, bias)

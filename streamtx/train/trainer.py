@@ -2,14 +2,16 @@
 
 Works with any model ``V = model(X_k, k, Z)`` (``X_k (B, Tx, act_dim)`` noisy chunk, ``k (B,)`` step or time,
 ``Z (B, Tz, obs_dim)`` observation window) and any sampler with ``training_example(X, generator) -> (X_k, k, target)``:
-the loss is ``mse(model(X_k, k, Z), target)`` (:func:`chunk_loss`), so the sampler alone decides what is learnt (velocity, noise, ...).
+the loss is ``mse(model(X_k, k, Z), target)`` (:func:`chunk_loss`), so the sampler alone decides what is learnt
+(velocity, noise, ...).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +25,9 @@ __all__ = ["TrainConfig", "TrainResult", "TrainingSampler", "chunk_loss", "train
 
 
 class TrainingSampler(Protocol):
-    def training_example(self, actions: Tensor, generator: torch.Generator | None = None
-                         ) -> tuple[Tensor, Tensor, Tensor]: ...
+    def training_example(
+        self, actions: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 @dataclass
@@ -90,8 +93,12 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-def chunk_loss(model: nn.Module, sampler: TrainingSampler, batch: list[tuple[Tensor, Tensor]],
-               generator: torch.Generator | None = None) -> Tensor:
+def chunk_loss(
+    model: nn.Module,
+    sampler: TrainingSampler,
+    batch: list[tuple[Tensor, Tensor]],
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Mean squared error of ``model`` against ``sampler``'s targets over a batch grouped by window length (as
     :meth:`ChunkDataset.get` returns it): one forward per group, every example weighted alike."""
     total, count = None, 0
@@ -106,15 +113,22 @@ def chunk_loss(model: nn.Module, sampler: TrainingSampler, batch: list[tuple[Ten
 
 
 @torch.no_grad()
-def _validation_loss(model: nn.Module, sampler: TrainingSampler, batch: list[tuple[Tensor, Tensor]], seed: int
-                     ) -> float:
+def _validation_loss(
+    model: nn.Module, sampler: TrainingSampler, batch: list[tuple[Tensor, Tensor]], seed: int
+) -> float:
     # the same noise every time: losses are comparable across evaluations
     return chunk_loss(model, sampler, batch, torch.Generator().manual_seed(seed)).item()
 
 
-def train(model: nn.Module, sampler: TrainingSampler, dataset: ChunkDataset, config: TrainConfig,
-          param_groups: list[dict[str, Any]] | None = None, val_dataset: ChunkDataset | None = None,
-          callback: Callable[[int, float], None] | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    sampler: TrainingSampler,
+    dataset: ChunkDataset,
+    config: TrainConfig,
+    param_groups: list[dict[str, Any]] | None = None,
+    val_dataset: ChunkDataset | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> TrainResult:
     """Train ``model`` in place to predict ``sampler``'s targets from the chunks and windows of ``dataset``.
 
     Args:
@@ -134,13 +148,17 @@ def train(model: nn.Module, sampler: TrainingSampler, dataset: ChunkDataset, con
     if not callable(getattr(sampler, "training_example", None)):
         raise TypeError(f"sampler: expected an object with training_example(actions, generator), got {type(sampler)}")
     if param_groups is None:
-        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad],
-                         "weight_decay": config.weight_decay}]
+        param_groups = [
+            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": config.weight_decay}
+        ]
     optimizer = torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas)
     ema = EMA(model, config.ema_decay)
     gen = torch.Generator().manual_seed(config.seed)
-    val_batch = val_dataset.sample(min(len(val_dataset), 1024), torch.Generator().manual_seed(config.seed + 1)) \
-        if val_dataset is not None else None
+    val_batch = (
+        val_dataset.sample(min(len(val_dataset), 1024), torch.Generator().manual_seed(config.seed + 1))
+        if val_dataset is not None
+        else None
+    )
     losses: list[float] = []
     val_losses: list[tuple[int, float]] = []
     model.train()

@@ -22,18 +22,70 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 
 CASES = {
-    "l2_p2_biases_cutoff": dict(max_degree=2, pseudotensors=True, features=8, num_heads=2, qkv_features=8,
-                                out_features=8, num_basis=6, cutoff=2.5, basis_max_degree=2, rel_qk=True, rel_v=True,
-                                use_basis_bias=True, qkv_bias=True, softmax_cutoff=True),
-    "l1_p1_heads3": dict(max_degree=1, pseudotensors=False, features=6, num_heads=3, qkv_features=12,
-                         out_features=5, num_basis=4, cutoff=3.0, basis_max_degree=1, rel_qk=True, rel_v=True,
-                         use_basis_bias=False, qkv_bias=False, softmax_cutoff=False),
-    "l2_p1_basis1_plain_qk": dict(max_degree=2, pseudotensors=False, features=4, num_heads=2, qkv_features=4,
-                                  out_features=4, num_basis=5, cutoff=3.0, basis_max_degree=1, rel_qk=False,
-                                  rel_v=True, use_basis_bias=False, qkv_bias=False, softmax_cutoff=False),
-    "l1_p2_no_relative": dict(max_degree=1, pseudotensors=True, features=6, num_heads=2, qkv_features=6,
-                              out_features=6, num_basis=4, cutoff=3.0, basis_max_degree=1, rel_qk=False, rel_v=False,
-                              use_basis_bias=False, qkv_bias=True, softmax_cutoff=False),
+    "l2_p2_biases_cutoff": dict(
+        max_degree=2,
+        pseudotensors=True,
+        features=8,
+        num_heads=2,
+        qkv_features=8,
+        out_features=8,
+        num_basis=6,
+        cutoff=2.5,
+        basis_max_degree=2,
+        rel_qk=True,
+        rel_v=True,
+        use_basis_bias=True,
+        qkv_bias=True,
+        softmax_cutoff=True,
+    ),
+    "l1_p1_heads3": dict(
+        max_degree=1,
+        pseudotensors=False,
+        features=6,
+        num_heads=3,
+        qkv_features=12,
+        out_features=5,
+        num_basis=4,
+        cutoff=3.0,
+        basis_max_degree=1,
+        rel_qk=True,
+        rel_v=True,
+        use_basis_bias=False,
+        qkv_bias=False,
+        softmax_cutoff=False,
+    ),
+    "l2_p1_basis1_plain_qk": dict(
+        max_degree=2,
+        pseudotensors=False,
+        features=4,
+        num_heads=2,
+        qkv_features=4,
+        out_features=4,
+        num_basis=5,
+        cutoff=3.0,
+        basis_max_degree=1,
+        rel_qk=False,
+        rel_v=True,
+        use_basis_bias=False,
+        qkv_bias=False,
+        softmax_cutoff=False,
+    ),
+    "l1_p2_no_relative": dict(
+        max_degree=1,
+        pseudotensors=True,
+        features=6,
+        num_heads=2,
+        qkv_features=6,
+        out_features=6,
+        num_basis=4,
+        cutoff=3.0,
+        basis_max_degree=1,
+        rel_qk=False,
+        rel_v=False,
+        use_basis_bias=False,
+        qkv_bias=True,
+        softmax_cutoff=False,
+    ),
 }
 BATCH, TOKENS = 2, 7
 
@@ -45,18 +97,31 @@ def run_case(name: str, cfg: dict, rng: np.random.Generator, out: dict) -> None:
     mask = rng.random((BATCH, TOKENS, TOKENS)) < 0.7
     mask |= np.eye(TOKENS, dtype=bool)
     r = pos[:, None, :, :] - pos[:, :, None, :]  # r[b, i, j] = pos[b, j] - pos[b, i]: key minus query
-    basis = e3x.nn.basis(jnp.asarray(r), max_degree=cfg["basis_max_degree"], num=cfg["num_basis"],
-                         radial_fn=functools.partial(e3x.nn.sinc, limit=cfg["cutoff"]),
-                         cutoff_fn=functools.partial(e3x.nn.smooth_cutoff, cutoff=cfg["cutoff"]))
-    cutoff_value = e3x.nn.smooth_cutoff(jnp.linalg.norm(r, axis=-1), cutoff=cfg["cutoff"]) \
-        if cfg["softmax_cutoff"] else None
+    basis = e3x.nn.basis(
+        jnp.asarray(r),
+        max_degree=cfg["basis_max_degree"],
+        num=cfg["num_basis"],
+        radial_fn=functools.partial(e3x.nn.sinc, limit=cfg["cutoff"]),
+        cutoff_fn=functools.partial(e3x.nn.smooth_cutoff, cutoff=cfg["cutoff"]),
+    )
+    cutoff_value = (
+        e3x.nn.smooth_cutoff(jnp.linalg.norm(r, axis=-1), cutoff=cfg["cutoff"]) if cfg["softmax_cutoff"] else None
+    )
     adj_idx = jnp.broadcast_to(jnp.arange(TOKENS), (BATCH, TOKENS, TOKENS))
     module = e3x.nn.MultiHeadAttention(
-        max_degree=cfg["max_degree"], include_pseudotensors=cfg["pseudotensors"], num_heads=cfg["num_heads"],
-        qkv_features=cfg["qkv_features"], out_features=cfg["out_features"],
-        use_relative_positional_encoding_qk=cfg["rel_qk"], use_relative_positional_encoding_v=cfg["rel_v"],
-        use_basis_bias=cfg["use_basis_bias"], query_use_bias=cfg["qkv_bias"], key_use_bias=cfg["qkv_bias"],
-        value_use_bias=cfg["qkv_bias"], param_dtype=jnp.float64)
+        max_degree=cfg["max_degree"],
+        include_pseudotensors=cfg["pseudotensors"],
+        num_heads=cfg["num_heads"],
+        qkv_features=cfg["qkv_features"],
+        out_features=cfg["out_features"],
+        use_relative_positional_encoding_qk=cfg["rel_qk"],
+        use_relative_positional_encoding_v=cfg["rel_v"],
+        use_basis_bias=cfg["use_basis_bias"],
+        query_use_bias=cfg["qkv_bias"],
+        key_use_bias=cfg["qkv_bias"],
+        value_use_bias=cfg["qkv_bias"],
+        param_dtype=jnp.float64,
+    )
     call = dict(adj_idx=adj_idx, where=jnp.asarray(mask))
     params = module.init(jax.random.PRNGKey(0), jnp.asarray(x), jnp.asarray(x), basis, cutoff_value, **call)
     # Random values everywhere (e3x initializes biases to zero, which would hide a wrong bias mapping).

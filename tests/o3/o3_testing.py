@@ -24,8 +24,9 @@ def closed_form_harmonics(u: Tensor) -> list[Tensor]:
     return [
         torch.ones_like(x)[:, None],
         torch.stack([x, y, z], -1),
-        torch.stack([SQRT3 / 2 * (x * x - y * y), SQRT3 * x * y, SQRT3 * x * z, SQRT3 * y * z, (3 * z * z - 1) / 2],
-                    dim=-1),
+        torch.stack(
+            [SQRT3 / 2 * (x * x - y * y), SQRT3 * x * y, SQRT3 * x * z, SQRT3 * y * z, (3 * z * z - 1) / 2], dim=-1
+        ),
     ]
 
 
@@ -43,8 +44,13 @@ def random_unit_vectors(n: int, gen: torch.Generator) -> Tensor:
     return v / v.norm(dim=-1, keepdim=True)
 
 
-def fit_wigner_d(rotation: Tensor, harmonics=closed_form_harmonics, max_degree: int = 2, num_points: int = 64,
-                 gen: torch.Generator | None = None) -> tuple[Tensor, float]:
+def fit_wigner_d(
+    rotation: Tensor,
+    harmonics=closed_form_harmonics,
+    max_degree: int = 2,
+    num_points: int = 64,
+    gen: torch.Generator | None = None,
+) -> tuple[Tensor, float]:
     """Block-diagonal ``D(R)`` over degrees ``0..max_degree`` with ``Y(R u) = D(R) Y(u)``, fitted by least squares on
     random unit vectors; also returns the largest residual of the fit on fresh points (zero iff the harmonics of each
     degree span a rotation-invariant space)."""

@@ -3,8 +3,8 @@ dense masks against sparse index lists, bad input."""
 
 import pytest
 import torch
-
 from o3_testing import act_on_features, act_on_positions, assert_close, o3_element
+
 from streamtx.nn.o3 import IrrepsLayout, O3MultiheadAttention, O3TransformerBlock
 
 B, N, F = 2, 9, 8
@@ -14,8 +14,15 @@ IDS = [f"L{l}P{2 if p else 1}" for l, p in CONFIGS]
 
 def _attention(max_degree: int, pseudo: bool, dtype: torch.dtype, **kw) -> O3MultiheadAttention:
     torch.manual_seed(0)
-    kw = {"num_basis": 5, "cutoff": 4.0, "use_basis_bias": True, "query_use_bias": True, "key_use_bias": True,
-          "value_use_bias": True, **kw}
+    kw = {
+        "num_basis": 5,
+        "cutoff": 4.0,
+        "use_basis_bias": True,
+        "query_use_bias": True,
+        "key_use_bias": True,
+        "value_use_bias": True,
+        **kw,
+    }
     return O3MultiheadAttention(F, max_degree, 2, include_pseudotensors=pseudo, dtype=dtype, **kw)
 
 
@@ -35,7 +42,7 @@ def _sparse(mask: torch.Tensor, pad_to: int):
     for b in range(mask.shape[0]):
         i, j = mask[b].nonzero(as_tuple=True)
         order = torch.randperm(i.numel(), generator=torch.Generator().manual_seed(b))  # any pair order
-        dst[b, :i.numel()], src[b, :i.numel()] = i[order], j[order]
+        dst[b, : i.numel()], src[b, : i.numel()] = i[order], j[order]
     return dst, src
 
 
@@ -55,8 +62,11 @@ def test_attention_is_o3_and_translation_equivariant(max_degree: int, pseudo: bo
 @pytest.mark.parametrize("max_degree,pseudo", [(1, False), (2, True)], ids=["L1P1", "L2P2"])
 def test_attention_variants_are_equivariant(max_degree: int, pseudo: bool) -> None:
     """Without either relative encoding, with a lower basis degree and gaussian radial functions."""
-    for kw in ({"use_relative_positional_encoding_qk": False}, {"use_relative_positional_encoding_v": False},
-               {"basis_max_degree": 1, "radial": "gaussian", "qkv_features": 12, "out_features": 5}):
+    for kw in (
+        {"use_relative_positional_encoding_qk": False},
+        {"use_relative_positional_encoding_v": False},
+        {"basis_max_degree": 1, "radial": "gaussian", "qkv_features": 12, "out_features": 5},
+    ):
         attn = _attention(max_degree, pseudo, torch.float64, **kw)
         x, pos, mask, gen = _inputs(attn.layout, torch.float64, seed=1)
         g = o3_element(gen, improper=True)
@@ -121,14 +131,18 @@ def test_coincident_positions_have_finite_gradients() -> None:
 @pytest.mark.parametrize("max_degree,pseudo", [(2, False), (2, True)], ids=["L2P1", "L2P2"])
 def test_block_is_o3_translation_and_permutation_equivariant(max_degree: int, pseudo: bool) -> None:
     torch.manual_seed(1)
-    block = O3TransformerBlock(F, max_degree, 2, include_pseudotensors=pseudo, cutoff=4.0, num_basis=5,
-                               dtype=torch.float64)
+    block = O3TransformerBlock(
+        F, max_degree, 2, include_pseudotensors=pseudo, cutoff=4.0, num_basis=5, dtype=torch.float64
+    )
     layout = block.attn.layout
     x, pos, mask, gen = _inputs(layout, torch.float64, seed=8)
     y = block(x, pos, mask)
     g = o3_element(gen, improper=True)
-    assert_close(block(act_on_features(g, x, layout), act_on_positions(g, torch.full((3,), -2.0), pos), mask),
-                 act_on_features(g, y, layout), torch.float64)
+    assert_close(
+        block(act_on_features(g, x, layout), act_on_positions(g, torch.full((3,), -2.0), pos), mask),
+        act_on_features(g, y, layout),
+        torch.float64,
+    )
     perm = torch.randperm(N, generator=gen)
     assert_close(block(x[:, perm], pos[:, perm], mask[:, perm][:, :, perm]), y[:, perm], torch.float64)
 
@@ -147,11 +161,17 @@ def test_attention_rejects_bad_input() -> None:
         (ValueError, "mask: give either", lambda: attn(x, pos, mask, dst_idx=idx, src_idx=idx)),
         (ValueError, "need both", lambda: attn(x, pos, dst_idx=idx)),
         (TypeError, "src_idx: expected an integer", lambda: attn(x, pos, dst_idx=idx, src_idx=idx.float())),
-        (ValueError, r"dst_idx: expected token indices in \[0, 9\]", lambda: attn(x, pos, dst_idx=idx + 10,
-                                                                                   src_idx=idx)),
+        (
+            ValueError,
+            r"dst_idx: expected token indices in \[0, 9\]",
+            lambda: attn(x, pos, dst_idx=idx + 10, src_idx=idx),
+        ),
         (ValueError, "same shape", lambda: attn(x, pos, dst_idx=idx, src_idx=idx[:2])),
-        (ValueError, r"dst_idx: expected shape \(E,\) or \(2, E\)", lambda: attn(x, pos, dst_idx=idx.expand(3, 3),
-                                                                                 src_idx=idx.expand(3, 3))),
+        (
+            ValueError,
+            r"dst_idx: expected shape \(E,\) or \(2, E\)",
+            lambda: attn(x, pos, dst_idx=idx.expand(3, 3), src_idx=idx.expand(3, 3)),
+        ),
         (ValueError, "num_heads: expected a divisor", lambda: O3MultiheadAttention(F, 1, 3)),
         (ValueError, "features", lambda: O3MultiheadAttention(0, 1)),
         (ValueError, "max_degree", lambda: O3MultiheadAttention(F, -1)),

@@ -38,7 +38,7 @@ def _params(data: dict, case: str) -> dict:
     for key, value in data.items():
         if key.startswith(prefix):
             node = tree
-            *path, leaf = key[len(prefix):].split("/")
+            *path, leaf = key[len(prefix) :].split("/")
             for part in path:
                 node = node.setdefault(part, {})
             node[leaf] = value
@@ -53,12 +53,24 @@ def test_attention_matches_e3x_with_the_same_weights(case: str) -> None:
     data = _load()
     cfg = json.loads(str(data[f"{case}/config"]))
     layer = O3MultiheadAttention(
-        cfg["features"], cfg["max_degree"], cfg["num_heads"], include_pseudotensors=cfg["pseudotensors"],
-        qkv_features=cfg["qkv_features"], out_features=cfg["out_features"], num_basis=cfg["num_basis"],
-        cutoff=cfg["cutoff"], radial="sinc", basis_max_degree=cfg["basis_max_degree"],
-        use_relative_positional_encoding_qk=cfg["rel_qk"], use_relative_positional_encoding_v=cfg["rel_v"],
-        use_basis_bias=cfg["use_basis_bias"], query_use_bias=cfg["qkv_bias"], key_use_bias=cfg["qkv_bias"],
-        value_use_bias=cfg["qkv_bias"], softmax_cutoff=cfg["softmax_cutoff"], dtype=torch.float64,
+        cfg["features"],
+        cfg["max_degree"],
+        cfg["num_heads"],
+        include_pseudotensors=cfg["pseudotensors"],
+        qkv_features=cfg["qkv_features"],
+        out_features=cfg["out_features"],
+        num_basis=cfg["num_basis"],
+        cutoff=cfg["cutoff"],
+        radial="sinc",
+        basis_max_degree=cfg["basis_max_degree"],
+        use_relative_positional_encoding_qk=cfg["rel_qk"],
+        use_relative_positional_encoding_v=cfg["rel_v"],
+        use_basis_bias=cfg["use_basis_bias"],
+        query_use_bias=cfg["qkv_bias"],
+        key_use_bias=cfg["qkv_bias"],
+        value_use_bias=cfg["qkv_bias"],
+        softmax_cutoff=cfg["softmax_cutoff"],
+        dtype=torch.float64,
     ).load_e3x_(_params(data, case))
     x, pos = torch.from_numpy(data[f"{case}/x"]), torch.from_numpy(data[f"{case}/positions"])
     mask = torch.from_numpy(data[f"{case}/mask"])
@@ -76,5 +88,5 @@ def test_harmonics_and_coefficients_match_e3x() -> None:
     for l1 in range(4):
         for l2 in range(4):
             for l3 in range(4):
-                block = table[l1 ** 2:(l1 + 1) ** 2, l2 ** 2:(l2 + 1) ** 2, l3 ** 2:(l3 + 1) ** 2]
+                block = table[l1**2 : (l1 + 1) ** 2, l2**2 : (l2 + 1) ** 2, l3**2 : (l3 + 1) ** 2]
                 assert (clebsch_gordan(l1, l2, l3) - block).abs().max() <= 1e-12, (l1, l2, l3)

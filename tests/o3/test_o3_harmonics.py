@@ -7,15 +7,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from o3_testing import closed_form_harmonics, fit_wigner_d, random_rotation, random_unit_vectors
+
 from streamtx.nn.o3 import cartesian_order, clebsch_gordan, spherical_harmonics
 
 
 def _library_blocks(max_degree: int):
     def harmonics(u):
         y = spherical_harmonics(u, max_degree)
-        return [y[:, l * l:(l + 1) ** 2] for l in range(max_degree + 1)]
+        return [y[:, l * l : (l + 1) ** 2] for l in range(max_degree + 1)]
+
     return harmonics
 
 
@@ -66,13 +67,16 @@ def test_racah_normalization_by_exact_quadrature() -> None:
     cos_t, w_t = np.polynomial.legendre.leggauss(max_degree + 2)
     phi = np.arange(2 * max_degree + 3) * 2 * np.pi / (2 * max_degree + 3)
     ct, ph = np.meshgrid(cos_t, phi, indexing="ij")
-    st = np.sqrt(1 - ct ** 2)
+    st = np.sqrt(1 - ct**2)
     u = torch.from_numpy(np.stack([st * np.cos(ph), st * np.sin(ph), ct], -1).reshape(-1, 3))
     w = torch.from_numpy((w_t[:, None] * np.full(phi.shape, 2 * np.pi / phi.size)).reshape(-1))
     y = spherical_harmonics(u, max_degree)
     gram = y.T @ (w[:, None] * y)
-    expected = torch.diag(torch.tensor([4 * math.pi / (2 * l + 1) for l in range(max_degree + 1)
-                                        for _ in range(2 * l + 1)], dtype=torch.float64))
+    expected = torch.diag(
+        torch.tensor(
+            [4 * math.pi / (2 * l + 1) for l in range(max_degree + 1) for _ in range(2 * l + 1)], dtype=torch.float64
+        )
+    )
     assert (gram - expected).abs().max() < 1e-12
 
 
@@ -116,10 +120,12 @@ TRIPLES = [(l1, l2, l3) for l1 in range(3) for l2 in range(3) for l3 in range(ab
 def test_clebsch_gordan_coupling_is_equivariant(l1: int, l2: int, l3: int) -> None:
     gen = torch.Generator().manual_seed(10 * l1 + 3 * l2 + l3)
     d, _ = fit_wigner_d(random_rotation(gen))
-    d1, d2, d3 = (d[l * l:(l + 1) ** 2, l * l:(l + 1) ** 2] for l in (l1, l2, l3))
+    d1, d2, d3 = (d[l * l : (l + 1) ** 2, l * l : (l + 1) ** 2] for l in (l1, l2, l3))
     c = clebsch_gordan(l1, l2, l3)
-    x, y = torch.randn(2 * l1 + 1, generator=gen, dtype=torch.float64), torch.randn(2 * l2 + 1, generator=gen,
-                                                                                  dtype=torch.float64)
+    x, y = (
+        torch.randn(2 * l1 + 1, generator=gen, dtype=torch.float64),
+        torch.randn(2 * l2 + 1, generator=gen, dtype=torch.float64),
+    )
     z = torch.einsum("a,b,abc->c", x, y, c)
     z_rot = torch.einsum("a,b,abc->c", d1 @ x, d2 @ y, c)
     assert (z_rot - d3 @ z).abs().max() < 1e-12
@@ -144,13 +150,17 @@ def test_clebsch_gordan_vanish_outside_the_triangle_and_reject_bad_degrees() -> 
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=3, max_size=3)
-       .filter(lambda v: sum(c * c for c in v) > 1e-200), st.integers(0, 5))
+@given(
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=3, max_size=3).filter(
+        lambda v: sum(c * c for c in v) > 1e-200
+    ),
+    st.integers(0, 5),
+)
 def test_harmonics_are_normalized_for_any_nonzero_vector(v: list[float], max_degree: int) -> None:
     """Directions of vectors of any length from 1e-100 to 1e6 (below, the squared norm underflows: treated as 0)."""
     r = torch.tensor(v, dtype=torch.float64)
     y = spherical_harmonics(r, max_degree)
     for l in range(max_degree + 1):
-        assert abs((y[l * l:(l + 1) ** 2] ** 2).sum().item() - 1) < 1e-12
+        assert abs((y[l * l : (l + 1) ** 2] ** 2).sum().item() - 1) < 1e-12
     if max_degree >= 1:
         assert (y[1:4] - r / r.norm()).abs().max() < 1e-14

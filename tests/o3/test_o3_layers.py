@@ -2,10 +2,19 @@
 
 import pytest
 import torch
-
 from o3_testing import act_on_features, assert_close, o3_element
-from streamtx.nn.o3 import (Dense, GatedMLP, IrrepsLayout, O3LayerNorm, RadialBasis, TensorProduct, clebsch_gordan,
-                            gated_silu, smooth_cutoff)
+
+from streamtx.nn.o3 import (
+    Dense,
+    GatedMLP,
+    IrrepsLayout,
+    O3LayerNorm,
+    RadialBasis,
+    TensorProduct,
+    clebsch_gordan,
+    gated_silu,
+    smooth_cutoff,
+)
 
 LAYOUTS = [IrrepsLayout(l, p) for l in (0, 1, 2) for p in (False, True)]
 IDS = [f"L{lay.max_degree}P{lay.num_parities}" for lay in LAYOUTS]
@@ -142,8 +151,8 @@ def test_tensor_product_matches_a_direct_per_path_sum() -> None:
     expected = torch.zeros(*lay.shape(2), dtype=torch.float64)
     for w, (p1, l1, p2, l2, p3, l3) in zip(tp.weight, tp.paths):
         c = clebsch_gordan(l1, l2, l3)
-        block = torch.einsum("af,bf,abc->cf", x[p1, l1 * l1:(l1 + 1) ** 2], y[p2, l2 * l2:(l2 + 1) ** 2], c)
-        expected[p3, l3 * l3:(l3 + 1) ** 2] += w * block
+        block = torch.einsum("af,bf,abc->cf", x[p1, l1 * l1 : (l1 + 1) ** 2], y[p2, l2 * l2 : (l2 + 1) ** 2], c)
+        expected[p3, l3 * l3 : (l3 + 1) ** 2] += w * block
     assert_close(tp(x, y), expected.detach(), torch.float64)
 
 
@@ -186,8 +195,8 @@ def test_layer_norm_is_torch_layer_norm_on_scalars_and_normalizes_every_block() 
     reference = torch.nn.functional.layer_norm(x[:, 0, 0], (8,), eps=norm.eps)
     assert_close(y[:, 0, 0], reference, torch.float64)
     for p, l in layout.irreps():
-        block = y[:, p, l * l:(l + 1) ** 2]
-        assert ((block ** 2).mean((-2, -1)) - 1).abs().max() < 1e-4  # unit mean square up to eps
+        block = y[:, p, l * l : (l + 1) ** 2]
+        assert ((block**2).mean((-2, -1)) - 1).abs().max() < 1e-4  # unit mean square up to eps
 
 
 def test_gated_silu_is_silu_on_scalars() -> None:

@@ -5,8 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from o3_testing import assert_close
+
 from streamtx.nn.o3 import O3AttentionState, O3MultiheadAttention, O3TransformerBlock, O3TransformerEncoder
 from streamtx.nn.state import band_mask
 
@@ -28,8 +28,17 @@ def _reference(module, x: torch.Tensor, pos: torch.Tensor, window: int) -> torch
 
 def _attention(max_degree: int, pseudo: bool, dtype: torch.dtype) -> O3MultiheadAttention:
     torch.manual_seed(0)
-    return O3MultiheadAttention(F, max_degree, 2, include_pseudotensors=pseudo, num_basis=5, cutoff=2.0,
-                                use_basis_bias=True, softmax_cutoff=True, dtype=dtype)
+    return O3MultiheadAttention(
+        F,
+        max_degree,
+        2,
+        include_pseudotensors=pseudo,
+        num_basis=5,
+        cutoff=2.0,
+        use_basis_bias=True,
+        softmax_cutoff=True,
+        dtype=dtype,
+    )
 
 
 @pytest.mark.parametrize("max_degree,pseudo", [(1, False), (2, True)], ids=["L1P1", "L2P2"])
@@ -53,7 +62,7 @@ def test_multi_token_steps_and_oversized_steps() -> None:
     state = attn.init_state(2, W, max_tokens_per_step=3)
     outs = []
     for start, size in zip(range(0, T, 3), [3] * (T // 3) + [T % 3]):
-        y, state = attn.forward_step(x[:, start:start + size], pos[:, start:start + size], state)
+        y, state = attn.forward_step(x[:, start : start + size], pos[:, start : start + size], state)
         outs.append(y)
     assert_close(torch.cat(outs, 1), expected, torch.float64)
     y, _ = attn.forward_steps(x, pos, attn.init_state(2, W))  # the whole stream in one call, ring of W slots
@@ -132,7 +141,7 @@ def test_any_partition_of_the_stream_into_steps(sizes: list[int]) -> None:
     x, pos = _stream(attn.layout, 1, sum(sizes), torch.float64, seed=5)
     state, outs, start = attn.init_state(1, 6, max_tokens_per_step=4), [], 0
     for size in sizes:
-        y, state = attn.forward_step(x[:, start:start + size], pos[:, start:start + size], state)
+        y, state = attn.forward_step(x[:, start : start + size], pos[:, start : start + size], state)
         outs.append(y)
         start += size
     assert_close(torch.cat(outs, 1), _reference(attn, x, pos, 6), torch.float64)

@@ -8,19 +8,47 @@ pytest.importorskip("gymnasium")
 pytest.importorskip("streamtx_server")
 pytest.importorskip("streamtx_client")
 
-from streamtx.checkpoint import load_model  # noqa: E402
 from streamtx.apps.collect import main as collect_main  # noqa: E402
 from streamtx.apps.served_eval import evaluate_served  # noqa: E402
-from streamtx.tasks.reacher.evaluate import eval_seeds  # noqa: E402
 from streamtx.apps.train import main as train_main  # noqa: E402
+from streamtx.checkpoint import load_model  # noqa: E402
+from streamtx.tasks.reacher.evaluate import eval_seeds  # noqa: E402
 
 
 def test_collect_train_serve_control(tmp_path, capsys):
     data, ckpt = tmp_path / "demos.npz", tmp_path / "policy.pt"
     assert collect_main(["--episodes", "6", "--out", str(data), "--quiet"]) == 0
-    assert train_main([str(data), "--out", str(ckpt), "--steps", "3", "--batch-size", "16", "--dim", "16",
-                       "--layers", "1", "--cond-layers", "1", "--heads", "1", "--action-horizon", "4",
-                       "--sampling-steps", "2", "--eval-every", "2", "--quiet", "--threads", "1"]) == 0
+    assert (
+        train_main(
+            [
+                str(data),
+                "--out",
+                str(ckpt),
+                "--steps",
+                "3",
+                "--batch-size",
+                "16",
+                "--dim",
+                "16",
+                "--layers",
+                "1",
+                "--cond-layers",
+                "1",
+                "--heads",
+                "1",
+                "--action-horizon",
+                "4",
+                "--sampling-steps",
+                "2",
+                "--eval-every",
+                "2",
+                "--quiet",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     model, sampler, extra = load_model(ckpt)
     assert extra["task"] == "reacher" and extra["dataset"]["episodes"] == 6 and np.isfinite(extra["val_loss"])

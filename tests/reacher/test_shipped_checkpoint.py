@@ -28,8 +28,12 @@ def test_loads_as_the_reacher_policy():
 
 def test_denoiser_is_exactly_equivariant():
     model, _, _ = load_model(DEFAULT_CHECKPOINT, dtype=torch.float64)
-    assert model.check_equivariance(batch_size=4, history=model.receptive_field(),
-                                    generator=torch.Generator().manual_seed(0)) <= 1e-10
+    assert (
+        model.check_equivariance(
+            batch_size=4, history=model.receptive_field(), generator=torch.Generator().manual_seed(0)
+        )
+        <= 1e-10
+    )
 
 
 def test_sampled_chunks_are_exactly_equivariant():

@@ -5,8 +5,15 @@ import pytest
 
 from streamtx.symmetry import cyclic, dihedral
 from streamtx.tasks.reacher.expert import ReacherExpert
-from streamtx.tasks.reacher.symmetry import (ACT_SIGNS, OBS_SIGNS, action_rep, observation_rep, reflect_action,
-                                             reflect_observation, reflect_state)
+from streamtx.tasks.reacher.symmetry import (
+    ACT_SIGNS,
+    OBS_SIGNS,
+    action_rep,
+    observation_rep,
+    reflect_action,
+    reflect_observation,
+    reflect_state,
+)
 
 gym = pytest.importorskip("gymnasium")
 from streamtx.tasks.reacher.env import make_env, reset_episode  # noqa: E402

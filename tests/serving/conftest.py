@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from serving_helpers import MAX_TOKENS, start_daemon
+
 from streamtx.checkpoint import load_policy, make_random_checkpoint
 from streamtx_server.process import DaemonProcess
 

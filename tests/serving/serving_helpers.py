@@ -3,11 +3,11 @@ for hand-made messages."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
-
 import threading
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +23,14 @@ Script = Sequence[tuple[np.ndarray, bool]]
 TIMEOUT = 20.0  # seconds; generous for a loaded 2-core machine, still bounded
 MAX_TOKENS = 4  # observation tokens per step, in the daemon under test and the in-process reference
 # Small limits, so the limit tests need small messages.
-DAEMON_FLAGS = ("--threads=1", f"--max-tokens-per-step={MAX_TOKENS}", "--max-message-bytes=65536",
-                "--max-array-elements=4096", "--max-sessions=24", "--max-wait-ms=2")
+DAEMON_FLAGS = (
+    "--threads=1",
+    f"--max-tokens-per-step={MAX_TOKENS}",
+    "--max-message-bytes=65536",
+    "--max-array-elements=4096",
+    "--max-sessions=24",
+    "--max-wait-ms=2",
+)
 
 
 def start_daemon(checkpoint: Path, directory: Path, *flags: str, binds: tuple[str, ...] | None = None) -> DaemonProcess:
@@ -35,8 +41,9 @@ def start_daemon(checkpoint: Path, directory: Path, *flags: str, binds: tuple[st
     return daemon
 
 
-def start_server(policy: Any, endpoint: str, *, context: zmq.Context | None = None, curve: Any = None,
-                 **config: Any) -> tuple[Server, threading.Thread]:
+def start_server(
+    policy: Any, endpoint: str, *, context: zmq.Context | None = None, curve: Any = None, **config: Any
+) -> tuple[Server, threading.Thread]:
     """A :class:`Server` serving in a thread of this process; returns once it listens."""
     server = Server(policy, [endpoint], ServerConfig(**config), curve=curve)
     thread = threading.Thread(target=server.serve_forever, kwargs={"context": context}, daemon=True)
@@ -54,8 +61,9 @@ def stop_server(server: Server, thread: threading.Thread) -> None:
     assert not thread.is_alive()
 
 
-def make_script(rng: np.random.Generator, steps: int, obs_dim: int, max_tokens: int = 1,
-                observe_every: int = 0) -> list[tuple[np.ndarray, bool]]:
+def make_script(
+    rng: np.random.Generator, steps: int, obs_dim: int, max_tokens: int = 1, observe_every: int = 0
+) -> list[tuple[np.ndarray, bool]]:
     """A random stream: ``1..max_tokens`` tokens per step; every ``observe_every``-th step only observes."""
     script = []
     for t in range(steps):

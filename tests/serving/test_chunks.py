@@ -70,8 +70,15 @@ def test_running_dry_and_bad_chunks_raise() -> None:
     assert buf.tick == 0 and buf.needs_chunk
 
 
-@pytest.mark.parametrize("kwargs", [dict(horizon=0, execute=1), dict(horizon=4, execute=5),
-                                    dict(horizon=4, execute=0), dict(horizon=4, execute=1, ensemble_decay=np.nan)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(horizon=0, execute=1),
+        dict(horizon=4, execute=5),
+        dict(horizon=4, execute=0),
+        dict(horizon=4, execute=1, ensemble_decay=np.nan),
+    ],
+)
 def test_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         ActionChunkBuffer(**kwargs)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,8 +12,16 @@ from streamtx_client.core import RECONNECT, ServerInfo, SessionLog, call, step_f
 from streamtx_client.errors import RequestTimeout, ServerError
 from streamtx_client.protocol import ok_reply, request
 
-INFO = ServerInfo(obs_dim=2, action_dim=1, horizon=3, cond_window=2, replay_window=5, max_tokens_per_step=2,
-                  max_message_bytes=1 << 20, raw={})
+INFO = ServerInfo(
+    obs_dim=2,
+    action_dim=1,
+    horizon=3,
+    cond_window=2,
+    replay_window=5,
+    max_tokens_per_step=2,
+    max_message_bytes=1 << 20,
+    raw={},
+)
 
 
 def drive(flow, respond: Callable[[Any], dict[str, Any]]) -> tuple[Any, list[Any]]:
@@ -99,20 +108,31 @@ def test_unknown_session_restores_the_session_then_retries() -> None:
 
 def test_a_superseded_step_records_its_tokens_but_no_control_step() -> None:
     log = SessionLog("s", seed=0, window=5, max_tokens_per_step=2)
-    out, _ = drive(step_flow(log, INFO, np.ones(2, np.float32), True, retries=0),
-                   lambda c: ok_reply(None, {"actions": None, "superseded": True}))
+    out, _ = drive(
+        step_flow(log, INFO, np.ones(2, np.float32), True, retries=0),
+        lambda c: ok_reply(None, {"actions": None, "superseded": True}),
+    )
     assert out is None and log.steps == 0 and len(log.restore_requests()) == 2  # open + one replay chunk
 
 
 def test_a_malformed_action_chunk_is_an_error_not_a_result() -> None:
     log = SessionLog("s", seed=0, window=5, max_tokens_per_step=2)
     with pytest.raises(ServerError, match="actions of shape"):
-        drive(step_flow(log, INFO, np.ones(2, np.float32), True, retries=0),
-              lambda c: ok_reply(None, {"actions": np.zeros((2, 1))}))
+        drive(
+            step_flow(log, INFO, np.ones(2, np.float32), True, retries=0),
+            lambda c: ok_reply(None, {"actions": np.zeros((2, 1))}),
+        )
 
 
-@pytest.mark.parametrize("obs, exc", [(np.ones(3, np.float32), ValueError), (np.ones((1, 1, 2)), ValueError),
-                                      (np.ones(2, np.int64), TypeError), (np.ones((0, 2)), ValueError)])
+@pytest.mark.parametrize(
+    "obs, exc",
+    [
+        (np.ones(3, np.float32), ValueError),
+        (np.ones((1, 1, 2)), ValueError),
+        (np.ones(2, np.int64), TypeError),
+        (np.ones((0, 2)), ValueError),
+    ],
+)
 def test_observations_are_checked_before_sending(obs: np.ndarray, exc: type) -> None:
     log = SessionLog("s", seed=0, window=5, max_tokens_per_step=2)
     with pytest.raises(exc, match="obs"):

@@ -7,14 +7,17 @@ import pytest
 from streamtx_server import Server, ServerConfig
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(max_sessions=0), "max_sessions"),
-    (dict(max_batch=1.5), "max_batch"),
-    (dict(max_message_bytes=True), "max_message_bytes"),
-    (dict(max_wait=-0.001), "max_wait"),
-    (dict(max_wait=float("inf")), "max_wait"),
-    (dict(idle_timeout=0), "idle_timeout"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(max_sessions=0), "max_sessions"),
+        (dict(max_batch=1.5), "max_batch"),
+        (dict(max_message_bytes=True), "max_message_bytes"),
+        (dict(max_wait=-0.001), "max_wait"),
+        (dict(max_wait=float("inf")), "max_wait"),
+        (dict(idle_timeout=0), "idle_timeout"),
+    ],
+)
 def test_bad_config(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         ServerConfig(**kwargs)

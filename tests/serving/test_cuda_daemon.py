@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from serving_helpers import assert_same_actions, make_script, reference_run, start_daemon
+
 from streamtx_client import Client
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

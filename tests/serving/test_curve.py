@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import zmq
 import zmq.auth
-
 from serving_helpers import start_daemon, start_server, stop_server
+
 from streamtx_client import Client, RequestTimeout
 from streamtx_server.auth import create_curve_keys, load_server_keys
 from streamtx_server.cli import keygen_main, stats_main
@@ -27,8 +27,7 @@ def test_curve_daemon_refuses_clients_without_its_key(checkpoint: Path, tmp_path
         with Client(endpoint, timeout=0.5, retries=0) as plain, pytest.raises(RequestTimeout):
             plain.hello()  # plain text against a CURVE server: no handshake, no reply
         wrong_key, _ = zmq.curve_keypair()
-        with Client(endpoint, timeout=0.5, retries=0, server_key=wrong_key) as impostor, \
-                pytest.raises(RequestTimeout):
+        with Client(endpoint, timeout=0.5, retries=0, server_key=wrong_key) as impostor, pytest.raises(RequestTimeout):
             impostor.hello()
         with Client(endpoint, timeout=20.0, retries=0, server_key=public) as client:
             assert client.hello()["protocol"] == 1
@@ -47,17 +46,25 @@ def test_listed_clients_only(policy, tmp_path: Path) -> None:
     stranger.mkdir()
     zmq.auth.create_certificates(stranger, "client")
     context = zmq.Context()  # its own: the authenticator checks every CURVE socket of its context
-    server, thread = start_server(policy, "tcp://127.0.0.1:*", context=context, curve=load_server_keys(keys),
-                                  max_sessions=2)
+    server, thread = start_server(
+        policy, "tcp://127.0.0.1:*", context=context, curve=load_server_keys(keys), max_sessions=2
+    )
     try:
-        with Client(server.bound[0], timeout=0.5, retries=0, server_key=public,
-                    client_keys=stranger / "client.key_secret") as refused, pytest.raises(RequestTimeout):
+        with (
+            Client(
+                server.bound[0], timeout=0.5, retries=0, server_key=public, client_keys=stranger / "client.key_secret"
+            ) as refused,
+            pytest.raises(RequestTimeout),
+        ):
             refused.hello()
-        with Client(server.bound[0], timeout=0.5, retries=0, server_key=public) as anonymous, \
-                pytest.raises(RequestTimeout):
+        with (
+            Client(server.bound[0], timeout=0.5, retries=0, server_key=public) as anonymous,
+            pytest.raises(RequestTimeout),
+        ):
             anonymous.hello()
-        with Client(server.bound[0], timeout=20.0, retries=0, server_key=public,
-                    client_keys=keys / "client0.key_secret") as admitted:
+        with Client(
+            server.bound[0], timeout=20.0, retries=0, server_key=public, client_keys=keys / "client0.key_secret"
+        ) as admitted:
             assert admitted.hello()["protocol"] == 1
     finally:
         stop_server(server, thread)

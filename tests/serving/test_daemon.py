@@ -6,8 +6,8 @@ import asyncio
 
 import numpy as np
 import pytest
-
 from serving_helpers import MAX_TOKENS, assert_same_actions, make_script, reference_run
+
 from streamtx_client import AsyncClient, Client
 from streamtx_server.cli import stats_main
 
@@ -36,9 +36,12 @@ def test_sixteen_concurrent_sessions_match_each_session_alone(daemon, policy) ->
             before = await client.stats()
             results: list[list[np.ndarray | None]] = [[] for _ in sessions]
             for t in range(5):  # all 16 sessions step together, as 16 robots at the same control rate
-                chunks = await asyncio.gather(*(
-                    s.step(script[t][0]) if script[t][1] else s.observe(script[t][0])
-                    for s, script in zip(sessions, scripts)))
+                chunks = await asyncio.gather(
+                    *(
+                        s.step(script[t][0]) if script[t][1] else s.observe(script[t][0])
+                        for s, script in zip(sessions, scripts)
+                    )
+                )
                 for out, chunk in zip(results, chunks):
                     out.append(chunk)
             after = await client.stats()
@@ -63,8 +66,12 @@ def test_hello_describes_the_policy_and_the_limits(daemon, policy) -> None:
     assert hello["protocol"] == 1
     assert hello["policy"]["metadata"] == policy.metadata()
     assert hello["policy"]["replay_window"] == policy.receptive_field == policy.model.receptive_field()
-    assert hello["limits"] == {"max_message_bytes": 65536, "max_array_elements": 4096, "max_sessions": 24,
-                               "max_tokens_per_step": MAX_TOKENS}
+    assert hello["limits"] == {
+        "max_message_bytes": 65536,
+        "max_array_elements": 4096,
+        "max_sessions": 24,
+        "max_tokens_per_step": MAX_TOKENS,
+    }
 
 
 def test_sessions_are_independent_rows(daemon, policy) -> None:

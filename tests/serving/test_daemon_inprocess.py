@@ -6,16 +6,24 @@ import asyncio
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-
 from serving_helpers import (
-    MAX_TOKENS, RawPeer, assert_same_actions, error_code, make_script, reference_run, start_server, stop_server,
+    MAX_TOKENS,
+    RawPeer,
+    assert_same_actions,
+    error_code,
+    make_script,
+    reference_run,
+    start_server,
+    stop_server,
 )
+
 from streamtx_client import AsyncClient
 from streamtx_server import Server
 
@@ -139,8 +147,10 @@ def test_a_failing_model_gets_an_internal_error_and_the_daemon_recovers(served, 
         reply = peer.request("step", session="f", obs=obs)
         assert error_code(reply) == "internal" and "simulated model failure" in reply["error"]["message"]
         gated.fail = False
-        assert peer.request("step", session="f", obs=obs)["result"]["actions"].shape == (policy.horizon,
-                                                                                        policy.action_dim)
+        assert peer.request("step", session="f", obs=obs)["result"]["actions"].shape == (
+            policy.horizon,
+            policy.action_dim,
+        )
 
 
 def test_idle_sessions_expire_and_free_their_slot(served, policy) -> None:
@@ -176,8 +186,9 @@ def test_async_client_sessions_survive_a_daemon_restart(policy, tmp_path: Path) 
                 if t == 17:
                     stop_server(*servers[0])
                     threading.Thread(target=restart).start()
-                chunks = await asyncio.gather(*(s.step(sc[t][0]) if sc[t][1] else s.observe(sc[t][0])
-                                                for s, sc in zip(sessions, scripts)))
+                chunks = await asyncio.gather(
+                    *(s.step(sc[t][0]) if sc[t][1] else s.observe(sc[t][0]) for s, sc in zip(sessions, scripts))
+                )
                 for o, c in zip(out, chunks):
                     o.append(c)
             return out

@@ -12,13 +12,28 @@ from hypothesis.extra import numpy as hnp
 from streamtx_client.errors import ErrorCode, ProtocolError
 from streamtx_client.protocol import ARRAY_EXT, decode, encode
 
-DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32",
-          "float64"]
+DTYPES = [
+    "bool",
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+]
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(DTYPES).flatmap(
-    lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))))
+@given(
+    st.sampled_from(DTYPES).flatmap(
+        lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
+    )
+)
 def test_arrays_round_trip_bit_exactly(array: np.ndarray) -> None:
     back = decode(encode({"a": array, "nested": [{"b": array}]}))
     for out in (back["a"], back["nested"][0]["b"]):
@@ -47,23 +62,26 @@ def _ext(dtype: object, shape: object, raw: object) -> bytes:
     return msgpack.packb({"a": msgpack.ExtType(ARRAY_EXT, msgpack.packb([dtype, shape, raw]))})
 
 
-@pytest.mark.parametrize("data, code", [
-    (b"\xc1garbage", ErrorCode.BAD_MESSAGE),
-    (encode({"a": np.zeros(8)})[:-5], ErrorCode.BAD_MESSAGE),  # truncated
-    (encode({"a": 1}) + b"\x00", ErrorCode.BAD_MESSAGE),  # trailing bytes
-    (msgpack.packb([1, 2, 3]), ErrorCode.BAD_MESSAGE),  # not a map
-    (msgpack.packb({1: 2}), ErrorCode.BAD_MESSAGE),  # non-string key
-    (msgpack.packb({"a": msgpack.ExtType(7, b"xx")}), ErrorCode.BAD_MESSAGE),  # unknown extension
-    (msgpack.packb({"a": msgpack.ExtType(ARRAY_EXT, b"\xc1")}), ErrorCode.BAD_MESSAGE),  # corrupt array header
-    (_ext("|O", [1], b"\0" * 8), ErrorCode.BAD_DTYPE),  # object arrays could run code: never
-    (_ext(">f4", [1], b"\0" * 4), ErrorCode.BAD_DTYPE),  # big-endian is not the wire format
-    (_ext(3, [1], b"\0" * 4), ErrorCode.BAD_DTYPE),
-    (_ext("<f4", [-1], b""), ErrorCode.BAD_SHAPE),
-    (_ext("<f4", "12", b""), ErrorCode.BAD_SHAPE),
-    (_ext("<f4", [1] * 9, b"\0" * 4), ErrorCode.BAD_SHAPE),
-    (_ext("<f4", [3], b"\0" * 8), ErrorCode.BAD_MESSAGE),  # byte count disagrees with shape
-    (_ext("<f4", [3], "abc"), ErrorCode.BAD_MESSAGE),
-])
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"\xc1garbage", ErrorCode.BAD_MESSAGE),
+        (encode({"a": np.zeros(8)})[:-5], ErrorCode.BAD_MESSAGE),  # truncated
+        (encode({"a": 1}) + b"\x00", ErrorCode.BAD_MESSAGE),  # trailing bytes
+        (msgpack.packb([1, 2, 3]), ErrorCode.BAD_MESSAGE),  # not a map
+        (msgpack.packb({1: 2}), ErrorCode.BAD_MESSAGE),  # non-string key
+        (msgpack.packb({"a": msgpack.ExtType(7, b"xx")}), ErrorCode.BAD_MESSAGE),  # unknown extension
+        (msgpack.packb({"a": msgpack.ExtType(ARRAY_EXT, b"\xc1")}), ErrorCode.BAD_MESSAGE),  # corrupt array header
+        (_ext("|O", [1], b"\0" * 8), ErrorCode.BAD_DTYPE),  # object arrays could run code: never
+        (_ext(">f4", [1], b"\0" * 4), ErrorCode.BAD_DTYPE),  # big-endian is not the wire format
+        (_ext(3, [1], b"\0" * 4), ErrorCode.BAD_DTYPE),
+        (_ext("<f4", [-1], b""), ErrorCode.BAD_SHAPE),
+        (_ext("<f4", "12", b""), ErrorCode.BAD_SHAPE),
+        (_ext("<f4", [1] * 9, b"\0" * 4), ErrorCode.BAD_SHAPE),
+        (_ext("<f4", [3], b"\0" * 8), ErrorCode.BAD_MESSAGE),  # byte count disagrees with shape
+        (_ext("<f4", [3], "abc"), ErrorCode.BAD_MESSAGE),
+    ],
+)
 def test_malformed_messages_are_refused_with_a_code(data: bytes, code: ErrorCode) -> None:
     with pytest.raises(ProtocolError) as info:
         decode(data)

@@ -6,16 +6,23 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
-
 from serving_helpers import (
-    MAX_TOKENS, RawPeer, assert_same_actions, error_code, make_script, reference_run, start_daemon,
+    MAX_TOKENS,
+    RawPeer,
+    assert_same_actions,
+    error_code,
+    make_script,
+    reference_run,
+    start_daemon,
 )
+
 from streamtx_client import Client
 from streamtx_client.protocol import ARRAY_EXT, encode
 
@@ -43,26 +50,40 @@ BAD_INPUT: dict[str, tuple[Callable[[str], list[bytes]], str]] = {
     "two frames": (lambda s: [b"a", b"b"], "bad_message"),
     "wrong version": (lambda s: [encode({"v": 99, "id": 5, "kind": "hello"})], "bad_version"),
     "wrong kind": (lambda s: [encode({"v": 1, "id": 5, "kind": "explode"})], "unknown_kind"),
-    "unknown field": (lambda s: [encode({"v": 1, "id": 5, "kind": "close", "session": s, "force": True})],
-                      "bad_argument"),
+    "unknown field": (
+        lambda s: [encode({"v": 1, "id": 5, "kind": "close", "session": s, "force": True})],
+        "bad_argument",
+    ),
     "obs not an array": (lambda s: [_step(s, [1.0, 2.0, 3.0, 4.0])], "bad_argument"),
     "wrong shape": (lambda s: [_step(s, np.ones((1, OBS_DIM + 1), np.float32))], "bad_shape"),
     "wrong rank": (lambda s: [_step(s, np.ones((1, 1, OBS_DIM), np.float32))], "bad_shape"),
     "integer dtype": (lambda s: [_step(s, np.ones((1, OBS_DIM), np.int32))], "bad_dtype"),
-    "object dtype": (lambda s: [msgpack.packb({"v": 1, "id": 5, "kind": "step", "session": s,
-                                               "obs": _raw_array("|O", [1, OBS_DIM], b"\0" * 32)})], "bad_dtype"),
-    "bytes disagree with shape": (lambda s: [msgpack.packb({"v": 1, "id": 5, "kind": "step", "session": s,
-                                                            "obs": _raw_array("<f4", [1, OBS_DIM], b"\0" * 12)})],
-                                  "bad_message"),
+    "object dtype": (
+        lambda s: [
+            msgpack.packb(
+                {"v": 1, "id": 5, "kind": "step", "session": s, "obs": _raw_array("|O", [1, OBS_DIM], b"\0" * 32)}
+            )
+        ],
+        "bad_dtype",
+    ),
+    "bytes disagree with shape": (
+        lambda s: [
+            msgpack.packb(
+                {"v": 1, "id": 5, "kind": "step", "session": s, "obs": _raw_array("<f4", [1, OBS_DIM], b"\0" * 12)}
+            )
+        ],
+        "bad_message",
+    ),
     "NaN": (lambda s: [_step(s, np.array([[0.0, np.nan, 0.0, 0.0]], np.float32))], "non_finite"),
     "Inf": (lambda s: [_step(s, np.array([[np.inf, 0.0, 0.0, 0.0]], np.float64))], "non_finite"),
     "too many tokens": (lambda s: [_step(s, _ok_obs(MAX_TOKENS + 1))], "too_many_tokens"),
     "array too large": (lambda s: [_step(s, np.ones((1, 5000), np.float32))], "array_too_large"),
-    "message too large": (lambda s: [encode({"v": 1, "id": 5, "kind": "hello", "pad": b"x" * 70_000})],
-                          "message_too_large"),
+    "message too large": (
+        lambda s: [encode({"v": 1, "id": 5, "kind": "hello", "pad": b"x" * 70_000})],
+        "message_too_large",
+    ),
     "unknown session": (lambda s: [_step("no-such-session", _ok_obs())], "unknown_session"),
-    "bad seed": (lambda s: [encode({"v": 1, "id": 5, "kind": "reset", "session": s, "seed": "7"})],
-                 "bad_argument"),
+    "bad seed": (lambda s: [encode({"v": 1, "id": 5, "kind": "reset", "session": s, "seed": "7"})], "bad_argument"),
 }
 
 
@@ -89,8 +110,11 @@ def test_bad_input_gets_an_error_reply_and_the_daemon_keeps_serving(daemon, vict
 def test_bad_input_leaves_other_sessions_unchanged(daemon, policy, victim: str) -> None:
     script = make_script(np.random.default_rng(4), len(BAD_INPUT), OBS_DIM, MAX_TOKENS)
     got = []
-    with Client(daemon.endpoints[1], timeout=20.0, retries=0) as client, client.open(seed=21) as canary, \
-            RawPeer(daemon.endpoints[0]) as attacker:
+    with (
+        Client(daemon.endpoints[1], timeout=20.0, retries=0) as client,
+        client.open(seed=21) as canary,
+        RawPeer(daemon.endpoints[0]) as attacker,
+    ):
         for (obs, _), (frames, code) in zip(script, BAD_INPUT.values()):
             attacker.send(*frames(victim))
             got.append(canary.step(obs))

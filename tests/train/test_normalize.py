@@ -36,8 +36,9 @@ def test_folding_is_exact_and_equivariant():
     fold_input_normalization(layer, scale, shift)
     torch.testing.assert_close(layer(z), expected, rtol=0, atol=1e-12)
     mirrored = layer(z @ torch.tensor(rep(1)).T)
-    torch.testing.assert_close(mirrored, layer(z) @ torch.tensor(Representation.regular(rep.group, 3)(1)).T,
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        mirrored, layer(z) @ torch.tensor(Representation.regular(rep.group, 3)(1)).T, rtol=0, atol=1e-12
+    )
 
 
 def test_rejects_non_permutation_representations():

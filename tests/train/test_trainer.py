@@ -22,14 +22,16 @@ def _dataset(episodes=8, steps=12, seed=0):
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    return CondTransformerRegressor(2, 3, 2, in_horizon=2, cond_horizon=2, num_layers=1, num_attention_heads=1,
-                                    embedding_dim=16, num_cond_layers=0)
+    return CondTransformerRegressor(
+        2, 3, 2, in_horizon=2, cond_horizon=2, num_layers=1, num_attention_heads=1, embedding_dim=16, num_cond_layers=0
+    )
 
 
 def _run(steps, seed=0, val=None):
     model = _model(seed)
-    config = TrainConfig(steps=steps, batch_size=32, lr=3e-3, warmup_steps=5, ema_decay=0.9, seed=seed,
-                         eval_every=10, progress=False)
+    config = TrainConfig(
+        steps=steps, batch_size=32, lr=3e-3, warmup_steps=5, ema_decay=0.9, seed=seed, eval_every=10, progress=False
+    )
     return train(model, FlowMatchingSampler(4), _dataset(), config, get_optim_groups(model, 1e-3), val)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import itertools
+import os
 import uuid
 from typing import Any, TypeVar
 
@@ -13,8 +13,18 @@ import zmq
 import zmq.asyncio
 
 from .core import (
-    RECONNECT, Flow, ServerInfo, SessionLog, SessionView, call, check_options, close_flow, hello_flow, open_flow,
-    reset_flow, step_flow,
+    RECONNECT,
+    Flow,
+    ServerInfo,
+    SessionLog,
+    SessionView,
+    call,
+    check_options,
+    close_flow,
+    hello_flow,
+    open_flow,
+    reset_flow,
+    step_flow,
 )
 from .errors import ProtocolError, RequestTimeout
 from .protocol import decode, request
@@ -97,8 +107,10 @@ class AsyncClient:
         await self.close()
 
     def __repr__(self) -> str:
-        return (f"AsyncClient({self.endpoint!r}, timeout={self.timeout}, retries={self.retries}, "
-                f"curve={self._curve is not None})")
+        return (
+            f"AsyncClient({self.endpoint!r}, timeout={self.timeout}, retries={self.retries}, "
+            f"curve={self._curve is not None})"
+        )
 
     # -- I/O
 
@@ -150,8 +162,9 @@ class AsyncClient:
             await self._socket.send(frame_request(message, request_id, limit))
             return await asyncio.wait_for(future, self.timeout)
         except asyncio.TimeoutError:
-            raise RequestTimeout(f"no reply from {self.endpoint} within {self.timeout} s "
-                                 f"to {message.get('kind')!r}") from None
+            raise RequestTimeout(
+                f"no reply from {self.endpoint} within {self.timeout} s to {message.get('kind')!r}"
+            ) from None
         finally:
             self._waiting.pop(request_id, None)
 

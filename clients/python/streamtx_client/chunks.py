@@ -61,8 +61,9 @@ class ActionChunkBuffer:
         if chunk.ndim != 2 or chunk.shape[0] != self.horizon:
             raise ValueError(f"chunk: expected shape ({self.horizon}, action_dim), got {chunk.shape}")
         if self._chunks and chunk.shape != self._chunks[-1][1].shape:
-            raise ValueError(f"chunk: expected shape {self._chunks[-1][1].shape} like the previous one, "
-                             f"got {chunk.shape}")
+            raise ValueError(
+                f"chunk: expected shape {self._chunks[-1][1].shape} like the previous one, got {chunk.shape}"
+            )
         if self._chunks and self._chunks[-1][0] == self.tick:
             self._chunks.pop()  # a second chunk for the same tick replaces the first
         self._chunks.append((self.tick, np.array(chunk, dtype=np.float64)))
@@ -83,5 +84,7 @@ class ActionChunkBuffer:
         return action
 
     def __repr__(self) -> str:
-        return (f"ActionChunkBuffer(horizon={self.horizon}, execute={self.execute}, "
-                f"ensemble_decay={self.ensemble_decay}, tick={self.tick}, chunks={len(self._chunks)})")
+        return (
+            f"ActionChunkBuffer(horizon={self.horizon}, execute={self.execute}, "
+            f"ensemble_decay={self.ensemble_decay}, tick={self.tick}, chunks={len(self._chunks)})"
+        )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import itertools
+import os
 import time
 import uuid
 from typing import Any, TypeVar
@@ -12,8 +12,18 @@ import numpy as np
 import zmq
 
 from .core import (
-    RECONNECT, Flow, ServerInfo, SessionLog, SessionView, call, check_options, close_flow, hello_flow, open_flow,
-    reset_flow, step_flow,
+    RECONNECT,
+    Flow,
+    ServerInfo,
+    SessionLog,
+    SessionView,
+    call,
+    check_options,
+    close_flow,
+    hello_flow,
+    open_flow,
+    reset_flow,
+    step_flow,
 )
 from .errors import RequestTimeout
 from .protocol import decode, request
@@ -95,7 +105,8 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Client({self.endpoint!r}, timeout={self.timeout}, retries={self.retries}, curve={self._curve is not None})"
+        curve = self._curve is not None
+        return f"Client({self.endpoint!r}, timeout={self.timeout}, retries={self.retries}, curve={curve})"
 
     # -- I/O
 

@@ -9,8 +9,9 @@ restore are written once, here.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -60,8 +61,10 @@ def check_options(timeout: float, retries: int) -> tuple[float, int]:
 def result_of(reply: Mapping[str, Any]) -> dict[str, Any]:
     """The ``result`` of a reply; raises :class:`ServerError` for an error reply."""
     if reply.get("v") != PROTOCOL_VERSION:
-        raise ServerError(ErrorCode.BAD_VERSION.value, f"reply has protocol version {reply.get('v')!r}, "
-                                                       f"this client speaks {PROTOCOL_VERSION}")
+        raise ServerError(
+            ErrorCode.BAD_VERSION.value,
+            f"reply has protocol version {reply.get('v')!r}, this client speaks {PROTOCOL_VERSION}",
+        )
     if reply.get("ok") is True and isinstance(reply.get("result"), dict):
         return reply["result"]
     error = reply.get("error")
@@ -180,12 +183,13 @@ class SessionLog:
         if self._window:
             history = np.stack(self._window)
             for start in range(0, len(history), self.max_tokens_per_step):
-                chunk = history[start:start + self.max_tokens_per_step]
+                chunk = history[start : start + self.max_tokens_per_step]
                 requests.append(request("step", session=self.session_id, obs=chunk, act=False))
         return requests
 
 
 # Operations, as flows run by either client.
+
 
 def hello_flow(retries: int) -> Flow[ServerInfo]:
     return ServerInfo.from_hello((yield from call(request("hello"), retries=retries)))
@@ -206,9 +210,13 @@ def step_flow(log: SessionLog, info: ServerInfo, obs: Any, act: bool, retries: i
     tokens = as_tokens(obs, info.obs_dim)
     result = yield from call(log.step_request(tokens, act), retries=retries, session=log)
     actions = result.get("actions")
-    if actions is not None and (not isinstance(actions, np.ndarray) or actions.shape != (info.horizon, info.action_dim)):
-        raise ServerError(ErrorCode.BAD_MESSAGE.value, f"step result: expected actions of shape "
-                                                       f"({info.horizon}, {info.action_dim}), got {actions!r}")
+    if actions is not None and (
+        not isinstance(actions, np.ndarray) or actions.shape != (info.horizon, info.action_dim)
+    ):
+        raise ServerError(
+            ErrorCode.BAD_MESSAGE.value,
+            f"step result: expected actions of shape ({info.horizon}, {info.action_dim}), got {actions!r}",
+        )
     log.record(tokens, act=actions is not None)
     log.last_timing = result.get("timing")
     return actions

@@ -12,7 +12,8 @@ all three before touching the bytes and returns a read-only view of them (no cop
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -36,8 +37,20 @@ ARRAY_EXT = 1
 KINDS = ("hello", "open", "step", "reset", "close", "stats")
 ARRAY_DTYPES = frozenset(
     np.dtype(t).newbyteorder("<").str
-    for t in ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-              "float16", "float32", "float64")
+    for t in (
+        "bool",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    )
 )
 _MAX_NDIM = 8
 
@@ -66,23 +79,23 @@ def _unpack_array(data: bytes, max_elements: int | None) -> np.ndarray:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"malformed array extension: {exc}") from None
     if not isinstance(dtype, str) or dtype not in ARRAY_DTYPES:
         raise ProtocolError(ErrorCode.BAD_DTYPE, f"array dtype {dtype!r} is not one of {sorted(ARRAY_DTYPES)}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > _MAX_NDIM
-        or not all(type(n) is int and n >= 0 for n in shape)
-    ):
-        raise ProtocolError(ErrorCode.BAD_SHAPE, f"array shape must be a list of at most {_MAX_NDIM} ints >= 0, "
-                                                 f"got {shape!r}")
+    if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(type(n) is int and n >= 0 for n in shape):
+        raise ProtocolError(
+            ErrorCode.BAD_SHAPE, f"array shape must be a list of at most {_MAX_NDIM} ints >= 0, got {shape!r}"
+        )
     if not isinstance(raw, bytes):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"array data must be bytes, got {type(raw).__name__}")
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
-        raise ProtocolError(ErrorCode.ARRAY_TOO_LARGE, f"array of shape {tuple(shape)} has {count} elements, "
-                                                       f"limit is {max_elements}")
+        raise ProtocolError(
+            ErrorCode.ARRAY_TOO_LARGE, f"array of shape {tuple(shape)} has {count} elements, limit is {max_elements}"
+        )
     dt = np.dtype(dtype)
     if len(raw) != count * dt.itemsize:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"array of dtype {dtype} and shape {tuple(shape)} needs "
-                                                   f"{count * dt.itemsize} bytes, got {len(raw)}")
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"array of dtype {dtype} and shape {tuple(shape)} needs {count * dt.itemsize} bytes, got {len(raw)}",
+        )
     return np.frombuffer(raw, dtype=dt).reshape(shape)
 
 

@@ -15,7 +15,20 @@ from .spherical_harmonics import spherical_harmonics
 from .tensor_product import TensorProduct
 
 __all__ = [
-    "IrrepsLayout", "cartesian_order", "spherical_harmonics", "clebsch_gordan", "RadialBasis", "smooth_cutoff",
-    "Dense", "TensorProduct", "O3LayerNorm", "gated_silu", "GatedMLP", "O3MultiheadAttention", "O3AttentionState",
-    "O3TransformerBlock", "O3TransformerEncoder", "O3EncoderState",
+    "IrrepsLayout",
+    "cartesian_order",
+    "spherical_harmonics",
+    "clebsch_gordan",
+    "RadialBasis",
+    "smooth_cutoff",
+    "Dense",
+    "TensorProduct",
+    "O3LayerNorm",
+    "gated_silu",
+    "GatedMLP",
+    "O3MultiheadAttention",
+    "O3AttentionState",
+    "O3TransformerBlock",
+    "O3TransformerEncoder",
+    "O3EncoderState",
 ]

@@ -30,8 +30,9 @@ Costs per pair: ``(K + 1) P (L+1)^2 Q`` for the relative query-key encoding (as 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,8 +59,10 @@ class StreamSteps:
         """Stream ``x (b, T, P, C, F)`` at ``positions (b, T, 3)``: one :meth:`forward_step` of ``T`` tokens (run in
         chunks of the ring's step size), equal to ``T`` single-token steps."""
         if not isinstance(x, Tensor) or x.dim() != 5:
-            raise ValueError(f"x: expected a stream (b, T, P, C, F), got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+            raise ValueError(
+                f"x: expected a stream (b, T, P, C, F), got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+            )
         return self.forward_step(x, positions, state, rows)  # type: ignore[attr-defined]
 
 
@@ -98,18 +101,39 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
     Shapes: ``x (B, N, P, (L+1)**2, F)``, ``positions (B, N, 3)`` -> ``(B, N, P, (L+1)**2, F_out)``.
     """
 
-    def __init__(self, features: int, max_degree: int, num_heads: int = 1, *, include_pseudotensors: bool = False,
-                 qkv_features: int | None = None, out_features: int | None = None, num_basis: int = 8,
-                 cutoff: float = 1.0, radial: RadialKind = "sinc", basis_max_degree: int | None = None,
-                 use_relative_positional_encoding_qk: bool = True, use_relative_positional_encoding_v: bool = True,
-                 use_basis_bias: bool = False, query_use_bias: bool = False, key_use_bias: bool = False,
-                 value_use_bias: bool = False, output_use_bias: bool = True, softmax_cutoff: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        features: int,
+        max_degree: int,
+        num_heads: int = 1,
+        *,
+        include_pseudotensors: bool = False,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        num_basis: int = 8,
+        cutoff: float = 1.0,
+        radial: RadialKind = "sinc",
+        basis_max_degree: int | None = None,
+        use_relative_positional_encoding_qk: bool = True,
+        use_relative_positional_encoding_v: bool = True,
+        use_basis_bias: bool = False,
+        query_use_bias: bool = False,
+        key_use_bias: bool = False,
+        value_use_bias: bool = False,
+        output_use_bias: bool = True,
+        softmax_cutoff: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         qkv_features = features if qkv_features is None else qkv_features
         out_features = features if out_features is None else out_features
-        for name, value in (("features", features), ("num_heads", num_heads), ("qkv_features", qkv_features),
-                            ("out_features", out_features)):
+        for name, value in (
+            ("features", features),
+            ("num_heads", num_heads),
+            ("qkv_features", qkv_features),
+            ("out_features", out_features),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         if qkv_features % num_heads:
@@ -127,8 +151,11 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         self.out = Dense(layout, qkv_features, out_features, bias=output_use_bias, **fk)
         self.radial = RadialBasis(num_basis, cutoff, radial)
         # e_ij[p, l, f]: one value per irrep block and channel, from the distance alone.
-        self.qk_encoding = nn.Linear(num_basis, layout.num_parities * (max_degree + 1) * qkv_features,
-                                     bias=use_basis_bias, **fk) if use_relative_positional_encoding_qk else None
+        self.qk_encoding = (
+            nn.Linear(num_basis, layout.num_parities * (max_degree + 1) * qkv_features, bias=use_basis_bias, **fk)
+            if use_relative_positional_encoding_qk
+            else None
+        )
         if use_relative_positional_encoding_v:
             # Filter Y(r) * Dense(R(|r|)) (natural parity, degrees 0..L_b), coupled to the key's value.
             self.value_filter = Dense(self.basis_layout, num_basis, qkv_features, bias=use_basis_bias, **fk)
@@ -187,8 +214,15 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         out = torch.einsum("...yaf,yakf->...kf", u, self.value_product.coupling())
         return out.unflatten(-2, (self.layout.num_parities, self.layout.num_components))
 
-    def _softmax(self, s: Tensor, visible: Tensor | None, cut: Tensor | None, dim: int,
-                 segments: Tensor | None = None, num_segments: int = 0) -> Tensor:
+    def _softmax(
+        self,
+        s: Tensor,
+        visible: Tensor | None,
+        cut: Tensor | None,
+        dim: int,
+        segments: Tensor | None = None,
+        num_segments: int = 0,
+    ) -> Tensor:
         """Softmax of scores ``s`` over ``dim`` (dense) or over the pairs of each segment (sparse), restricted to the
         ``visible`` pairs; rows without any visible weight give zeros instead of NaN."""
         if visible is not None:
@@ -210,20 +244,27 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         return e / torch.where(total > 0, total, torch.ones_like(total))
 
     # ---------------------------------------------------------------- dense pairs
-    def _attend_dense(self, q: Tensor, k: Tensor, v: Tensor, q_xyz: Tensor, k_xyz: Tensor,
-                      visible: Tensor | None) -> Tensor:
+    def _attend_dense(
+        self, q: Tensor, k: Tensor, v: Tensor, q_xyz: Tensor, k_xyz: Tensor, visible: Tensor | None
+    ) -> Tensor:
         """Queries ``(B, N, H, P C d)`` at ``q_xyz (B, N, 3)`` attend to keys ``(B, M, H, P C d)`` and values (in
         :meth:`_value_layout`) at ``k_xyz (B, M, 3)`` where ``visible (B, N, M)`` (all if ``None``) ->
         ``(B, N, P, C, Q)``. Runs over chunks of queries to bound the memory of the pair tensors."""
         b, m = k.shape[:2]
-        per_query = b * m * (self.qkv_features * (self.basis_layout.num_components + self.basis_layout.max_degree + 1)
-                             + self.num_heads * (self.basis_layout.num_components + self.radial.num_basis + 2))
+        per_query = (
+            b
+            * m
+            * (
+                self.qkv_features * (self.basis_layout.num_components + self.basis_layout.max_degree + 1)
+                + self.num_heads * (self.basis_layout.num_components + self.radial.num_basis + 2)
+            )
+        )
         chunk = max(1, _PAIR_BUDGET // per_query)
         kh, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, M, P C d); (B, Q, M, P C) or (B, H, M, P C d)
         outs = []
         for start in range(0, q.shape[1], chunk):
-            qc, xyz = q[:, start:start + chunk], q_xyz[:, start:start + chunk]
-            vis = None if visible is None else visible[:, start:start + chunk, :, None]
+            qc, xyz = q[:, start : start + chunk], q_xyz[:, start : start + chunk]
+            vis = None if visible is None else visible[:, start : start + chunk, :, None]
             y, rad, cut = self._pair_basis(k_xyz[:, None, :, :] - xyz[:, :, None, :])  # (B, n, M, .)
             a = self._softmax(self._scores_dense(qc, kh, rad), vis, cut, dim=2)  # (B, n, M, H)
             if self.value_product is None:
@@ -257,7 +298,7 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         g = g.permute(0, 4, 1, 3, 2).contiguous().view(b, h, d, n, -1, m)  # (B, H, d, n, L_b+1, M)
         blocks = []
         for l in range(self.basis_layout.max_degree + 1):
-            coef = ya[:, :, None, :, l * l:(l + 1) ** 2] * g[:, :, :, :, l:l + 1]  # (B, H, d, n, 2l+1, M)
+            coef = ya[:, :, None, :, l * l : (l + 1) ** 2] * g[:, :, :, :, l : l + 1]  # (B, H, d, n, 2l+1, M)
             blocks.append((coef.view(b, h * d, -1, m) @ vt).view(b, h * d, n, 2 * l + 1, -1))
         return torch.cat(blocks, dim=3).permute(0, 2, 3, 4, 1)
 
@@ -289,8 +330,15 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         return self._couple(u).unflatten(0, (b, n))
 
     # ---------------------------------------------------------------- batch forward
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, *, dst_idx: Tensor | None = None,
-                src_idx: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor | None = None,
+        *,
+        dst_idx: Tensor | None = None,
+        src_idx: Tensor | None = None,
+    ) -> Tensor:
         """Self-attention of ``N`` tokens.
 
         Args:
@@ -318,16 +366,24 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             return self.out(self._attend_sparse(q, k, v, positions, dst, src))
         if mask is not None:
             if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-                raise TypeError(f"mask: expected a bool tensor (True = attend), got "
-                                f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
+                raise TypeError(
+                    f"mask: expected a bool tensor (True = attend), got "
+                    f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}"
+                )
             if mask.shape not in ((n, n), (b, n, n)):
                 raise ValueError(f"mask: expected shape {(n, n)} or {(b, n, n)}, got {tuple(mask.shape)}")
             mask = mask.to(x.device).expand(b, n, n)
         return self.out(self._attend_dense(q, k, v, positions, positions, mask))
 
     # ---------------------------------------------------------------- streaming
-    def init_state(self, batch_size: int, window: int, max_tokens_per_step: int = 1, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None) -> O3AttentionState:
+    def init_state(
+        self,
+        batch_size: int,
+        window: int,
+        max_tokens_per_step: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> O3AttentionState:
         """An empty cache for causal-window streaming: each new token attends to the ``window`` newest tokens
         (itself included). The ring holds ``window - 1 + max_tokens_per_step`` slots."""
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -338,12 +394,18 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         depth = self.layout.num_parities * self.layout.num_components
         keys = (self.num_heads, depth * self.head_dim)
         values = (self.qkv_features, depth) if self.value_product is not None else keys
-        cache = RingCache(batch_size, window - 1 + max_tokens_per_step, {"k": keys, "v": values, "xyz": (3,)},
-                          dtype=dtype or ref.dtype, device=device or ref.device)
+        cache = RingCache(
+            batch_size,
+            window - 1 + max_tokens_per_step,
+            {"k": keys, "v": values, "xyz": (3,)},
+            dtype=dtype or ref.dtype,
+            device=device or ref.device,
+        )
         return O3AttentionState(cache=cache, window=window)
 
-    def forward_step(self, x: Tensor, positions: Tensor, state: O3AttentionState, rows: Rows = None
-                     ) -> tuple[Tensor, O3AttentionState]:
+    def forward_step(
+        self, x: Tensor, positions: Tensor, state: O3AttentionState, rows: Rows = None
+    ) -> tuple[Tensor, O3AttentionState]:
         """New tokens ``x (b, P, C, F)`` at ``positions (b, 3)``, or ``S`` tokens ``(b, S, P, C, F)`` at
         ``(b, S, 3)``, attend to themselves and the cached tokens of their window; ``b`` rows of the state (all, or
         ``rows``). Equal to :meth:`forward` on the whole stream with ``mask=band_mask(t, t, window)``. Steps of more
@@ -362,7 +424,7 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         chunk = state.cache.capacity - (state.window - 1)
         outs = []
         for start in range(0, xs.shape[1], chunk):
-            part, xyz = xs[:, start:start + chunk], ps[:, start:start + chunk]
+            part, xyz = xs[:, start : start + chunk], ps[:, start : start + chunk]
             q, k, v = self._project(part)
             ids = state.cache.append({"k": k, "v": v, "xyz": xyz}, rows)
             data, key_ids = state.cache.read(rows)
@@ -401,15 +463,18 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             enc = params["relative_positional_encoding"]
             kernel = torch.as_tensor(enc["kernel"])
             if tuple(kernel.shape) != tuple(self.qk_encoding.weight.shape[::-1]):
-                raise ValueError(f"params['relative_positional_encoding']['kernel']: expected shape "
-                                 f"{tuple(self.qk_encoding.weight.shape[::-1])}, got {tuple(kernel.shape)}")
+                raise ValueError(
+                    f"params['relative_positional_encoding']['kernel']: expected shape "
+                    f"{tuple(self.qk_encoding.weight.shape[::-1])}, got {tuple(kernel.shape)}"
+                )
             self.qk_encoding.weight.copy_(kernel.unflatten(-1, (-1, self.qkv_features))[..., perm].flatten(1).t())
             bias = enc.get("bias")
             if (bias is None) != (self.qk_encoding.bias is None):
                 raise ValueError("params['relative_positional_encoding']: bias presence differs from use_basis_bias")
             if bias is not None:
-                self.qk_encoding.bias.copy_(torch.as_tensor(bias).unflatten(-1, (-1, self.qkv_features))[..., perm]
-                                            .flatten())
+                self.qk_encoding.bias.copy_(
+                    torch.as_tensor(bias).unflatten(-1, (-1, self.qkv_features))[..., perm].flatten()
+                )
         if self.value_product is not None:
             self.value_filter.load_e3x_(params["filter"])
             self.value_product.load_e3x_(params["tensor"]["kernel"])
@@ -417,23 +482,34 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initialize every projection, the relative encodings and the value coupling."""
-        for module in (self.query, self.key, self.value, self.out, self.qk_encoding, self.value_filter,
-                       self.value_product):
+        for module in (
+            self.query,
+            self.key,
+            self.value,
+            self.out,
+            self.qk_encoding,
+            self.value_filter,
+            self.value_product,
+        ):
             if module is not None:
                 module.reset_parameters()
 
     def extra_repr(self) -> str:
-        return (f"{self.layout}, features={self.features}, num_heads={self.num_heads}, "
-                f"qkv_features={self.qkv_features}, out_features={self.out_features}, "
-                f"basis_max_degree={self.basis_layout.max_degree}, "
-                f"relative_qk={self.qk_encoding is not None}, relative_v={self.value_product is not None}, "
-                f"softmax_cutoff={self.softmax_cutoff}")
+        return (
+            f"{self.layout}, features={self.features}, num_heads={self.num_heads}, "
+            f"qkv_features={self.qkv_features}, out_features={self.out_features}, "
+            f"basis_max_degree={self.basis_layout.max_degree}, "
+            f"relative_qk={self.qk_encoding is not None}, relative_v={self.value_product is not None}, "
+            f"softmax_cutoff={self.softmax_cutoff}"
+        )
 
 
 def _check_positions(positions: Tensor, lead: tuple[int, ...], x: Tensor) -> Tensor:
     if not isinstance(positions, Tensor) or not positions.is_floating_point():
-        raise TypeError(f"positions: expected a floating-point tensor, got "
-                        f"{positions.dtype if isinstance(positions, Tensor) else type(positions).__name__}")
+        raise TypeError(
+            f"positions: expected a floating-point tensor, got "
+            f"{positions.dtype if isinstance(positions, Tensor) else type(positions).__name__}"
+        )
     if tuple(positions.shape) != (*lead, 3):
         raise ValueError(f"positions: expected shape {(*lead, 3)}, got {tuple(positions.shape)}")
     return positions.to(device=x.device, dtype=x.dtype)
@@ -442,23 +518,29 @@ def _check_positions(positions: Tensor, lead: tuple[int, ...], x: Tensor) -> Ten
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def _check_index_lists(dst_idx: Tensor | None, src_idx: Tensor | None, b: int, n: int, device: torch.device
-                       ) -> tuple[Tensor, Tensor]:
+def _check_index_lists(
+    dst_idx: Tensor | None, src_idx: Tensor | None, b: int, n: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """Validate sparse index lists and broadcast them to ``(B, E)``."""
     if dst_idx is None or src_idx is None:
         raise ValueError("dst_idx, src_idx: sparse index lists need both (got only one)")
     for name, idx in (("dst_idx", dst_idx), ("src_idx", src_idx)):
         if not isinstance(idx, Tensor) or idx.dtype not in _INDEX_DTYPES:
-            raise TypeError(f"{name}: expected an integer tensor, got "
-                            f"{idx.dtype if isinstance(idx, Tensor) else type(idx).__name__}")
+            raise TypeError(
+                f"{name}: expected an integer tensor, got "
+                f"{idx.dtype if isinstance(idx, Tensor) else type(idx).__name__}"
+            )
         if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != b):
             raise ValueError(f"{name}: expected shape (E,) or ({b}, E), got {tuple(idx.shape)}")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) > n):
-            raise ValueError(f"{name}: expected token indices in [0, {n}] ({n} = padding), got values in "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
+            raise ValueError(
+                f"{name}: expected token indices in [0, {n}] ({n} = padding), got values in "
+                f"[{int(idx.min())}, {int(idx.max())}]"
+            )
     if dst_idx.shape != src_idx.shape:
-        raise ValueError(f"dst_idx, src_idx: expected the same shape, got {tuple(dst_idx.shape)} and "
-                         f"{tuple(src_idx.shape)}")
+        raise ValueError(
+            f"dst_idx, src_idx: expected the same shape, got {tuple(dst_idx.shape)} and {tuple(src_idx.shape)}"
+        )
     dst = dst_idx.to(device=device, dtype=torch.long).expand(b, -1)
     src = src_idx.to(device=device, dtype=torch.long).expand(b, -1)
     return dst, src

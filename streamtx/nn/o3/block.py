@@ -34,34 +34,59 @@ class O3TransformerBlock(StreamSteps, nn.Module):
     Shapes: ``x (B, N, P, (L+1)**2, F)``, ``positions (B, N, 3)`` -> like ``x``.
     """
 
-    def __init__(self, features: int, max_degree: int, num_heads: int = 1, *, hidden_features: int | None = None,
-                 include_pseudotensors: bool = False, eps: float = 1e-5, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, **attention: Any) -> None:
+    def __init__(
+        self,
+        features: int,
+        max_degree: int,
+        num_heads: int = 1,
+        *,
+        hidden_features: int | None = None,
+        include_pseudotensors: bool = False,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **attention: Any,
+    ) -> None:
         super().__init__()
         for name in ("qkv_features", "out_features"):
             if name in attention:
                 raise ValueError(f"{name}: a residual block keeps F={features} channels; not configurable here")
         fk = {"device": device, "dtype": dtype}
-        self.attn = O3MultiheadAttention(features, max_degree, num_heads, include_pseudotensors=include_pseudotensors,
-                                         **attention, **fk)
+        self.attn = O3MultiheadAttention(
+            features, max_degree, num_heads, include_pseudotensors=include_pseudotensors, **attention, **fk
+        )
         layout = self.attn.layout
         self.norm1 = O3LayerNorm(layout, features, eps, **fk)
         self.norm2 = O3LayerNorm(layout, features, eps, **fk)
         self.mlp = GatedMLP(layout, features, hidden_features or 2 * features, **fk)
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, *, dst_idx: Tensor | None = None,
-                src_idx: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor | None = None,
+        *,
+        dst_idx: Tensor | None = None,
+        src_idx: Tensor | None = None,
+    ) -> Tensor:
         """Batch forward; ``mask``/``dst_idx``/``src_idx`` as in :meth:`O3MultiheadAttention.forward`."""
         x = x + self.attn(self.norm1(x), positions, mask, dst_idx=dst_idx, src_idx=src_idx)
         return x + self.mlp(self.norm2(x))
 
-    def init_state(self, batch_size: int, window: int, max_tokens_per_step: int = 1, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None) -> O3AttentionState:
+    def init_state(
+        self,
+        batch_size: int,
+        window: int,
+        max_tokens_per_step: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> O3AttentionState:
         """The attention's ring cache (norms and MLP act per token and need no state)."""
         return self.attn.init_state(batch_size, window, max_tokens_per_step, dtype, device)
 
-    def forward_step(self, x: Tensor, positions: Tensor, state: O3AttentionState, rows: Rows = None
-                     ) -> tuple[Tensor, O3AttentionState]:
+    def forward_step(
+        self, x: Tensor, positions: Tensor, state: O3AttentionState, rows: Rows = None
+    ) -> tuple[Tensor, O3AttentionState]:
         """New tokens ``(b, P, C, F)`` / ``(b, S, P, C, F)`` at ``(b, 3)`` / ``(b, S, 3)``; equal to :meth:`forward`
         on the whole stream with ``mask=band_mask(t, t, window)``."""
         h, state = self.attn.forward_step(self.norm1(x), positions, state, rows)
@@ -91,28 +116,50 @@ class O3TransformerEncoder(StreamSteps, nn.Module):
         super().__init__()
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
-        self.layers = nn.ModuleList(O3TransformerBlock(features, max_degree, num_heads, **block)
-                                    for _ in range(num_layers))
-        self.norm = O3LayerNorm(self.layers[0].attn.layout, features, block.get("eps", 1e-5),
-                                device=block.get("device"), dtype=block.get("dtype"))
+        self.layers = nn.ModuleList(
+            O3TransformerBlock(features, max_degree, num_heads, **block) for _ in range(num_layers)
+        )
+        self.norm = O3LayerNorm(
+            self.layers[0].attn.layout,
+            features,
+            block.get("eps", 1e-5),
+            device=block.get("device"),
+            dtype=block.get("dtype"),
+        )
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None = None, *, dst_idx: Tensor | None = None,
-                src_idx: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor | None = None,
+        *,
+        dst_idx: Tensor | None = None,
+        src_idx: Tensor | None = None,
+    ) -> Tensor:
         for layer in self.layers:
             x = layer(x, positions, mask, dst_idx=dst_idx, src_idx=src_idx)
         return self.norm(x)
 
-    def init_state(self, batch_size: int, window: int, max_tokens_per_step: int = 1, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None) -> O3EncoderState:
-        return O3EncoderState([layer.init_state(batch_size, window, max_tokens_per_step, dtype, device)
-                               for layer in self.layers])
+    def init_state(
+        self,
+        batch_size: int,
+        window: int,
+        max_tokens_per_step: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> O3EncoderState:
+        return O3EncoderState(
+            [layer.init_state(batch_size, window, max_tokens_per_step, dtype, device) for layer in self.layers]
+        )
 
-    def forward_step(self, x: Tensor, positions: Tensor, state: O3EncoderState, rows: Rows = None
-                     ) -> tuple[Tensor, O3EncoderState]:
+    def forward_step(
+        self, x: Tensor, positions: Tensor, state: O3EncoderState, rows: Rows = None
+    ) -> tuple[Tensor, O3EncoderState]:
         """New tokens through every block in turn; equal to :meth:`forward` with ``mask=band_mask(t, t, window)``."""
         if not isinstance(state, O3EncoderState) or len(state.layers) != len(self.layers):
-            raise TypeError(f"state: expected the O3EncoderState of this encoder's init_state, got "
-                            f"{type(state).__name__}")
+            raise TypeError(
+                f"state: expected the O3EncoderState of this encoder's init_state, got {type(state).__name__}"
+            )
         for layer, layer_state in zip(self.layers, state.layers):
             x, _ = layer.forward_step(x, positions, layer_state, rows)
         return self.norm(x), state

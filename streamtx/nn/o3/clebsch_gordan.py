@@ -14,7 +14,7 @@ only when ``|l1 - l2| <= l3 <= l1 + l2``; which parities may couple is the layer
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ def _complex_to_real(l: int) -> np.ndarray:
     return q
 
 
-@lru_cache(maxsize=None)
+@cache
 def _real_cg(l1: int, l2: int, l3: int) -> np.ndarray:
     c = np.zeros((2 * l1 + 1, 2 * l2 + 1, 2 * l3 + 1))
     if not abs(l1 - l2) <= l3 <= l1 + l2:
@@ -68,8 +68,9 @@ def _real_cg(l1: int, l2: int, l3: int) -> np.ndarray:
     return np.ascontiguousarray(real.real[np.ix_(*order)])
 
 
-def clebsch_gordan(l1: int, l2: int, l3: int, dtype: torch.dtype = torch.float64,
-                   device: torch.device | str | None = None) -> Tensor:
+def clebsch_gordan(
+    l1: int, l2: int, l3: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> Tensor:
     """Real Clebsch-Gordan coefficients ``(2 l1 + 1, 2 l2 + 1, 2 l3 + 1)`` (zeros outside the triangle rule)."""
     for name, value in (("l1", l1), ("l2", l2), ("l3", l3)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +28,15 @@ class Dense(nn.Module):
     Shapes: ``(..., P, (L+1)**2, F_in) -> (..., P, (L+1)**2, F_out)``.
     """
 
-    def __init__(self, layout: IrrepsLayout, in_features: int, out_features: int, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        layout: IrrepsLayout,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(layout, IrrepsLayout):
             raise TypeError(f"layout: expected an IrrepsLayout, got {type(layout).__name__}")
@@ -37,8 +45,9 @@ class Dense(nn.Module):
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         self.layout, self.in_features, self.out_features = layout, in_features, out_features
         fk = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(layout.num_parities, layout.max_degree + 1, in_features, out_features,
-                                               **fk))
+        self.weight = nn.Parameter(
+            torch.empty(layout.num_parities, layout.max_degree + 1, in_features, out_features, **fk)
+        )
         self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
         self.register_buffer("degree_index", layout.degree_index(device), persistent=False)
         self._cache = WeightCache()
@@ -91,8 +100,10 @@ class Dense(nn.Module):
         for p, l in self.layout.irreps():
             kernel = torch.as_tensor(params[self.layout.label(p, l)]["kernel"])
             if kernel.shape != self.weight.shape[2:]:
-                raise ValueError(f"params[{self.layout.label(p, l)!r}]['kernel']: expected shape "
-                                 f"{tuple(self.weight.shape[2:])}, got {tuple(kernel.shape)}")
+                raise ValueError(
+                    f"params[{self.layout.label(p, l)!r}]['kernel']: expected shape "
+                    f"{tuple(self.weight.shape[2:])}, got {tuple(kernel.shape)}"
+                )
             self.weight[p, l] = kernel
         bias = params[self.layout.label(0, 0)].get("bias")
         if bias is not None and self.bias is None:
@@ -102,5 +113,7 @@ class Dense(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, " \
-               f"bias={self.bias is not None}"
+        return (
+            f"{self.layout}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )

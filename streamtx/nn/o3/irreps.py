@@ -100,8 +100,10 @@ class IrrepsLayout:
 
     def parity_signs(self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
         """``(P, (L+1)**2)``: the sign each component takes under the inversion ``r -> -r``."""
-        signs = [[float(self.parity(p, l)) for l in range(self.max_degree + 1) for _ in range(2 * l + 1)]
-                 for p in range(self.num_parities)]
+        signs = [
+            [float(self.parity(p, l)) for l in range(self.max_degree + 1) for _ in range(2 * l + 1)]
+            for p in range(self.num_parities)
+        ]
         return torch.tensor(signs, dtype=dtype, device=device)
 
     def check(self, x: Tensor, features: int, name: str = "x") -> None:
@@ -109,8 +111,10 @@ class IrrepsLayout:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: expected a Tensor, got {type(x).__name__}")
         if x.dim() < 3 or tuple(x.shape[-3:]) != self.shape(features):
-            raise ValueError(f"{name}: expected shape (..., {', '.join(map(str, self.shape(features)))}) for {self}, "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: expected shape (..., {', '.join(map(str, self.shape(features)))}) for {self}, "
+                f"got {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
 

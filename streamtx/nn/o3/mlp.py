@@ -33,8 +33,16 @@ class GatedMLP(nn.Module):
     Shapes: ``(..., P, (L+1)**2, F)`` -> ``(..., P, (L+1)**2, F_out)``.
     """
 
-    def __init__(self, layout: IrrepsLayout, features: int, hidden_features: int, out_features: int | None = None,
-                 bias: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        layout: IrrepsLayout,
+        features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.fc1 = Dense(layout, features, hidden_features, bias=bias, **fk)

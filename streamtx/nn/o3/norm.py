@@ -25,8 +25,15 @@ class O3LayerNorm(nn.Module):
     Shapes: ``(..., P, (L+1)**2, F)`` -> same.
     """
 
-    def __init__(self, layout: IrrepsLayout, features: int, eps: float = 1e-5, elementwise_affine: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        layout: IrrepsLayout,
+        features: int,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(layout, IrrepsLayout):
             raise TypeError(f"layout: expected an IrrepsLayout, got {type(layout).__name__}")
@@ -46,8 +53,9 @@ class O3LayerNorm(nn.Module):
         scalar_mask = torch.zeros(*layout.shape(1), **fk)
         scalar_mask[0, 0] = 1
         self.register_buffer("scalar_mask", scalar_mask, persistent=False)
-        self.register_buffer("block_size", (2 * torch.arange(layout.max_degree + 1, device=device) + 1),
-                             persistent=False)
+        self.register_buffer(
+            "block_size", (2 * torch.arange(layout.max_degree + 1, device=device) + 1), persistent=False
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -70,5 +78,4 @@ class O3LayerNorm(nn.Module):
         return x * scale[..., self.degree_index, None]
 
     def extra_repr(self) -> str:
-        return f"{self.layout}, features={self.features}, eps={self.eps}, " \
-               f"elementwise_affine={self.weight is not None}"
+        return f"{self.layout}, features={self.features}, eps={self.eps}, elementwise_affine={self.weight is not None}"

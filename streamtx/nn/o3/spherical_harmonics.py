@@ -42,8 +42,10 @@ def spherical_harmonics(r: Tensor, max_degree: int) -> Tensor:
         ``(..., (L+1)**2)``, degrees ``0..L`` in the order of :func:`.irreps.cartesian_order`.
     """
     if not isinstance(r, Tensor) or r.shape[-1:] != (3,) or not r.is_floating_point():
-        raise ValueError(f"r: expected a floating-point tensor of shape (..., 3), got "
-                         f"{tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__}")
+        raise ValueError(
+            f"r: expected a floating-point tensor of shape (..., 3), got "
+            f"{tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__}"
+        )
     if isinstance(max_degree, bool) or not isinstance(max_degree, int) or max_degree < 0:
         raise ValueError(f"max_degree: expected an integer >= 0, got {max_degree!r}")
     norm = safe_norm(r)

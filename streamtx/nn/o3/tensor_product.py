@@ -22,10 +22,14 @@ Path = tuple[int, int, int, int, int, int]
 def coupling_paths(layout1: IrrepsLayout, layout2: IrrepsLayout, layout_out: IrrepsLayout) -> list[Path]:
     """Every path allowed by the triangle rule ``|l1 - l2| <= l3 <= l1 + l2`` and by parity
     ``parity(p1, l1) * parity(p2, l2) == parity(p3, l3)``."""
-    return [(p1, l1, p2, l2, p3, l3)
-            for p1, l1 in layout1.irreps() for p2, l2 in layout2.irreps() for p3, l3 in layout_out.irreps()
-            if abs(l1 - l2) <= l3 <= l1 + l2
-            and layout1.parity(p1, l1) * layout2.parity(p2, l2) == layout_out.parity(p3, l3)]
+    return [
+        (p1, l1, p2, l2, p3, l3)
+        for p1, l1 in layout1.irreps()
+        for p2, l2 in layout2.irreps()
+        for p3, l3 in layout_out.irreps()
+        if abs(l1 - l2) <= l3 <= l1 + l2
+        and layout1.parity(p1, l1) * layout2.parity(p2, l2) == layout_out.parity(p3, l3)
+    ]
 
 
 class TensorProduct(nn.Module):
@@ -44,8 +48,15 @@ class TensorProduct(nn.Module):
     ``(..., P3, (L3+1)**2, F)``.
     """
 
-    def __init__(self, layout1: IrrepsLayout, layout2: IrrepsLayout, layout_out: IrrepsLayout, features: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        layout1: IrrepsLayout,
+        layout2: IrrepsLayout,
+        layout_out: IrrepsLayout,
+        features: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         for name, value in (("layout1", layout1), ("layout2", layout2), ("layout_out", layout_out)):
             if not isinstance(value, IrrepsLayout):
@@ -57,12 +68,14 @@ class TensorProduct(nn.Module):
         self.weight = nn.Parameter(torch.empty(len(self.paths), features, device=device, dtype=dtype))
         # Dense coefficient table over the flattened (parity, component) axes and, per entry, its path.
         c1, c2, c3 = layout1.num_components, layout2.num_components, layout_out.num_components
-        cg = torch.zeros(layout1.num_parities * c1, layout2.num_parities * c2, layout_out.num_parities * c3,
-                         dtype=torch.float64)
+        cg = torch.zeros(
+            layout1.num_parities * c1, layout2.num_parities * c2, layout_out.num_parities * c3, dtype=torch.float64
+        )
         path_index = torch.zeros(cg.shape, dtype=torch.long)
         for i, (p1, l1, p2, l2, p3, l3) in enumerate(self.paths):
-            block = tuple(slice(p * c + l ** 2, p * c + (l + 1) ** 2) for p, l, c in ((p1, l1, c1), (p2, l2, c2),
-                                                                                    (p3, l3, c3)))
+            block = tuple(
+                slice(p * c + l**2, p * c + (l + 1) ** 2) for p, l, c in ((p1, l1, c1), (p2, l2, c2), (p3, l3, c3))
+            )
             cg[block] = clebsch_gordan(l1, l2, l3)
             path_index[block] = i
         # Kept in float64 and cast on use (cached per dtype/device): a float32 module moved to float64 must not
@@ -79,8 +92,11 @@ class TensorProduct(nn.Module):
         fan: dict[tuple[int, int], int] = {}
         for *_, p3, l3 in self.paths:
             fan[p3, l3] = fan.get((p3, l3), 0) + 1
-        std = torch.tensor([1 / math.sqrt(fan[p3, l3]) for *_, p3, l3 in self.paths], dtype=self.weight.dtype,
-                           device=self.weight.device)
+        std = torch.tensor(
+            [1 / math.sqrt(fan[p3, l3]) for *_, p3, l3 in self.paths],
+            dtype=self.weight.dtype,
+            device=self.weight.device,
+        )
         with torch.no_grad():
             self.weight.normal_().mul_(std[:, None])
 
@@ -109,14 +125,22 @@ class TensorProduct(nn.Module):
         """Copy the weights of an e3x ``Tensor`` layer: its ``kernel (P1, L1+1, P2, L2+1, P3, L3+1, F)`` (entries of
         parity-forbidden paths, which e3x masks, are ignored)."""
         kernel = torch.as_tensor(kernel)
-        expected = (self.layout1.num_parities, self.layout1.max_degree + 1, self.layout2.num_parities,
-                    self.layout2.max_degree + 1, self.layout_out.num_parities, self.layout_out.max_degree + 1,
-                    self.features)
+        expected = (
+            self.layout1.num_parities,
+            self.layout1.max_degree + 1,
+            self.layout2.num_parities,
+            self.layout2.max_degree + 1,
+            self.layout_out.num_parities,
+            self.layout_out.max_degree + 1,
+            self.features,
+        )
         if tuple(kernel.shape) != expected:
             raise ValueError(f"kernel: expected shape {expected}, got {tuple(kernel.shape)}")
         self.weight.copy_(torch.stack([kernel[path] for path in self.paths]))
         return self
 
     def extra_repr(self) -> str:
-        return f"({self.layout1}) x ({self.layout2}) -> ({self.layout_out}), features={self.features}, " \
-               f"paths={len(self.paths)}"
+        return (
+            f"({self.layout1}) x ({self.layout2}) -> ({self.layout_out}), features={self.features}, "
+            f"paths={len(self.paths)}"
+        )

@@ -18,8 +18,9 @@ __all__ = ["TASK", "collect_demonstrations"]
 TASK = "reacher"
 
 
-def collect_demonstrations(num_episodes: int, seed: int = 0, half: Half | None = None, action_noise: float = 0.0,
-                           progress: bool = True) -> dict[str, np.ndarray]:
+def collect_demonstrations(
+    num_episodes: int, seed: int = 0, half: Half | None = None, action_noise: float = 0.0, progress: bool = True
+) -> dict[str, np.ndarray]:
     """Run the expert for ``num_episodes`` episodes (seeds ``seed, seed + 1, ...``).
 
     With ``action_noise > 0`` the executed torque is the expert's plus Gaussian noise of that standard deviation
@@ -46,6 +47,12 @@ def collect_demonstrations(num_episodes: int, seed: int = 0, half: Half | None =
             o, *_ = env.step(executed.astype(np.float32))
         final[e] = fingertip_distance(o)
     env.close()
-    return {"observations": obs.astype(np.float32), "actions": act.astype(np.float32), "seeds": seeds,
-            "final_distance": final, "task": np.array(TASK), "half": np.array(half or "all"),
-            "action_noise": np.array(action_noise)}
+    return {
+        "observations": obs.astype(np.float32),
+        "actions": act.astype(np.float32),
+        "seeds": seeds,
+        "final_distance": final,
+        "task": np.array(TASK),
+        "half": np.array(half or "all"),
+        "action_noise": np.array(action_noise),
+    }

@@ -13,8 +13,16 @@ import numpy as np
 
 from .symmetry import reflect_state
 
-__all__ = ["EPISODE_STEPS", "SUCCESS_DISTANCE", "Half", "make_env", "reset_episode", "fingertip_distance",
-           "fingertip_position", "target_position"]
+__all__ = [
+    "EPISODE_STEPS",
+    "SUCCESS_DISTANCE",
+    "Half",
+    "make_env",
+    "reset_episode",
+    "fingertip_distance",
+    "fingertip_position",
+    "target_position",
+]
 
 EPISODE_STEPS = 50
 """Control steps of one episode (``Reacher-v5``'s time limit: 1 s at 50 Hz)."""

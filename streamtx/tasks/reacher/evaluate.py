@@ -6,14 +6,14 @@ Evaluation seeds start at :data:`EVAL_SEED` so that they are held out from the c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .env import EPISODE_STEPS, SUCCESS_DISTANCE, Half, fingertip_distance, fingertip_position, make_env, \
-    reset_episode
+from .env import EPISODE_STEPS, SUCCESS_DISTANCE, Half, fingertip_distance, fingertip_position, make_env, reset_episode
 from .expert import ReacherExpert
 
 __all__ = ["EVAL_SEED", "Controller", "ExpertController", "EvalResult", "run_episodes", "eval_seeds"]
@@ -71,8 +71,13 @@ class EvalResult:
         return f"success {self.success_rate:6.1%}  mean final distance {self.mean_final_distance:.4f}"
 
 
-def run_episodes(controller: Controller, seeds: Sequence[int], half: Half | None = None, progress: bool = True,
-                 desc: str = "episodes") -> EvalResult:
+def run_episodes(
+    controller: Controller,
+    seeds: Sequence[int],
+    half: Half | None = None,
+    progress: bool = True,
+    desc: str = "episodes",
+) -> EvalResult:
     """Run one episode per seed (each ``EPISODE_STEPS`` control steps) with ``controller`` in the loop.
 
     The applied torque is the controller's clipped to the action space ``[-1, 1]^2``, as a robot's driver would; a

@@ -14,9 +14,16 @@ __all__ = ["plot_evaluation"]
 REACH = 0.21  # fingertip distance from the base with the arm stretched
 
 
-def plot_evaluation(result: EvalResult, path: str | Path, *, latencies: np.ndarray | None = None,
-                    expert: EvalResult | None = None, model_time_ms: dict[str, float] | None = None,
-                    max_paths: int = 16, title: str = "") -> None:
+def plot_evaluation(
+    result: EvalResult,
+    path: str | Path,
+    *,
+    latencies: np.ndarray | None = None,
+    expert: EvalResult | None = None,
+    model_time_ms: dict[str, float] | None = None,
+    max_paths: int = 16,
+    title: str = "",
+) -> None:
     """Write a PNG: (1) the first ``max_paths`` fingertip paths (line) towards their targets (cross), (2) the
     histogram of final distances (and the expert's), (3) the histogram of client-measured chunk ``latencies``
     (seconds) with the daemon's model-time percentiles ``model_time_ms`` (e.g. ``{"p50": .., "p99": ..}``) marked."""
@@ -34,8 +41,14 @@ def plot_evaluation(result: EvalResult, path: str | Path, *, latencies: np.ndarr
         ax.plot(*result.fingertip[i, -1], "o", color=colors[i], ms=4)
         ax.plot(*result.target[i], "x", color=colors[i], ms=9, mew=2)
     ax.plot(0, 0, "ks", ms=6)
-    ax.set(aspect="equal", xlim=(-0.25, 0.25), ylim=(-0.25, 0.25), xlabel="x (m)", ylabel="y (m)",
-           title="fingertip paths (line) and targets (x)")
+    ax.set(
+        aspect="equal",
+        xlim=(-0.25, 0.25),
+        ylim=(-0.25, 0.25),
+        xlabel="x (m)",
+        ylabel="y (m)",
+        title="fingertip paths (line) and targets (x)",
+    )
 
     ax = axes[1]
     bins = np.linspace(0, max(0.05, float(result.final_distance.max())), 40)
@@ -51,8 +64,13 @@ def plot_evaluation(result: EvalResult, path: str | Path, *, latencies: np.ndarr
         ms = 1e3 * np.asarray(latencies)
         ax.hist(ms, bins=50, alpha=0.8, label="client round trip")
         for name, q in (("p50", 50), ("p99", 99)):
-            ax.axvline(np.percentile(ms, q), color="C0", ls="--" if name == "p50" else ":", lw=1,
-                       label=f"client {name} {np.percentile(ms, q):.2f} ms")
+            ax.axvline(
+                np.percentile(ms, q),
+                color="C0",
+                ls="--" if name == "p50" else ":",
+                lw=1,
+                label=f"client {name} {np.percentile(ms, q):.2f} ms",
+            )
     for (name, value), ls in zip((model_time_ms or {}).items(), ("--", ":")):
         ax.axvline(value, color="C3", ls=ls, lw=1, label=f"daemon model {name} {value:.2f} ms")
     ax.set(xlabel="latency per action chunk (ms)", ylabel="requests", title="control-loop latency")

@@ -20,8 +20,19 @@ import numpy as np
 
 from streamtx.symmetry import Group, Representation, cyclic
 
-__all__ = ["OBS_DIM", "ACT_DIM", "OBS_SIGNS", "ACT_SIGNS", "STATE_SIGNS", "reflection_group", "observation_rep",
-           "action_rep", "reflect_observation", "reflect_action", "reflect_state"]
+__all__ = [
+    "OBS_DIM",
+    "ACT_DIM",
+    "OBS_SIGNS",
+    "ACT_SIGNS",
+    "STATE_SIGNS",
+    "reflection_group",
+    "observation_rep",
+    "action_rep",
+    "reflect_observation",
+    "reflect_action",
+    "reflect_state",
+]
 
 OBS_DIM = 10
 ACT_DIM = 2
