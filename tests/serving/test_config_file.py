@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+
 from streamtx_server.config_file import add_config_option, parse_args_with_config
 
 
