@@ -1,7 +1,7 @@
 """Training of denoising (flow-matching / diffusion) policies on action chunks: datasets, EMA, the trainer and the
 ``streamtx train`` command."""
 
-from .data import ChunkDataset, load_dataset, save_dataset
+from .chunks import ChunkDataset
 from .ema import EMA
 from .normalize import fold_input_normalization, observation_normalizer
 from .trainer import TrainConfig, TrainResult, train
@@ -12,8 +12,6 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "fold_input_normalization",
-    "load_dataset",
     "observation_normalizer",
-    "save_dataset",
     "train",
 ]

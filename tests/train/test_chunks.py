@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamtx.train.data import ChunkDataset
+from streamtx.train.chunks import ChunkDataset
 
 
 def _episodes(num=3, steps=7):
