@@ -3,15 +3,19 @@
 
 from .chunks import ChunkDataset
 from .ema import EMA
-from .normalize import fold_input_normalization, observation_normalizer
-from .trainer import TrainConfig, TrainResult, train
+from .normalize import fold_input_normalization, observation_normalizer, orbit_blocks
+from .metrics import MetricsLog
+from .trainer import TrainConfig, TrainResult, TrainState, train
 
 __all__ = [
     "ChunkDataset",
     "EMA",
     "TrainConfig",
+    "MetricsLog",
     "TrainResult",
+    "TrainState",
     "fold_input_normalization",
     "observation_normalizer",
+    "orbit_blocks",
     "train",
 ]

@@ -134,12 +134,13 @@ class TrainState:
     val_losses: list[tuple[int, float]]
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain containers and CPU tensors (loadable with ``torch.load(weights_only=True)``)."""
+        """A snapshot in plain containers and CPU tensors (copies: training on does not change it), loadable with
+        ``torch.load(weights_only=True)``."""
         return {
             "step": self.step,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": _to_cpu(self.model.state_dict()),
             "optimizer": _to_cpu(self.optimizer.state_dict()),
-            "ema": {k: v.detach().cpu() for k, v in self.ema.shadow.state_dict().items()},
+            "ema": _to_cpu(self.ema.shadow.state_dict()),
             "ema_updates": self.ema.num_updates,
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),  # dropout, if the model has any
@@ -161,7 +162,7 @@ class TrainState:
 
 def _to_cpu(value: Any) -> Any:
     if isinstance(value, Tensor):
-        return value.detach().cpu()
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     if isinstance(value, list):
