@@ -3,8 +3,8 @@
 
 from .chunks import ChunkDataset
 from .ema import EMA
-from .normalize import fold_input_normalization, observation_normalizer, orbit_blocks
 from .metrics import MetricsLog
+from .normalize import fold_input_normalization, observation_normalizer, orbit_blocks
 from .trainer import TrainConfig, TrainResult, TrainState, train
 
 __all__ = [

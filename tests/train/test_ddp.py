@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import torch.distributed as dist
+from train_testing import max_weight_difference, metrics, tiny_args, tiny_lerobot
 
 from streamtx.apps.train import main as train_main
-
-from train_testing import max_weight_difference, metrics, tiny_args, tiny_lerobot
 
 pytest.importorskip("pyarrow")
 

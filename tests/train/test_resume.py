@@ -3,13 +3,12 @@ and noise), through the trainer and through `streamtx train --resume`; the metri
 
 import pytest
 import torch
+from train_testing import max_weight_difference, metrics, tiny_args, tiny_lerobot
 
 from streamtx.apps.train import main as train_main
 from streamtx.models import CondTransformerRegressor, get_optim_groups
 from streamtx.policy import FlowMatchingSampler
 from streamtx.train import ChunkDataset, TrainConfig, TrainState, train
-
-from train_testing import max_weight_difference, metrics, tiny_args, tiny_lerobot
 
 pytest.importorskip("pyarrow")
 
