@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -23,7 +24,9 @@ from streamtx.policy import FlowMatchingSampler
 from streamtx.symmetry import Representation, dihedral
 from streamtx.train import ChunkDataset, TrainConfig, train
 
-ARCH = dict(in_horizon=16, cond_horizon=32, num_layers=4, num_attention_heads=4, embedding_dim=128, num_cond_layers=2)
+ARCH: dict[str, Any] = dict(
+    in_horizon=16, cond_horizon=32, num_layers=4, num_attention_heads=4, embedding_dim=128, num_cond_layers=2
+)
 
 
 def _models() -> dict[str, eCondTransformerRegressor]:

@@ -187,7 +187,10 @@ def _init_distributed(device: str) -> tuple[int, int]:
     """``(rank, world size)``; under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised here."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+        cuda = torch.device(device).type == "cuda"
+        if cuda:  # before NCCL starts: each process talks from its own GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -219,28 +222,8 @@ def _datasets(
     return chunks(train_eps), val, scale, shift, train_eps.num_episodes
 
 
-def _run(args: argparse.Namespace, argv: list[str], rank: int, world: int) -> int:
-    say = print if rank == 0 else (lambda *a, **k: None)
-    episodes = load_episodes(args.data, args.format, args.observation_features, args.action_features)
-    if episodes.meta.get("skipped_features"):
-        say(f"not used (video/image features are not supported yet): {', '.join(episodes.meta['skipped_features'])}")
-    obs_rep, act_rep, symmetry = _representations(args, episodes)
-    torch.manual_seed(args.seed)  # the model's initialization
-    model = build_model(
-        obs_rep,
-        act_rep,
-        equivariant=not args.no_equivariance,
-        in_horizon=args.action_horizon,
-        cond_horizon=args.obs_horizon,
-        num_layers=args.layers,
-        num_attention_heads=args.heads,
-        embedding_dim=args.dim,
-        num_cond_layers=args.cond_layers,
-    ).to(DTYPES[args.dtype])
-    sampler = build_sampler(args.sampler, args.sampling_steps)
-    history = model.receptive_field()
-    train_set, val_set, scale, shift, num_train = _datasets(args, episodes, obs_rep, history)
-    config = TrainConfig(
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -255,6 +238,12 @@ def _run(args: argparse.Namespace, argv: list[str], rank: int, world: int) -> in
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
     )
+
+
+def _extra(
+    args: argparse.Namespace, argv: list[str], episodes: Episodes, config: TrainConfig, world: int, symmetry: Any
+) -> dict[str, Any]:
+    """The checkpoint's ``extra``: how it was trained, on what, with which symmetry."""
     extra: dict[str, Any] = {
         "command": "streamtx train " + shlex.join(argv),
         "train": config.to_dict(),
@@ -274,11 +263,45 @@ def _run(args: argparse.Namespace, argv: list[str], rank: int, world: int) -> in
         extra["task"] = symmetry["task"]
     elif symmetry is not None:
         extra["symmetry"] = symmetry
+    return extra
+
+
+def _say(rank: int, message: str) -> None:
+    if rank == 0:  # one process speaks for all
+        print(message)
+
+
+def _run(args: argparse.Namespace, argv: list[str], rank: int, world: int) -> int:
+    episodes = load_episodes(args.data, args.format, args.observation_features, args.action_features)
+    if episodes.meta.get("skipped_features"):
+        _say(
+            rank,
+            f"not used (video/image features are not supported yet): {', '.join(episodes.meta['skipped_features'])}",
+        )
+    obs_rep, act_rep, symmetry = _representations(args, episodes)
+    torch.manual_seed(args.seed)  # the model's initialization
+    model = build_model(
+        obs_rep,
+        act_rep,
+        equivariant=not args.no_equivariance,
+        in_horizon=args.action_horizon,
+        cond_horizon=args.obs_horizon,
+        num_layers=args.layers,
+        num_attention_heads=args.heads,
+        embedding_dim=args.dim,
+        num_cond_layers=args.cond_layers,
+    ).to(DTYPES[args.dtype])
+    sampler = build_sampler(args.sampler, args.sampling_steps)
+    history = model.receptive_field()
+    train_set, val_set, scale, shift, num_train = _datasets(args, episodes, obs_rep, history)
+    config = _train_config(args)
+    extra = _extra(args, argv, episodes, config, world, symmetry)
     resume = _resume_state(args.resume, model) if args.resume is not None else None
     num_params = sum(p.numel() for p in model.parameters())
-    say(
+    _say(
+        rank,
         f"{type(model).__name__} ({num_params:,} parameters, receptive field {history} observations), {sampler}; "
-        f"{len(train_set):,} training examples from {num_train} episodes; {world} process(es) on {args.device}"
+        f"{len(train_set):,} training examples from {num_train} episodes; {world} process(es) on {args.device}",
     )
 
     def checkpoint(state: TrainState) -> None:
@@ -286,9 +309,10 @@ def _run(args: argparse.Namespace, argv: list[str], rank: int, world: int) -> in
         save_checkpoint(
             path, _servable(state.ema.shadow, scale, shift), sampler, {**extra, "train_state": state.state_dict()}
         )
-        say(f"wrote {path} (resumable)")
+        _say(rank, f"wrote {path} (resumable)")
 
     log_dir = args.log_dir or args.out.with_name(args.out.name + ".logs")
+    _say(rank, f"metrics: {log_dir / 'metrics.csv'}")
     start = time.perf_counter()
     metrics = MetricsLog(log_dir, resume_step=resume["step"] if resume else None) if rank == 0 else None
     try:
@@ -306,21 +330,31 @@ def _run(args: argparse.Namespace, argv: list[str], rank: int, world: int) -> in
     finally:
         if metrics is not None:
             metrics.close()
-    seconds = time.perf_counter() - start
-    if rank != 0:
-        return 0
+    if rank == 0:
+        _finish(args, result, extra, _servable(result.ema_model, scale, shift), sampler, time.perf_counter() - start)
+    return 0
+
+
+def _finish(
+    args: argparse.Namespace,
+    result: TrainResult,
+    extra: dict[str, Any],
+    model: eCondTransformerRegressor,
+    sampler: Sampler,
+    seconds: float,
+) -> None:
+    """Write the final checkpoint (EMA weights, normalisation folded in) and say how training went."""
     extra["final_loss"] = float(np.mean(result.losses[-100:]))
     extra["train_seconds"] = seconds
     if result.val_losses:
         extra["val_loss"] = result.val_losses[-1][1]
-    save_checkpoint(args.out, _servable(result.ema_model, scale, shift), sampler, extra=extra)
+    save_checkpoint(args.out, model, sampler, extra=extra)
     size = args.out.stat().st_size
     val = f", validation loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""
-    say(
+    print(
         f"wrote {args.out} ({size / 1e6:.2f} MB) after {seconds / 60:.1f} min; "
-        f"training loss {extra['final_loss']:.4f}{val}; metrics in {log_dir}"
+        f"training loss {extra['final_loss']:.4f}{val}"
     )
-    return 0
 
 
 def _resume_state(path: Path, model: eCondTransformerRegressor) -> dict[str, Any]:

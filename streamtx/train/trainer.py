@@ -193,9 +193,10 @@ def _shard(examples: Examples, rank: int, world: int) -> Examples:
         n = len(group[0])
         a, b = max(lo - at, 0), min(hi - at, n)
         if a < b:
-            out.append(tuple(t[a:b] for t in group))
+            z, x_k, k, target = group
+            out.append((z[a:b], x_k[a:b], k[a:b], target[a:b]))
         at += n
-    return out  # type: ignore[return-value]
+    return out
 
 
 class _SquaredError(nn.Module):
@@ -242,6 +243,7 @@ def _device(config: TrainConfig) -> torch.device:
             raise RuntimeError(f"device: {config.device!r} requested, but CUDA is not available")
         if device.index is None:  # one GPU per process under torchrun
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     return device
 
 
