@@ -1,5 +1,7 @@
-"""Training of denoising (flow-matching / diffusion) policies on action chunks: datasets, EMA, the trainer and the
-``streamtx train`` command."""
+"""Training of denoising (flow-matching / diffusion) policies on action chunks: the examples of episodes
+(:class:`ChunkDataset`; the episodes themselves and their file formats are :mod:`streamtx.data`), equivariant input
+normalisation, EMA, the trainer (devices, DDP, resume) and its metrics file. The ``streamtx train`` command is
+:mod:`streamtx.apps.train`."""
 
 from .chunks import ChunkDataset
 from .ema import EMA
