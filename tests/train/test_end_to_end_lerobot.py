@@ -2,6 +2,8 @@
 override, a declared symmetry) -> the checkpoint loads as a streaming policy -> action chunks. Also the CUDA path
 (skips without a GPU) and the plain model without any symmetry."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -33,11 +35,18 @@ quiet = true
 
 def test_lerobot_directory_to_policy_actions(tmp_path, capsys):
     data = tiny_lerobot(tmp_path / "my_robot")
+    info = json.loads((data / "meta" / "info.json").read_text())  # a camera stream the trainer does not read
+    info["features"]["observation.images.wrist"] = {"dtype": "video", "shape": [64, 64, 3], "names": None}
+    (data / "meta" / "info.json").write_text(json.dumps(info))
     config = tmp_path / "train.toml"
     config.write_text(CONFIG.format(symmetry=REACHER_SYMMETRY))
     out = tmp_path / "policy.pt"
     assert train_main([str(data), "--config", str(config), "--out", str(out), "--steps", "4"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (
+        "wrote" in printed
+        and "not used (video/image features are not supported yet): observation.images.wrist" in printed
+    )
     model, sampler, extra = load_model(out)
     assert extra["train"]["steps"] == 4 and extra["train"]["batch_size"] == 8  # flag over file over default
     assert extra["symmetry"]["declaration"] == SymmetrySpec.load(REACHER_SYMMETRY).to_dict()
