@@ -3,6 +3,7 @@ override, a declared symmetry) -> the checkpoint loads as a streaming policy -> 
 (skips without a GPU) and the plain model without any symmetry."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from train_testing import REACHER_SYMMETRY, metrics, tiny_lerobot
 
 from streamtx.apps.train import main as train_main
 from streamtx.checkpoint import load_model, load_policy
-from streamtx.data import SymmetrySpec, read_lerobot
+from streamtx.data import Episodes, SymmetrySpec, read_lerobot, write_lerobot
 
 pytest.importorskip("pyarrow")
 
@@ -93,3 +94,21 @@ def test_cuda_training_with_bf16_autocast(tmp_path):
     assert train_main([*args, "--dim", "8", "--heads", "1", "--device", "cuda", "--autocast", "bf16", "--quiet"]) == 0
     model, _, _ = load_model(out)
     assert model.check_equivariance() < 1e-10  # the folded checkpoint is float32 on the CPU, still equivariant
+
+
+def test_quadruped_example_config_trains_a_k4_policy(tmp_path, monkeypatch):
+    """examples/quadruped/train.toml + symmetry.toml on a synthetic 36/12-d dataset, small flags over the file's
+    sizes, bf16 autocast on the CPU (the file's GPU settings, device overridden)."""
+    root = Path(__file__).parents[2]
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(30, 36)).astype(np.float32)
+    data = write_lerobot(tmp_path / "quadruped", Episodes(obs, obs[:, :12] * 0.5, np.array([12, 18])), fps=50)
+    out = tmp_path / "quadruped.pt"
+    small = ["--device", "cpu", "--steps", "2", "--batch-size", "8", "--dim", "32", "--heads", "1", "--layers", "1"]
+    small += ["--cond-layers", "1", "--action-horizon", "4", "--obs-horizon", "2", "--checkpoint-every", "0", "--quiet"]
+    config = root / "examples" / "quadruped" / "train.toml"
+    monkeypatch.chdir(root)  # the file names its symmetry relative to the repository root
+    assert train_main([str(data), "--config", str(config), "--out", str(out), *small]) == 0
+    model, _, extra = load_model(out)
+    assert model.in_rep.group.order == 4 and model.cond_rep.size == 36 and model.check_equivariance() < 1e-10
+    assert extra["train"]["autocast"] == "bf16" and extra["symmetry"]["declaration"]["name"] == "K4"
