@@ -1,16 +1,21 @@
-"""``streamtx train``: fit a flow-matching (or DDIM diffusion) policy on a demonstration file and write a checkpoint
-in the daemon's format.
+"""``streamtx train``: fit a flow-matching (or DDIM diffusion) policy on demonstrations and write a checkpoint in the
+daemon's format.
 
-    streamtx train reacher_demos.npz --out policy.pt [--no-equivariance] [--steps 6000]
+    streamtx train DATA --out policy.pt [--symmetry robot.toml | --task reacher | --no-equivariance] [--config FILE]
+    torchrun --nproc-per-node 2 -m streamtx train DATA --out policy.pt ...      # data-parallel, same trajectory
 
-The dataset names its task (``task`` array, or ``--task``), which gives the representations of observations and
-actions; the equivariant model (default) is an ``eCondTransformerRegressor`` over them, the baseline
-(``--no-equivariance``) the same architecture as a ``CondTransformerRegressor`` of the same width.
+``DATA`` is a ``.npz`` demonstration file (``streamtx collect``) or a LeRobot dataset directory (v3.0 or v2.1; its
+``--observation-features`` and ``--action-features`` become the observation and action tokens). The symmetry comes
+from a declaration (``--symmetry``, see :mod:`streamtx.data.symmetry`), a task (``--task``, or the ``.npz``'s own
+``task``), or none (``--no-equivariance``: the plain ``CondTransformerRegressor`` of the same width). Every option
+can also come from a TOML file (``--config``); flags override it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import shlex
 import sys
 import time
@@ -19,17 +24,25 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from ..checkpoint import save_checkpoint
+from streamtx_server.config_file import add_config_option, parse_args_with_config
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data import Episodes, SymmetrySpec, SymmetrySpecError, load_npz, read_lerobot
 from ..models import CondTransformerRegressor, eCondTransformerRegressor, get_optim_groups
+from ..nn.linear import eLinear
 from ..policy import DDIMSampler, FlowMatchingSampler, Sampler
-from ..symmetry import Representation
+from ..symmetry import Representation, trivial_group
 from ..tasks import task_representations
-from ..train.data import ChunkDataset, load_dataset
+from ..train.chunks import ChunkDataset
+from ..train.metrics import MetricsLog
 from ..train.normalize import fold_input_normalization, observation_normalizer
-from ..train.trainer import TrainConfig, TrainResult, train
+from ..train.trainer import AUTOCAST_DTYPES, TrainConfig, TrainResult, TrainState, train
 
-__all__ = ["build_model", "build_sampler", "split_episodes", "main"]
+__all__ = ["build_model", "build_sampler", "load_episodes", "split_episodes", "main"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def build_model(
@@ -61,16 +74,35 @@ def split_episodes(num_episodes: int, val_fraction: float) -> tuple[slice, slice
     return slice(0, num_episodes - num_val), slice(num_episodes - num_val, num_episodes)
 
 
+def load_episodes(path: Path, fmt: str, observation_features: list[str], action_features: list[str]) -> Episodes:
+    """The demonstrations at ``path``: ``fmt`` ``"npz"``, ``"lerobot"`` or ``"auto"`` (a directory is LeRobot)."""
+    if fmt == "auto":
+        fmt = "lerobot" if path.is_dir() else "npz"
+    if fmt == "lerobot":
+        return read_lerobot(path, observation_features, action_features)
+    if fmt == "npz":
+        return load_npz(path)
+    raise ValueError(f"fmt: expected 'auto', 'npz' or 'lerobot', got {fmt!r}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="streamtx train",
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("data", type=Path, help="demonstration .npz (observations (E, T, obs), actions (E, T, act))")
+    p.add_argument("data", type=Path, help="a .npz demonstration file or a LeRobot dataset directory")
     p.add_argument("--out", type=Path, required=True, help="checkpoint to write")
-    p.add_argument("--task", default=None, help="task whose symmetry to use (default: the dataset's 'task')")
-    p.add_argument("--no-equivariance", action="store_true", help="train the plain baseline")
+    add_config_option(p)
+    g = p.add_argument_group("data and symmetry")
+    g.add_argument("--format", choices=["auto", "npz", "lerobot"], default="auto", help="auto: a directory is LeRobot")
+    g.add_argument(
+        "--observation-features", nargs="+", default=["observation.state"], help="LeRobot features, in order"
+    )
+    g.add_argument("--action-features", nargs="+", default=["action"], help="LeRobot features, in order")
+    g.add_argument("--symmetry", type=Path, default=None, help="TOML declaration of the group and representations")
+    g.add_argument("--task", default=None, help="task whose symmetry to use (default: the .npz's 'task')")
+    g.add_argument("--no-equivariance", action="store_true", help="train the plain baseline")
     g = p.add_argument_group("model")
     g.add_argument("--action-horizon", type=int, default=8, help="Tx, actions per chunk")
     g.add_argument("--obs-horizon", type=int, default=2, help="Tz, observation tokens in the decoder's memory")
@@ -85,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimization")
     defaults = TrainConfig()
     g.add_argument("--steps", type=int, default=6000)
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch (all processes)")
     g.add_argument("--lr", type=float, default=defaults.lr)
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     g.add_argument("--warmup-steps", type=int, default=200)
@@ -93,26 +125,160 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--val-fraction", type=float, default=0.05, help="episodes held out for the validation loss")
     g.add_argument("--eval-every", type=int, default=500, help="steps between validation losses")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: the LOCAL_RANK GPU), cuda:1, ...")
+    g.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), default=None, help="mixed-precision forward")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and data precision")
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads (leave cores to the simulator/daemon)")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="steps between resumable OUT.step-N.pt (0: none)")
+    g.add_argument("--resume", type=Path, default=None, help="continue from a periodic checkpoint")
+    g.add_argument("--log-dir", type=Path, default=None, help="metrics.csv (+ TensorBoard) here; default OUT.logs/")
+    g.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between metrics rows")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
+def _representations(args: argparse.Namespace, episodes: Episodes) -> tuple[Representation, Representation, Any]:
+    """``(obs_rep, act_rep, symmetry record for the checkpoint)`` from the declaration, the task or neither."""
+    if args.symmetry is not None and args.task is not None:
+        raise SystemExit("streamtx train: give one of --symmetry and --task, got both")
+    if args.symmetry is not None:
+        try:
+            spec = SymmetrySpec.load(args.symmetry)
+        except SymmetrySpecError as exc:
+            raise SystemExit(f"streamtx train: {exc}") from None
+        obs_rep, act_rep = spec.representations()
+        record: Any = {"source": str(args.symmetry), "declaration": spec.to_dict()}
+    else:
+        task = args.task or episodes.meta.get("task")
+        if task is None:
+            if not args.no_equivariance:
+                raise SystemExit(
+                    f"streamtx train: {args.data} names no task; declare the robot's symmetry (--symmetry FILE), "
+                    "name a task (--task) or train the plain model (--no-equivariance)"
+                )
+            group = trivial_group()
+            return (
+                Representation.trivial(group, episodes.obs_dim),
+                Representation.trivial(group, episodes.act_dim),
+                None,
+            )
+        obs_rep, act_rep = task_representations(str(task))
+        record = {"task": str(task)}
+    where = args.symmetry or f"task {record.get('task')!r}"
+    if episodes.obs_dim != obs_rep.size or episodes.act_dim != act_rep.size:
+        raise SystemExit(
+            f"streamtx train: {where} declares observations of size {obs_rep.size} and actions of size "
+            f"{act_rep.size}; the dataset has {episodes.obs_dim} and {episodes.act_dim}"
+        )
+    return obs_rep, act_rep, record
+
+
+def _servable(ema_model: torch.nn.Module, scale: np.ndarray, shift: np.ndarray) -> eCondTransformerRegressor:
+    """A float32 copy of the EMA model that takes raw observations (the normalisation folded in)."""
+    model = copy.deepcopy(ema_model).float().cpu()
+    if not isinstance(model, eCondTransformerRegressor) or not isinstance(model.cond_obs_emb, eLinear):
+        raise TypeError(f"ema_model: expected an eCondTransformerRegressor, got {type(model).__name__}")
+    fold_input_normalization(model.cond_obs_emb, scale, shift)
+    return model
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """``(rank, world size)``; under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised here."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        if cuda:  # before NCCL starts: each process talks from its own GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args = parse_args_with_config(_parser(), argv)
     torch.set_num_threads(args.threads)
-    data = load_dataset(args.data)
-    task = args.task or (str(data["task"]) if "task" in data else None)
-    if task is None:
-        raise SystemExit(f"streamtx train: {args.data} names no task; pass --task")
-    obs_rep, act_rep = task_representations(task)
-    obs, act = data["observations"], data["actions"]
-    if obs.shape[-1] != obs_rep.size or act.shape[-1] != act_rep.size:
-        raise SystemExit(
-            f"streamtx train: task {task!r} has observations of size {obs_rep.size} and actions of size "
-            f"{act_rep.size}, the dataset {obs.shape[-1]} and {act.shape[-1]}"
+    rank, world = _init_distributed(args.device)
+    try:
+        return _run(args, argv, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _datasets(
+    args: argparse.Namespace, episodes: Episodes, obs_rep: Representation, history: int
+) -> tuple[ChunkDataset, ChunkDataset | None, np.ndarray, np.ndarray, int]:
+    tr, va = split_episodes(episodes.num_episodes, args.val_fraction)
+    train_eps = episodes.select(tr)
+    scale, shift = observation_normalizer(train_eps.observations, obs_rep)
+    dtype = DTYPES[args.dtype]
+
+    def chunks(eps: Episodes) -> ChunkDataset:
+        obs = ((eps.observations - shift) * scale).astype(np.float32 if dtype == torch.float32 else np.float64)
+        return ChunkDataset(obs, eps.actions, history, args.action_horizon, dtype, eps.lengths)
+
+    val = chunks(episodes.select(va)) if va.stop > va.start else None
+    return chunks(train_eps), val, scale, shift, train_eps.num_episodes
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=min(args.warmup_steps, args.steps - 1),
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        progress=not args.quiet,
+        device=args.device,
+        autocast=args.autocast,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+    )
+
+
+def _extra(
+    args: argparse.Namespace, argv: list[str], episodes: Episodes, config: TrainConfig, world: int, symmetry: Any
+) -> dict[str, Any]:
+    """The checkpoint's ``extra``: how it was trained, on what, with which symmetry."""
+    extra: dict[str, Any] = {
+        "command": "streamtx train " + shlex.join(argv),
+        "train": config.to_dict(),
+        "processes": world,
+        "dataset": {
+            "path": str(args.data),
+            "format": episodes.meta.get("format", "npz"),
+            "episodes": episodes.num_episodes,
+            "frames": episodes.num_frames,
+            "fps": episodes.fps,
+            "half": str(episodes.meta.get("half", "all")),
+            "observation_names": episodes.observation_names,
+            "action_names": episodes.action_names,
+        },
+    }
+    if symmetry is not None and "task" in symmetry:
+        extra["task"] = symmetry["task"]
+    elif symmetry is not None:
+        extra["symmetry"] = symmetry
+    return extra
+
+
+def _say(rank: int, message: str) -> None:
+    if rank == 0:  # one process speaks for all
+        print(message)
+
+
+def _run(args: argparse.Namespace, argv: list[str], rank: int, world: int) -> int:
+    episodes = load_episodes(args.data, args.format, args.observation_features, args.action_features)
+    if episodes.meta.get("skipped_features"):
+        _say(
+            rank,
+            f"not used (video/image features are not supported yet): {', '.join(episodes.meta['skipped_features'])}",
         )
+    obs_rep, act_rep, symmetry = _representations(args, episodes)
     torch.manual_seed(args.seed)  # the model's initialization
     model = build_model(
         obs_rep,
@@ -124,53 +290,82 @@ def main(argv: list[str] | None = None) -> int:
         num_attention_heads=args.heads,
         embedding_dim=args.dim,
         num_cond_layers=args.cond_layers,
-    )
+    ).to(DTYPES[args.dtype])
     sampler = build_sampler(args.sampler, args.sampling_steps)
     history = model.receptive_field()
-    tr, va = split_episodes(len(obs), args.val_fraction)
-    scale, shift = observation_normalizer(obs[tr], obs_rep)
-    obs = ((obs - shift) * scale).astype(np.float32)  # trained on normalized observations, folded in below
-    train_set = ChunkDataset(obs[tr], act[tr], history, args.action_horizon)
-    val_set = ChunkDataset(obs[va], act[va], history, args.action_horizon) if va.stop > va.start else None
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=min(args.warmup_steps, args.steps - 1),
-        ema_decay=args.ema_decay,
-        seed=args.seed,
-        eval_every=args.eval_every,
-        progress=not args.quiet,
-    )
+    train_set, val_set, scale, shift, num_train = _datasets(args, episodes, obs_rep, history)
+    config = _train_config(args)
+    extra = _extra(args, argv, episodes, config, world, symmetry)
+    resume = _resume_state(args.resume, model) if args.resume is not None else None
     num_params = sum(p.numel() for p in model.parameters())
-    print(
+    _say(
+        rank,
         f"{type(model).__name__} ({num_params:,} parameters, receptive field {history} observations), {sampler}; "
-        f"{len(train_set):,} training examples from {tr.stop} episodes of task {task!r}"
+        f"{len(train_set):,} training examples from {num_train} episodes; {world} process(es) on {args.device}",
     )
+
+    def checkpoint(state: TrainState) -> None:
+        path = args.out.with_name(f"{args.out.stem}.step-{state.step}{args.out.suffix}")
+        save_checkpoint(
+            path, _servable(state.ema.shadow, scale, shift), sampler, {**extra, "train_state": state.state_dict()}
+        )
+        _say(rank, f"wrote {path} (resumable)")
+
+    log_dir = args.log_dir or args.out.with_name(args.out.name + ".logs")
+    _say(rank, f"metrics: {log_dir / 'metrics.csv'}")
     start = time.perf_counter()
-    result: TrainResult = train(model, sampler, train_set, config, get_optim_groups(model, args.weight_decay), val_set)
-    seconds = time.perf_counter() - start
-    fold_input_normalization(result.ema_model.cond_obs_emb, scale, shift)  # the checkpoint takes raw observations
-    extra = {
-        "task": task,
-        "command": "streamtx train " + shlex.join(argv),
-        "train": config.to_dict(),
-        "dataset": {
-            "path": str(args.data),
-            "episodes": int(len(obs)),
-            "half": str(data["half"]) if "half" in data else "all",
-        },
-        "final_loss": float(np.mean(result.losses[-100:])),
-        "train_seconds": seconds,
-    }
+    metrics = MetricsLog(log_dir, resume_step=resume["step"] if resume else None) if rank == 0 else None
+    try:
+        result: TrainResult = train(
+            model,
+            sampler,
+            train_set,
+            config,
+            get_optim_groups(model, args.weight_decay),
+            val_set,
+            resume=resume,
+            on_checkpoint=checkpoint,
+            metrics=metrics,
+        )
+    finally:
+        if metrics is not None:
+            metrics.close()
+    if rank == 0:
+        _finish(args, result, extra, _servable(result.ema_model, scale, shift), sampler, time.perf_counter() - start)
+    return 0
+
+
+def _finish(
+    args: argparse.Namespace,
+    result: TrainResult,
+    extra: dict[str, Any],
+    model: eCondTransformerRegressor,
+    sampler: Sampler,
+    seconds: float,
+) -> None:
+    """Write the final checkpoint (EMA weights, normalisation folded in) and say how training went."""
+    extra["final_loss"] = float(np.mean(result.losses[-100:]))
+    extra["train_seconds"] = seconds
     if result.val_losses:
         extra["val_loss"] = result.val_losses[-1][1]
-    save_checkpoint(args.out, result.ema_model, sampler, extra=extra)
+    save_checkpoint(args.out, model, sampler, extra=extra)
     size = args.out.stat().st_size
     val = f", validation loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""
     print(
         f"wrote {args.out} ({size / 1e6:.2f} MB) after {seconds / 60:.1f} min; "
         f"training loss {extra['final_loss']:.4f}{val}"
     )
-    return 0
+
+
+def _resume_state(path: Path, model: eCondTransformerRegressor) -> dict[str, Any]:
+    """The training state of a periodic checkpoint, checked against the model being trained."""
+    payload = load_checkpoint(path)
+    state = payload["extra"].get("train_state")
+    if state is None:
+        raise SystemExit(f"streamtx train: --resume {path} holds no training state (write it with --checkpoint-every)")
+    if payload["config"] != dict(model.config) or payload["model_class"] != type(model).__name__:
+        raise SystemExit(
+            f"streamtx train: --resume {path} is a {payload['model_class']} with {payload['config']}; this run builds "
+            f"a {type(model).__name__} with {dict(model.config)}"
+        )
+    return dict(state)

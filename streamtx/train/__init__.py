@@ -1,19 +1,23 @@
-"""Training of denoising (flow-matching / diffusion) policies on action chunks: datasets, EMA, the trainer and the
-``streamtx train`` command."""
+"""Training of denoising (flow-matching / diffusion) policies on action chunks: the examples of episodes
+(:class:`ChunkDataset`; the episodes themselves and their file formats are :mod:`streamtx.data`), equivariant input
+normalisation, EMA, the trainer (devices, DDP, resume) and its metrics file. The ``streamtx train`` command is
+:mod:`streamtx.apps.train`."""
 
-from .data import ChunkDataset, load_dataset, save_dataset
+from .chunks import ChunkDataset
 from .ema import EMA
-from .normalize import fold_input_normalization, observation_normalizer
-from .trainer import TrainConfig, TrainResult, train
+from .metrics import MetricsLog
+from .normalize import fold_input_normalization, observation_normalizer, orbit_blocks
+from .trainer import TrainConfig, TrainResult, TrainState, train
 
 __all__ = [
     "ChunkDataset",
     "EMA",
     "TrainConfig",
+    "MetricsLog",
     "TrainResult",
+    "TrainState",
     "fold_input_normalization",
-    "load_dataset",
     "observation_normalizer",
-    "save_dataset",
+    "orbit_blocks",
     "train",
 ]

@@ -34,8 +34,8 @@ class EMA:
         self.num_updates += 1
         for s, p in zip(self.shadow.parameters(), model.parameters()):
             s.lerp_(p.detach(), 1.0 - d)
-        for s, b in zip(self.shadow.buffers(), model.buffers()):
-            s.copy_(b)
+        for shadow_buffer, b in zip(self.shadow.buffers(), model.buffers()):
+            shadow_buffer.copy_(b)
 
     def __repr__(self) -> str:
         return f"EMA(decay={self.decay}, num_updates={self.num_updates})"

@@ -4,24 +4,38 @@ Works with any model ``V = model(X_k, k, Z)`` (``X_k (B, Tx, act_dim)`` noisy ch
 ``Z (B, Tz, obs_dim)`` observation window) and any sampler with ``training_example(X, generator) -> (X_k, k, target)``:
 the loss is ``mse(model(X_k, k, Z), target)`` (:func:`chunk_loss`), so the sampler alone decides what is learnt
 (velocity, noise, ...).
+
+Scaling: on any device (``TrainConfig.device``, optional bf16 autocast), and on several processes when
+``torch.distributed`` is initialised (``torchrun``): every process draws the same global batch and noise from the same
+seeded generator and computes the loss of its own slice of it inside ``DistributedDataParallel``, so a run on ``W``
+processes follows the same trajectory as one process at the same global batch (up to summation order). A run resumes
+exactly from :meth:`TrainState.state_dict` (weights, optimizer, EMA, schedule position, batch order and noise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
-from .data import ChunkDataset
+from .chunks import ChunkDataset
 from .ema import EMA
+from .metrics import MetricsLog
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingSampler", "chunk_loss", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainState", "TrainingSampler", "chunk_loss", "train"]
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingSampler(Protocol):
@@ -46,7 +60,12 @@ class TrainConfig:
         seed: seeds the model initialization (when the caller builds the model after :func:`torch.manual_seed`),
             the batches and the noise.
         eval_every: steps between validation losses (``0``: only at the end); needs a validation set.
-        progress: show a progress bar.
+        progress: show a progress bar (on the first process only).
+        device: where the model and the examples live (``"cuda"`` is the process's ``LOCAL_RANK`` device under
+            ``torchrun``); batches and noise are always drawn on the CPU, so every device sees the same ones.
+        autocast: ``None`` (full precision), ``"bf16"`` or ``"fp16"``: the forward pass under ``torch.autocast``.
+        checkpoint_every: steps between calls of ``train``'s ``on_checkpoint`` (``0``: never).
+        log_every: steps between rows of the metrics file (the last step is always written).
     """
 
     steps: int = 20_000
@@ -61,16 +80,25 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0
     progress: bool = True
+    device: str = "cpu"
+    autocast: str | None = None
+    checkpoint_every: int = 0
+    log_every: int = 50
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every: expected >= 1, got {self.log_every}")
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast: expected None or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast!r}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
@@ -85,12 +113,107 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """``ema_model``: the averaged weights (what to evaluate and ship); ``losses``: training loss per step;
-    ``val_losses``: ``(step, loss)`` of the EMA model on the validation set."""
+    """``ema_model``: the averaged weights (what to evaluate and ship); ``losses``: training loss per step (of the
+    global batch); ``val_losses``: ``(step, loss)`` of the EMA model on the validation set (first process only)."""
 
     ema_model: nn.Module
     losses: list[float]
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue exactly where it stopped; ``step`` optimizer steps are done."""
+
+    step: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    generator: torch.Generator
+    losses: list[float]
+    val_losses: list[tuple[int, float]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot in plain containers and CPU tensors (copies: training on does not change it), loadable with
+        ``torch.load(weights_only=True)``."""
+        return {
+            "step": self.step,
+            "model": _to_cpu(self.model.state_dict()),
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "ema": _to_cpu(self.ema.shadow.state_dict()),
+            "ema_updates": self.ema.num_updates,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),  # dropout, if the model has any
+            "losses": list(self.losses),
+            "val_losses": [list(v) for v in self.val_losses],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.shadow.load_state_dict(state["ema"])
+        self.ema.num_updates = int(state["ema_updates"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.losses = [float(v) for v in state["losses"]]
+        self.val_losses = [(int(s), float(v)) for s, v in state["val_losses"]]
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
+
+
+Examples = list[tuple[Tensor, Tensor, Tensor, Tensor]]
+"""Per window length: ``(Z, X_k, k, target)``."""
+
+
+def _examples(
+    sampler: TrainingSampler, batch: list[tuple[Tensor, Tensor]], generator: torch.Generator | None
+) -> Examples:
+    out = []
+    for z, x in batch:
+        x_k, k, target = sampler.training_example(x, generator=generator)
+        out.append((z, x_k, k, target))
+    return out
+
+
+def _shard(examples: Examples, rank: int, world: int) -> Examples:
+    """This process's contiguous slice of the batch (groups concatenated in order), ``1 / world`` of it."""
+    total = sum(len(z) for z, *_ in examples)
+    lo, hi = rank * total // world, (rank + 1) * total // world
+    out, at = [], 0
+    for group in examples:
+        n = len(group[0])
+        a, b = max(lo - at, 0), min(hi - at, n)
+        if a < b:
+            z, x_k, k, target = group
+            out.append((z[a:b], x_k[a:b], k[a:b], target[a:b]))
+        at += n
+    return out
+
+
+class _SquaredError(nn.Module):
+    """``sum ||model(X_k, k, Z) - target||^2`` over groups of examples: the one forward that DDP wraps."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, examples: Examples) -> Tensor:
+        total = None
+        for z, x_k, k, target in examples:
+            err = F.mse_loss(self.model(x_k, k, z), target, reduction="sum")
+            total = err if total is None else total + err
+        if total is None:
+            raise ValueError("batch: expected at least one group of examples, got none")
+        return total
 
 
 def chunk_loss(
@@ -101,15 +224,8 @@ def chunk_loss(
 ) -> Tensor:
     """Mean squared error of ``model`` against ``sampler``'s targets over a batch grouped by window length (as
     :meth:`ChunkDataset.get` returns it): one forward per group, every example weighted alike."""
-    total, count = None, 0
-    for z, x in batch:
-        x_k, k, target = sampler.training_example(x, generator=generator)
-        err = F.mse_loss(model(x_k, k, z), target, reduction="sum")
-        total = err if total is None else total + err
-        count += target.numel()
-    if total is None:
-        raise ValueError("batch: expected at least one group of examples, got none")
-    return total / count
+    examples = _examples(sampler, batch, generator)
+    return _SquaredError(model)(examples) / sum(t.numel() for *_, t in examples)
 
 
 @torch.no_grad()
@@ -120,6 +236,29 @@ def _validation_loss(
     return chunk_loss(model, sampler, batch, torch.Generator().manual_seed(seed)).item()
 
 
+def _device(config: TrainConfig) -> torch.device:
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device: {config.device!r} requested, but CUDA is not available")
+        if device.index is None:  # one GPU per process under torchrun
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _autocast(device: torch.device, config: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    if config.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[config.autocast])
+
+
 def train(
     model: nn.Module,
     sampler: TrainingSampler,
@@ -128,64 +267,129 @@ def train(
     param_groups: list[dict[str, Any]] | None = None,
     val_dataset: ChunkDataset | None = None,
     callback: Callable[[int, float], None] | None = None,
+    *,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    metrics: MetricsLog | None = None,
 ) -> TrainResult:
     """Train ``model`` in place to predict ``sampler``'s targets from the chunks and windows of ``dataset``.
 
     Args:
-        model: ``V = model(X_k, k, Z)``.
+        model: ``V = model(X_k, k, Z)``; moved to ``config.device``.
         sampler: provides ``training_example``.
-        dataset: the training examples.
+        dataset: the training examples (moved to ``config.device``).
         config: optimization settings.
         param_groups: AdamW parameter groups (e.g. ``streamtx.models.get_optim_groups(model, weight_decay)``);
             default: every parameter with ``config.weight_decay``.
         val_dataset: if given, the EMA model's loss on a fixed batch of it (fixed noise) is recorded every
-            ``config.eval_every`` steps and at the end.
+            ``config.eval_every`` steps and at the end (first process only).
         callback: called as ``callback(step, loss)`` after each step.
+        resume: a :meth:`TrainState.state_dict` to continue from (same model, data and config).
+        on_checkpoint: called with the :class:`TrainState` every ``config.checkpoint_every`` steps, on the first
+            process only (the others hold the same state).
+        metrics: where the first process writes a row every ``config.log_every`` steps.
 
     Returns:
         The EMA model and the loss curves.
     """
     if not callable(getattr(sampler, "training_example", None)):
         raise TypeError(f"sampler: expected an object with training_example(actions, generator), got {type(sampler)}")
+    rank, world = _world()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size: expected a multiple of the {world} processes, got {config.batch_size}")
+    device = _device(config)
+    model.to(device)
+    dataset.to(device)
     if param_groups is None:
         param_groups = [
             {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": config.weight_decay}
         ]
-    optimizer = torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas)
-    ema = EMA(model, config.ema_decay)
-    gen = torch.Generator().manual_seed(config.seed)
-    val_batch = (
-        val_dataset.sample(min(len(val_dataset), 1024), torch.Generator().manual_seed(config.seed + 1))
-        if val_dataset is not None
-        else None
+    state = TrainState(
+        0,
+        model,
+        torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas),
+        EMA(model, config.ema_decay),
+        torch.Generator().manual_seed(config.seed),
+        [],
+        [],
     )
-    losses: list[float] = []
-    val_losses: list[tuple[int, float]] = []
+    if resume is not None:
+        state.load_state_dict(resume)
+    loss_module: nn.Module = _SquaredError(model)
+    if world > 1:
+        loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    val_batch = None
+    if val_dataset is not None and rank == 0:
+        val_dataset.to(device)
+        val_batch = val_dataset.sample(min(len(val_dataset), 1024), torch.Generator().manual_seed(config.seed + 1))
     model.train()
-    bar = tqdm(range(config.steps), desc="train", disable=not config.progress, dynamic_ncols=True)
+    start_time, start_step = time.perf_counter(), state.step
+    bar = tqdm(
+        range(state.step, config.steps),
+        desc="train",
+        disable=not config.progress or rank != 0,
+        dynamic_ncols=True,
+        initial=state.step,
+        total=config.steps,
+    )
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step)
-        loss = chunk_loss(model, sampler, dataset.sample(config.batch_size, gen), gen)
-        optimizer.zero_grad(set_to_none=True)
+        lr = config.lr_at(step)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        examples = _examples(sampler, dataset.sample(config.batch_size, state.generator), state.generator)
+        count = sum(t.numel() for *_, t in examples)
+        with _autocast(device, config):
+            # DDP averages gradients over processes: scale by `world` so they are those of the global mean
+            loss = loss_module(_shard(examples, rank, world)) / count * world
+        state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        ema.update(model)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training diverged: loss {value} at step {step}; lower config.lr")
-        losses.append(value)
+        state.optimizer.step()
+        state.ema.update(model)
+        value = loss.detach()
+        if world > 1:
+            dist.all_reduce(value)
+            value = value / world
+        loss_value = value.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training diverged: loss {loss_value} at step {step}; lower config.lr")
+        state.losses.append(loss_value)
+        state.step = step + 1
         if callback is not None:
-            callback(step, value)
-        last = step + 1 == config.steps
-        if val_batch is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
-            val_losses.append((step + 1, _validation_loss(ema.shadow, sampler, val_batch, config.seed)))
-        if step % 50 == 0 or last:
-            postfix = {"loss": f"{sum(losses[-50:]) / len(losses[-50:]):.4f}"}
-            if val_losses:
-                postfix["val"] = f"{val_losses[-1][1]:.4f}"
-            bar.set_postfix(postfix)
+            callback(step, loss_value)
+        if rank == 0:
+            _after_step(state, config, sampler, val_batch, metrics, on_checkpoint, lr, start_time, start_step)
+            if step % 50 == 0 or state.step == config.steps:
+                postfix = {"loss": f"{sum(state.losses[-50:]) / len(state.losses[-50:]):.4f}"}
+                if state.val_losses:
+                    postfix["val"] = f"{state.val_losses[-1][1]:.4f}"
+                bar.set_postfix(postfix)
     model.eval()
-    return TrainResult(ema.shadow, losses, val_losses)
+    return TrainResult(state.ema.shadow, state.losses, state.val_losses)
+
+
+def _after_step(
+    state: TrainState,
+    config: TrainConfig,
+    sampler: TrainingSampler,
+    val_batch: list[tuple[Tensor, Tensor]] | None,
+    metrics: MetricsLog | None,
+    on_checkpoint: Callable[[TrainState], None] | None,
+    lr: float,
+    start_time: float,
+    start_step: int,
+) -> None:
+    """Validation, metrics and checkpoints after optimizer step ``state.step`` (first process only)."""
+    done, last = state.step, state.step == config.steps
+    val = None
+    if val_batch is not None and (last or (config.eval_every and done % config.eval_every == 0)):
+        val = _validation_loss(state.ema.shadow, sampler, val_batch, config.seed)
+        state.val_losses.append((done, val))
+    if metrics is not None and (last or done % config.log_every == 0 or val is not None):
+        elapsed = time.perf_counter() - start_time
+        recent = state.losses[-config.log_every :]
+        rate = (done - start_step) * config.batch_size / elapsed if elapsed > 0 else None
+        metrics.log(done, loss=sum(recent) / len(recent), lr=lr, val_loss=val, examples_per_s=rate, elapsed_s=elapsed)
+    if on_checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+        on_checkpoint(state)

@@ -14,6 +14,7 @@ import numpy as np
 from .symmetry import reflect_state
 
 __all__ = [
+    "CONTROL_HZ",
     "EPISODE_STEPS",
     "SUCCESS_DISTANCE",
     "Half",
@@ -26,6 +27,8 @@ __all__ = [
 
 EPISODE_STEPS = 50
 """Control steps of one episode (``Reacher-v5``'s time limit: 1 s at 50 Hz)."""
+CONTROL_HZ = 50
+"""Control steps per second: Reacher-v5 steps MuJoCo twice per action at a 0.01 s timestep."""
 SUCCESS_DISTANCE = 0.02
 """An episode succeeds when the fingertip ends within this distance of the target."""
 

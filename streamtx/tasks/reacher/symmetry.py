@@ -23,6 +23,8 @@ from streamtx.symmetry import Group, Representation, cyclic
 __all__ = [
     "OBS_DIM",
     "ACT_DIM",
+    "OBS_NAMES",
+    "ACT_NAMES",
     "OBS_SIGNS",
     "ACT_SIGNS",
     "STATE_SIGNS",
@@ -36,6 +38,8 @@ __all__ = [
 
 OBS_DIM = 10
 ACT_DIM = 2
+OBS_NAMES = ("cos_q1", "cos_q2", "sin_q1", "sin_q2", "target_x", "target_y", "dq1", "dq2", "to_target_x", "to_target_y")
+ACT_NAMES = ("torque_1", "torque_2")
 OBS_SIGNS = (1, 1, -1, -1, 1, -1, -1, -1, 1, -1)
 ACT_SIGNS = (-1, -1)
 STATE_SIGNS = (-1, -1, 1, -1)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamtx.train.data import ChunkDataset
+from streamtx.train.chunks import ChunkDataset
 
 
 def _episodes(num=3, steps=7):
@@ -52,3 +52,24 @@ def test_bad_input_is_rejected():
     obs[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="finite"):
         ChunkDataset(obs, act, 1, 1)
+
+
+def test_episodes_of_different_lengths_never_mix():
+    lengths = [2, 5, 1, 4]
+    frames = np.concatenate([100 * e + np.arange(t) for e, t in enumerate(lengths)]).astype(np.float64)
+    ds = ChunkDataset(frames[:, None], frames[:, None] + 0.5, 3, 3, torch.float64, np.array(lengths))
+    assert len(ds) == 12 and ds.num_episodes == 4
+    for i in range(len(ds)):
+        ((z, x),) = ds.get(torch.tensor([i]))
+        episode = int(frames[i]) // 100
+        assert (z // 100 == episode).all() and (x // 100 == episode).all()  # nothing from a neighbour
+        assert z[0, -1, 0] == frames[i] and x[0, 0, 0] == frames[i] + 0.5
+    ((z, x),) = ds.get(torch.tensor([7]))  # episode 2 has one frame: window 1, chunk holds its only action
+    np.testing.assert_array_equal(x[0, :, 0], [200.5] * 3)
+    # equal lengths as (E, T, d) and as frames with lengths give the same examples
+    padded = ChunkDataset(frames[:8].reshape(2, 4, 1), frames[:8].reshape(2, 4, 1), 2, 2, torch.float64)
+    flat = ChunkDataset(frames[:8, None], frames[:8, None], 2, 2, torch.float64, np.array([4, 4]))
+    index = torch.arange(8)
+    assert all(torch.equal(u, v) for ga, gb in zip(padded.get(index), flat.get(index)) for u, v in zip(ga, gb))
+    with pytest.raises(ValueError, match="lengths: expected episode lengths >= 1 summing to 12"):
+        ChunkDataset(frames[:, None], frames[:, None], 2, 2, lengths=np.array([2, 5, 1]))
