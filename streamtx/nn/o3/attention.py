@@ -327,11 +327,15 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
     # ---------------------------------------------------------------- shared pieces
     def _pair_terms(
         self, r: Tensor | None, basis: Tensor | None, cutoff_value: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """Per pair: the radial part ``(..., K)`` of the basis (its ``0+`` component), the value filter
-        ``Dense(b) (..., C_b, Q)`` and the softmax cutoff ``(..., 1)``, each ``None`` where unused. From the given
-        ``basis (..., 1, C_b, K)`` / ``cutoff_value (...)``, else from the relative vectors ``r (..., 3)``."""
-        rad = filt = cut = None
+        ``Dense(b)`` and the softmax cutoff ``(..., 1)``, each ``None`` where unused. From the given
+        ``basis (..., 1, C_b, K)`` / ``cutoff_value (...)``, else from the relative vectors ``r (..., 3)``.
+
+        The filter comes as ``(y, g)``: for the basis computed here it is separable, ``Dense(b)[c] = y[c] g[l(c)]``
+        with the harmonics ``y (..., C_b)`` and ``g (..., L_b+1, Q)`` (one matrix per degree, :meth:`Dense.profiles`);
+        for a given basis ``y`` is ``None`` and ``g (..., C_b, Q)`` is the filter itself."""
+        rad = y = filt = cut = None
         d = safe_norm(r) if r is not None else None
         if basis is not None:
             rad = basis[..., 0, 0, :]
@@ -340,14 +344,13 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         elif self._needs_basis and r is not None and d is not None:
             rad = self.radial(d)
             if self.value_filter is not None:
-                # Dense of a separable basis Y(r) R(|r|): one matrix per degree (Dense.profiles), not per component.
                 y = spherical_harmonics(r, self.basis_layout.max_degree)
-                filt = y[..., None] * self.value_filter.profiles(rad)[..., 0, self.basis_degree_index, :]
+                filt = self.value_filter.profiles(rad)[..., 0, :, :]
         if cutoff_value is not None:
             cut = cutoff_value[..., None]
         elif self.softmax_cutoff and d is not None:
             cut = smooth_cutoff(d, self.radial.cutoff)[..., None]
-        return rad, filt, cut
+        return rad, y, filt, cut
 
     def _qk_weights(self) -> Tensor:
         """The relative query-key encoding as head-major weights ``(K', H, P C d)`` (``K' = K + 1`` with a bias, the
@@ -427,7 +430,7 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         for start in range(0, q.shape[1], chunk):
             part = slice(start, start + chunk)
             r = None if q_xyz is None or k_xyz is None else k_xyz[:, None, :, :] - q_xyz[:, part, None, :]
-            rad, filt, cut = self._pair_terms(
+            rad, y, filt, cut = self._pair_terms(
                 r,
                 None if basis is None else basis[:, part],
                 None if cutoff_value is None else cutoff_value[:, part],
@@ -437,7 +440,7 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             if filt is None:
                 outs.append(self._from_head_major((a.permute(0, 3, 1, 2) @ vt).transpose(1, 2), self.kv_layout))
             else:
-                outs.append(self._couple(self._relative_values_dense(filt, a, vt)))
+                outs.append(self._couple(self._relative_values_dense(y, filt, a, vt)))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _scores_dense(self, q: Tensor, kh: Tensor, rad: Tensor | None) -> Tensor:
@@ -453,14 +456,24 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             rad = torch.cat([rad, torch.ones_like(rad[..., :1])], dim=-1)
         return (z * rad.transpose(-1, -2)[:, None]).sum(3).permute(0, 2, 3, 1)
 
-    def _relative_values_dense(self, filt: Tensor, a: Tensor, vt: Tensor) -> Tensor:
-        """``u[i, c, a, f] = sum_j a_ij^h(f) filt_ij[c, f] v_j[a, f]`` ``(B, n, C_b, P C, Q)`` from the filters
-        ``filt (B, n, M, C_b, Q)``, weights ``a (B, n, M, H)`` and values ``vt (B, Q, M, P C)``: one matrix product
-        over the keys per channel."""
-        b, n, m, cb, qf = filt.shape
-        coef = filt * a.repeat_interleave(self.head_dim, dim=-1)[..., None, :]  # (B, n, M, C_b, Q)
-        coef = coef.permute(0, 4, 1, 3, 2).reshape(b, qf, n * cb, m)
-        return (coef @ vt).view(b, qf, n, cb, -1).permute(0, 2, 3, 4, 1)
+    def _relative_values_dense(self, y: Tensor | None, g: Tensor, a: Tensor, vt: Tensor) -> Tensor:
+        """``u[i, c, a, f] = sum_j a_ij^h(f) Dense(b_ij)[c, f] v_j[a, f]`` ``(B, n, C_b, P C, Q)`` from the filter
+        ``(y, g)`` of :meth:`_pair_terms` (``y (B, n, M, C_b)``, ``g (B, n, M, L_b+1 or C_b, Q)``), weights
+        ``a (B, n, M, H)`` and values ``vt (B, Q, M, P C)``: matrix products over the keys, whose factor
+        ``(B, Q, n, ., M)`` is the only per-pair, per-channel tensor written (per degree for a separable filter)."""
+        b, n, m = g.shape[:3]
+        h, d = self.num_heads, self.head_dim
+        if y is None:  # a given basis: one product for all components
+            coef = g * a.repeat_interleave(d, dim=-1)[..., None, :]  # (B, n, M, C_b, Q)
+            coef = coef.permute(0, 4, 1, 3, 2).reshape(b, h * d, -1, m)
+            return (coef @ vt).view(b, h * d, n, -1, vt.shape[-1]).permute(0, 2, 3, 4, 1)
+        ya = (y[..., None, :] * a[..., None]).permute(0, 3, 1, 4, 2).contiguous()  # (B, H, n, C_b, M)
+        g = g.permute(0, 4, 1, 3, 2).contiguous().view(b, h, d, n, -1, m)  # (B, H, d, n, L_b+1, M)
+        blocks = []
+        for l in range(self.basis_layout.max_degree + 1):
+            coef = ya[:, :, None, :, l * l : (l + 1) ** 2] * g[:, :, :, :, l : l + 1]  # (B, H, d, n, 2l+1, M)
+            blocks.append((coef.view(b, h * d, -1, m) @ vt).view(b, h * d, n, 2 * l + 1, -1))
+        return torch.cat(blocks, dim=3).permute(0, 2, 3, 4, 1)
 
     # ---------------------------------------------------------------- sparse pairs
     def _attend_sparse(
@@ -486,7 +499,7 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         fd, fs = (rows * n + dst0).flatten(), (rows * m + src0).flatten()
         seg = (rows * num_segments + dst0).flatten()
         r = None if q_xyz is None or k_xyz is None else k_xyz.flatten(0, 1)[fs] - q_xyz.flatten(0, 1)[fd]
-        rad, filt, cut = self._pair_terms(
+        rad, y, filt, cut = self._pair_terms(
             r,
             None if basis is None else basis.flatten(0, 1),
             None if cutoff_value is None else cutoff_value.flatten(),
@@ -502,6 +515,8 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             msg = a[..., None] * ve  # (E', H, P C d)
             out = torch.zeros((total, *msg.shape[1:]), dtype=msg.dtype, device=msg.device).index_add(0, seg, msg)
             return self._from_head_major(out, self.kv_layout).unflatten(0, (b, num_segments))
+        if y is not None:
+            filt = y[:, :, None] * filt[:, self.basis_degree_index]  # (E', C_b, Q)
         coef = filt * a.repeat_interleave(self.head_dim, dim=-1)[:, None, :]  # (E', C_b, Q)
         msg = coef[:, :, None, :] * ve.transpose(1, 2)[:, None, :, :]  # (E', C_b, P C, Q)
         u = torch.zeros((total, *msg.shape[1:]), dtype=msg.dtype, device=msg.device).index_add(0, seg, msg)
