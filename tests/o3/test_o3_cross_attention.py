@@ -304,3 +304,27 @@ def test_memory_single_tokens_rows_float32_and_bad_input() -> None:
     for error, message, call in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+def test_memory_state_reset_clone_and_snapshot() -> None:
+    """A reset row forgets its memory (equals a fresh one); a clone and a restored snapshot continue identically."""
+    attn = _cross(LAYOUTS[2], torch.float64, cutoff=2.0)
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(B, 30, *attn.kv_layout.shape(FKV), generator=gen, dtype=torch.float64)
+    pz = torch.randn(B, 30, 3, generator=gen, dtype=torch.float64)
+    x = torch.randn(B, 2, *attn.layout.shape(FQ), generator=gen, dtype=torch.float64)
+    px = torch.randn(B, 2, 3, generator=gen, dtype=torch.float64)
+    state = attn.append_memory(attn.init_memory(B, 8), kv=z[:, :20], kv_positions=pz[:, :20])
+    state.reset([1])
+    attn.append_memory(state, kv=z[:, 20:25], kv_positions=pz[:, 20:25])
+    fresh = attn.append_memory(attn.init_memory(1, 8), kv=z[1:, 20:25], kv_positions=pz[1:, 20:25])
+    y, _ = attn.memory_step(x, state, positions=px)
+    y_fresh, _ = attn.memory_step(x[1:], fresh, positions=px[1:])
+    assert_close(y[1:], y_fresh, torch.float64)
+    snapshot, twin = state.state_dict(), state.clone()
+    restored = attn.init_memory(B, 8)
+    restored.load_state_dict(snapshot)
+    outs = [
+        attn.memory_step(x, s, positions=px, kv=z[:, 25:], kv_positions=pz[:, 25:])[0] for s in (state, twin, restored)
+    ]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
