@@ -6,7 +6,10 @@
   (``window = N``): its keys/values are cached, only the N new (query, key) pairs get a relative basis.
 
 Both give the newest token's output; the table checks they agree (``max |diff|``) and prints ``recompute / step``,
-measured side by side in one run. Times are the best of repeated calls under ``torch.inference_mode`` (on a shared
+measured side by side in one run. A second table does the same for cross-attention (a query token against a memory
+of N key/value tokens with their own layout, ``L_kv = 1``, ``F_kv = F / 2``): ``recompute`` is the batch forward
+of one query against the N keys, ``step`` is ``memory_step`` appending one key to a full ring of N and attending.
+Times are the best of repeated calls under ``torch.inference_mode`` (on a shared
 machine the minimum is the measurement least disturbed by other processes).
 
     .venv/bin/python benchmarks/bench_o3.py                      # defaults below
@@ -80,6 +83,47 @@ def main() -> None:
             def step() -> None:
                 i = next(tokens)  # each call streams the next token; the ring stays full, so each costs the same
                 attn.forward_step(x[:, i], pos[:, i], state)
+
+            stepped = best_time(step, 0.5, 60)
+        print(f"{n:>6} {recompute * 1e3:>13.2f} {stepped * 1e3:>9.3f} {recompute / stepped:>15.1f} {diff:>11.2e}")
+    bench_memory(args, dtype)
+
+
+def bench_memory(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """Cross-attention: one query token against a memory of N key/value tokens, recomputed vs ``memory_step``."""
+    torch.manual_seed(1)
+    kv_features = max(1, args.features // 2)
+    attn = O3MultiheadAttention(
+        args.features,
+        args.max_degree,
+        args.heads,
+        include_pseudotensors=args.pseudotensors,
+        kv_features=kv_features,
+        kv_max_degree=1,
+        num_basis=args.num_basis,
+        cutoff=4.0,
+        softmax_cutoff=True,
+        dtype=dtype,
+    ).eval()
+    print(f"\ncross-attention: queries {attn.layout}, F={args.features}; memory {attn.kv_layout}, F={kv_features}")
+    print(f"{'N':>6} {'recompute ms':>13} {'step ms':>9} {'recompute/step':>15} {'max |diff|':>11}")
+    for n in args.sizes:
+        z = torch.randn(1, n + 64, *attn.kv_layout.shape(kv_features), dtype=dtype)
+        pz = (0.5 * torch.randn(1, n + 64, 3, dtype=dtype)).cumsum(1)
+        x = torch.randn(1, 1, *attn.layout.shape(args.features), dtype=dtype)
+        px = pz[:, n - 1 : n] + 0.1
+        with torch.inference_mode():
+            state = attn.init_memory(1, n)
+            attn.append_memory(state, kv=z[:, : n - 1], kv_positions=pz[:, : n - 1])
+            newest, _ = attn.memory_step(x, state.clone(), positions=px, kv=z[:, n - 1], kv_positions=pz[:, n - 1])
+            reference = attn(x, px, kv=z[:, :n], kv_positions=pz[:, :n])
+            diff = (newest - reference).abs().max().item()
+            recompute = best_time(lambda: attn(x, px, kv=z[:, :n], kv_positions=pz[:, :n]), 1.0, 20)
+            tokens = iter(range(n - 1, n + 64))
+
+            def step() -> None:
+                i = next(tokens)  # one new key per call; the ring stays full, so each costs the same
+                attn.memory_step(x, state, positions=px, kv=z[:, i], kv_positions=pz[:, i])
 
             stepped = best_time(step, 0.5, 60)
         print(f"{n:>6} {recompute * 1e3:>13.2f} {stepped * 1e3:>9.3f} {recompute / stepped:>15.1f} {diff:>11.2e}")

@@ -3,7 +3,7 @@
 Features use e3x's layout ``(..., P, (L+1)**2, F)`` (see :mod:`.irreps`); positions are ``(..., 3)`` coordinates.
 """
 
-from .attention import O3AttentionState, O3MultiheadAttention
+from .attention import O3AttentionState, O3MemoryState, O3MultiheadAttention, layout_index
 from .block import O3EncoderState, O3TransformerBlock, O3TransformerEncoder
 from .clebsch_gordan import clebsch_gordan
 from .dense import Dense
@@ -28,6 +28,8 @@ __all__ = [
     "GatedMLP",
     "O3MultiheadAttention",
     "O3AttentionState",
+    "O3MemoryState",
+    "layout_index",
     "O3TransformerBlock",
     "O3TransformerEncoder",
     "O3EncoderState",

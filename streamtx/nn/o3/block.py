@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -51,14 +51,19 @@ class O3TransformerBlock(StreamSteps, nn.Module):
         for name in ("qkv_features", "out_features"):
             if name in attention:
                 raise ValueError(f"{name}: a residual block keeps F={features} channels; not configurable here")
-        fk = {"device": device, "dtype": dtype}
         self.attn = O3MultiheadAttention(
-            features, max_degree, num_heads, include_pseudotensors=include_pseudotensors, **attention, **fk
+            features,
+            max_degree,
+            num_heads,
+            include_pseudotensors=include_pseudotensors,
+            **attention,
+            device=device,
+            dtype=dtype,
         )
         layout = self.attn.layout
-        self.norm1 = O3LayerNorm(layout, features, eps, **fk)
-        self.norm2 = O3LayerNorm(layout, features, eps, **fk)
-        self.mlp = GatedMLP(layout, features, hidden_features or 2 * features, **fk)
+        self.norm1 = O3LayerNorm(layout, features, eps, device=device, dtype=dtype)
+        self.norm2 = O3LayerNorm(layout, features, eps, device=device, dtype=dtype)
+        self.mlp = GatedMLP(layout, features, hidden_features or 2 * features, device=device, dtype=dtype)
 
     def forward(
         self,
@@ -116,11 +121,10 @@ class O3TransformerEncoder(StreamSteps, nn.Module):
         super().__init__()
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
-        self.layers = nn.ModuleList(
-            O3TransformerBlock(features, max_degree, num_heads, **block) for _ in range(num_layers)
-        )
+        blocks = [O3TransformerBlock(features, max_degree, num_heads, **block) for _ in range(num_layers)]
+        self.layers = nn.ModuleList(blocks)
         self.norm = O3LayerNorm(
-            self.layers[0].attn.layout,
+            blocks[0].attn.layout,
             features,
             block.get("eps", 1e-5),
             device=block.get("device"),
@@ -136,9 +140,13 @@ class O3TransformerEncoder(StreamSteps, nn.Module):
         dst_idx: Tensor | None = None,
         src_idx: Tensor | None = None,
     ) -> Tensor:
-        for layer in self.layers:
+        for layer in self._blocks():
             x = layer(x, positions, mask, dst_idx=dst_idx, src_idx=src_idx)
         return self.norm(x)
+
+    def _blocks(self) -> list[O3TransformerBlock]:
+        """The blocks with their type (``nn.ModuleList`` items are typed as plain modules)."""
+        return [cast(O3TransformerBlock, layer) for layer in self.layers]
 
     def init_state(
         self,
@@ -149,7 +157,7 @@ class O3TransformerEncoder(StreamSteps, nn.Module):
         device: torch.device | str | None = None,
     ) -> O3EncoderState:
         return O3EncoderState(
-            [layer.init_state(batch_size, window, max_tokens_per_step, dtype, device) for layer in self.layers]
+            [layer.init_state(batch_size, window, max_tokens_per_step, dtype, device) for layer in self._blocks()]
         )
 
     def forward_step(
@@ -160,6 +168,6 @@ class O3TransformerEncoder(StreamSteps, nn.Module):
             raise TypeError(
                 f"state: expected the O3EncoderState of this encoder's init_state, got {type(state).__name__}"
             )
-        for layer, layer_state in zip(self.layers, state.layers):
+        for layer, layer_state in zip(self._blocks(), state.layers):
             x, _ = layer.forward_step(x, positions, layer_state, rows)
         return self.norm(x), state

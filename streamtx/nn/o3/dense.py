@@ -28,6 +28,9 @@ class Dense(nn.Module):
     Shapes: ``(..., P, (L+1)**2, F_in) -> (..., P, (L+1)**2, F_out)``.
     """
 
+    bias: nn.Parameter | None
+    degree_index: Tensor
+
     def __init__(
         self,
         layout: IrrepsLayout,
@@ -44,11 +47,12 @@ class Dense(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         self.layout, self.in_features, self.out_features = layout, in_features, out_features
-        fk = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
-            torch.empty(layout.num_parities, layout.max_degree + 1, in_features, out_features, **fk)
+            torch.empty(
+                layout.num_parities, layout.max_degree + 1, in_features, out_features, device=device, dtype=dtype
+            )
         )
-        self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.register_buffer("degree_index", layout.degree_index(device), persistent=False)
         self._cache = WeightCache()
         self.reset_parameters()

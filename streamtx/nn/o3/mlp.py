@@ -44,9 +44,8 @@ class GatedMLP(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        fk = {"device": device, "dtype": dtype}
-        self.fc1 = Dense(layout, features, hidden_features, bias=bias, **fk)
-        self.fc2 = Dense(layout, hidden_features, out_features or features, bias=bias, **fk)
+        self.fc1 = Dense(layout, features, hidden_features, bias=bias, device=device, dtype=dtype)
+        self.fc2 = Dense(layout, hidden_features, out_features or features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(gated_silu(self.fc1(x)))

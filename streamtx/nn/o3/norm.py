@@ -25,6 +25,12 @@ class O3LayerNorm(nn.Module):
     Shapes: ``(..., P, (L+1)**2, F)`` -> same.
     """
 
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    degree_index: Tensor
+    scalar_mask: Tensor
+    block_size: Tensor
+
     def __init__(
         self,
         layout: IrrepsLayout,
@@ -42,15 +48,16 @@ class O3LayerNorm(nn.Module):
         if not eps > 0:
             raise ValueError(f"eps: expected > 0, got {eps!r}")
         self.layout, self.features, self.eps = layout, features, float(eps)
-        fk = {"device": device, "dtype": dtype}
         if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(layout.num_parities, layout.max_degree + 1, features, **fk))
-            self.bias = nn.Parameter(torch.empty(features, **fk))
+            self.weight = nn.Parameter(
+                torch.empty(layout.num_parities, layout.max_degree + 1, features, device=device, dtype=dtype)
+            )
+            self.bias = nn.Parameter(torch.empty(features, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         self.register_buffer("degree_index", layout.degree_index(device), persistent=False)
-        scalar_mask = torch.zeros(*layout.shape(1), **fk)
+        scalar_mask = torch.zeros(*layout.shape(1), device=device, dtype=dtype)
         scalar_mask[0, 0] = 1
         self.register_buffer("scalar_mask", scalar_mask, persistent=False)
         self.register_buffer(
@@ -59,7 +66,7 @@ class O3LayerNorm(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
+        if self.weight is not None and self.bias is not None:  # both or neither (elementwise_affine)
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
@@ -70,7 +77,7 @@ class O3LayerNorm(nn.Module):
         per_degree = torch.zeros(*sq.shape[:-1], self.layout.max_degree + 1, dtype=sq.dtype, device=sq.device)
         per_degree = per_degree.index_add(-1, self.degree_index, sq) / self.block_size.to(sq.dtype)
         scale = torch.rsqrt(per_degree + self.eps)  # (..., P, L+1)
-        if self.weight is not None:
+        if self.weight is not None and self.bias is not None:
             scale = scale[..., None] * self.weight
             y = x * scale[..., self.degree_index, :]
             y[..., 0, 0, :] += self.bias

@@ -48,6 +48,8 @@ class TensorProduct(nn.Module):
     ``(..., P3, (L3+1)**2, F)``.
     """
 
+    path_index: Tensor
+
     def __init__(
         self,
         layout1: IrrepsLayout,
@@ -103,7 +105,9 @@ class TensorProduct(nn.Module):
     def coupling(self) -> Tensor:
         """The weighted coefficients ``(P1 C1, P2 C2, P3 C3, F)``: ``z = einsum("if,jf,ijkf->kf", x, y, coupling)``.
         Built once and reused while no gradient is needed and the weights are unchanged."""
-        return self._cache.get(self, self._build_coupling)[0]
+        coupling = self._cache.get(self, self._build_coupling)[0]
+        assert coupling is not None  # built by _build_coupling, never None
+        return coupling
 
     def _build_coupling(self) -> tuple[Tensor]:
         if self._cg_cast.dtype != self.weight.dtype or self._cg_cast.device != self.weight.device:
