@@ -44,8 +44,8 @@ _DEFAULT_TASK = "demonstration"
 
 def _pyarrow() -> Any:
     try:
-        import pyarrow  # type: ignore[import-untyped]
-        import pyarrow.parquet  # type: ignore[import-untyped]
+        import pyarrow
+        import pyarrow.parquet
     except ImportError as exc:  # optional dependency: say how to get it
         raise ImportError("LeRobot datasets need pyarrow: pip install 'streamtx[lerobot]'") from exc
     return pyarrow

@@ -7,7 +7,7 @@ The arrays are ``observations (E, 50, 10)`` (before each action), ``actions (E, 
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm  # type: ignore[import-untyped]
+from tqdm.auto import tqdm
 
 from .env import EPISODE_STEPS, Half, fingertip_distance, make_env, reset_episode
 from .expert import ReacherExpert

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from tqdm.auto import tqdm  # type: ignore[import-untyped]
+from tqdm.auto import tqdm
 
 from .env import EPISODE_STEPS, SUCCESS_DISTANCE, Half, fingertip_distance, fingertip_position, make_env, reset_episode
 from .expert import ReacherExpert
