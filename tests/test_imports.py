@@ -63,10 +63,15 @@ def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
 def _imports(module: str, path: Path) -> list[tuple[str, int, bool]]:
     """``(imported module, line, at module level)`` for every first-party import of ``module``."""
     tree = ast.parse(path.read_text(), str(path))
-    top_level = {id(n) for n in tree.body}
-    for n in tree.body:  # imports under a module-level `if` / `try` still count as module level
-        if isinstance(n, (ast.If, ast.Try)):
-            top_level |= {id(c) for c in ast.walk(n)}
+    top_level: set[int] = set()
+    pending: list[ast.stmt] = list(tree.body)
+    while pending:  # imports under a module-level `if` / `try` still count as module level, function bodies do not
+        n = pending.pop()
+        top_level.add(id(n))
+        if isinstance(n, ast.If):
+            pending += n.body + n.orelse
+        elif isinstance(n, ast.Try):
+            pending += n.body + n.orelse + n.finalbody + [s for h in n.handlers for s in h.body]
     out = []
     for node in ast.walk(tree):
         names: list[str] = []
@@ -94,18 +99,26 @@ def test_every_package_part_has_a_floor():
     assert parts <= set(FLOORS), f"parts without a floor in this test: {sorted(parts - set(FLOORS))}"
 
 
+def upward_edges(module: str, imports: list[tuple[str, int, bool]]) -> list[str]:
+    """The imports of ``module`` that break the floors, as readable lines."""
+    src, bad = _part(module), []
+    for target, line, _ in imports:
+        dst = _part(target)
+        where = f"line {line}: {module} imports {target}"
+        if src in ALLOWED_OUTSIDE:
+            if dst != src and dst not in ALLOWED_OUTSIDE[src]:
+                bad.append(where)
+        elif dst in ALLOWED_OUTSIDE:
+            if src not in ("streamtx.apps", "streamtx.__main__"):
+                bad.append(f"{where}: only streamtx.apps may use {dst}")
+        elif src in FLOORS and dst in FLOORS and src != dst and FLOORS[dst] >= FLOORS[src]:
+            bad.append(f"{where}: {src} (floor {FLOORS[src]}) -> {dst} (floor {FLOORS[dst]})")
+    return bad
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_run_one_way(module):
-    src = _part(module)
-    for target, line, _ in _imports(module, MODULES[module]):
-        dst = _part(target)
-        where = f"{MODULES[module].relative_to(ROOT)}:{line} imports {target}"
-        if src in ALLOWED_OUTSIDE:
-            assert dst == src or dst in ALLOWED_OUTSIDE[src], where
-        elif dst in ALLOWED_OUTSIDE:
-            assert src in ("streamtx.apps", "streamtx.__main__"), f"{where}: only streamtx.apps may use {dst}"
-        elif src in FLOORS and dst in FLOORS and src != dst:
-            assert FLOORS[dst] < FLOORS[src], f"{where}: {src} (floor {FLOORS[src]}) -> {dst} (floor {FLOORS[dst]})"
+    assert upward_edges(module, _imports(module, MODULES[module])) == []
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -123,6 +136,26 @@ def test_first_party_imports_are_at_module_level_and_never_by_name(module):
             )
 
 
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (module -> imported modules), or None."""
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> list[str] | None:
+        state[m] = 1
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                return stack[stack.index(t) :] + [t]
+            if t not in state and (cycle := visit(t, stack + [t])):
+                return cycle
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m, [m])):
+            return cycle
+    return None
+
+
 def test_no_cycles_between_modules():
     graph = {m: {t for t, _, _ in _imports(m, p) if t in MODULES and t != m} for m, p in MODULES.items()}
     # a package's __init__ re-exporting its submodules is not a cycle with them
@@ -130,21 +163,7 @@ def test_no_cycles_between_modules():
         m: {t for t in ts if not (m.startswith(t + ".") and MODULES[t].name == "__init__.py")}
         for m, ts in graph.items()
     }
-    state: dict[str, int] = {}
-
-    def visit(m: str, stack: list[str]) -> None:
-        state[m] = 1
-        for t in sorted(graph[m]):
-            if state.get(t) == 1:
-                cycle = stack[stack.index(t) :] + [t] if t in stack else [m, t]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if t not in state:
-                visit(t, stack + [t])
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m, [m])
+    assert find_cycle(graph) is None
 
 
 def test_the_checker_sees_a_violation(tmp_path):
@@ -155,3 +174,15 @@ def test_the_checker_sees_a_violation(tmp_path):
     assert ("streamtx.apps.cli", 1, True) in found
     assert ("streamtx_server", 2, True) in found
     assert ("streamtx.policy.streaming", 5, False) in found
+    path.write_text("if True:\n    def g():\n        from ..train import trainer\n")
+    assert _imports("streamtx.nn.mod", path) == [("streamtx.train.trainer", 3, False)]
+
+
+def test_the_floor_and_cycle_checks_see_violations():
+    assert upward_edges("streamtx.nn.linear", [("streamtx.policy.streaming", 3, True)])
+    assert upward_edges("streamtx.train.trainer", [("streamtx.tasks.reacher", 4, True)])  # siblings
+    assert upward_edges("streamtx.policy.streaming", [("streamtx_client.core", 5, True)])
+    assert upward_edges("streamtx_server.daemon", [("streamtx.checkpoint", 6, True)])
+    assert not upward_edges("streamtx.apps.serve", [("streamtx_server.cli", 7, True), ("streamtx.policy", 8, True)])
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None

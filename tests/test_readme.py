@@ -38,6 +38,19 @@ def _run_python(code: str, namespace: dict[str, object], line: int) -> None:
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
 
 
+def _start_bash(code: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A bash block as a reader's shell would run it, but stopping at the first failing command."""
+    return subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", code],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: background commands are stopped with it
+    )
+
+
 def test_readme_blocks_run(tmp_path, monkeypatch):
     blocks = readme_blocks(README.read_text())
     assert blocks and blocks[0][0] == "bash", "README's first block holds the set-up commands"
@@ -50,15 +63,7 @@ def test_readme_blocks_run(tmp_path, monkeypatch):
             if lang == "python":
                 _run_python(textwrap.dedent(code), namespace, line)
             elif lang in ("bash", "sh", "shell"):
-                shell = subprocess.Popen(
-                    ["bash", "-euo", "pipefail", "-c", code],
-                    cwd=tmp_path,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own process group: background commands are stopped with it
-                )
+                shell = _start_bash(code, tmp_path, env)
                 groups.append(shell)
                 out, _ = shell.communicate(timeout=600)
                 assert shell.returncode == 0, f"README.md:{line}: bash block failed:\n{out.decode()[-3000:]}"
@@ -78,5 +83,6 @@ def test_a_failing_block_fails(tmp_path, lang):
         with pytest.raises(NameError):
             _run_python("undefined_name\n", {}, 1)
     else:
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", "false\necho after"], capture_output=True)
-        assert result.returncode != 0 and b"after" not in result.stdout
+        shell = _start_bash("false\necho after\n", tmp_path, dict(os.environ))
+        out, _ = shell.communicate(timeout=60)
+        assert shell.returncode != 0 and b"after" not in out
