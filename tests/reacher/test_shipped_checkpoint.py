@@ -36,16 +36,25 @@ def test_denoiser_is_exactly_equivariant():
     )
 
 
+def _streamed_chunk(policy, z, noise):
+    """The chunk the policy acts with after observing ``z (B, T, 10)`` one token per control step, from ``noise``."""
+    state = policy.init_state(z.shape[0])
+    for t in range(z.shape[1]):
+        policy.observe(state, z[:, t])
+    policy.noise = lambda state, rows=None: noise  # the initial noise of this control step, as given
+    return policy.act(state)
+
+
 def test_sampled_chunks_are_exactly_equivariant():
-    """Mirror the observation window and the initial noise: the sampled chunk is the mirrored chunk."""
-    model, sampler, _ = load_model(DEFAULT_CHECKPOINT, dtype=torch.float64)
+    """The whole streaming policy: mirror the observation stream and the initial noise, and the chunk it acts with
+    is the mirrored chunk."""
+    policy = load_policy(DEFAULT_CHECKPOINT, dtype=torch.float64)
     obs_rep, act_rep = observation_rep(), action_rep()
     gen = torch.Generator().manual_seed(1)
-    z = torch.randn(8, model.receptive_field(), 10, generator=gen, dtype=torch.float64)
-    noise = torch.randn(8, model.in_horizon, 2, generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        chunk = sampler.sample(lambda x, k: model(x, k, z), noise)
-        mirrored = sampler.sample(lambda x, k: model(x, k, _mirror(obs_rep, z)), _mirror(act_rep, noise))
+    z = torch.randn(8, policy.receptive_field + 3, 10, generator=gen, dtype=torch.float64)
+    noise = torch.randn(8, policy.horizon, 2, generator=gen, dtype=torch.float64)
+    chunk = _streamed_chunk(policy, z, noise)
+    mirrored = _streamed_chunk(policy, _mirror(obs_rep, z), _mirror(act_rep, noise))
     scale = chunk.abs().max()
     assert float((mirrored - _mirror(act_rep, chunk)).abs().max() / scale) <= 1e-10
     assert float((mirrored - chunk).abs().max() / scale) > 1e-3  # the test is not vacuous: the chunks do differ

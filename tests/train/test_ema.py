@@ -23,6 +23,23 @@ def test_update_rule_and_warmup():
     assert ema.num_updates == 201
 
 
+def test_every_update_moves_the_shadow_by_one_minus_the_warmed_up_decay():
+    """Bump the weight by 1 before each update: the shadow's gap to the weight shrinks by exactly d_n per update,
+    with d_n = min(decay, (1 + n) / (10 + n)) (0.1, 2/11, 3/12, ... capped at 0.9)."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = EMA(model, decay=0.9)
+    shadow = 0.0
+    for n in range(100):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model)
+        d = min(0.9, (1 + n) / (10 + n))
+        shadow = d * shadow + (1 - d) * (n + 1)
+        assert abs(float(ema.shadow.weight) - shadow) <= 1e-4 * (n + 1), n
+
+
 def test_bad_decay():
     with pytest.raises(ValueError, match="decay"):
         EMA(nn.Linear(1, 1), decay=1.0)
