@@ -1,6 +1,7 @@
 """Every code block of the README runs as written, so the documentation cannot rot.
 
-The blocks run in file order in one scratch folder, as a reader pasting them would: ``python`` blocks in one shared
+The blocks run in file order in one scratch folder (with ``.venv``, ``examples`` and ``streamtx`` linked in, as in a
+reader's checkout), as a reader pasting them would: ``python`` blocks in one shared
 namespace (a later block may use what an earlier one defined), ``bash`` blocks in a shell with this environment's
 ``streamtx`` and ``python`` first on ``PATH`` (a command ending in ``&`` keeps running, e.g. a daemon, and is
 stopped at the end with the whole process group its block started). The first block holds the set-up commands
@@ -55,6 +56,10 @@ def test_readme_blocks_run(tmp_path, monkeypatch):
     blocks = readme_blocks(README.read_text())
     assert blocks and blocks[0][0] == "bash", "README's first block holds the set-up commands"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # the scratch folder stands for the reader's checkout: the installed venv and the repository's files they name
+    (tmp_path / ".venv").symlink_to(sys.prefix)
+    for name in ("examples", "streamtx"):
+        (tmp_path / name).symlink_to(README.parent / name)
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "__readme__"}
     groups: list[subprocess.Popen[bytes]] = []
