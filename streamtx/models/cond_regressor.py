@@ -236,30 +236,72 @@ class eCondTransformerRegressor(nn.Module):
     def init_state(
         self,
         batch_size: int,
+        /,
+        *,
         max_tokens_per_step: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> RegressorState:
-        """Empty caches for ``batch_size`` independent observation streams."""
+        """Empty caches for ``batch_size`` independent observation streams, taking up to ``max_tokens_per_step``
+        observation tokens per step."""
         enc = (
             None
             if self.encoder is None
-            else self.encoder.init_state(batch_size, self.cond_window, max_tokens_per_step, dtype=dtype, device=device)
+            else self.encoder.init_state(
+                batch_size,
+                window=self.cond_window,
+                max_tokens_per_step=max_tokens_per_step,
+                dtype=dtype,
+                device=device,
+            )
         )
         memory = [
             layer.multihead_attn.init_state(
-                batch_size, self.cond_horizon, max_tokens_per_step, extra_slots=1, dtype=dtype, device=device
+                batch_size,
+                window=self.cond_horizon,
+                max_tokens_per_step=max_tokens_per_step,
+                extra_slots=1,
+                dtype=dtype,
+                device=device,
             )
             for layer in self.decoder.layers
         ]
         return RegressorState(enc, memory)
+
+    def forward_step(
+        self, x: Tensor, state: RegressorState, /, *, rows: Rows = None, actions: Tensor, opt_step: Tensor | float
+    ) -> tuple[Tensor, RegressorState]:
+        """The streaming contract's step: new observation tokens ``x (b, S, cond_rep.size)`` (or ``(b, cond_rep.size)``)
+        enter the caches (:meth:`observe`), then one denoiser evaluation of ``actions (b, Tx, in_rep.size)`` at step
+        ``opt_step`` (:meth:`denoise`). Equal to ``forward(actions, opt_step, Z)`` on the whole observed stream."""
+        self.observe(x[:, None] if x.dim() == 2 else x, state, rows)
+        return self.denoise(actions, opt_step, state, rows), state
+
+    def forward_steps(
+        self, x: Tensor, state: RegressorState, /, *, rows: Rows = None, actions: Tensor, opt_step: Tensor | float
+    ) -> tuple[Tensor, RegressorState]:
+        """``T`` steps of one observation token each, ``x (b, T, cond_rep.size)``, step ``t`` denoising
+        ``actions[:, t] (b, Tx, in_rep.size)`` at ``opt_step`` (a scalar, ``(b,)``, or ``(b, T)`` per step) ->
+        ``(b, T, Tx, out_rep.size)``."""
+        self._check("x", x, self.cond_rep)
+        if actions.dim() != 4 or actions.shape[:2] != x.shape[:2]:
+            raise ValueError(
+                f"actions: expected (b, T, Tx, {self.in_rep.size}) with b, T = {tuple(x.shape[:2])}, "
+                f"got {tuple(actions.shape)}"
+            )
+        k = torch.as_tensor(opt_step, device=x.device)
+        outs = []
+        for t in range(x.shape[1]):
+            k_t = k[:, t] if k.dim() == 2 else k
+            outs.append(self.forward_step(x[:, t], state, rows=rows, actions=actions[:, t], opt_step=k_t)[0])
+        return torch.stack(outs, dim=1), state
 
     def observe(self, Z: Tensor, state: RegressorState, rows: Rows = None) -> None:
         """New observation tokens ``Z (b, S, cond_rep.size)`` enter the encoder caches and every decoder layer's
         memory ring (one encoder ``forward_step`` and one K/V projection per decoder layer)."""
         self._check("Z", Z, self.cond_rep)
         z = self.drop(self.cond_obs_emb(Z))
-        z = self.encoder.forward_step(z, state.encoder, rows)[0] if self.encoder is not None else self.cond_mlp(z)
+        z = self.encoder.forward_step(z, state.encoder, rows=rows)[0] if self.encoder is not None else self.cond_mlp(z)
         for layer, mem in zip(self.decoder.layers, state.memory):
             layer.append_memory(z, mem, rows)
 

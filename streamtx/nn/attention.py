@@ -14,6 +14,7 @@ from ..symmetry import Representation
 from .linear import WeightCache, check_same_group, eLinear
 from .positional import PositionalAttention, make_positional
 from .state import RingCache, Rows, StreamState, band_mask
+from .streaming import check_stream
 
 __all__ = ["eMultiheadAttention", "AttentionState", "causal_window_mask"]
 
@@ -246,6 +247,8 @@ class eMultiheadAttention(nn.Module):
     def init_state(
         self,
         batch_size: int,
+        /,
+        *,
         window: int | None,
         max_tokens_per_step: int = 1,
         extra_slots: int = 0,
@@ -341,7 +344,7 @@ class eMultiheadAttention(nn.Module):
             mask = mask + bias.to(q.dtype)
         return self.attend(q, data["k"].transpose(1, 2), data["v"].transpose(1, 2), mask, need_weights)
 
-    def forward_step(self, x: Tensor, state: AttentionState, rows: Rows = None) -> tuple[Tensor, AttentionState]:
+    def forward_step(self, x: Tensor, state: AttentionState, /, *, rows: Rows = None) -> tuple[Tensor, AttentionState]:
         """Self-attention of new tokens ``x (b, E)`` or ``(b, S, E)`` (batch-first) over the cache; equal to the batch
         forward with ``causal_window_mask(T, window)`` on the whole stream. Steps of more tokens than the ring was
         sized for run in chunks."""
@@ -360,9 +363,11 @@ class eMultiheadAttention(nn.Module):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return (out[:, 0] if single else out), state
 
-    def forward_steps(self, x: Tensor, state: AttentionState, rows: Rows = None) -> tuple[Tensor, AttentionState]:
-        """Stream ``x (B, T, E)`` token by token (in chunks of the ring's step size)."""
-        return self.forward_step(x, state, rows)
+    def forward_steps(self, x: Tensor, state: AttentionState, /, *, rows: Rows = None) -> tuple[Tensor, AttentionState]:
+        """``T`` steps of one token each, ``x (B, T, E)``: the per-token outputs ``(B, T, E)``, computed as one step
+        of ``T`` tokens (in chunks of the ring's step size; the same numbers as ``T`` single-token steps)."""
+        check_stream(x, self.embed_dim)
+        return self.forward_step(x, state, rows=rows)
 
     # ---------------------------------------------------------------- conversion
     @torch.no_grad()

@@ -80,10 +80,16 @@ class StreamingPolicy(nn.Module):
         return self.model.input_emb.weight.device
 
     # ---------------------------------------------------------------- state
-    def init_state(self, batch_size: int) -> PolicyState:
-        """All rows empty, seed 0."""
+    def init_state(
+        self, batch_size: int, /, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> PolicyState:
+        """All rows empty, seed 0. ``dtype``/``device`` (the streaming contract's) must be the policy's own, if given:
+        a policy computes in the dtype and on the device of its weights."""
+        for name, given, own in (("dtype", dtype, self.dtype), ("device", device, self.device)):
+            if given is not None and (torch.device(given) if name == "device" else given) != own:
+                raise ValueError(f"{name}: this policy's state lives in {own} (its weights'), got {given}")
         return PolicyState(
-            self.model.init_state(batch_size, self.max_tokens_per_step),
+            self.model.init_state(batch_size, max_tokens_per_step=self.max_tokens_per_step),
             torch.zeros(batch_size, dtype=torch.long),
             torch.zeros(batch_size, dtype=torch.long),
         )
@@ -166,6 +172,18 @@ class StreamingPolicy(nn.Module):
         """:meth:`observe` then :meth:`act`."""
         self.observe(state, obs, rows)
         return self.act(state, rows)
+
+    def forward_step(self, x: Tensor, state: PolicyState, /, *, rows: Rows = None) -> tuple[Tensor, PolicyState]:
+        """The streaming contract's step: :meth:`step` with observation tokens ``x (b, S, obs_dim)`` -> the action
+        chunk ``(b, Tx, action_dim)``."""
+        return self.step(state, x, rows), state
+
+    def forward_steps(self, x: Tensor, state: PolicyState, /, *, rows: Rows = None) -> tuple[Tensor, PolicyState]:
+        """``T`` control steps of one observation token each, ``x (b, T, obs_dim)`` -> the action chunks
+        ``(b, T, Tx, action_dim)``."""
+        if x.dim() != 3:
+            raise ValueError(f"x: expected a stream (b, T, {self.obs_dim}), got shape {tuple(x.shape)}")
+        return torch.stack([self.step(state, x[:, t], rows) for t in range(x.shape[1])], dim=1), state
 
     # ---------------------------------------------------------------- description
     def metadata(self) -> dict[str, Any]:
