@@ -97,7 +97,9 @@ def test_decoder_stack_step_equals_batch(dtype, group_name, depth):
     memory_mask = torch.zeros(t, t, dtype=dtype).masked_fill(~band_mask(pos, pos, memory_window), float("-inf"))
     with torch.no_grad():
         ref = dec(x, mem, tgt_mask=causal_window_mask(t, window, dtype=dtype), memory_mask=memory_mask)
-        state = dec.init_state(2, window=window, memory_window=memory_window, max_tokens_per_step=2, max_memory_tokens_per_step=2)
+        state = dec.init_state(
+            2, window=window, memory_window=memory_window, max_tokens_per_step=2, max_memory_tokens_per_step=2
+        )
         out = torch.cat(
             [dec.forward_step(x[:, i : i + 2], state, memory=mem[:, i : i + 2])[0] for i in range(0, t, 2)], dim=1
         )

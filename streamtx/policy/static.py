@@ -213,7 +213,7 @@ class StaticStreamingPolicy:
         self.plan = RegressorPlan(policy.model, policy.sampler, dtype, fused_kernels)
         self._buckets = None if buckets is None else sorted({int(b) for b in buckets})
         self.obs_dim, self.action_dim = policy.obs_dim, policy.action_dim
-        self.horizon, self.cond_window = policy.horizon, policy.cond_window
+        self.horizon, self.cond_window, self.cond_horizon = policy.horizon, policy.cond_window, policy.cond_horizon
         self.max_tokens_per_step = policy.max_tokens_per_step
         self.receptive_field = policy.receptive_field
 

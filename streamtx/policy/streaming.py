@@ -64,7 +64,10 @@ class StreamingPolicy(nn.Module):
             raise ValueError(f"max_tokens_per_step: expected >= 1, got {max_tokens_per_step}")
         self.model, self.sampler, self.max_tokens_per_step = model, sampler, max_tokens_per_step
         self.obs_dim, self.action_dim = model.cond_rep.size, model.out_rep.size
-        self.horizon, self.cond_window = model.in_horizon, model.cond_horizon
+        self.horizon = model.in_horizon
+        # two names, two meanings: the encoder's causal attention window, and the memory horizon (newest encoder
+        # outputs the decoder cross-attends to)
+        self.cond_window, self.cond_horizon = model.cond_window, model.cond_horizon
 
     @property
     def receptive_field(self) -> int:
@@ -200,6 +203,7 @@ class StreamingPolicy(nn.Module):
             "action_dim": self.action_dim,
             "horizon": self.horizon,
             "cond_window": self.cond_window,
+            "cond_horizon": self.cond_horizon,
             "max_tokens_per_step": self.max_tokens_per_step,
             "config": dict(m.config),
             "group": {"name": group.name, "order": group.order},

@@ -54,7 +54,7 @@ class Representation:
                 )
         self.group = group
         self.matrices = mats
-        self.name = name or f"rep(d={d})"
+        self.name = name or f"rep(d={mats.shape[1]})"
         self.regular_copies = regular_copies
 
     # ---------------------------------------------------------------- constructors
