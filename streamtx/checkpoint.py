@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models.cond_regressor import CondTransformerRegressor, eCondTransformerRegressor
+from .models.cond_regressor import CondTransformerRegressor, RegressorConfig, eCondTransformerRegressor
 from .policy.samplers import FlowMatchingSampler, Sampler, make_sampler
 from .policy.static import StaticStreamingPolicy
 from .policy.streaming import StreamingPolicy
@@ -59,7 +59,7 @@ def save_checkpoint(
         "format": FORMAT,
         "version": VERSION,
         "model_class": type(model).__name__,
-        "config": dict(model.config),
+        "config": model.config.to_dict(),
         "group": {"name": group.name, "generators": [group.matrices[g].tolist() for g in group.generators]},
         "representations": {name: _rep_dict(getattr(model, name)) for name in ("in_rep", "cond_rep", "out_rep")},
         "sampler": sampler.config(),
@@ -96,14 +96,13 @@ def load_model(
         [np.asarray(m, dtype=np.float64) for m in payload["group"]["generators"]], name=payload["group"]["name"]
     )
     reps = {name: _rep_from(d, group) for name, d in payload["representations"].items()}
-    config = dict(payload["config"])
-    in_h, cond_h = config.pop("in_horizon"), config.pop("cond_horizon")
+    config = RegressorConfig.from_dict(payload["config"])
     if payload["model_class"] == "CondTransformerRegressor":
-        model = CondTransformerRegressor(
-            reps["in_rep"].size, reps["cond_rep"].size, reps["out_rep"].size, in_h, cond_h, **config
+        model: eCondTransformerRegressor = CondTransformerRegressor.from_dims(
+            reps["in_rep"].size, reps["cond_rep"].size, reps["out_rep"].size, config
         )
     else:
-        model = eCondTransformerRegressor(reps["in_rep"], reps["cond_rep"], reps["out_rep"], in_h, cond_h, **config)
+        model = eCondTransformerRegressor.from_config(reps["in_rep"], reps["cond_rep"], reps["out_rep"], config)
     model.load_state_dict(payload["state_dict"])
     model = model.to(device=device, dtype=dtype).eval()
     return model, make_sampler(payload["sampler"]), payload["extra"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,13 @@ from ..nn.transformer import (
 )
 from ..symmetry import Representation, trivial_group
 
-__all__ = ["eCondTransformerRegressor", "CondTransformerRegressor", "RegressorState", "get_optim_groups"]
+__all__ = [
+    "eCondTransformerRegressor",
+    "CondTransformerRegressor",
+    "RegressorConfig",
+    "RegressorState",
+    "get_optim_groups",
+]
 
 
 def _sinusoidal(k: Tensor, dim: int) -> Tensor:
@@ -33,6 +41,43 @@ def _sinusoidal(k: Tensor, dim: int) -> Tensor:
     freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=k.device, dtype=torch.float64) / max(half - 1, 1))
     arg = k.to(torch.float64)[:, None] * freq[None]
     return torch.cat((arg.sin(), arg.cos()), dim=-1)
+
+
+@dataclass(frozen=True)
+class RegressorConfig:
+    """Every architecture choice of an :class:`eCondTransformerRegressor` besides its representations: the one place
+    for these names (the constructor, checkpoints, the trainer CLI and tests read them from here).
+
+    ``cond_horizon`` is the memory horizon (newest encoder outputs the decoder cross-attends to), ``cond_window`` the
+    encoder's causal attention window (``None``: ``cond_horizon``); ``in_horizon`` is the action chunk length.
+    """
+
+    in_horizon: int
+    cond_horizon: int
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    embedding_dim: int = 128
+    p_drop_emb: float = 0.0
+    p_drop_attn: float = 0.0
+    causal_attn: bool = False
+    num_cond_layers: int = 2
+    norm_module: str = "layernorm"
+    dim_feedforward: int | None = None
+    activation: str = "gelu"
+    cond_window: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (what a checkpoint stores)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RegressorConfig:
+        """From :meth:`to_dict` or an older checkpoint's config; unknown names are refused by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config: unknown eCondTransformerRegressor options {unknown}; known: {sorted(known)}")
+        return cls(**values)
 
 
 @dataclass
@@ -105,7 +150,7 @@ class eCondTransformerRegressor(nn.Module):
                 raise ValueError(f"{name}: expected >= 1, got {value}")
         if num_cond_layers < 0:
             raise ValueError(f"num_cond_layers: expected >= 0, got {num_cond_layers}")
-        self.config: dict[str, Any] = dict(
+        self.config = RegressorConfig(
             in_horizon=in_horizon,
             cond_horizon=cond_horizon,
             num_layers=num_layers,
@@ -175,6 +220,19 @@ class eCondTransformerRegressor(nn.Module):
         self.ln_f = make_norm(norm_module, hidden, 1e-5, **fk)
         self.head = eLinear(hidden, out_rep, **fk)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(
+        cls,
+        in_rep: Representation,
+        cond_rep: Representation,
+        out_rep: Representation,
+        config: RegressorConfig,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> eCondTransformerRegressor:
+        """The model of ``config`` over these representations."""
+        return cls(in_rep, cond_rep, out_rep, **config.to_dict(), device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.pos_emb, std=0.02)
@@ -369,6 +427,11 @@ class CondTransformerRegressor(eCondTransformerRegressor):
             cond_horizon,
             **kwargs,
         )
+
+    @classmethod
+    def from_dims(cls, in_dim: int, cond_dim: int, out_dim: int, config: RegressorConfig) -> CondTransformerRegressor:
+        """The plain model of ``config`` over these dimensions."""
+        return cls(in_dim, cond_dim, out_dim, **config.to_dict())
 
 
 def get_optim_groups(model: nn.Module, weight_decay: float = 1e-3) -> list[dict]:

@@ -205,7 +205,7 @@ class StreamingPolicy(nn.Module):
             "cond_window": self.cond_window,
             "cond_horizon": self.cond_horizon,
             "max_tokens_per_step": self.max_tokens_per_step,
-            "config": dict(m.config),
+            "config": m.config.to_dict(),
             "group": {"name": group.name, "order": group.order},
             "representations": {"obs": rep(m.cond_rep), "action": rep(m.out_rep)},
             "sampler": self.sampler.config(),
