@@ -8,6 +8,7 @@ of the group's generators.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,13 @@ __all__ = [
     "load_model",
     "load_policy",
     "load_static_policy",
+    "load_fastest_policy",
     "make_random_checkpoint",
 ]
 
 FORMAT, VERSION = "streamtx-checkpoint", 1
+
+log = logging.getLogger(__name__)
 
 
 def _rep_dict(rep: Representation) -> dict[str, Any]:
@@ -148,3 +152,25 @@ def load_static_policy(
     return StaticStreamingPolicy(
         policy, dtype=dtype, cuda_graph=cuda_graph, buckets=buckets, fused_kernels=fused_kernels
     )
+
+
+def load_fastest_policy(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    *,
+    max_tokens_per_step: int = 1,
+    buckets: Sequence[int] | None = None,
+    compile: bool = True,
+) -> StaticStreamingPolicy | StreamingPolicy:
+    """The fastest exact policy of a checkpoint for ``device``, for the daemon: the static plan, compiled by inductor
+    on the CPU (``compile=False``: run eagerly) and captured as CUDA graphs on CUDA, in float32. A model that the plan
+    cannot run falls back to the module path (:class:`StreamingPolicy`), and the reason is logged; both have the same
+    methods (``init_state``, ``reset``, ``observe``, ``act``, ``step``, ``metadata``)."""
+    policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
+    try:
+        fast = StaticStreamingPolicy(policy, cuda_graph=True, buckets=buckets, compile=compile)
+    except (TypeError, ValueError) as exc:
+        log.warning("serving the module path: the static plan cannot run this model (%s)", exc)
+        return policy
+    log.info("serving the static plan on %s (%s)", fast.device, fast.compile_reason)
+    return fast
