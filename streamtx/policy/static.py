@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch._dynamo import config as dynamo_config
 from torch._inductor import config as inductor_config
 
 from ..nn.state import Rows
@@ -29,6 +30,9 @@ from .streaming import StreamingPolicy, step_noise
 __all__ = ["StaticStreamingPolicy", "StaticPolicyState", "default_buckets"]
 
 log = logging.getLogger(__name__)
+
+_MAX_COMPILED_PROGRAMS = 256
+"""Compiled program bodies a process may hold (dynamo's recompile limit for their shared code object)."""
 
 
 def default_buckets(num_slots: int) -> list[int]:
@@ -445,6 +449,9 @@ def _inductor_compile(fn: Callable[[], None]) -> Callable[[], None]:
     """A program body compiled by inductor's C++ backend. Compiled artifacts go to inductor's on-disk caches
     (FX graph cache, on by default), so a restarted process with the same model and shapes does not recompile."""
     inductor_config.cpp_wrapper = True
+    # every program body is the same Python function over other buffers, so dynamo keeps all their graphs under one
+    # code object: its recompile limit (8) must cover every program of every policy, or the rest run eagerly
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _MAX_COMPILED_PROGRAMS)
     return torch.compile(fn, backend="inductor", dynamic=False, fullgraph=False)
 
 
