@@ -128,11 +128,11 @@ def make_random_checkpoint(path: str | Path, *, seed: int = 0, **model_overrides
     group = cyclic(2)
     obs_rep = Representation.from_signed_permutations(group, [[1, 0, 2, 3]], [[1, 1, -1, -1]], name="obs")
     act_rep = Representation.from_signed_permutations(group, [[0, 1]], [[-1, -1]], name="action")
-    config = dict(
+    small = RegressorConfig(
         in_horizon=4, cond_horizon=8, num_layers=2, num_attention_heads=2, embedding_dim=16, num_cond_layers=1
     )
-    config.update(model_overrides)
-    model = eCondTransformerRegressor(act_rep, obs_rep, act_rep, **config)
+    config = RegressorConfig.from_dict({**small.to_dict(), **model_overrides})
+    model = eCondTransformerRegressor.from_config(act_rep, obs_rep, act_rep, config)
     return save_checkpoint(path, model, FlowMatchingSampler(num_steps=4), extra={"random_seed": seed})
 
 

@@ -169,7 +169,7 @@ class eCondTransformerRegressor(nn.Module):
         self.in_horizon, self.cond_horizon = in_horizon, cond_horizon
         self.cond_window = cond_window or cond_horizon
         self.causal_attn, self.embedding_dim = causal_attn, embedding_dim
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         hidden = Representation.regular(group, m)
         wide = Representation.regular(group, 4 * m)
         self.hidden_rep = hidden
@@ -183,9 +183,9 @@ class eCondTransformerRegressor(nn.Module):
         )
         self.drop = nn.Dropout(p_drop_emb)
         self.encoder: eTransformerEncoder | None
-        self.cond_mlp: nn.Sequential | None
+        self.cond_mlp: nn.Module  # the per-token encoder when num_cond_layers == 0 (identity, unused, otherwise)
         if num_cond_layers > 0:
-            layer = eTransformerEncoderLayer(
+            enc_layer = eTransformerEncoderLayer(
                 hidden,
                 num_attention_heads,
                 dff,
@@ -197,14 +197,16 @@ class eCondTransformerRegressor(nn.Module):
                 positional="rope",
                 **fk,
             )
-            self.encoder = eTransformerEncoder(layer, num_cond_layers, norm=make_norm(norm_module, hidden, 1e-5, **fk))
-            self.cond_mlp = None
+            self.encoder = eTransformerEncoder(
+                enc_layer, num_cond_layers, norm=make_norm(norm_module, hidden, 1e-5, **fk)
+            )
+            self.cond_mlp = nn.Identity()
         else:
             self.encoder = None
             self.cond_mlp = nn.Sequential(
                 eLinear(hidden, wide, **fk), ePointwise(wide, "mish"), eLinear(wide, hidden, **fk)
             )
-        layer = eTransformerDecoderLayer(
+        dec_layer = eTransformerDecoderLayer(
             hidden,
             num_attention_heads,
             dff,
@@ -216,7 +218,7 @@ class eCondTransformerRegressor(nn.Module):
             cross_positional="rope",
             **fk,
         )
-        self.decoder = eTransformerDecoder(layer, num_layers)
+        self.decoder = eTransformerDecoder(dec_layer, num_layers)
         self.ln_f = make_norm(norm_module, hidden, 1e-5, **fk)
         self.head = eLinear(hidden, out_rep, **fk)
         self.reset_parameters()
@@ -244,7 +246,9 @@ class eCondTransformerRegressor(nn.Module):
             k = k.expand(batch)
         if k.shape != (batch,):
             raise ValueError(f"opt_step: expected a scalar or shape ({batch},), got {tuple(k.shape)}")
-        emb = _sinusoidal(k, self.hidden_rep.regular_copies).to(ref.dtype)  # one invariant value per copy
+        emb = _sinusoidal(k, self.hidden_rep.size // self.in_rep.group.order).to(
+            ref.dtype
+        )  # one invariant value per copy
         return self.time_mlp(emb.repeat_interleave(self.in_rep.group.order, dim=-1))[:, None]  # (B, 1, D)
 
     def _action_tokens(self, x: Tensor) -> Tensor:
@@ -322,7 +326,7 @@ class eCondTransformerRegressor(nn.Module):
                 dtype=dtype,
                 device=device,
             )
-            for layer in self.decoder.layers
+            for layer in self.decoder.layer_list
         ]
         return RegressorState(enc, memory)
 
@@ -359,8 +363,11 @@ class eCondTransformerRegressor(nn.Module):
         memory ring (one encoder ``forward_step`` and one K/V projection per decoder layer)."""
         self._check("Z", Z, self.cond_rep)
         z = self.drop(self.cond_obs_emb(Z))
-        z = self.encoder.forward_step(z, state.encoder, rows=rows)[0] if self.encoder is not None else self.cond_mlp(z)
-        for layer, mem in zip(self.decoder.layers, state.memory):
+        if self.encoder is not None and state.encoder is not None:
+            z = self.encoder.forward_step(z, state.encoder, rows=rows)[0]
+        else:
+            z = self.cond_mlp(z)
+        for layer, mem in zip(self.decoder.layer_list, state.memory):
             layer.append_memory(z, mem, rows)
 
     def num_observed(self, state: RegressorState, rows: Rows = None) -> Tensor:
@@ -373,14 +380,16 @@ class eCondTransformerRegressor(nn.Module):
         self._check("X", X, self.in_rep, self.in_horizon)
         now = (self.num_observed(state, rows) - 1)[:, None]  # (b, 1)
         step = self._step_token(opt_step, X.shape[0], X)
-        for layer, mem in zip(self.decoder.layers, state.memory):
+        for layer, mem in zip(self.decoder.layer_list, state.memory):
             layer.multihead_attn.write_extra(step, mem, now, rows)
         x = self._action_tokens(X)
         mask = self._tgt_mask(x.shape[1], x)
         query_pos = now.expand(-1, x.shape[1])
         # every layer's memory ring holds the same positions: one band mask serves them all
-        memory_mask = self.decoder.layers[0].multihead_attn.cached_mask(state.memory[0], query_pos, rows, dtype=x.dtype)
-        for layer, mem in zip(self.decoder.layers, state.memory):
+        memory_mask = self.decoder.layer_list[0].multihead_attn.cached_mask(
+            state.memory[0], query_pos, rows, dtype=x.dtype
+        )
+        for layer, mem in zip(self.decoder.layer_list, state.memory):
             x = layer.forward_cached_memory(x, mem, query_pos, rows, tgt_mask=mask, memory_mask=memory_mask)
         return self.head(self.ln_f(x))
 
@@ -437,7 +446,8 @@ class CondTransformerRegressor(eCondTransformerRegressor):
 def get_optim_groups(model: nn.Module, weight_decay: float = 1e-3) -> list[dict]:
     """Parameter groups for ``torch.optim.AdamW``: weight decay on the weights of ``eLinear`` / ``nn.Linear`` maps,
     none on biases, norms, position tables and embeddings (as in minGPT / Diffusion Policy)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:

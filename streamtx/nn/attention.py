@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,7 @@ class eMultiheadAttention(nn.Module):
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = in_rep.size, num_heads, dropout, batch_first
         self.head_dim = in_rep.size // num_heads
         self.hidden_rep = Representation.regular(in_rep.group, copies)
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.q_proj = eLinear(in_rep, self.hidden_rep, bias=bias, **fk)
         self.k_proj = eLinear(key_rep, self.hidden_rep, bias=bias, **fk)
         self.v_proj = eLinear(value_rep, self.hidden_rep, bias=bias, **fk)

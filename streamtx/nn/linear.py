@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -236,7 +237,7 @@ class eLinear(nn.Module):
     ) -> None:
         super().__init__()
         check_same_group(in_rep=in_rep, out_rep=out_rep)
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_rep, self.out_rep = in_rep, out_rep
         self.in_features, self.out_features = in_rep.size, out_rep.size
         self.parametrization = make_parametrization(in_rep, out_rep)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -150,7 +151,7 @@ class eRetroactiveEncoderLayer(nn.Module):
             return self.layer.init_state(batch_size, window=self.window, dtype=dtype, device=device)
         attn = self.layer.self_attn
         head = (attn.num_heads, attn.head_dim)
-        fk = {"dtype": accumulator_dtype(dtype), "device": device}
+        fk: dict[str, Any] = {"dtype": accumulator_dtype(dtype), "device": device}
         cache = RingCache(batch_size, self.window, {"x": (attn.embed_dim,), "q": head, "k": head, "v": head}, **fk)
         stats = [torch.zeros(batch_size, self.window, attn.num_heads, **fk) for _ in range(3)]
         return RetroactiveState(

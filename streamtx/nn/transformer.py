@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,13 @@ def _call_attention(attn: eMultiheadAttention, q: Tensor, kv: Tensor, **kwargs) 
 class _LayerBase(nn.Module):
     """Shared pieces of the encoder and decoder layers: feed-forward block, norms and the residual schedule."""
 
+    in_rep: Representation
+    linear1: eLinear
+    linear2: eLinear
+    activation: ePointwise
+    dropout: nn.Dropout
+    self_attn: eMultiheadAttention
+
     def _init_common(
         self,
         in_rep: Representation,
@@ -134,7 +141,9 @@ class _LayerBase(nn.Module):
         return x
 
     @torch.no_grad()
-    def _load_torch_common(self, layer: nn.Module, num_norms: int) -> None:
+    def _load_torch_common(
+        self, layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer, num_norms: int
+    ) -> None:
         self.linear1.load_dense_(layer.linear1.weight, layer.linear1.bias)
         self.linear2.load_dense_(layer.linear2.weight, layer.linear2.bias)
         for i in range(1, num_norms + 1):
@@ -175,7 +184,7 @@ class eTransformerEncoderLayer(_LayerBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self._init_common(
             in_rep,
             dim_feedforward,
@@ -290,6 +299,8 @@ class eTransformerDecoderLayer(_LayerBase):
     self- and cross-attention. Shapes: ``tgt (T, B, D)``, ``memory (S, B, D)`` (batch first if ``batch_first``).
     """
 
+    multihead_attn: eMultiheadAttention
+
     def __init__(
         self,
         in_rep: Representation,
@@ -310,7 +321,7 @@ class eTransformerDecoderLayer(_LayerBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self._init_common(
             in_rep,
             dim_feedforward,
@@ -541,6 +552,11 @@ class eTransformerEncoder(nn.Module):
         self.layers = _clones(encoder_layer, num_layers)
         self.num_layers, self.norm = num_layers, norm
 
+    @property
+    def layer_list(self) -> list[eTransformerEncoderLayer]:
+        """The layers, typed (``self.layers`` is the registered ``nn.ModuleList``)."""
+        return cast(list[eTransformerEncoderLayer], list(self.layers))
+
     def forward(
         self,
         src: Tensor,
@@ -570,18 +586,18 @@ class eTransformerEncoder(nn.Module):
                 layer.init_state(
                     batch_size, window=window, max_tokens_per_step=max_tokens_per_step, dtype=dtype, device=device
                 )
-                for layer in self.layers
+                for layer in self.layer_list
             ]
         )
 
     def forward_step(self, x: Tensor, state: EncoderState, /, *, rows: Rows = None) -> tuple[Tensor, EncoderState]:
-        for layer, layer_state in zip(self.layers, state.layers):
+        for layer, layer_state in zip(self.layer_list, state.layers):
             x, _ = layer.forward_step(x, layer_state, rows=rows)
         return (x if self.norm is None else self.norm(x)), state
 
     def forward_steps(self, x: Tensor, state: EncoderState, /, *, rows: Rows = None) -> tuple[Tensor, EncoderState]:
         """``T`` steps of one token each -> per-token outputs ``(b, T, D)``."""
-        check_stream(x, self.layers[0].in_rep.size)
+        check_stream(x, self.layer_list[0].in_rep.size)
         return self.forward_step(x, state, rows=rows)
 
 
@@ -593,6 +609,11 @@ class eTransformerDecoder(nn.Module):
         super().__init__()
         self.layers = _clones(decoder_layer, num_layers)
         self.num_layers, self.norm = num_layers, norm
+
+    @property
+    def layer_list(self) -> list[eTransformerDecoderLayer]:
+        """The layers, typed (``self.layers`` is the registered ``nn.ModuleList``)."""
+        return cast(list[eTransformerDecoderLayer], list(self.layers))
 
     def forward(
         self,
@@ -649,14 +670,14 @@ class eTransformerDecoder(nn.Module):
                     dtype=dtype,
                     device=device,
                 )
-                for layer in self.layers
+                for layer in self.layer_list
             ]
         )
 
     def forward_step(
         self, x: Tensor, state: DecoderState, /, *, rows: Rows = None, memory: Tensor | None = None
     ) -> tuple[Tensor, DecoderState]:
-        for layer, layer_state in zip(self.layers, state.layers):
+        for layer, layer_state in zip(self.layer_list, state.layers):
             x, _ = layer.forward_step(x, layer_state, rows=rows, memory=memory)
         return (x if self.norm is None else self.norm(x)), state
 
@@ -664,5 +685,5 @@ class eTransformerDecoder(nn.Module):
         self, x: Tensor, state: DecoderState, /, *, rows: Rows = None, memory: Tensor | None = None
     ) -> tuple[Tensor, DecoderState]:
         """``T`` steps of one target token (and memory token ``t`` of ``memory``, if given) each."""
-        check_stream(x, self.layers[0].in_rep.size)
+        check_stream(x, self.layer_list[0].in_rep.size)
         return _decoder_steps(self, x, state, rows, memory)

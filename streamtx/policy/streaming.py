@@ -88,9 +88,10 @@ class StreamingPolicy(nn.Module):
     ) -> PolicyState:
         """All rows empty, seed 0. ``dtype``/``device`` (the streaming contract's) must be the policy's own, if given:
         a policy computes in the dtype and on the device of its weights."""
-        for name, given, own in (("dtype", dtype, self.dtype), ("device", device, self.device)):
-            if given is not None and (torch.device(given) if name == "device" else given) != own:
-                raise ValueError(f"{name}: this policy's state lives in {own} (its weights'), got {given}")
+        if dtype is not None and dtype != self.dtype:
+            raise ValueError(f"dtype: this policy's state lives in {self.dtype} (its weights'), got {dtype}")
+        if device is not None and torch.device(device) != self.device:
+            raise ValueError(f"device: this policy's state lives on {self.device} (its weights'), got {device}")
         return PolicyState(
             self.model.init_state(batch_size, max_tokens_per_step=self.max_tokens_per_step),
             torch.zeros(batch_size, dtype=torch.long),
