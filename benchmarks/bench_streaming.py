@@ -26,7 +26,7 @@ def per_token(rep: Representation, depth: int, window: int, repeats: int, batch:
     enc = eTransformerEncoder(layer, depth).eval()
     x = torch.randn(batch, window, rep.size)
     mask = causal_window_mask(window, window)
-    state = enc.init_state(batch, window)
+    state = enc.init_state(batch, window=window)
     with torch.no_grad():
         for t in range(window):  # a full ring: every step attends to W cached tokens
             enc.forward_step(x[:, t], state)

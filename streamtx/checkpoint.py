@@ -8,6 +8,7 @@ of the group's generators.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models.cond_regressor import CondTransformerRegressor, eCondTransformerRegressor
+from .models.cond_regressor import CondTransformerRegressor, RegressorConfig, eCondTransformerRegressor
 from .policy.samplers import FlowMatchingSampler, Sampler, make_sampler
 from .policy.static import StaticStreamingPolicy
 from .policy.streaming import StreamingPolicy
@@ -27,10 +28,13 @@ __all__ = [
     "load_model",
     "load_policy",
     "load_static_policy",
+    "load_fastest_policy",
     "make_random_checkpoint",
 ]
 
 FORMAT, VERSION = "streamtx-checkpoint", 1
+
+log = logging.getLogger(__name__)
 
 
 def _rep_dict(rep: Representation) -> dict[str, Any]:
@@ -59,7 +63,7 @@ def save_checkpoint(
         "format": FORMAT,
         "version": VERSION,
         "model_class": type(model).__name__,
-        "config": dict(model.config),
+        "config": model.config.to_dict(),
         "group": {"name": group.name, "generators": [group.matrices[g].tolist() for g in group.generators]},
         "representations": {name: _rep_dict(getattr(model, name)) for name in ("in_rep", "cond_rep", "out_rep")},
         "sampler": sampler.config(),
@@ -96,14 +100,13 @@ def load_model(
         [np.asarray(m, dtype=np.float64) for m in payload["group"]["generators"]], name=payload["group"]["name"]
     )
     reps = {name: _rep_from(d, group) for name, d in payload["representations"].items()}
-    config = dict(payload["config"])
-    in_h, cond_h = config.pop("in_horizon"), config.pop("cond_horizon")
+    config = RegressorConfig.from_dict(payload["config"])
     if payload["model_class"] == "CondTransformerRegressor":
-        model = CondTransformerRegressor(
-            reps["in_rep"].size, reps["cond_rep"].size, reps["out_rep"].size, in_h, cond_h, **config
+        model: eCondTransformerRegressor = CondTransformerRegressor.from_dims(
+            reps["in_rep"].size, reps["cond_rep"].size, reps["out_rep"].size, config
         )
     else:
-        model = eCondTransformerRegressor(reps["in_rep"], reps["cond_rep"], reps["out_rep"], in_h, cond_h, **config)
+        model = eCondTransformerRegressor.from_config(reps["in_rep"], reps["cond_rep"], reps["out_rep"], config)
     model.load_state_dict(payload["state_dict"])
     model = model.to(device=device, dtype=dtype).eval()
     return model, make_sampler(payload["sampler"]), payload["extra"]
@@ -125,11 +128,11 @@ def make_random_checkpoint(path: str | Path, *, seed: int = 0, **model_overrides
     group = cyclic(2)
     obs_rep = Representation.from_signed_permutations(group, [[1, 0, 2, 3]], [[1, 1, -1, -1]], name="obs")
     act_rep = Representation.from_signed_permutations(group, [[0, 1]], [[-1, -1]], name="action")
-    config = dict(
+    small = RegressorConfig(
         in_horizon=4, cond_horizon=8, num_layers=2, num_attention_heads=2, embedding_dim=16, num_cond_layers=1
     )
-    config.update(model_overrides)
-    model = eCondTransformerRegressor(act_rep, obs_rep, act_rep, **config)
+    config = RegressorConfig.from_dict({**small.to_dict(), **model_overrides})
+    model = eCondTransformerRegressor.from_config(act_rep, obs_rep, act_rep, config)
     return save_checkpoint(path, model, FlowMatchingSampler(num_steps=4), extra={"random_seed": seed})
 
 
@@ -149,3 +152,25 @@ def load_static_policy(
     return StaticStreamingPolicy(
         policy, dtype=dtype, cuda_graph=cuda_graph, buckets=buckets, fused_kernels=fused_kernels
     )
+
+
+def load_fastest_policy(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    *,
+    max_tokens_per_step: int = 1,
+    buckets: Sequence[int] | None = None,
+    compile: bool = True,
+) -> StaticStreamingPolicy | StreamingPolicy:
+    """The fastest exact policy of a checkpoint for ``device``, for the daemon: the static plan, compiled by inductor
+    on the CPU (``compile=False``: run eagerly) and captured as CUDA graphs on CUDA, in float32. A model that the plan
+    cannot run falls back to the module path (:class:`StreamingPolicy`), and the reason is logged; both have the same
+    methods (``init_state``, ``reset``, ``observe``, ``act``, ``step``, ``metadata``)."""
+    policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
+    try:
+        fast = StaticStreamingPolicy(policy, cuda_graph=True, buckets=buckets, compile=compile)
+    except (TypeError, ValueError) as exc:
+        log.warning("serving the module path: the static plan cannot run this model (%s)", exc)
+        return policy
+    log.info("serving the static plan on %s (%s)", fast.device, fast.compile_reason)
+    return fast

@@ -3,7 +3,8 @@ import pytest
 import torch
 from layer_testing import GROUPS, faithful_rep, mixed_rep, quadruped
 
-from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor, get_optim_groups
+from streamtx.checkpoint import load_model, make_random_checkpoint
+from streamtx.models import CondTransformerRegressor, RegressorConfig, eCondTransformerRegressor, get_optim_groups
 from streamtx.symmetry import Representation, dihedral
 
 
@@ -122,3 +123,20 @@ def test_constructor_errors():
         model(torch.randn(2, 4, 2), 1.0, torch.randn(2, 5, 3))
     with pytest.raises(ValueError, match="opt_step"):
         model(torch.randn(2, 4, 2), torch.ones(3), torch.randn(2, 5, 2))
+
+
+def test_config_is_one_dataclass_serialised_in_checkpoints(tmp_path):
+    """The constructor's options live in RegressorConfig: from_config rebuilds the same model, a checkpoint stores
+    the config's plain dict, an older checkpoint's dict (the same names) loads, and an unknown name is refused."""
+    path = make_random_checkpoint(tmp_path / "p.pt", cond_window=3)
+    model, _, _ = load_model(path)
+    assert isinstance(model.config, RegressorConfig) and model.config.cond_window == 3
+    again = eCondTransformerRegressor.from_config(model.in_rep, model.cond_rep, model.out_rep, model.config)
+    again.load_state_dict(model.state_dict())
+    x, z = torch.randn(2, 4, 2), torch.randn(2, 5, 4)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x, 3.0, z), model(x, 3.0, z))
+    payload = torch.load(path, weights_only=True)
+    assert payload["config"] == model.config.to_dict()
+    with pytest.raises(ValueError, match=r"config: unknown eCondTransformerRegressor options \['depth'\]"):
+        RegressorConfig.from_dict({**model.config.to_dict(), "depth": 3})

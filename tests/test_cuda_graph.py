@@ -319,6 +319,8 @@ def test_load_static_policy_and_metadata(tmp_path):
     assert meta["runner"] == {
         "type": "static",
         "cuda_graph": True,
+        "compiled": False,
+        "compile_reason": "compile=False",
         "fused_kernels": False,
         "io_dtype": "float32",
         "buckets": [1, 2],

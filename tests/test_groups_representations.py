@@ -81,6 +81,21 @@ def test_invariant_basis_is_the_fixed_space():
     assert np.allclose(np.einsum("gij,jk->gik", rep.matrices, basis), basis[None])
 
 
+def test_change_basis_to_the_isotypic_basis_diagonalises_c2():
+    """A known answer: C2's regular representation swaps two coordinates; in the basis (e0 + e1, e0 - e1)/sqrt(2)
+    its generator is diag(1, -1)."""
+    g = cyclic(2)
+    q = np.array([[1.0, 1.0], [1.0, -1.0]]) / np.sqrt(2)
+    other = Representation.regular(g, 1).change_basis(q)
+    assert np.allclose(other(g.generators[0]), np.diag([1.0, -1.0]), atol=1e-12)
+
+
+def test_unchecked_representation_without_a_name():
+    """check=False and no name: the default name is the dimension (this raised UnboundLocalError)."""
+    rep = Representation(cyclic(2), np.stack([np.eye(3), np.eye(3)]), check=False)
+    assert rep.name == "rep(d=3)" and rep.size == 3
+
+
 def test_representation_errors():
     g = cyclic(3)
     with pytest.raises(ValueError, match="not a representation"):
@@ -107,5 +122,11 @@ def test_change_of_basis_property(n, copies, seed):
     q = np.linalg.qr(np.random.default_rng(seed).standard_normal((rep.size, rep.size)))[0]
     other = rep.change_basis(q)
     assert other.regular_copies is None  # a regular rep in another basis is treated as a general one
-    assert np.allclose(other.matrices, q @ rep.matrices @ q.T)
+    # what a change of basis must preserve, checked without its formula: a homomorphism of orthogonal matrices with
+    # the same character, whose invariant subspace is the old one's image under q
+    m = other.matrices
+    assert np.allclose(np.einsum("aij,bjk->abik", m, m), m[g.mul], atol=1e-10)
+    assert np.allclose(np.einsum("gii->g", m), np.einsum("gii->g", rep.matrices), atol=1e-10)
+    inv_old, inv_new = q @ rep.invariant_basis, other.invariant_basis
+    assert np.allclose(inv_new @ inv_new.T, inv_old @ inv_old.T, atol=1e-10)  # same projector: same subspace
     assert rep.sample(5, np.random.default_rng(seed)).max() < g.order

@@ -323,14 +323,14 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(TypeError, match="x: expected dtype torch.float64"):
         retro.forward_step(torch.zeros(2, d), state)
     with pytest.raises(TypeError, match="state: expected a RetroactiveState"):
-        retro.forward_step(torch.zeros(2, d, dtype=torch.float64), layer.init_state(2, N))
+        retro.forward_step(torch.zeros(2, d, dtype=torch.float64), layer.init_state(2, window=N))
     with pytest.raises(ValueError, match=f"state: expected a window of {N}, got {N + 1}"):
         retro.forward_step(torch.zeros(2, d, dtype=torch.float64), eRetroactiveEncoderLayer(layer, N + 1).init_state(2))
     with pytest.raises(TypeError, match="state: expected dtype torch.float64"):
         retro.forward_step(torch.zeros(2, d, dtype=torch.float64), state.to(torch.float32))
     with pytest.raises(ValueError, match="state: expected a window"):
         eRetroactiveEncoderLayer(layer, N, single_output=True).forward_step(
-            torch.zeros(2, d, dtype=torch.float64), layer.init_state(2, N + 1)
+            torch.zeros(2, d, dtype=torch.float64), layer.init_state(2, window=N + 1)
         )
     assert state.cache.positions().tolist() == [0, 0]  # nothing entered
 

@@ -51,7 +51,7 @@ def test_attention_step_equals_batch(dtype, group_name, positional, window, s):
     x = torch.randn(2, t, rep.size, dtype=dtype)
     with torch.no_grad():
         ref = mha(x, x, x, attn_mask=causal_window_mask(t, window, dtype=dtype), need_weights=False)[0]
-        state = mha.init_state(2, window, max_tokens_per_step=min(s, 3))  # s = 7 runs in chunks of 3
+        state = mha.init_state(2, window=window, max_tokens_per_step=min(s, 3))  # s = 7 runs in chunks of 3
         out = stream(lambda xt: mha.forward_step(xt, state)[0], x, s)
     assert rel_err(out, ref) <= TOL[dtype]
 
@@ -69,7 +69,7 @@ def test_encoder_stack_step_equals_batch(group_name, depth, norm_first):
     x = torch.randn(2, t, rep.size, dtype=torch.float64)
     with torch.no_grad():
         ref = enc(x, mask=causal_window_mask(t, window, dtype=torch.float64))
-        state = enc.init_state(2, window, max_tokens_per_step=2)
+        state = enc.init_state(2, window=window, max_tokens_per_step=2)
         out = stream(lambda xt: enc.forward_step(xt, state)[0], x, 2)
     assert rel_err(out, ref) <= 1e-10
 
@@ -97,7 +97,9 @@ def test_decoder_stack_step_equals_batch(dtype, group_name, depth):
     memory_mask = torch.zeros(t, t, dtype=dtype).masked_fill(~band_mask(pos, pos, memory_window), float("-inf"))
     with torch.no_grad():
         ref = dec(x, mem, tgt_mask=causal_window_mask(t, window, dtype=dtype), memory_mask=memory_mask)
-        state = dec.init_state(2, window, memory_window, max_tokens_per_step=2, max_memory_tokens_per_step=2)
+        state = dec.init_state(
+            2, window=window, memory_window=memory_window, max_tokens_per_step=2, max_memory_tokens_per_step=2
+        )
         out = torch.cat(
             [dec.forward_step(x[:, i : i + 2], state, memory=mem[:, i : i + 2])[0] for i in range(0, t, 2)], dim=1
         )
@@ -113,7 +115,7 @@ def test_per_row_reset_with_rows_started_at_different_times(group_name):
     randomize(enc)
     x = torch.randn(3, t, rep.size, dtype=torch.float64)
     starts = [0, 17, 33]  # row r is reset at time starts[r]
-    state = enc.init_state(3, window)
+    state = enc.init_state(3, window=window)
     outs = []
     with torch.no_grad():
         for i in range(t):
@@ -133,7 +135,7 @@ def test_row_subsets_leave_other_rows_untouched():
     layer = eTransformerEncoderLayer(rep, 2, 64, dropout=0.0, batch_first=True, positional="rope")
     enc = eTransformerEncoder(layer, 2).double().eval()
     x = torch.randn(3, 30, rep.size, dtype=torch.float64)
-    full, part = enc.init_state(3, 5), enc.init_state(3, 5)
+    full, part = enc.init_state(3, window=5), enc.init_state(3, window=5)
     with torch.no_grad():
         ref = torch.stack([enc.forward_step(x[:, i], full)[0] for i in range(30)], 1)
         # rows 0 and 2 step together, row 1 steps on its own, interleaved
@@ -156,7 +158,7 @@ def test_recycling_positions_match_the_batch_model_with_the_same_ids():
     pos = torch.arange(t)
     with torch.no_grad():
         ref = enc(pe(x, pos), mask=causal_window_mask(t, window, dtype=torch.float64))
-        state = enc.init_state(2, window)
+        state = enc.init_state(2, window=window)
         out = torch.stack([enc.forward_step(pe(x[:, i : i + 1], pos[i : i + 1]), state)[0][:, 0] for i in range(t)], 1)
     assert rel_err(out, ref) <= 1e-10
     ids = pos % pe.num_positions  # every window sees distinct ids
@@ -179,7 +181,7 @@ def test_state_clone_save_restore_and_stream_wrapper():
         a = torch.stack([s(x[:, i]) for i in range(10, 25)], 1)
         b = torch.stack([enc.forward_step(x[:, i], twin)[0] for i in range(10, 25)], 1)
         assert torch.equal(a, b)  # the clone evolved independently and identically
-        restored = enc.init_state(2, 4)
+        restored = enc.init_state(2, window=4)
         restored.load_state_dict(snapshot)
         c = torch.stack([enc.forward_step(x[:, i], restored)[0] for i in range(10, 25)], 1)
         assert torch.equal(a, c)
@@ -208,10 +210,10 @@ def test_ring_cache_contract():
 def test_streaming_input_errors():
     rep = hidden("D4")
     mha = eMultiheadAttention(rep, 2, batch_first=True)
-    state = mha.init_state(2, 4)
+    state = mha.init_state(2, window=4)
     with pytest.raises(ValueError, match="x"):
         mha.forward_step(torch.randn(2, rep.size + 1), state)
     with pytest.raises(ValueError, match="window"):
-        mha.init_state(2, 0)
+        mha.init_state(2, window=0)
     with pytest.raises(ValueError, match="key"):
         mha.append_kv(torch.randn(2, 3, rep.size), state)  # the ring was sized for one token per step

@@ -1,5 +1,17 @@
 """Policy networks built from the equivariant layers."""
 
-from .cond_regressor import CondTransformerRegressor, RegressorState, eCondTransformerRegressor, get_optim_groups
+from .cond_regressor import (
+    CondTransformerRegressor,
+    RegressorConfig,
+    RegressorState,
+    eCondTransformerRegressor,
+    get_optim_groups,
+)
 
-__all__ = ["eCondTransformerRegressor", "CondTransformerRegressor", "RegressorState", "get_optim_groups"]
+__all__ = [
+    "eCondTransformerRegressor",
+    "CondTransformerRegressor",
+    "RegressorConfig",
+    "RegressorState",
+    "get_optim_groups",
+]

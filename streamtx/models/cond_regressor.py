@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,13 @@ from ..nn.transformer import (
 )
 from ..symmetry import Representation, trivial_group
 
-__all__ = ["eCondTransformerRegressor", "CondTransformerRegressor", "RegressorState", "get_optim_groups"]
+__all__ = [
+    "eCondTransformerRegressor",
+    "CondTransformerRegressor",
+    "RegressorConfig",
+    "RegressorState",
+    "get_optim_groups",
+]
 
 
 def _sinusoidal(k: Tensor, dim: int) -> Tensor:
@@ -33,6 +41,43 @@ def _sinusoidal(k: Tensor, dim: int) -> Tensor:
     freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=k.device, dtype=torch.float64) / max(half - 1, 1))
     arg = k.to(torch.float64)[:, None] * freq[None]
     return torch.cat((arg.sin(), arg.cos()), dim=-1)
+
+
+@dataclass(frozen=True)
+class RegressorConfig:
+    """Every architecture choice of an :class:`eCondTransformerRegressor` besides its representations: the one place
+    for these names (the constructor, checkpoints, the trainer CLI and tests read them from here).
+
+    ``cond_horizon`` is the memory horizon (newest encoder outputs the decoder cross-attends to), ``cond_window`` the
+    encoder's causal attention window (``None``: ``cond_horizon``); ``in_horizon`` is the action chunk length.
+    """
+
+    in_horizon: int
+    cond_horizon: int
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    embedding_dim: int = 128
+    p_drop_emb: float = 0.0
+    p_drop_attn: float = 0.0
+    causal_attn: bool = False
+    num_cond_layers: int = 2
+    norm_module: str = "layernorm"
+    dim_feedforward: int | None = None
+    activation: str = "gelu"
+    cond_window: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (what a checkpoint stores)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RegressorConfig:
+        """From :meth:`to_dict` or an older checkpoint's config; unknown names are refused by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config: unknown eCondTransformerRegressor options {unknown}; known: {sorted(known)}")
+        return cls(**values)
 
 
 @dataclass
@@ -105,7 +150,7 @@ class eCondTransformerRegressor(nn.Module):
                 raise ValueError(f"{name}: expected >= 1, got {value}")
         if num_cond_layers < 0:
             raise ValueError(f"num_cond_layers: expected >= 0, got {num_cond_layers}")
-        self.config: dict[str, Any] = dict(
+        self.config = RegressorConfig(
             in_horizon=in_horizon,
             cond_horizon=cond_horizon,
             num_layers=num_layers,
@@ -124,7 +169,7 @@ class eCondTransformerRegressor(nn.Module):
         self.in_horizon, self.cond_horizon = in_horizon, cond_horizon
         self.cond_window = cond_window or cond_horizon
         self.causal_attn, self.embedding_dim = causal_attn, embedding_dim
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         hidden = Representation.regular(group, m)
         wide = Representation.regular(group, 4 * m)
         self.hidden_rep = hidden
@@ -138,9 +183,9 @@ class eCondTransformerRegressor(nn.Module):
         )
         self.drop = nn.Dropout(p_drop_emb)
         self.encoder: eTransformerEncoder | None
-        self.cond_mlp: nn.Sequential | None
+        self.cond_mlp: nn.Module  # the per-token encoder when num_cond_layers == 0 (identity, unused, otherwise)
         if num_cond_layers > 0:
-            layer = eTransformerEncoderLayer(
+            enc_layer = eTransformerEncoderLayer(
                 hidden,
                 num_attention_heads,
                 dff,
@@ -152,14 +197,16 @@ class eCondTransformerRegressor(nn.Module):
                 positional="rope",
                 **fk,
             )
-            self.encoder = eTransformerEncoder(layer, num_cond_layers, norm=make_norm(norm_module, hidden, 1e-5, **fk))
-            self.cond_mlp = None
+            self.encoder = eTransformerEncoder(
+                enc_layer, num_cond_layers, norm=make_norm(norm_module, hidden, 1e-5, **fk)
+            )
+            self.cond_mlp = nn.Identity()
         else:
             self.encoder = None
             self.cond_mlp = nn.Sequential(
                 eLinear(hidden, wide, **fk), ePointwise(wide, "mish"), eLinear(wide, hidden, **fk)
             )
-        layer = eTransformerDecoderLayer(
+        dec_layer = eTransformerDecoderLayer(
             hidden,
             num_attention_heads,
             dff,
@@ -171,10 +218,23 @@ class eCondTransformerRegressor(nn.Module):
             cross_positional="rope",
             **fk,
         )
-        self.decoder = eTransformerDecoder(layer, num_layers)
+        self.decoder = eTransformerDecoder(dec_layer, num_layers)
         self.ln_f = make_norm(norm_module, hidden, 1e-5, **fk)
         self.head = eLinear(hidden, out_rep, **fk)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(
+        cls,
+        in_rep: Representation,
+        cond_rep: Representation,
+        out_rep: Representation,
+        config: RegressorConfig,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> eCondTransformerRegressor:
+        """The model of ``config`` over these representations."""
+        return cls(in_rep, cond_rep, out_rep, **config.to_dict(), device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.pos_emb, std=0.02)
@@ -186,7 +246,9 @@ class eCondTransformerRegressor(nn.Module):
             k = k.expand(batch)
         if k.shape != (batch,):
             raise ValueError(f"opt_step: expected a scalar or shape ({batch},), got {tuple(k.shape)}")
-        emb = _sinusoidal(k, self.hidden_rep.regular_copies).to(ref.dtype)  # one invariant value per copy
+        emb = _sinusoidal(k, self.hidden_rep.size // self.in_rep.group.order).to(
+            ref.dtype
+        )  # one invariant value per copy
         return self.time_mlp(emb.repeat_interleave(self.in_rep.group.order, dim=-1))[:, None]  # (B, 1, D)
 
     def _action_tokens(self, x: Tensor) -> Tensor:
@@ -236,31 +298,76 @@ class eCondTransformerRegressor(nn.Module):
     def init_state(
         self,
         batch_size: int,
+        /,
+        *,
         max_tokens_per_step: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> RegressorState:
-        """Empty caches for ``batch_size`` independent observation streams."""
+        """Empty caches for ``batch_size`` independent observation streams, taking up to ``max_tokens_per_step``
+        observation tokens per step."""
         enc = (
             None
             if self.encoder is None
-            else self.encoder.init_state(batch_size, self.cond_window, max_tokens_per_step, dtype=dtype, device=device)
+            else self.encoder.init_state(
+                batch_size,
+                window=self.cond_window,
+                max_tokens_per_step=max_tokens_per_step,
+                dtype=dtype,
+                device=device,
+            )
         )
         memory = [
             layer.multihead_attn.init_state(
-                batch_size, self.cond_horizon, max_tokens_per_step, extra_slots=1, dtype=dtype, device=device
+                batch_size,
+                window=self.cond_horizon,
+                max_tokens_per_step=max_tokens_per_step,
+                extra_slots=1,
+                dtype=dtype,
+                device=device,
             )
-            for layer in self.decoder.layers
+            for layer in self.decoder.layer_list
         ]
         return RegressorState(enc, memory)
+
+    def forward_step(
+        self, x: Tensor, state: RegressorState, /, *, rows: Rows = None, actions: Tensor, opt_step: Tensor | float
+    ) -> tuple[Tensor, RegressorState]:
+        """The streaming contract's step: new observation tokens ``x (b, S, cond_rep.size)`` (or ``(b, cond_rep.size)``)
+        enter the caches (:meth:`observe`), then one denoiser evaluation of ``actions (b, Tx, in_rep.size)`` at step
+        ``opt_step`` (:meth:`denoise`). Equal to ``forward(actions, opt_step, Z)`` on the whole observed stream."""
+        self.observe(x[:, None] if x.dim() == 2 else x, state, rows)
+        return self.denoise(actions, opt_step, state, rows), state
+
+    def forward_steps(
+        self, x: Tensor, state: RegressorState, /, *, rows: Rows = None, actions: Tensor, opt_step: Tensor | float
+    ) -> tuple[Tensor, RegressorState]:
+        """``T`` steps of one observation token each, ``x (b, T, cond_rep.size)``, step ``t`` denoising
+        ``actions[:, t] (b, Tx, in_rep.size)`` at ``opt_step`` (a scalar, ``(b,)``, or ``(b, T)`` per step) ->
+        ``(b, T, Tx, out_rep.size)``."""
+        self._check("x", x, self.cond_rep)
+        if actions.dim() != 4 or actions.shape[:2] != x.shape[:2]:
+            raise ValueError(
+                f"actions: expected (b, T, Tx, {self.in_rep.size}) with b, T = {tuple(x.shape[:2])}, "
+                f"got {tuple(actions.shape)}"
+            )
+        k = torch.as_tensor(opt_step, device=x.device)
+        outs = []
+        for t in range(x.shape[1]):
+            k_t = k[:, t] if k.dim() == 2 else k
+            outs.append(self.forward_step(x[:, t], state, rows=rows, actions=actions[:, t], opt_step=k_t)[0])
+        return torch.stack(outs, dim=1), state
 
     def observe(self, Z: Tensor, state: RegressorState, rows: Rows = None) -> None:
         """New observation tokens ``Z (b, S, cond_rep.size)`` enter the encoder caches and every decoder layer's
         memory ring (one encoder ``forward_step`` and one K/V projection per decoder layer)."""
         self._check("Z", Z, self.cond_rep)
         z = self.drop(self.cond_obs_emb(Z))
-        z = self.encoder.forward_step(z, state.encoder, rows)[0] if self.encoder is not None else self.cond_mlp(z)
-        for layer, mem in zip(self.decoder.layers, state.memory):
+        if self.encoder is not None and state.encoder is not None:
+            z = self.encoder.forward_step(z, state.encoder, rows=rows)[0]
+        else:
+            z = self.cond_mlp(z)
+        for layer, mem in zip(self.decoder.layer_list, state.memory):
             layer.append_memory(z, mem, rows)
 
     def num_observed(self, state: RegressorState, rows: Rows = None) -> Tensor:
@@ -273,14 +380,16 @@ class eCondTransformerRegressor(nn.Module):
         self._check("X", X, self.in_rep, self.in_horizon)
         now = (self.num_observed(state, rows) - 1)[:, None]  # (b, 1)
         step = self._step_token(opt_step, X.shape[0], X)
-        for layer, mem in zip(self.decoder.layers, state.memory):
+        for layer, mem in zip(self.decoder.layer_list, state.memory):
             layer.multihead_attn.write_extra(step, mem, now, rows)
         x = self._action_tokens(X)
         mask = self._tgt_mask(x.shape[1], x)
         query_pos = now.expand(-1, x.shape[1])
         # every layer's memory ring holds the same positions: one band mask serves them all
-        memory_mask = self.decoder.layers[0].multihead_attn.cached_mask(state.memory[0], query_pos, rows, dtype=x.dtype)
-        for layer, mem in zip(self.decoder.layers, state.memory):
+        memory_mask = self.decoder.layer_list[0].multihead_attn.cached_mask(
+            state.memory[0], query_pos, rows, dtype=x.dtype
+        )
+        for layer, mem in zip(self.decoder.layer_list, state.memory):
             x = layer.forward_cached_memory(x, mem, query_pos, rows, tgt_mask=mask, memory_mask=memory_mask)
         return self.head(self.ln_f(x))
 
@@ -328,11 +437,17 @@ class CondTransformerRegressor(eCondTransformerRegressor):
             **kwargs,
         )
 
+    @classmethod
+    def from_dims(cls, in_dim: int, cond_dim: int, out_dim: int, config: RegressorConfig) -> CondTransformerRegressor:
+        """The plain model of ``config`` over these dimensions."""
+        return cls(in_dim, cond_dim, out_dim, **config.to_dict())
+
 
 def get_optim_groups(model: nn.Module, weight_decay: float = 1e-3) -> list[dict]:
     """Parameter groups for ``torch.optim.AdamW``: weight decay on the weights of ``eLinear`` / ``nn.Linear`` maps,
     none on biases, norms, position tables and embeddings (as in minGPT / Diffusion Policy)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:

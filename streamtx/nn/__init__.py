@@ -16,6 +16,7 @@ from .positional import (
 from .retroactive import RetroactiveState, accumulator_dtype, eRetroactiveEncoderLayer
 from .state import RingCache, StreamState, band_mask
 from .stream import Stream
+from .streaming import StreamingModule
 from .transformer import (
     DecoderLayerState,
     DecoderState,
@@ -49,6 +50,7 @@ __all__ = [
     "StreamState",
     "band_mask",
     "Stream",
+    "StreamingModule",
     "AttentionState",
     "EncoderLayerState",
     "DecoderLayerState",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from ..symmetry import Representation
 from .linear import WeightCache, check_same_group, eLinear
 from .positional import PositionalAttention, make_positional
 from .state import RingCache, Rows, StreamState, band_mask
+from .streaming import check_stream
 
 __all__ = ["eMultiheadAttention", "AttentionState", "causal_window_mask"]
 
@@ -90,7 +92,7 @@ class eMultiheadAttention(nn.Module):
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = in_rep.size, num_heads, dropout, batch_first
         self.head_dim = in_rep.size // num_heads
         self.hidden_rep = Representation.regular(in_rep.group, copies)
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.q_proj = eLinear(in_rep, self.hidden_rep, bias=bias, **fk)
         self.k_proj = eLinear(key_rep, self.hidden_rep, bias=bias, **fk)
         self.v_proj = eLinear(value_rep, self.hidden_rep, bias=bias, **fk)
@@ -246,6 +248,8 @@ class eMultiheadAttention(nn.Module):
     def init_state(
         self,
         batch_size: int,
+        /,
+        *,
         window: int | None,
         max_tokens_per_step: int = 1,
         extra_slots: int = 0,
@@ -341,7 +345,7 @@ class eMultiheadAttention(nn.Module):
             mask = mask + bias.to(q.dtype)
         return self.attend(q, data["k"].transpose(1, 2), data["v"].transpose(1, 2), mask, need_weights)
 
-    def forward_step(self, x: Tensor, state: AttentionState, rows: Rows = None) -> tuple[Tensor, AttentionState]:
+    def forward_step(self, x: Tensor, state: AttentionState, /, *, rows: Rows = None) -> tuple[Tensor, AttentionState]:
         """Self-attention of new tokens ``x (b, E)`` or ``(b, S, E)`` (batch-first) over the cache; equal to the batch
         forward with ``causal_window_mask(T, window)`` on the whole stream. Steps of more tokens than the ring was
         sized for run in chunks."""
@@ -360,9 +364,11 @@ class eMultiheadAttention(nn.Module):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return (out[:, 0] if single else out), state
 
-    def forward_steps(self, x: Tensor, state: AttentionState, rows: Rows = None) -> tuple[Tensor, AttentionState]:
-        """Stream ``x (B, T, E)`` token by token (in chunks of the ring's step size)."""
-        return self.forward_step(x, state, rows)
+    def forward_steps(self, x: Tensor, state: AttentionState, /, *, rows: Rows = None) -> tuple[Tensor, AttentionState]:
+        """``T`` steps of one token each, ``x (B, T, E)``: the per-token outputs ``(B, T, E)``, computed as one step
+        of ``T`` tokens (in chunks of the ring's step size; the same numbers as ``T`` single-token steps)."""
+        check_stream(x, self.embed_dim)
+        return self.forward_step(x, state, rows=rows)
 
     # ---------------------------------------------------------------- conversion
     @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,17 @@ from torch import Tensor, nn
 
 from ..symmetry import Representation
 
-__all__ = ["eLinear", "WeightCache", "check_same_group"]
+__all__ = [
+    "eLinear",
+    "Parametrization",
+    "GroupConvolution",
+    "Lift",
+    "Projection",
+    "HomBasis",
+    "make_parametrization",
+    "WeightCache",
+    "check_same_group",
+]
 
 
 def check_same_group(**reps: Representation) -> None:
@@ -64,12 +75,141 @@ class WeightCache:
         return self._value  # type: ignore[return-value]
 
 
+class _Constants:
+    """Structural constants kept float64 numpy (exact) and converted per dtype/device on use: as buffers they would be
+    rounded for good by a float32 -> float64 round trip of the module."""
+
+    def __init__(self, **arrays: np.ndarray) -> None:
+        self.arrays = arrays
+        self._converted: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, name: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        key = (name, dtype or like.dtype, like.device)
+        if key not in self._converted:
+            self._converted[key] = torch.as_tensor(self.arrays[name], dtype=key[1], device=like.device)
+        return self._converted[key]
+
+
+class Parametrization:
+    """How the free weight of an :class:`eLinear` maps to its dense ``(d_out, d_in)`` weight: one small class per
+    case, one interface (``kind``, ``weight_shape``, ``expand``, ``project``, ``init_bound``)."""
+
+    kind: str
+    weight_shape: tuple[int, ...]
+
+    def expand(self, w: Tensor) -> Tensor:
+        """The dense weight ``(d_out, d_in)`` of free parameters ``w``."""
+        raise NotImplementedError
+
+    def project(self, dense: Tensor) -> Tensor:
+        """The free parameters of the orthogonal projection of ``dense`` onto the equivariant maps."""
+        raise NotImplementedError
+
+    def init_bound(self, d_in: int, d_out: int) -> float:
+        """Uniform init bound of the free parameters giving dense entries ``torch.nn.Linear``'s variance."""
+        return 1.0 / math.sqrt(d_in)
+
+
+class GroupConvolution(Parametrization):
+    """``reg^m -> reg^n``: ``w (n, m, N)``, ``W[(c,a),(c',b)] = w[c,c',a^-1 b]``."""
+
+    kind = "conv"
+
+    def __init__(self, in_rep: Representation, out_rep: Representation) -> None:
+        group, n_g = in_rep.group, in_rep.group.order
+        self.n_g = n_g
+        self.weight_shape = (out_rep.regular_copies or 0, in_rep.regular_copies or 0, n_g)
+        index = group.mul[group.inv[:, None], np.arange(n_g)[None, :]]  # index[a, b] = a^-1 b
+        self.consts = _Constants(index=index)
+
+    def expand(self, w: Tensor) -> Tensor:
+        n, m, g = w.shape
+        return w[:, :, self.consts.get("index", w, torch.long)].permute(0, 2, 1, 3).reshape(n * g, m * g)
+
+    def project(self, dense: Tensor) -> Tensor:
+        n, m, n_g = self.weight_shape
+        blocks = dense.reshape(n, n_g, m, n_g).permute(0, 2, 1, 3)  # [c, c', a, b]
+        index = self.consts.get("index", dense, torch.long).flatten()
+        flat = dense.new_zeros(n, m, n_g).index_add_(2, index, blocks.reshape(n, m, n_g * n_g))
+        return flat / n_g  # every a^-1 b value occurs N times
+
+
+class Lift(Parametrization):
+    """``rho_in -> reg^n``: ``F (n, d_in)``, ``W[(c,h),:] = F[c] rho_in(h)^T``."""
+
+    kind = "lift"
+
+    def __init__(self, in_rep: Representation, out_rep: Representation) -> None:
+        self.n_g, self.d_in = in_rep.group.order, in_rep.size
+        self.weight_shape = (out_rep.regular_copies or 0, in_rep.size)
+        self.consts = _Constants(rho=in_rep.matrices)
+
+    def expand(self, w: Tensor) -> Tensor:
+        return torch.einsum("cj,hij->chi", w, self.consts.get("rho", w)).reshape(-1, self.d_in)
+
+    def project(self, dense: Tensor) -> Tensor:
+        rho = self.consts.get("rho", dense)
+        return torch.einsum("chi,hij->cj", dense.reshape(-1, self.n_g, self.d_in), rho) / self.n_g
+
+
+class Projection(Parametrization):
+    """``reg^m -> rho_out``: ``F (d_out, m)``, ``W[:,(c,h)] = rho_out(h) F[:,c]``."""
+
+    kind = "project"
+
+    def __init__(self, in_rep: Representation, out_rep: Representation) -> None:
+        self.n_g, self.d_out = in_rep.group.order, out_rep.size
+        self.weight_shape = (out_rep.size, in_rep.regular_copies or 0)
+        self.consts = _Constants(rho=out_rep.matrices)
+
+    def expand(self, w: Tensor) -> Tensor:
+        return torch.einsum("hij,jc->ich", self.consts.get("rho", w), w).reshape(self.d_out, -1)
+
+    def project(self, dense: Tensor) -> Tensor:
+        rho = self.consts.get("rho", dense)
+        return torch.einsum("ich,hij->jc", dense.reshape(self.d_out, -1, self.n_g), rho) / self.n_g
+
+
+class HomBasis(Parametrization):
+    """``rho_in -> rho_out``: ``theta (K,)`` on an orthonormal basis of ``Hom_G``, ``W = sum_k theta_k B_k``."""
+
+    kind = "basis"
+
+    def __init__(self, in_rep: Representation, out_rep: Representation) -> None:
+        basis = _hom_basis(in_rep, out_rep)
+        self.weight_shape = (basis.shape[0],)
+        self.consts = _Constants(basis=basis)
+
+    def expand(self, w: Tensor) -> Tensor:
+        return torch.einsum("k,kij->ij", w, self.consts.get("basis", w))
+
+    def project(self, dense: Tensor) -> Tensor:
+        return torch.einsum("kij,ij->k", self.consts.get("basis", dense), dense)
+
+    def init_bound(self, d_in: int, d_out: int) -> float:
+        # orthonormal basis: Var(W_ij) averages to K Var(theta) / (d_out d_in); match nn.Linear's 1 / (3 d_in)
+        return math.sqrt(d_out / max(self.weight_shape[0], 1))
+
+
+def make_parametrization(in_rep: Representation, out_rep: Representation) -> Parametrization:
+    """The parametrization of ``Hom_G(in_rep, out_rep)`` that the representations allow (regular copies first)."""
+    regular_in, regular_out = in_rep.regular_copies is not None, out_rep.regular_copies is not None
+    if regular_in and regular_out:
+        return GroupConvolution(in_rep, out_rep)
+    if regular_out:
+        return Lift(in_rep, out_rep)
+    if regular_in:
+        return Projection(in_rep, out_rep)
+    return HomBasis(in_rep, out_rep)
+
+
 class eLinear(nn.Module):
     r"""Linear map ``y = W x + b`` with ``W rho_in(g) = rho_out(g) W`` and ``rho_out(g) b = b`` for all ``g``.
 
     Shapes: ``x (..., in_rep.size) -> y (..., out_rep.size)``. Equivariance: ``f(rho_in(g) x) = rho_out(g) f(x)``.
 
-    The parametrization is chosen from the representations (``N = |G|``; ``reg^m``: ``m`` regular copies):
+    The parametrization (a :class:`Parametrization`) is chosen from the representations (``N = |G|``; ``reg^m``:
+    ``m`` regular copies):
 
     ========================  ====================================  =================================
     map                       free parameters                        dense weight
@@ -85,6 +225,8 @@ class eLinear(nn.Module):
     Initialization matches ``torch.nn.Linear``'s entry variance, so swapping layers keeps activations' scale.
     """
 
+    bias: nn.Parameter | None
+
     def __init__(
         self,
         in_rep: Representation,
@@ -95,49 +237,26 @@ class eLinear(nn.Module):
     ) -> None:
         super().__init__()
         check_same_group(in_rep=in_rep, out_rep=out_rep)
-        # Structural constants stay float64 numpy (exact) and are converted per dtype/device on use: as buffers they
-        # would be rounded for good by a float32 -> float64 round trip of the module.
-        self._consts: dict[str, np.ndarray] = {}
-        self._const_cache: dict[tuple, Tensor] = {}
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_rep, self.out_rep = in_rep, out_rep
         self.in_features, self.out_features = in_rep.size, out_rep.size
-        group = in_rep.group
-        n_g = group.order
-        m_in, m_out = in_rep.regular_copies, out_rep.regular_copies
-        if m_in is not None and m_out is not None:
-            self.kind = "conv"
-            idx = group.mul[group.inv[:, None], np.arange(n_g)[None, :]]  # idx[a, b] = a^-1 b
-            self.register_buffer("index", torch.as_tensor(idx, dtype=torch.long, device=device), persistent=False)
-            self.weight = nn.Parameter(torch.empty(m_out, m_in, n_g, **fk))
-        elif m_out is not None:
-            self.kind = "lift"
-            self._consts["rho"] = in_rep.matrices
-            self.weight = nn.Parameter(torch.empty(m_out, in_rep.size, **fk))
-        elif m_in is not None:
-            self.kind = "project"
-            self._consts["rho"] = out_rep.matrices
-            self.weight = nn.Parameter(torch.empty(out_rep.size, m_in, **fk))
-        else:
-            self.kind = "basis"
-            self._consts["basis"] = _hom_basis(in_rep, out_rep)
-            self.weight = nn.Parameter(torch.empty(self._consts["basis"].shape[0], **fk))
-        if bias and m_out is None:
-            self._consts["bias_basis"] = out_rep.invariant_basis
-            bias = self._consts["bias_basis"].shape[1] > 0
+        self.parametrization = make_parametrization(in_rep, out_rep)
+        self.weight = nn.Parameter(torch.empty(*self.parametrization.weight_shape, **fk))
+        self._bias_basis = _Constants(basis=out_rep.invariant_basis) if out_rep.regular_copies is None else None
+        if bias and self._bias_basis is not None:
+            bias = self._bias_basis.arrays["basis"].shape[1] > 0
         if bias:
-            n_bias = m_out if m_out is not None else self._consts["bias_basis"].shape[1]
+            n_bias = out_rep.regular_copies or self._bias_basis.arrays["basis"].shape[1]  # type: ignore[union-attr]
             self.bias = nn.Parameter(torch.empty(n_bias, **fk))
         else:
             self.register_parameter("bias", None)
         self._cache = WeightCache()
         self.reset_parameters()
 
-    def _const(self, name: str, like: Tensor) -> Tensor:
-        key = (name, like.dtype, like.device)
-        if key not in self._const_cache:
-            self._const_cache[key] = torch.as_tensor(self._consts[name], dtype=like.dtype, device=like.device)
-        return self._const_cache[key]
+    @property
+    def kind(self) -> str:
+        """The parametrization's name: ``conv``, ``lift``, ``project`` or ``basis``."""
+        return self.parametrization.kind
 
     @property
     def num_free_parameters(self) -> int:
@@ -146,41 +265,28 @@ class eLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         d_in, d_out = self.in_features, self.out_features
-        bound = 1.0 / math.sqrt(d_in)
-        if self.kind == "basis":
-            # orthonormal basis: Var(W_ij) averages to K Var(theta) / (d_out d_in); match nn.Linear's 1 / (3 d_in)
-            a = math.sqrt(d_out / max(self.weight.numel(), 1))
-            nn.init.uniform_(self.weight, -a, a)
-        else:
-            nn.init.uniform_(self.weight, -bound, bound)
+        a = self.parametrization.init_bound(d_in, d_out)
+        nn.init.uniform_(self.weight, -a, a)
         if self.bias is not None:
-            b = bound if self.out_rep.regular_copies is not None else bound * math.sqrt(d_out / self.bias.numel())
+            bound = 1.0 / math.sqrt(d_in)
+            b = bound if self._bias_basis is None else bound * math.sqrt(d_out / self.bias.numel())
             nn.init.uniform_(self.bias, -b, b)
 
     # ---------------------------------------------------------------- dense form
     def _expand(self) -> tuple[Tensor, Tensor | None]:
-        w = self.weight
-        if self.kind == "conv":
-            n, m, g = w.shape
-            dense = w[:, :, self.index].permute(0, 2, 1, 3).reshape(n * g, m * g)
-        elif self.kind == "lift":
-            dense = torch.einsum("cj,hij->chi", w, self._const("rho", w)).reshape(-1, self.in_features)
-        elif self.kind == "project":
-            dense = torch.einsum("hij,jc->ich", self._const("rho", w), w).reshape(self.out_features, -1)
-        else:
-            dense = torch.einsum("k,kij->ij", w, self._const("basis", w))
+        dense = self.parametrization.expand(self.weight)
         if self.bias is None:
             return dense, None
-        if self.out_rep.regular_copies is not None:
-            bias = self.bias.repeat_interleave(self.out_rep.group.order)
-        else:
-            bias = self._const("bias_basis", w) @ self.bias
-        return dense, bias
+        if self._bias_basis is None:
+            return dense, self.bias.repeat_interleave(self.out_rep.group.order)
+        return dense, self._bias_basis.get("basis", self.weight) @ self.bias
 
     def dense(self) -> tuple[Tensor, Tensor | None]:
         """The dense ``(W (d_out, d_in), b (d_out,) | None)``; cached while parameters are unchanged and no gradient
         is needed."""
-        return self._cache.get(self, self._expand)  # type: ignore[return-value]
+        weight, bias = self._cache.get(self, self._expand)
+        assert weight is not None  # the cache returns what _expand built
+        return weight, bias
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
@@ -196,31 +302,15 @@ class eLinear(nn.Module):
             raise ValueError(
                 f"weight: expected shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}"
             )
-        w = weight.to(self.weight)
-        n_g = self.in_rep.group.order
-        if self.kind == "conv":
-            n, m = self.weight.shape[:2]
-            blocks = w.reshape(n, n_g, m, n_g).permute(0, 2, 1, 3)  # [c, c', a, b]
-            flat = torch.zeros_like(self.weight).index_add_(2, self.index.flatten(), blocks.reshape(n, m, n_g * n_g))
-            self.weight.copy_(flat / n_g)  # every a^-1 b value occurs N times
-        elif self.kind == "lift":
-            self.weight.copy_(
-                torch.einsum("chi,hij->cj", w.reshape(-1, n_g, self.in_features), self._const("rho", w)) / n_g
-            )
-        elif self.kind == "project":
-            self.weight.copy_(
-                torch.einsum("ich,hij->jc", w.reshape(self.out_features, -1, n_g), self._const("rho", w)) / n_g
-            )
-        else:
-            self.weight.copy_(torch.einsum("kij,ij->k", self._const("basis", w), w))
+        self.weight.copy_(self.parametrization.project(weight.to(self.weight)))
         if self.bias is not None:
             if bias is None:
                 raise ValueError("bias: this layer has a bias, expected a tensor, got None")
             b = bias.to(self.bias)
-            if self.out_rep.regular_copies is not None:
-                self.bias.copy_(b.reshape(-1, n_g).mean(-1))
+            if self._bias_basis is None:
+                self.bias.copy_(b.reshape(-1, self.out_rep.group.order).mean(-1))
             else:
-                self.bias.copy_(self._const("bias_basis", b).T @ b)
+                self.bias.copy_(self._bias_basis.get("basis", b).T @ b)
 
     def extra_repr(self) -> str:
         return (

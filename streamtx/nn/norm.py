@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,7 +38,7 @@ class _eNorm(nn.Module):
         self.rep, self.eps, self.elementwise_affine = rep, eps, elementwise_affine
         self.normalized_shape = (rep.size,)
         self.group_order = rep.group.order
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(m, **fk)) if elementwise_affine else None
         self.bias = nn.Parameter(torch.empty(m, **fk)) if elementwise_affine and bias else None
         self._cache = WeightCache()

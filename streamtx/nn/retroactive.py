@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -138,7 +139,7 @@ class eRetroactiveEncoderLayer(nn.Module):
 
     # ---------------------------------------------------------------- streaming
     def init_state(
-        self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        self, batch_size: int, /, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> RetroactiveState | EncoderLayerState:
         """An empty window for ``batch_size`` streams; ``dtype``/``device`` default to the layer's parameters'.
         Single-output mode returns the layer's own causal-window state."""
@@ -147,10 +148,10 @@ class eRetroactiveEncoderLayer(nn.Module):
         ref = self.layer.linear1.weight
         dtype, device = dtype or ref.dtype, device or ref.device
         if self.single_output:
-            return self.layer.init_state(batch_size, self.window, dtype=dtype, device=device)
+            return self.layer.init_state(batch_size, window=self.window, dtype=dtype, device=device)
         attn = self.layer.self_attn
         head = (attn.num_heads, attn.head_dim)
-        fk = {"dtype": accumulator_dtype(dtype), "device": device}
+        fk: dict[str, Any] = {"dtype": accumulator_dtype(dtype), "device": device}
         cache = RingCache(batch_size, self.window, {"x": (attn.embed_dim,), "q": head, "k": head, "v": head}, **fk)
         stats = [torch.zeros(batch_size, self.window, attn.num_heads, **fk) for _ in range(3)]
         return RetroactiveState(
@@ -161,7 +162,7 @@ class eRetroactiveEncoderLayer(nn.Module):
         )
 
     def forward_step(
-        self, x: Tensor, state: RetroactiveState | EncoderLayerState, rows: Rows = None
+        self, x: Tensor, state: RetroactiveState | EncoderLayerState, /, *, rows: Rows = None
     ) -> tuple[Tensor, RetroactiveState | EncoderLayerState]:
         """Enter new tokens ``x (b, D)`` or ``(b, S, D)`` (batch-first; ``b`` = all rows or ``len(rows)``).
 
@@ -169,7 +170,7 @@ class eRetroactiveEncoderLayer(nn.Module):
         mode the new tokens' outputs ``(b, D)`` / ``(b, S, D)``; and the state, updated in place."""
         xs = self._check_step(x, state)
         if self.single_output:
-            return self.layer.forward_step(x, state, rows)
+            return self.layer.forward_step(x, state, rows=rows)
         if self.training and self.layer.self_attn.dropout > 0:
             raise RuntimeError(
                 "forward_step: the retroactive update never forms attention weights, so attention "
@@ -180,15 +181,16 @@ class eRetroactiveEncoderLayer(nn.Module):
         return self._window_outputs(state, rows), state
 
     def forward_steps(
-        self, x: Tensor, state: RetroactiveState | EncoderLayerState, rows: Rows = None
+        self, x: Tensor, state: RetroactiveState | EncoderLayerState, /, *, rows: Rows = None
     ) -> tuple[Tensor, RetroactiveState | EncoderLayerState]:
         """Stream ``x (b, T, D)`` one token per step; returns every step's output stacked: ``(b, T, n, D)``, or
         ``(b, T, D)`` in single-output mode."""
         if x.dim() != 3:
             raise ValueError(f"x: expected a stream (B, T, {self.layer.in_rep.size}), got shape {tuple(x.shape)}")
         if self.single_output:
-            return self.forward_step(x, state, rows)
-        return torch.stack([self.forward_step(x[:, t], state, rows)[0] for t in range(x.shape[1])], dim=1), state
+            return self.forward_step(x, state, rows=rows)
+        steps = [self.forward_step(x[:, t], state, rows=rows)[0] for t in range(x.shape[1])]
+        return torch.stack(steps, dim=1), state
 
     # ---------------------------------------------------------------- internals
     def _check_step(self, x: Tensor, state: RetroactiveState | EncoderLayerState) -> Tensor:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .state import Rows, StreamState
+from .streaming import StreamingModule
 
 __all__ = ["Stream"]
 
@@ -21,17 +22,17 @@ class Stream:
             y_t = stream(x_t)
 
     Args:
-        module: any module with ``init_state(batch_size, **kwargs)`` and ``forward_step(x, state, ...)``.
+        module: a :class:`~streamtx.nn.streaming.StreamingModule`.
         batch_size: number of independent streams.
         **init_kwargs: forwarded to ``init_state`` (e.g. ``window``, ``max_tokens_per_step``).
     """
 
-    def __init__(self, module: nn.Module, batch_size: int = 1, **init_kwargs: Any) -> None:
+    def __init__(self, module: StreamingModule[Any], batch_size: int = 1, **init_kwargs: Any) -> None:
         self.module = module
         self.state: StreamState = module.init_state(batch_size, **init_kwargs)
 
-    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        y, self.state = self.module.forward_step(x, self.state, *args, **kwargs)
+    def __call__(self, x: Tensor, **inputs: Any) -> Tensor:
+        y, self.state = self.module.forward_step(x, self.state, **inputs)
         return y
 
     def reset(self, rows: Rows = None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from .linear import eLinear
 from .norm import eLayerNorm, eRMSNorm
 from .positional import PositionalAttention
 from .state import Rows, StreamState
+from .streaming import check_stream
 
 __all__ = [
     "eTransformerEncoderLayer",
@@ -72,6 +74,13 @@ def _call_attention(attn: eMultiheadAttention, q: Tensor, kv: Tensor, **kwargs) 
 
 class _LayerBase(nn.Module):
     """Shared pieces of the encoder and decoder layers: feed-forward block, norms and the residual schedule."""
+
+    in_rep: Representation
+    linear1: eLinear
+    linear2: eLinear
+    activation: ePointwise
+    dropout: nn.Dropout
+    self_attn: eMultiheadAttention
 
     def _init_common(
         self,
@@ -132,7 +141,9 @@ class _LayerBase(nn.Module):
         return x
 
     @torch.no_grad()
-    def _load_torch_common(self, layer: nn.Module, num_norms: int) -> None:
+    def _load_torch_common(
+        self, layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer, num_norms: int
+    ) -> None:
         self.linear1.load_dense_(layer.linear1.weight, layer.linear1.bias)
         self.linear2.load_dense_(layer.linear2.weight, layer.linear2.bias)
         for i in range(1, num_norms + 1):
@@ -173,7 +184,7 @@ class eTransformerEncoderLayer(_LayerBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self._init_common(
             in_rep,
             dim_feedforward,
@@ -218,26 +229,37 @@ class eTransformerEncoderLayer(_LayerBase):
     def init_state(
         self,
         batch_size: int,
+        /,
+        *,
         window: int,
         max_tokens_per_step: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> EncoderLayerState:
         return EncoderLayerState(
-            self.self_attn.init_state(batch_size, window, max_tokens_per_step, dtype=dtype, device=device)
+            self.self_attn.init_state(
+                batch_size, window=window, max_tokens_per_step=max_tokens_per_step, dtype=dtype, device=device
+            )
         )
 
-    def forward_step(self, x: Tensor, state: EncoderLayerState, rows: Rows = None) -> tuple[Tensor, EncoderLayerState]:
+    def forward_step(
+        self, x: Tensor, state: EncoderLayerState, /, *, rows: Rows = None
+    ) -> tuple[Tensor, EncoderLayerState]:
         """New tokens ``x (b, D)`` or ``(b, S, D)`` (batch-first); equal to :meth:`forward` with
         ``causal_window_mask(T, window)`` over the whole stream."""
 
         def sa(h):
-            return self.self_attn.forward_step(h, state.self_attn, rows)[0]
+            return self.self_attn.forward_step(h, state.self_attn, rows=rows)[0]
 
         return self._residual(x, [sa, self._ff_block]), state
 
-    def forward_steps(self, x: Tensor, state: EncoderLayerState, rows: Rows = None) -> tuple[Tensor, EncoderLayerState]:
-        return self.forward_step(x, state, rows)
+    def forward_steps(
+        self, x: Tensor, state: EncoderLayerState, /, *, rows: Rows = None
+    ) -> tuple[Tensor, EncoderLayerState]:
+        """``T`` steps of one token each, ``x (b, T, D)`` -> per-token outputs ``(b, T, D)`` (one step of ``T``
+        tokens: the same numbers)."""
+        check_stream(x, self.in_rep.size)
+        return self.forward_step(x, state, rows=rows)
 
     # ---------------------------------------------------------------- checks and conversion
     def check_equivariance(
@@ -277,6 +299,8 @@ class eTransformerDecoderLayer(_LayerBase):
     self- and cross-attention. Shapes: ``tgt (T, B, D)``, ``memory (S, B, D)`` (batch first if ``batch_first``).
     """
 
+    multihead_attn: eMultiheadAttention
+
     def __init__(
         self,
         in_rep: Representation,
@@ -297,7 +321,7 @@ class eTransformerDecoderLayer(_LayerBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        fk = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self._init_common(
             in_rep,
             dim_feedforward,
@@ -361,6 +385,8 @@ class eTransformerDecoderLayer(_LayerBase):
     def init_state(
         self,
         batch_size: int,
+        /,
+        *,
         window: int,
         memory_window: int,
         max_tokens_per_step: int = 1,
@@ -372,11 +398,13 @@ class eTransformerDecoderLayer(_LayerBase):
         """Caches for a target stream (causal window ``window``) and a memory stream (``memory_window`` newest
         memory tokens not after the query's position)."""
         return DecoderLayerState(
-            self.self_attn.init_state(batch_size, window, max_tokens_per_step, dtype=dtype, device=device),
+            self.self_attn.init_state(
+                batch_size, window=window, max_tokens_per_step=max_tokens_per_step, dtype=dtype, device=device
+            ),
             self.multihead_attn.init_state(
                 batch_size,
-                memory_window,
-                max_memory_tokens_per_step,
+                window=memory_window,
+                max_tokens_per_step=max_memory_tokens_per_step,
                 extra_slots=memory_extra_slots,
                 dtype=dtype,
                 device=device,
@@ -389,7 +417,7 @@ class eTransformerDecoderLayer(_LayerBase):
         return self.multihead_attn.append_kv(memory, state, rows)
 
     def forward_step(
-        self, x: Tensor, state: DecoderLayerState, memory: Tensor | None = None, rows: Rows = None
+        self, x: Tensor, state: DecoderLayerState, /, *, rows: Rows = None, memory: Tensor | None = None
     ) -> tuple[Tensor, DecoderLayerState]:
         """New target tokens ``x (b, D)`` or ``(b, S, D)``, optionally with new memory tokens ``(b, Sm, D)`` that
         arrived with them. Equal to :meth:`forward` with ``tgt_mask = causal_window_mask(T, window)`` and
@@ -401,7 +429,7 @@ class eTransformerDecoderLayer(_LayerBase):
         q_pos = state.self_attn.cache.positions(rows)[:, None] + torch.arange(xs.shape[1], device=xs.device)
 
         def sa(h):
-            return self.self_attn.forward_step(h, state.self_attn, rows)[0]
+            return self.self_attn.forward_step(h, state.self_attn, rows=rows)[0]
 
         def ca(h):
             return self.multihead_attn.attend_cached(h, state.cross_attn, q_pos, rows)[0]
@@ -410,9 +438,12 @@ class eTransformerDecoderLayer(_LayerBase):
         return (y[:, 0] if single else y), state
 
     def forward_steps(
-        self, x: Tensor, state: DecoderLayerState, memory: Tensor | None = None, rows: Rows = None
+        self, x: Tensor, state: DecoderLayerState, /, *, rows: Rows = None, memory: Tensor | None = None
     ) -> tuple[Tensor, DecoderLayerState]:
-        return self.forward_step(x, state, memory, rows)
+        """``T`` steps of one target token each, ``x (b, T, D)``, step ``t`` bringing memory token ``t`` of
+        ``memory (b, T, D)`` if given -> per-token outputs ``(b, T, D)``."""
+        check_stream(x, self.in_rep.size)
+        return _decoder_steps(self, x, state, rows, memory)
 
     def forward_cached_memory(
         self,
@@ -494,6 +525,23 @@ def _clones(layer: nn.Module, num_layers: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
 
 
+def _decoder_steps(
+    module: eTransformerDecoderLayer | eTransformerDecoder,
+    x: Tensor,
+    state: Any,
+    rows: Rows,
+    memory: Tensor | None,
+) -> tuple[Tensor, Any]:
+    """``forward_steps`` of decoders: without memory one step of ``T`` target tokens (the same numbers); with memory,
+    step by step (memory token ``t`` joins the ring with target token ``t``)."""
+    if memory is None:
+        return module.forward_step(x, state, rows=rows)
+    if memory.dim() != 3 or memory.shape[:2] != x.shape[:2]:
+        raise ValueError(f"memory: expected one token per step, {tuple(x.shape[:2])} + (D,), got {tuple(memory.shape)}")
+    steps = [module.forward_step(x[:, t], state, rows=rows, memory=memory[:, t : t + 1])[0] for t in range(x.shape[1])]
+    return torch.stack(steps, dim=1), state
+
+
 class eTransformerEncoder(nn.Module):
     """A stack of ``num_layers`` copies of an encoder layer and an optional final norm, like
     ``torch.nn.TransformerEncoder``. Streams exactly for any depth in causal-window mode (each layer caches its own
@@ -503,6 +551,11 @@ class eTransformerEncoder(nn.Module):
         super().__init__()
         self.layers = _clones(encoder_layer, num_layers)
         self.num_layers, self.norm = num_layers, norm
+
+    @property
+    def layer_list(self) -> list[eTransformerEncoderLayer]:
+        """The layers, typed (``self.layers`` is the registered ``nn.ModuleList``)."""
+        return cast(list[eTransformerEncoderLayer], list(self.layers))
 
     def forward(
         self,
@@ -521,6 +574,8 @@ class eTransformerEncoder(nn.Module):
     def init_state(
         self,
         batch_size: int,
+        /,
+        *,
         window: int,
         max_tokens_per_step: int = 1,
         dtype: torch.dtype | None = None,
@@ -528,18 +583,22 @@ class eTransformerEncoder(nn.Module):
     ) -> EncoderState:
         return EncoderState(
             [
-                layer.init_state(batch_size, window, max_tokens_per_step, dtype=dtype, device=device)
-                for layer in self.layers
+                layer.init_state(
+                    batch_size, window=window, max_tokens_per_step=max_tokens_per_step, dtype=dtype, device=device
+                )
+                for layer in self.layer_list
             ]
         )
 
-    def forward_step(self, x: Tensor, state: EncoderState, rows: Rows = None) -> tuple[Tensor, EncoderState]:
-        for layer, layer_state in zip(self.layers, state.layers):
-            x, _ = layer.forward_step(x, layer_state, rows)
+    def forward_step(self, x: Tensor, state: EncoderState, /, *, rows: Rows = None) -> tuple[Tensor, EncoderState]:
+        for layer, layer_state in zip(self.layer_list, state.layers):
+            x, _ = layer.forward_step(x, layer_state, rows=rows)
         return (x if self.norm is None else self.norm(x)), state
 
-    def forward_steps(self, x: Tensor, state: EncoderState, rows: Rows = None) -> tuple[Tensor, EncoderState]:
-        return self.forward_step(x, state, rows)
+    def forward_steps(self, x: Tensor, state: EncoderState, /, *, rows: Rows = None) -> tuple[Tensor, EncoderState]:
+        """``T`` steps of one token each -> per-token outputs ``(b, T, D)``."""
+        check_stream(x, self.layer_list[0].in_rep.size)
+        return self.forward_step(x, state, rows=rows)
 
 
 class eTransformerDecoder(nn.Module):
@@ -550,6 +609,11 @@ class eTransformerDecoder(nn.Module):
         super().__init__()
         self.layers = _clones(decoder_layer, num_layers)
         self.num_layers, self.norm = num_layers, norm
+
+    @property
+    def layer_list(self) -> list[eTransformerDecoderLayer]:
+        """The layers, typed (``self.layers`` is the registered ``nn.ModuleList``)."""
+        return cast(list[eTransformerDecoderLayer], list(self.layers))
 
     def forward(
         self,
@@ -584,6 +648,8 @@ class eTransformerDecoder(nn.Module):
     def init_state(
         self,
         batch_size: int,
+        /,
+        *,
         window: int,
         memory_window: int,
         max_tokens_per_step: int = 1,
@@ -596,26 +662,28 @@ class eTransformerDecoder(nn.Module):
             [
                 layer.init_state(
                     batch_size,
-                    window,
-                    memory_window,
-                    max_tokens_per_step,
-                    max_memory_tokens_per_step,
-                    memory_extra_slots,
+                    window=window,
+                    memory_window=memory_window,
+                    max_tokens_per_step=max_tokens_per_step,
+                    max_memory_tokens_per_step=max_memory_tokens_per_step,
+                    memory_extra_slots=memory_extra_slots,
                     dtype=dtype,
                     device=device,
                 )
-                for layer in self.layers
+                for layer in self.layer_list
             ]
         )
 
     def forward_step(
-        self, x: Tensor, state: DecoderState, memory: Tensor | None = None, rows: Rows = None
+        self, x: Tensor, state: DecoderState, /, *, rows: Rows = None, memory: Tensor | None = None
     ) -> tuple[Tensor, DecoderState]:
-        for layer, layer_state in zip(self.layers, state.layers):
-            x, _ = layer.forward_step(x, layer_state, memory, rows)
+        for layer, layer_state in zip(self.layer_list, state.layers):
+            x, _ = layer.forward_step(x, layer_state, rows=rows, memory=memory)
         return (x if self.norm is None else self.norm(x)), state
 
     def forward_steps(
-        self, x: Tensor, state: DecoderState, memory: Tensor | None = None, rows: Rows = None
+        self, x: Tensor, state: DecoderState, /, *, rows: Rows = None, memory: Tensor | None = None
     ) -> tuple[Tensor, DecoderState]:
-        return self.forward_step(x, state, memory, rows)
+        """``T`` steps of one target token (and memory token ``t`` of ``memory``, if given) each."""
+        check_stream(x, self.layer_list[0].in_rep.size)
+        return _decoder_steps(self, x, state, rows, memory)

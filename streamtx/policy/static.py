@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch._dynamo import config as dynamo_config
+from torch._inductor import config as inductor_config
 
 from ..nn.state import Rows
 from .cuda_graph import CapturedProgram, capture_unavailable
@@ -28,6 +30,9 @@ from .streaming import StreamingPolicy, step_noise
 __all__ = ["StaticStreamingPolicy", "StaticPolicyState", "default_buckets"]
 
 log = logging.getLogger(__name__)
+
+_MAX_COMPILED_PROGRAMS = 256
+"""Compiled program bodies a process may hold (dynamo's recompile limit for their shared code object)."""
 
 
 def default_buckets(num_slots: int) -> list[int]:
@@ -94,6 +99,7 @@ class _Program:
         capture: bool,
         pool: tuple[int, int] | None,
         out: tuple[tuple[int, ...], torch.dtype] | None = None,
+        compiler: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
     ) -> None:
         self.staging = _Staging(fields, device)
         self.staging.host["rows"][:] = scratch_row
@@ -111,7 +117,9 @@ class _Program:
             if output is not None:
                 output.copy_(result)
 
-        self.program = CapturedProgram(run, device, enabled=capture, pool=pool, name=name)
+        self.program = CapturedProgram(
+            run if compiler is None else compiler(run), device, enabled=capture, pool=pool, name=name
+        )
 
     def launch(self) -> None:
         """Upload the staged inputs, run (replay) the body and start downloading its output."""
@@ -204,16 +212,18 @@ class StaticStreamingPolicy:
         cuda_graph: bool = True,
         buckets: Sequence[int] | None = None,
         fused_kernels: bool = True,
+        compile: bool = False,
     ) -> None:
         if not isinstance(policy, StreamingPolicy):
             raise TypeError(f"policy: expected a StreamingPolicy, got {type(policy).__name__}")
         if buckets is not None and (len(buckets) == 0 or any(int(b) < 1 for b in buckets)):
             raise ValueError(f"buckets: expected positive batch sizes, got {list(buckets)}")
         self.policy, self.cuda_graph = policy, cuda_graph
+        self.compiled, self.compile_reason = _compile_choice(compile, policy.device)
         self.plan = RegressorPlan(policy.model, policy.sampler, dtype, fused_kernels)
         self._buckets = None if buckets is None else sorted({int(b) for b in buckets})
         self.obs_dim, self.action_dim = policy.obs_dim, policy.action_dim
-        self.horizon, self.cond_window = policy.horizon, policy.cond_window
+        self.horizon, self.cond_window, self.cond_horizon = policy.horizon, policy.cond_window, policy.cond_horizon
         self.max_tokens_per_step = policy.max_tokens_per_step
         self.receptive_field = policy.receptive_field
 
@@ -230,6 +240,9 @@ class StaticStreamingPolicy:
     @property
     def device(self) -> torch.device:
         return self.plan.device
+
+    def _compiler(self) -> Callable[[Callable[[], None]], Callable[[], None]] | None:
+        return _inductor_compile if self.compiled else None
 
     # ---------------------------------------------------------------- state
     @torch.no_grad()
@@ -261,6 +274,7 @@ class StaticStreamingPolicy:
                         scratch,
                         capture=capture,
                         pool=pool,
+                        compiler=self._compiler(),
                     )
                 )
                 state.observe_programs[b, s] = programs[-1]
@@ -277,6 +291,7 @@ class StaticStreamingPolicy:
                     capture=capture,
                     pool=pool,
                     out=((b, self.horizon, self.action_dim), io),
+                    compiler=self._compiler(),
                 )
             )
             state.act_programs[b] = programs[-1]
@@ -404,6 +419,8 @@ class StaticStreamingPolicy:
             runner={
                 "type": "static",
                 "cuda_graph": self.cuda_graph,
+                "compiled": self.compiled,
+                "compile_reason": self.compile_reason,
                 "fused_kernels": self.plan.fused,
                 "io_dtype": str(self.io_dtype).removeprefix("torch."),
                 "buckets": self._buckets,
@@ -416,6 +433,26 @@ class StaticStreamingPolicy:
             f"StaticStreamingPolicy({self.plan}, sampler={self.policy.sampler}, "
             f"max_tokens_per_step={self.max_tokens_per_step}, cuda_graph={self.cuda_graph})"
         )
+
+
+def _compile_choice(requested: bool, device: torch.device) -> tuple[bool, str]:
+    """Whether the programs are compiled with inductor, and why (logged): only on the CPU, where per-op dispatch
+    bounds a small model; on CUDA the programs are captured as graphs instead."""
+    if not requested:
+        return False, "compile=False"
+    if device.type != "cpu":
+        return False, f"compile: only the CPU path compiles (device {device}: CUDA graphs instead)"
+    return True, "inductor (C++ code generation, cpp_wrapper)"
+
+
+def _inductor_compile(fn: Callable[[], None]) -> Callable[[], None]:
+    """A program body compiled by inductor's C++ backend. Compiled artifacts go to inductor's on-disk caches
+    (FX graph cache, on by default), so a restarted process with the same model and shapes does not recompile."""
+    inductor_config.cpp_wrapper = True
+    # every program body is the same Python function over other buffers, so dynamo keeps all their graphs under one
+    # code object: its recompile limit (8) must cover every program of every policy, or the rest run eagerly
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _MAX_COMPILED_PROGRAMS)
+    return torch.compile(fn, backend="inductor", dynamic=False, fullgraph=False)
 
 
 def _host_array(obs: Any) -> np.ndarray:

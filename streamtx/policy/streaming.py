@@ -64,7 +64,10 @@ class StreamingPolicy(nn.Module):
             raise ValueError(f"max_tokens_per_step: expected >= 1, got {max_tokens_per_step}")
         self.model, self.sampler, self.max_tokens_per_step = model, sampler, max_tokens_per_step
         self.obs_dim, self.action_dim = model.cond_rep.size, model.out_rep.size
-        self.horizon, self.cond_window = model.in_horizon, model.cond_horizon
+        self.horizon = model.in_horizon
+        # two names, two meanings: the encoder's causal attention window, and the memory horizon (newest encoder
+        # outputs the decoder cross-attends to)
+        self.cond_window, self.cond_horizon = model.cond_window, model.cond_horizon
 
     @property
     def receptive_field(self) -> int:
@@ -80,10 +83,17 @@ class StreamingPolicy(nn.Module):
         return self.model.input_emb.weight.device
 
     # ---------------------------------------------------------------- state
-    def init_state(self, batch_size: int) -> PolicyState:
-        """All rows empty, seed 0."""
+    def init_state(
+        self, batch_size: int, /, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> PolicyState:
+        """All rows empty, seed 0. ``dtype``/``device`` (the streaming contract's) must be the policy's own, if given:
+        a policy computes in the dtype and on the device of its weights."""
+        if dtype is not None and dtype != self.dtype:
+            raise ValueError(f"dtype: this policy's state lives in {self.dtype} (its weights'), got {dtype}")
+        if device is not None and torch.device(device) != self.device:
+            raise ValueError(f"device: this policy's state lives on {self.device} (its weights'), got {device}")
         return PolicyState(
-            self.model.init_state(batch_size, self.max_tokens_per_step),
+            self.model.init_state(batch_size, max_tokens_per_step=self.max_tokens_per_step),
             torch.zeros(batch_size, dtype=torch.long),
             torch.zeros(batch_size, dtype=torch.long),
         )
@@ -167,6 +177,18 @@ class StreamingPolicy(nn.Module):
         self.observe(state, obs, rows)
         return self.act(state, rows)
 
+    def forward_step(self, x: Tensor, state: PolicyState, /, *, rows: Rows = None) -> tuple[Tensor, PolicyState]:
+        """The streaming contract's step: :meth:`step` with observation tokens ``x (b, S, obs_dim)`` -> the action
+        chunk ``(b, Tx, action_dim)``."""
+        return self.step(state, x, rows), state
+
+    def forward_steps(self, x: Tensor, state: PolicyState, /, *, rows: Rows = None) -> tuple[Tensor, PolicyState]:
+        """``T`` control steps of one observation token each, ``x (b, T, obs_dim)`` -> the action chunks
+        ``(b, T, Tx, action_dim)``."""
+        if x.dim() != 3:
+            raise ValueError(f"x: expected a stream (b, T, {self.obs_dim}), got shape {tuple(x.shape)}")
+        return torch.stack([self.step(state, x[:, t], rows) for t in range(x.shape[1])], dim=1), state
+
     # ---------------------------------------------------------------- description
     def metadata(self) -> dict[str, Any]:
         """A plain (msgpack-able) description: model, dimensions, horizons, group and representations, sampler."""
@@ -182,8 +204,9 @@ class StreamingPolicy(nn.Module):
             "action_dim": self.action_dim,
             "horizon": self.horizon,
             "cond_window": self.cond_window,
+            "cond_horizon": self.cond_horizon,
             "max_tokens_per_step": self.max_tokens_per_step,
-            "config": dict(m.config),
+            "config": m.config.to_dict(),
             "group": {"name": group.name, "order": group.order},
             "representations": {"obs": rep(m.cond_rep), "action": rep(m.out_rep)},
             "sampler": self.sampler.config(),

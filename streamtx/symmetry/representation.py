@@ -54,7 +54,7 @@ class Representation:
                 )
         self.group = group
         self.matrices = mats
-        self.name = name or f"rep(d={d})"
+        self.name = name or f"rep(d={mats.shape[1]})"
         self.regular_copies = regular_copies
 
     # ---------------------------------------------------------------- constructors
@@ -90,9 +90,9 @@ class Representation:
                 f"got {len(gens)}"
             )
         d = gens[0].shape[0]
-        for i, g in enumerate(gens):
-            if g.shape != (d, d):
-                raise ValueError(f"generator_matrices[{i}]: expected shape {(d, d)}, got {g.shape}")
+        for i, gen in enumerate(gens):
+            if gen.shape != (d, d):
+                raise ValueError(f"generator_matrices[{i}]: expected shape {(d, d)}, got {gen.shape}")
         mats = np.zeros((group.order, d, d))
         mats[0] = np.eye(d)
         for g, word in enumerate(group.words):
