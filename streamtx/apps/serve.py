@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from streamtx_server import cli as server_cli
 
 from ..checkpoint import load_policy, load_static_policy, make_random_checkpoint
+from .served_policy import TorchBatchPolicy
 
 __all__ = ["load_served_policy", "serve_main", "stats_main", "keygen_main", "random_checkpoint_main"]
 
@@ -23,13 +23,18 @@ stats_main = server_cli.stats_main
 keygen_main = server_cli.keygen_main
 
 
-def load_served_policy(checkpoint: Path, device: str, threads: int | None, max_tokens_per_step: int) -> Any:
-    """The policy ``streamtx serve`` runs for ``checkpoint`` on ``device`` with ``threads`` torch threads."""
+def load_served_policy(
+    checkpoint: Path, device: str, threads: int | None, max_tokens_per_step: int
+) -> TorchBatchPolicy:
+    """The policy ``streamtx serve`` runs for ``checkpoint`` on ``device`` with ``threads`` torch threads, behind
+    the daemon's numpy interface."""
     if threads is not None:
         torch.set_num_threads(threads)
     if torch.device(device).type == "cuda":  # static plan + CUDA graphs captured at start-up, pinned I/O
-        return load_static_policy(checkpoint, device=device, max_tokens_per_step=max_tokens_per_step)
-    return load_policy(checkpoint, device=device, max_tokens_per_step=max_tokens_per_step)
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch build sees no CUDA device; use --device cpu")
+        return TorchBatchPolicy(load_static_policy(checkpoint, device=device, max_tokens_per_step=max_tokens_per_step))
+    return TorchBatchPolicy(load_policy(checkpoint, device=device, max_tokens_per_step=max_tokens_per_step))
 
 
 def serve_main(argv: list[str] | None = None) -> int:

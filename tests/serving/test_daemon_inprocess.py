@@ -158,7 +158,7 @@ def test_idle_sessions_expire_and_free_their_slot(served, policy) -> None:
     with RawPeer(endpoint) as peer:
         for i in range(4):
             assert peer.request("open", session=f"idle-{i}")["ok"]
-        assert error_code(peer.request("open", session="one-too-many")) == "too_many_sessions"
+        assert error_code(peer.request("open", session="one-too-many")) == "full"
         time.sleep(0.8)  # idle_timeout 0.3 s
         assert error_code(peer.request("step", session="idle-0", obs=np.ones(policy.obs_dim))) == "unknown_session"
         assert peer.request("open", session="fresh")["ok"]
