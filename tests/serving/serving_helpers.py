@@ -109,7 +109,7 @@ class RawPeer:
         """Send a request; session requests get the session's token and (step, reset) its next seq unless given."""
         session = fields.get("session")
         if kind in ("step", "reset", "close", "resync") and isinstance(session, str):
-            fields.setdefault("token", self.tokens.get(session, "no-token"))
+            fields.setdefault("token", self.tokens.get(session, f"token-{session}"))
             if kind in ("step", "reset") and "seq" not in fields:
                 fields["seq"] = self.seqs[session] = self.seqs.get(session, 0) + 1
         if kind == "open" and isinstance(session, str):

@@ -115,7 +115,7 @@ def test_control_requests_wait_for_every_queued_step(policy) -> None:
         gated.release.set()
         stop_server(server, thread)
     assert [replies[i]["result"]["tokens"] for i in ids[:6]] == [1, 2, 3, 4, 5, 6]
-    assert replies[ids[6]]["result"] == {"seed": 2}
+    assert replies[ids[6]]["result"] == {"seed": 2, "seq": 7}
     assert replies[ids[7]]["result"]["tokens"] == 1  # after the reset, not before it
 
 

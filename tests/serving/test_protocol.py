@@ -58,6 +58,15 @@ def test_unencodable_values_raise_type_error(value: object) -> None:
         encode({"x": value})
 
 
+def _decode_strictly(data: bytes, **limits: int) -> dict:
+    """decode, raising the error of a bad array that decode kept in place (so the reply could carry the id)."""
+    message = decode(data, **limits)
+    for value in message.values():
+        if isinstance(value, BadArray):
+            raise value.error
+    return message
+
+
 def _ext(dtype: object, shape: object, raw: object) -> bytes:
     return msgpack.packb({"a": msgpack.ExtType(ARRAY_EXT, msgpack.packb([dtype, shape, raw]))})
 
@@ -82,15 +91,6 @@ def _ext(dtype: object, shape: object, raw: object) -> bytes:
         (_ext("<f4", [3], "abc"), ErrorCode.BAD_MESSAGE),
     ],
 )
-def _decode_strictly(data: bytes, **limits: int) -> dict:
-    """decode, raising the error of a bad array that decode kept in place (so the reply could carry the id)."""
-    message = decode(data, **limits)
-    for value in message.values():
-        if isinstance(value, BadArray):
-            raise value.error
-    return message
-
-
 def test_malformed_messages_are_refused_with_a_code(data: bytes, code: ErrorCode) -> None:
     with pytest.raises(ProtocolError) as info:
         _decode_strictly(data)

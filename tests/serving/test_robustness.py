@@ -190,7 +190,7 @@ def test_a_client_that_disconnects_mid_request(daemon, policy) -> None:
     gone.socket.close(linger=2000)  # sent, then gone before the reply: the daemon must shrug it off
     time.sleep(0.2)
     with RawPeer(daemon.endpoints[0]) as peer:
-        reply = peer.request("step", session=session, obs=obs[1][0])
+        reply = peer.request("step", session=session, obs=obs[1][0], seq=2)  # seq 1 went with the orphan
         assert reply["ok"] and reply["result"]["tokens"] == 2  # the orphaned step did enter the state, in order
         assert peer.request("close", session=session)["ok"]
     assert_same_actions([reply["result"]["actions"]], reference_run(policy, 8, obs)[1:])
