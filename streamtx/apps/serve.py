@@ -8,6 +8,7 @@ streamtx policy a checkpoint and a device become: the static CUDA-graph plan on 
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
 import torch
@@ -30,9 +31,20 @@ def load_served_policy(
     the daemon's numpy interface."""
     if threads is not None:
         torch.set_num_threads(threads)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build sees no CUDA device; use --device cpu")
+    try:
+        return _load(checkpoint, device, max_tokens_per_step)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as exc:
+        # the loaders' messages quote torch's long advice about weights_only: one line is what an operator needs
+        raise ValueError(
+            f"--checkpoint {checkpoint}: not a streamtx checkpoint ({type(exc).__name__}); make one with "
+            "`streamtx train` or `streamtx random-checkpoint`"
+        ) from None
+
+
+def _load(checkpoint: Path, device: str, max_tokens_per_step: int) -> TorchBatchPolicy:
     if torch.device(device).type == "cuda":  # static plan + CUDA graphs captured at start-up, pinned I/O
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this torch build sees no CUDA device; use --device cpu")
         return TorchBatchPolicy(load_static_policy(checkpoint, device=device, max_tokens_per_step=max_tokens_per_step))
     return TorchBatchPolicy(load_policy(checkpoint, device=device, max_tokens_per_step=max_tokens_per_step))
 
