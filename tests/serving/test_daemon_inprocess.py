@@ -37,6 +37,7 @@ class GatedPolicy:
         self.acting = threading.Event()  # set while a gated act waits
         self.release = threading.Event()
         self.fail = False
+        self.nan_next_act = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._policy, name)
@@ -48,7 +49,11 @@ class GatedPolicy:
             self.gate_next_act = False
             self.acting.set()
             assert self.release.wait(20.0)
-        return self._policy.act(state, rows)
+        actions = self._policy.act(state, rows)
+        if self.nan_next_act:
+            self.nan_next_act = False
+            actions = torch.full_like(actions, float("nan"))
+        return actions
 
 
 @pytest.fixture
@@ -201,3 +206,16 @@ def test_async_client_sessions_survive_a_daemon_restart(policy, tmp_path: Path) 
     assert len(servers) == 2
     for i, script in enumerate(scripts):
         assert_same_actions(got[i], reference_run(policy, 30 + i, script))
+
+
+def test_non_finite_actions_never_leave_as_success_and_the_session_is_reset(served, policy) -> None:
+    _, gated, endpoint, _ = served
+    obs = np.ones((1, policy.obs_dim), np.float32)
+    with RawPeer(endpoint) as peer:
+        assert peer.request("open", session="p", seed=1)["ok"]
+        gated.nan_next_act = True
+        reply = peer.request("step", session="p", obs=obs)
+        assert error_code(reply) == "poisoned" and "reset" in reply["error"]["message"]
+        assert peer.request("resync", session="p")["result"]["tokens"] == 0  # the poisoned state is gone
+        after = peer.request("step", session="p", obs=obs)["result"]
+    assert after["tokens"] == 1 and np.isfinite(after["actions"]).all()
