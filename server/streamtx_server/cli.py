@@ -6,13 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from streamtx_client.protocol import PROTOCOL_VERSION
+
 from .config import ServerConfig
+from .config_file import add_config_option, parse_args_with_config
 
 __all__ = ["serve_main", "stats_main", "keygen_main", "main", "run_server"]
 
@@ -31,9 +35,20 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def default_threads() -> int:
+    """Half the cores, at most 4: the rest stays free for the clients and the robot loop on the same machine (on
+    2 cores, torch's default of one thread per core made the README's robot loop miss its 0.5 s timeouts)."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
 def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
     defaults = ServerConfig()
-    p = argparse.ArgumentParser(prog=prog, description="Serve a streaming policy checkpoint over ZeroMQ.")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve a streaming policy checkpoint over ZeroMQ.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_option(p)
     p.add_argument("--checkpoint", required=True, type=Path, help="policy checkpoint (streamtx.checkpoint format)")
     p.add_argument(
         "--bind",
@@ -41,12 +56,43 @@ def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
         metavar="ENDPOINT",
         help="tcp://host:port or ipc:///path; repeat for several (default tcp://127.0.0.1:5555)",
     )
-    p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
-    p.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--max-sessions", type=_positive_int, default=defaults.max_sessions)
-    p.add_argument("--max-message-bytes", type=_positive_int, default=defaults.max_message_bytes)
-    p.add_argument("--max-array-elements", type=_positive_int, default=defaults.max_array_elements)
-    p.add_argument("--max-tokens-per-step", type=_positive_int, default=defaults.max_tokens_per_step)
+    p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1, ...)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=default_threads(),
+        help="torch intra-op threads; the default (half the cores, at most 4) leaves cores to clients on this host",
+    )
+    p.add_argument(
+        "--max-sessions", type=_positive_int, default=defaults.max_sessions, help="session slots (rows of the state)"
+    )
+    p.add_argument(
+        "--max-message-bytes", type=_positive_int, default=defaults.max_message_bytes, help="largest request accepted"
+    )
+    p.add_argument(
+        "--max-array-elements",
+        type=_positive_int,
+        default=defaults.max_array_elements,
+        help="largest array accepted in a request",
+    )
+    p.add_argument(
+        "--max-tokens-per-step",
+        type=_positive_int,
+        default=defaults.max_tokens_per_step,
+        help="observation tokens one step may carry",
+    )
+    p.add_argument(
+        "--max-queued-per-session",
+        type=_positive_int,
+        default=defaults.max_queued_per_session,
+        help="steps one session may have waiting; more are answered busy",
+    )
+    p.add_argument(
+        "--max-obs-abs",
+        type=float,
+        default=defaults.max_obs_abs,
+        help="largest observation magnitude accepted, checked in the model's dtype",
+    )
     p.add_argument(
         "--max-batch",
         type=_positive_int,
@@ -63,7 +109,7 @@ def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
         "--idle-timeout",
         type=_non_negative_float,
         default=defaults.idle_timeout,
-        help="seconds after which an idle session is closed",
+        help="seconds after which a session with no request and nothing queued is closed; 0 turns expiry off",
     )
     p.add_argument(
         "--curve-keys",
@@ -71,8 +117,9 @@ def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
         metavar="DIR",
         help="require CURVE: DIR holds server.key_secret (and optionally authorized_clients/)",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="json", choices=["json", "text"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+    p.add_argument("--log-format", default="json", choices=["json", "text"], help="one JSON object per line, or text")
+    p.add_argument("--version", action="version", version=f"%(prog)s (protocol {PROTOCOL_VERSION})")
     return p
 
 
@@ -99,7 +146,7 @@ serves. The daemon knows no model library; the application that runs it (``strea
 
 def serve_main(argv: list[str] | None, load_policy: PolicyLoader) -> int:
     """``serve --checkpoint PATH --bind tcp://127.0.0.1:5555 ...`` with the policy that ``load_policy`` makes."""
-    args = serve_parser().parse_args(argv)
+    args = parse_args_with_config(serve_parser(), argv)
     from .jsonlog import configure_logging, log_event
 
     log = configure_logging(args.log_level, args.log_format)
@@ -111,12 +158,15 @@ def serve_main(argv: list[str] | None, load_policy: PolicyLoader) -> int:
             max_tokens_per_step=args.max_tokens_per_step,
             max_batch=args.max_batch,
             max_wait=args.max_wait_ms / 1e3,
-            idle_timeout=args.idle_timeout,
+            idle_timeout=args.idle_timeout or None,
+            max_queued_per_session=args.max_queued_per_session,
+            max_obs_abs=args.max_obs_abs,
         )
         policy = load_policy(args.checkpoint, args.device, args.threads, args.max_tokens_per_step)
         return run_server(policy, args.bind or ["tcp://127.0.0.1:5555"], config, curve_keys=args.curve_keys)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
-        log_event(log, logging.ERROR, "serve_failed", error=f"{type(exc).__name__}: {exc}")
+        log_event(log, logging.ERROR, "serve_failed", error=str(exc))
+        print(f"streamtx serve: {exc}", file=sys.stderr)
         return 1
 
 

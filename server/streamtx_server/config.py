@@ -22,7 +22,11 @@ class ServerConfig:
         max_batch: most session steps run in one batched forward; 1 turns batching off.
         max_wait: seconds a step may wait for others to join its batch (the batch runs earlier when every open
             session has a step waiting, or ``max_batch`` are waiting).
-        idle_timeout: seconds without requests after which a session is closed and its slot freed.
+        idle_timeout: seconds without requests after which a session with nothing queued is closed and its slot
+            freed; None (``--idle-timeout 0``) turns expiry off.
+        max_queued_per_session: steps one session may have waiting (``busy`` above: backpressure, nothing applied).
+        max_obs_abs: largest observation magnitude accepted, checked after the cast to the model's dtype
+            (``non_finite`` above; NaN and Inf always are).
     """
 
     max_message_bytes: int = 1 << 20
@@ -31,17 +35,24 @@ class ServerConfig:
     max_tokens_per_step: int = 4
     max_batch: int = 64
     max_wait: float = 0.001
-    idle_timeout: float = 300.0
+    idle_timeout: float | None = 30.0
+    max_queued_per_session: int = 16
+    max_obs_abs: float = 1e6
 
     def __post_init__(self) -> None:
-        for name in ("max_message_bytes", "max_array_elements", "max_sessions", "max_tokens_per_step", "max_batch"):
+        ints = ("max_message_bytes", "max_array_elements", "max_sessions", "max_tokens_per_step", "max_batch")
+        for name in (*ints, "max_queued_per_session"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if not (isinstance(self.max_wait, (int, float)) and math.isfinite(self.max_wait) and self.max_wait >= 0):
             raise ValueError(f"max_wait: expected seconds >= 0, got {self.max_wait!r}")
-        if not (isinstance(self.idle_timeout, (int, float)) and self.idle_timeout > 0):
-            raise ValueError(f"idle_timeout: expected seconds > 0, got {self.idle_timeout!r}")
+        if self.idle_timeout is not None and not (
+            isinstance(self.idle_timeout, (int, float)) and math.isfinite(self.idle_timeout) and self.idle_timeout > 0
+        ):
+            raise ValueError(f"idle_timeout: expected seconds > 0, or None for no expiry, got {self.idle_timeout!r}")
+        if not (isinstance(self.max_obs_abs, (int, float)) and self.max_obs_abs > 0):
+            raise ValueError(f"max_obs_abs: expected a magnitude > 0, got {self.max_obs_abs!r}")
 
     def limits(self) -> dict[str, Any]:
         """The limits a client must respect, as ``hello`` reports them."""
@@ -50,4 +61,7 @@ class ServerConfig:
             "max_array_elements": self.max_array_elements,
             "max_sessions": self.max_sessions,
             "max_tokens_per_step": self.max_tokens_per_step,
+            "max_queued_per_session": self.max_queued_per_session,
+            "max_obs_abs": self.max_obs_abs,
+            "idle_timeout": self.idle_timeout,
         }

@@ -1,79 +1,90 @@
-"""The daemon: one policy, many sessions, one ZeroMQ ROUTER socket, dynamic batching.
+"""The daemon: one policy, many sessions, one ZeroMQ ROUTER socket, fair dynamic batching (protocol v2).
 
 A single thread owns the socket, the session table and the policy state, so no locks are needed: it receives and
-checks requests as they come, answers control requests at once, queues steps, and runs the queue as one batch when
-the batch is due (every open session has a step waiting, ``max_batch`` are waiting, or the oldest has waited
-``max_wait``). The state has one row per session slot; a batch calls the policy with ``rows=`` the slots of its
-sessions, so a session's results never depend on who shares its batch.
+checks requests as they come, answers control requests at once (a session's own queued steps run first, nobody
+else's backlog), queues steps per session (bounded: ``busy`` beyond), and runs one batch round when it is due
+(every open session has a step waiting, ``max_batch`` sessions have, or the oldest has waited ``max_wait``). A round
+takes at most one step of each waiting session, round-robin. The state has one row per session slot; a batch calls
+the policy with ``rows=`` the slots of its sessions, so a session's results never depend on who shares its batch.
+
+Steps and resets carry per-session sequence numbers: a retry of the last applied one is answered from its reply, a
+retry of a queued one joins it; nothing is applied twice (docs/protocol.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 import socket as pysocket
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
-import torch
 import zmq
 
 from streamtx_client.errors import ErrorCode, ProtocolError
-from streamtx_client.protocol import PROTOCOL_VERSION, decode, encode, error_reply, ok_reply
+from streamtx_client.policy import BatchPolicy
+from streamtx_client.protocol import PROTOCOL_VERSION, SUPPORTED_VERSIONS, decode, encode, error_reply, ok_reply
 
 from .auth import CurveServerKeys, secure_router
 from .batching import plan_batch
 from .config import ServerConfig
 from .jsonlog import LOGGER_NAME, log_event
-from .requests import Close, Hello, Open, Reset, Stats, Step, parse_request, request_id
+from .requests import (
+    Close,
+    Hello,
+    Open,
+    Reset,
+    Resync,
+    Stats,
+    Step,
+    parse_request,
+    request_id,
+    request_version,
+)
 from .sessions import Session, SessionTable
 from .stats import ServerStats
 
 __all__ = ["Server", "ServedPolicy"]
+
+ServedPolicy = BatchPolicy  # what the daemon serves: numpy in, numpy out (streamtx_client.policy)
 
 _DRAIN_LIMIT = 256  # messages read per wake-up before a due batch gets its turn
 _SHUTDOWN_DRAIN_LIMIT = 16 * _DRAIN_LIMIT
 _HARD_SIZE_FACTOR = 8  # messages over this many times max_message_bytes cost the sender its connection
 
 
-class ServedPolicy(Protocol):
-    """What the daemon needs of a policy (``streamtx.policy.StreamingPolicy`` has it).
-
-    ``reset(state, rows, seed, steps)`` sets a row's seed and control-step counter (the noise of a row's next action
-    chunk is drawn from both), and ``receptive_field`` is the number of observation tokens a row's state depends on:
-    together they let a client rebuild a session on a fresh daemon.
-    """
-
-    obs_dim: int
-    action_dim: int
-    horizon: int
-    cond_window: int
-    max_tokens_per_step: int
-    dtype: torch.dtype
-    device: torch.device
-    receptive_field: int
-
-    def metadata(self) -> dict[str, Any]: ...
-    def init_state(self, batch_size: int) -> Any: ...
-    def reset(self, state: Any, rows: Any = None, seed: int | list[int] | None = None) -> None: ...
-    def observe(self, state: Any, obs: torch.Tensor, rows: Any = None) -> None: ...
-    def act(self, state: Any, rows: Any = None) -> torch.Tensor: ...
-
-
 @dataclass
 class _Queued:
-    """A checked step waiting for its batch."""
+    """A checked step waiting for its batch (``also``: envelopes and ids of retries of it, answered with it)."""
 
     envelope: list[bytes]
     request: Step
-    session: Session
+    obs: np.ndarray  # (S, obs_dim) in the policy's dtype, checked
     received: float  # perf_counter when its bytes arrived
     ready: float  # perf_counter when it was checked and queued
+    also: list[tuple[list[bytes], int]] = field(default_factory=list)
+
+
+def _refuse_held_ipc(endpoint: str) -> None:
+    """Refuse an ipc path that a live daemon listens on (binding would silently steal it); a stale file is fine."""
+    path = endpoint.removeprefix("ipc://")
+    if not os.path.exists(path):
+        return
+    probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # nobody listens: a stale file of a stopped daemon
+    finally:
+        probe.close()
+    raise OSError(f"--bind {endpoint}: another daemon is listening there; stop it or choose another path")
 
 
 class Server:
@@ -81,7 +92,7 @@ class Server:
     port, ``ipc:///path``) until :meth:`stop`.
 
     Args:
-        policy: the streaming policy (its state gets ``config.max_sessions`` rows).
+        policy: the streaming policy, numpy in and out (its state gets ``config.max_sessions`` rows).
         endpoints: where the ROUTER socket binds.
         config: limits, batching, expiry.
         curve: CURVE keys; clients must then know the server's public key.
@@ -90,7 +101,7 @@ class Server:
 
     def __init__(
         self,
-        policy: ServedPolicy,
+        policy: BatchPolicy,
         endpoints: Sequence[str],
         config: ServerConfig | None = None,
         *,
@@ -111,25 +122,25 @@ class Server:
         self.bound: list[str] = []  # endpoints as bound (ports resolved), set once serving
         self.sessions = SessionTable(config.max_sessions)
         self.stats = ServerStats()
-        with torch.no_grad():
-            self.state = policy.init_state(config.max_sessions)
+        self.state = policy.init_state(config.max_sessions)
+        self._dtype = np.dtype(policy.dtype)
         self._hello = {
             "protocol": PROTOCOL_VERSION,
+            "versions": list(SUPPORTED_VERSIONS),
             "policy": {
                 "obs_dim": policy.obs_dim,
                 "action_dim": policy.action_dim,
                 "horizon": policy.horizon,
-                "cond_window": policy.cond_window,
-                # tokens a reconnecting client replays: the state depends on no older observation
+                # tokens a resuming client replays: the state depends on no older observation
                 "replay_window": int(policy.receptive_field),
                 "max_tokens_per_step": policy.max_tokens_per_step,
-                "dtype": str(policy.dtype).removeprefix("torch."),
+                "dtype": self._dtype.name,
                 "metadata": policy.metadata(),
             },
             "limits": self.config.limits(),
         }
         encode(self._hello)  # metadata that cannot go on the wire fails here, not at the first hello
-        self._queue: list[_Queued] = []
+        self._ready: deque[Session] = deque()  # sessions with queued steps, in round-robin order
         self._wake_r, self._wake_w = pysocket.socketpair()
         self._wake_w.setblocking(False)
         self._next_expiry_check = 0.0
@@ -154,7 +165,14 @@ class Server:
         try:
             bound = []
             for endpoint in self.endpoints:
-                router.bind(endpoint)
+                if endpoint.startswith("ipc://"):
+                    _refuse_held_ipc(endpoint)
+                try:
+                    router.bind(endpoint)
+                except zmq.ZMQError as exc:
+                    raise OSError(
+                        f"--bind {endpoint}: cannot listen there ({exc}); is another daemon using it?"
+                    ) from None
                 bound.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
             self.bound = bound
             log_event(
@@ -195,11 +213,13 @@ class Server:
                 self._receive(router, limit=_DRAIN_LIMIT)
             if self._batch_due():
                 self._run_batch(router)
-            self._expire_idle()
+            self._expire_idle(router)
 
     def _poll_timeout_ms(self) -> int:
-        if self._queue:
-            wait = self._queue[0].ready + self.config.max_wait - time.perf_counter()
+        if self._ready:
+            wait = self._ready[0].queue[0].ready + self.config.max_wait - time.perf_counter()
+        elif self.config.idle_timeout is None:
+            return -1  # nothing to do until a message comes
         else:
             wait = self._next_expiry_check - time.perf_counter()
         return max(0, math.ceil(wait * 1e3))
@@ -229,51 +249,92 @@ class Server:
             self.stats.latency["decode"].add(time.perf_counter() - received)
             self.stats.requests[type(request).__name__.lower()] += 1
             if isinstance(request, Step):
-                session = self.sessions.get(request.session)
-                session.last_active = time.monotonic()
-                self._queue.append(_Queued(envelope, request, session, received, time.perf_counter()))
+                self._accept_step(router, envelope, request, received)
                 return
-            if isinstance(request, (Open, Reset, Close)):
-                self._flush(router)  # steps queued before this request must run before it
-            result = self._control(request)
+            result = self._control(router, request)
             self._reply(router, envelope, ok_reply(request.id, result), received)
         except ProtocolError as err:
-            self._reply_error(router, envelope, request_id(message), err.code, err.message, received)
+            self._reply_error(
+                router, envelope, request_id(message), err.code, err.message, received, request_version(message)
+            )
         except Exception as exc:  # noqa: BLE001 - one request's bug must not take the daemon down
             log_event(self.log, logging.ERROR, "request_failed", exc_info=True, id=request_id(message))
             self._reply_error(
                 router, envelope, request_id(message), ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", received
             )
 
-    def _control(self, request: Hello | Stats | Open | Reset | Close) -> dict[str, Any]:
+    def _checked(self, obs: np.ndarray, name: str) -> np.ndarray:
+        """``obs`` cast to the policy's dtype, refused if any value is NaN, Inf or over ``max_obs_abs`` there."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = np.ascontiguousarray(obs, dtype=self._dtype)
+            peak = float(np.abs(cast).max())
+        if not peak <= self.config.max_obs_abs:  # NaN fails this comparison too
+            raise ProtocolError(
+                ErrorCode.NON_FINITE,
+                f"{name}: values must be finite and at most {self.config.max_obs_abs:g} in magnitude in the model's "
+                f"dtype {self._dtype.name}; got a largest magnitude of {peak:g} after the cast",
+            )
+        return cast
+
+    def _accept_step(self, router: zmq.Socket[Any], envelope: list[bytes], request: Step, received: float) -> None:
+        session = self.sessions.get(request.session, request.token)
+        session.last_active = time.monotonic()
+        if self._repeat(router, envelope, session, request.seq, request.id, received):
+            return
+        if request.seq <= session.accepted_seq:  # a retry of a step still queued: answered with it
+            for item in session.queue:
+                if item.request.seq == request.seq:
+                    item.also.append((envelope, request.id))
+                    return
+        self._expect_next(session, request.seq)
+        if len(session.queue) >= self.config.max_queued_per_session:
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                f"session {session.id!r} has {len(session.queue)} steps queued (the limit); read replies before "
+                "sending more; nothing was applied, resend this step later",
+            )
+        obs = self._checked(request.obs, "obs")
+        if not session.queue:
+            self._ready.append(session)
+        session.queue.append(_Queued(envelope, request, obs, received, time.perf_counter()))
+        session.accepted_seq = request.seq
+
+    def _repeat(
+        self, router: zmq.Socket[Any], envelope: list[bytes], session: Session, seq: int, rid: int, received: float
+    ) -> bool:
+        """Answer a retry of the session's last applied step or reset from its reply; True if it was one."""
+        if seq != session.applied_seq or session.last_result is None:
+            return False
+        self.stats.repeated += 1
+        self._reply(router, envelope, {**session.last_result, "id": rid}, received)
+        return True
+
+    @staticmethod
+    def _expect_next(session: Session, seq: int) -> None:
+        if seq != session.accepted_seq + 1:
+            raise ProtocolError(
+                ErrorCode.OUT_OF_ORDER,
+                f"seq: session {session.id!r} expects {session.accepted_seq + 1} next (last applied "
+                f"{session.applied_seq}), got {seq}; send resync to learn what the daemon holds",
+            )
+
+    def _control(
+        self, router: zmq.Socket[Any], request: Hello | Stats | Open | Reset | Close | Resync
+    ) -> dict[str, Any]:
         if isinstance(request, Hello):
             return self._hello
         if isinstance(request, Stats):
             return self.stats.snapshot(sessions=len(self.sessions), max_sessions=self.config.max_sessions)
         if isinstance(request, Open):
-            session_id = request.session if request.session is not None else uuid.uuid4().hex
-            seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
-            session = self.sessions.open(session_id, seed, time.monotonic())
-            self._reset_row(session, steps=request.steps)
-            log_event(
-                self.log,
-                logging.INFO,
-                "session_opened",
-                session=session.id,
-                slot=session.slot,
-                seed=seed,
-                steps=request.steps,
-                sessions=len(self.sessions),
-            )
-            return {"session": session.id, "seed": seed}
-        session = self.sessions.get(request.session)
+            return self._open(router, request)
+        session = self.sessions.get(request.session, request.token)
         session.last_active = time.monotonic()
+        if isinstance(request, Resync):
+            return self._resync(session)
+        self._run_own_queue(router, session)  # its steps sent before this request apply before it
         if isinstance(request, Reset):
-            session.seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
-            self._reset_row(session)
-            log_event(self.log, logging.INFO, "session_reset", session=session.id, seed=session.seed)
-            return {"seed": session.seed}
-        self.sessions.close(session.id)
+            return self._reset(session, request)
+        self.sessions.close(session)
         log_event(
             self.log,
             logging.INFO,
@@ -285,53 +346,139 @@ class Server:
         )
         return {}
 
-    def _reset_row(self, session: Session, steps: int = 0) -> None:
-        """Empty the session's row, set its seed, and its step counter (nonzero when a client resumes a session
-        that took ``steps`` control steps elsewhere, so its noise sequence continues where it was)."""
-        with torch.no_grad():
-            self.policy.reset(self.state, rows=torch.tensor([session.slot]), seed=session.seed, steps=steps)
+    def _open(self, router: zmq.Socket[Any], request: Open) -> dict[str, Any]:
+        session_id = request.session if request.session is not None else uuid.uuid4().hex
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
+        replay = None if request.replay is None else self._checked(request.replay, "replay")
+        session = self.sessions.find(session_id)
+        if session is None:
+            token = request.token if request.token is not None else secrets.token_hex(16)
+            session = self.sessions.add(session_id, seed, token, time.monotonic())
+        elif request.token == session.token or request.takeover:
+            self._run_own_queue(router, session)
+            if request.token != session.token:
+                session.token = request.token if request.token is not None else secrets.token_hex(16)
+            session.seed, session.last_active = seed, time.monotonic()
+        else:
+            raise ProtocolError(
+                ErrorCode.NOT_OWNER,
+                f"session {session_id!r} is open and owned by another client; pass its token to re-open it, or "
+                "takeover=true to take it over",
+            )
+        self._reset_row(session, steps=request.steps, seq=request.seq)
+        if replay is not None:
+            row = np.array([session.slot], np.int64)
+            for start in range(0, len(replay), self.config.max_tokens_per_step):
+                self.policy.observe(self.state, replay[None, start : start + self.config.max_tokens_per_step], row)
+            session.tokens = len(replay)
+        log_event(
+            self.log,
+            logging.INFO,
+            "session_opened",
+            session=session.id,
+            slot=session.slot,
+            seed=seed,
+            steps=request.steps,
+            seq=request.seq,
+            replayed=session.tokens,
+            sessions=len(self.sessions),
+        )
+        return {
+            "session": session.id,
+            "seed": seed,
+            "token": session.token,
+            "seq": session.applied_seq,
+            "tokens": session.tokens,
+        }
+
+    def _resync(self, session: Session) -> dict[str, Any]:
+        """What the daemon holds of a session: the last applied and accepted sequence numbers, tokens, steps."""
+        return {
+            "seq": session.applied_seq,
+            "accepted_seq": session.accepted_seq,
+            "tokens": session.tokens,
+            "steps": session.steps,
+            "seed": session.seed,
+            "replay_window": int(self.policy.receptive_field),
+        }
+
+    def _reset(self, session: Session, request: Reset) -> dict[str, Any]:
+        if request.seq == session.applied_seq and session.last_result is not None:
+            self.stats.repeated += 1
+            return dict(session.last_result["result"])
+        self._expect_next(session, request.seq)
+        session.seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
+        self._reset_row(session, steps=0, seq=request.seq)
+        result = {"seed": session.seed, "seq": request.seq}
+        session.last_result = ok_reply(None, result)
+        log_event(self.log, logging.INFO, "session_reset", session=session.id, seed=session.seed)
+        return result
+
+    def _reset_row(self, session: Session, steps: int, seq: int) -> None:
+        """Empty the session's row, set its seed and step counter (nonzero when a client resumes a session that
+        took ``steps`` control steps elsewhere, so its noise sequence continues where it was) and its sequence."""
+        self.policy.reset(
+            self.state,
+            np.array([session.slot], np.int64),
+            np.array([session.seed], np.int64),
+            np.array([steps], np.int64),
+        )
         session.tokens, session.steps = 0, steps
+        session.applied_seq = session.accepted_seq = seq
+        session.last_result = None
 
     # -- batches
 
     def _batch_due(self) -> bool:
-        if not self._queue:
+        if not self._ready:
             return False
-        if len(self._queue) >= self.config.max_batch:
-            return True
-        if time.perf_counter() >= self._queue[0].ready + self.config.max_wait:
-            return True
-        return len({q.session.id for q in self._queue}) == len(self.sessions)  # nobody else can join
+        if len(self._ready) >= self.config.max_batch or len(self._ready) == len(self.sessions):
+            return True  # full, or nobody else can join
+        return time.perf_counter() >= self._ready[0].queue[0].ready + self.config.max_wait
 
     def _flush(self, router: zmq.Socket[Any]) -> None:
-        while self._queue:
+        while self._ready:
             self._run_batch(router)
 
+    def _run_own_queue(self, router: zmq.Socket[Any], session: Session) -> None:
+        """Run rounds until ``session``'s queue is empty (each round also serves the others, fairly)."""
+        while session.queue:
+            self._run_batch(router)
+
+    def _take_round(self) -> list[tuple[Session, _Queued, bool]]:
+        """At most one step of each waiting session, round-robin; each with whether it computes actions (a step
+        that asked for them but has a newer acting step queued behind it is superseded: it only observes)."""
+        taken = []
+        for _ in range(min(self.config.max_batch, len(self._ready))):
+            session = self._ready.popleft()
+            item = session.queue.popleft()
+            if session.queue:
+                self._ready.append(session)
+            acts = item.request.act and not any(later.request.act for later in session.queue)
+            taken.append((session, item, acts))
+        return taken
+
     def _run_batch(self, router: zmq.Socket[Any]) -> None:
-        batch, self._queue = self._queue[: self.config.max_batch], self._queue[self.config.max_batch :]
+        batch = self._take_round()
         start = time.perf_counter()
-        for item in batch:
+        for _, item, _ in batch:
             self.stats.latency["queue"].add(start - item.ready)
-        plan = plan_batch(
-            [q.session.id for q in batch], [len(q.request.obs) for q in batch], [q.request.act for q in batch]
-        )
+        plan = plan_batch([len(item.obs) for _, item, _ in batch], [acts for _, _, acts in batch])
         actions: dict[int, np.ndarray] = {}
-        model_time = 0.0  # the policy calls and their device transfers only: the rest is serving overhead
+        model_time = 0.0  # the policy calls only: the rest is serving overhead
         try:
-            with torch.no_grad():
-                for round_ in plan.rounds:
-                    for group in round_.observe:
-                        obs = torch.from_numpy(np.stack([batch[i].request.obs for i in group]))
-                        rows = self._rows(batch, group)
-                        t0 = time.perf_counter()
-                        self.policy.observe(self.state, obs, rows=rows)  # the policy moves/casts (pinned for CUDA)
-                        model_time += time.perf_counter() - t0
-                    if round_.act:
-                        rows = self._rows(batch, round_.act)
-                        t0 = time.perf_counter()
-                        chunk = self.policy.act(self.state, rows=rows).cpu()
-                        model_time += time.perf_counter() - t0
-                        actions.update(zip(round_.act, chunk.numpy()))
+            for group in plan.observe:
+                obs = np.stack([batch[i][1].obs for i in group])
+                rows = np.array([batch[i][0].slot for i in group], np.int64)
+                t0 = time.perf_counter()
+                self.policy.observe(self.state, obs, rows)
+                model_time += time.perf_counter() - t0
+            if plan.act:
+                rows = np.array([batch[i][0].slot for i in plan.act], np.int64)
+                t0 = time.perf_counter()
+                chunk = self.policy.act(self.state, rows)
+                model_time += time.perf_counter() - t0
+                actions.update(zip(plan.act, chunk))
         except Exception as exc:  # noqa: BLE001 - a model failure must not take the daemon down
             log_event(
                 self.log,
@@ -339,39 +486,60 @@ class Server:
                 "batch_failed",
                 exc_info=True,
                 batch=len(batch),
-                sessions=sorted({q.session.id for q in batch}),
+                sessions=sorted(session.id for session, _, _ in batch),
             )
-            for item in batch:
-                self._reply_error(
+            for session, item, _ in batch:
+                self._answer(
                     router,
-                    item.envelope,
-                    item.request.id,
-                    ErrorCode.INTERNAL,
-                    f"the policy raised {type(exc).__name__}: {exc}",
-                    item.received,
+                    session,
+                    item,
+                    error_reply(None, ErrorCode.INTERNAL, f"the policy raised {type(exc).__name__}: {exc}"),
                 )
             return
         self.stats.latency["model"].add(model_time)
         self.stats.batch_sizes.add(len(batch))
-        self.stats.superseded += len(plan.superseded)
-        superseded = set(plan.superseded)
-        for i, item in enumerate(batch):
-            session, request = item.session, item.request
-            session.tokens += len(request.obs)
-            session.steps += i in actions
+        now = time.monotonic()
+        for i, (session, item, acts) in enumerate(batch):
+            session.tokens += len(item.obs)
+            session.steps += acts
+            session.last_active = now
+            if acts and not np.isfinite(actions[i]).all():
+                self._answer(router, session, item, self._poison(session))
+                continue
             # timing lets a client split its round trip into the daemon's model time and the serving overhead
             result: dict[str, Any] = {
+                "seq": item.request.seq,
                 "tokens": session.tokens,
                 "timing": {"queue_s": start - item.ready, "model_s": model_time, "batch": len(batch)},
             }
-            if request.act:
+            if item.request.act:
                 result["actions"] = actions.get(i)
-                result["superseded"] = i in superseded
-            self._reply(router, item.envelope, ok_reply(request.id, result), item.received)
+                result["superseded"] = not acts
+                self.stats.superseded += not acts
+            self._answer(router, session, item, ok_reply(None, result))
 
-    @staticmethod
-    def _rows(batch: list[_Queued], indices: list[int]) -> torch.Tensor:
-        return torch.tensor([batch[i].session.slot for i in indices])
+    def _poison(self, session: Session) -> dict[str, Any]:
+        """The policy produced non-finite actions for ``session``: its state is unusable; reset it (seed kept)."""
+        applied, accepted = session.applied_seq, session.accepted_seq
+        self._reset_row(session, steps=0, seq=applied)
+        session.accepted_seq = accepted  # steps queued behind this one still apply, to the fresh state
+        log_event(self.log, logging.WARNING, "session_poisoned", session=session.id, slot=session.slot)
+        return error_reply(
+            None,
+            ErrorCode.POISONED,
+            f"the policy produced non-finite actions for session {session.id!r}; its state was reset (seed kept, "
+            "no observations): start a new episode",
+        )
+
+    def _answer(self, router: zmq.Socket[Any], session: Session, item: _Queued, reply: dict[str, Any]) -> None:
+        """Reply to a step (and to its retries), and remember the reply for later retries of it."""
+        if session.applied_seq < item.request.seq:
+            session.applied_seq = item.request.seq
+        session.last_result = reply
+        if not reply["ok"]:
+            self.stats.errors[reply["error"]["code"]] += 1
+        for envelope, rid in [(item.envelope, item.request.id), *item.also]:
+            self._reply(router, envelope, {**reply, "id": rid}, item.received)
 
     # -- replies and housekeeping
 
@@ -393,26 +561,30 @@ class Server:
         code: ErrorCode,
         message: str,
         received: float,
+        version: int = PROTOCOL_VERSION,
     ) -> None:
         self.stats.errors[code.value] += 1
         log_event(self.log, logging.INFO, "request_rejected", code=code.value, detail=message, id=rid)
-        self._reply(router, envelope, error_reply(rid, code, message), received)
+        self._reply(router, envelope, error_reply(rid, code, message, version), received)
 
-    def _expire_idle(self) -> None:
+    def _expire_idle(self, router: zmq.Socket[Any]) -> None:
+        timeout = self.config.idle_timeout
         now = time.perf_counter()
-        if now < self._next_expiry_check:
+        if timeout is None or now < self._next_expiry_check:
             return
-        self._next_expiry_check = now + min(1.0, self.config.idle_timeout / 4)
-        busy = {q.session.id for q in self._queue}
-        for session in self.sessions.idle(time.monotonic(), self.config.idle_timeout):
-            if session.id not in busy:
-                self.sessions.close(session.id)
+        if router.poll(0, zmq.POLLIN):
+            return  # requests wait unread: they may be an idle-looking session's; read them first
+        self._next_expiry_check = now + min(1.0, timeout / 4)
+        clock = time.monotonic()
+        for session in self.sessions:
+            if not session.queue and clock - session.last_active > timeout:
+                self.sessions.close(session)
                 self.stats.expired += 1
                 log_event(
                     self.log,
                     logging.INFO,
                     "session_expired",
                     session=session.id,
-                    idle_s=self.config.idle_timeout,
+                    idle_s=timeout,
                     sessions=len(self.sessions),
                 )

@@ -66,7 +66,9 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             for event in self._events(offset):
                 if event.get("event") == "listening":
-                    self.endpoints = list(event["endpoints"])
+                    endpoints = event["endpoints"]
+                    assert isinstance(endpoints, list), event
+                    self.endpoints = [str(e) for e in endpoints]
                     return self.endpoints
             if self._process.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self._process.returncode}:\n{self.log_tail()}")

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from streamtx_client.errors import ErrorCode, ProtocolError
-from streamtx_client.protocol import KINDS, PROTOCOL_VERSION
+from streamtx_client.protocol import KINDS, PROTOCOL_VERSION, BadArray
 
-__all__ = ["Hello", "Stats", "Open", "Step", "Reset", "Close", "Request", "parse_request", "request_id"]
+__all__ = [
+    "Hello",
+    "Stats",
+    "Open",
+    "Step",
+    "Reset",
+    "Close",
+    "Resync",
+    "Request",
+    "parse_request",
+    "request_id",
+    "request_version",
+]
 
 MAX_SESSION_ID_CHARS = 128
+MAX_TOKEN_CHARS = 128
 MAX_SEED = 2**63 - 1
+_REPR = reprlib.Repr()  # bounded depth and length: a deeply nested value never makes the formatter recurse
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 8, 8
 
 
 @dataclass(frozen=True)
@@ -32,13 +48,19 @@ class Open:
     session: str | None  # None: the daemon names the session
     seed: int | None  # None: the daemon draws one
     steps: int  # control steps the session already took (a client resuming it after a daemon restart)
+    token: str | None  # the owner's token: a new session takes it, a live one must match it (None: daemon draws)
+    takeover: bool  # open a live session without its token (the previous owner's requests get not_owner)
+    seq: int  # the last sequence number the session applied elsewhere (0: a fresh session)
+    replay: np.ndarray | None  # (N, obs_dim) tokens to feed after the (re)open: the receptive field of a resume
 
 
 @dataclass(frozen=True)
 class Step:
     id: int
     session: str
-    obs: np.ndarray  # (S, obs_dim), finite, floating
+    token: str
+    seq: int
+    obs: np.ndarray  # (S, obs_dim), floating (checked for finiteness after the cast to the model's dtype)
     act: bool  # False: only feed the observations
 
 
@@ -46,6 +68,8 @@ class Step:
 class Reset:
     id: int
     session: str
+    token: str
+    seq: int
     seed: int | None
 
 
@@ -53,15 +77,38 @@ class Reset:
 class Close:
     id: int
     session: str
+    token: str
 
 
-Request = Hello | Stats | Open | Step | Reset | Close
+@dataclass(frozen=True)
+class Resync:
+    id: int
+    session: str
+    token: str
+
+
+Request = Hello | Stats | Open | Step | Reset | Close | Resync
 
 
 def request_id(message: Any) -> int | None:
     """The request's id if it has a usable one (for the error reply of an otherwise broken request)."""
     rid = message.get("id") if isinstance(message, dict) else None
     return rid if type(rid) is int else None
+
+
+def request_version(message: Any) -> int:
+    """The protocol version the request speaks, if an int (its error reply is framed in it), else ours."""
+    version = message.get("v") if isinstance(message, dict) else None
+    return version if type(version) is int else PROTOCOL_VERSION
+
+
+def _token(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_TOKEN_CHARS:
+        raise ProtocolError(
+            ErrorCode.BAD_ARGUMENT,
+            f"token: expected the session's token (a string of 1 to {MAX_TOKEN_CHARS} characters), got {_show(value)}",
+        )
+    return value
 
 
 def _session(value: Any) -> str:
@@ -89,26 +136,29 @@ def _flag(value: Any, name: str) -> bool:
     return value
 
 
-def _observations(value: Any, obs_dim: int, max_tokens: int) -> np.ndarray:
+def _observations(value: Any, obs_dim: int, max_tokens: int | None, name: str = "obs") -> np.ndarray:
+    if isinstance(value, BadArray):
+        raise value.error
     if not isinstance(value, np.ndarray):
-        raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"obs: expected an array (msgpack extension), got {_show(value)}")
+        raise ProtocolError(
+            ErrorCode.BAD_ARGUMENT, f"{name}: expected an array (msgpack extension), got {_show(value)}"
+        )
     if value.dtype.kind != "f":
-        raise ProtocolError(ErrorCode.BAD_DTYPE, f"obs: expected a floating dtype (float16/32/64), got {value.dtype}")
+        raise ProtocolError(
+            ErrorCode.BAD_DTYPE, f"{name}: expected a floating dtype (float16/32/64), got {value.dtype}"
+        )
     obs = value[None] if value.ndim == 1 else value
     if obs.ndim != 2 or obs.shape[1] != obs_dim or obs.shape[0] == 0:
         raise ProtocolError(
-            ErrorCode.BAD_SHAPE, f"obs: expected shape ({obs_dim},) or (S, {obs_dim}) with S >= 1, got {value.shape}"
+            ErrorCode.BAD_SHAPE, f"{name}: expected shape ({obs_dim},) or (S, {obs_dim}) with S >= 1, got {value.shape}"
         )
-    if obs.shape[0] > max_tokens:
+    if max_tokens is not None and obs.shape[0] > max_tokens:
         raise ProtocolError(ErrorCode.TOO_MANY_TOKENS, f"obs: {obs.shape[0]} tokens in one step, limit is {max_tokens}")
-    if not np.isfinite(obs).all():
-        raise ProtocolError(ErrorCode.NON_FINITE, "obs: contains NaN or Inf")
     return obs
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+    return f"{type(value).__name__} {_REPR.repr(value)}"
 
 
 # kind -> its fields and their defaults (_REQUIRED: no default).
@@ -116,10 +166,11 @@ _REQUIRED = object()
 _FIELDS: dict[str, dict[str, Any]] = {
     "hello": {},
     "stats": {},
-    "open": {"session": None, "seed": None, "steps": 0},
-    "step": {"session": _REQUIRED, "obs": _REQUIRED, "act": True},
-    "reset": {"session": _REQUIRED, "seed": None},
-    "close": {"session": _REQUIRED},
+    "open": {"session": None, "seed": None, "steps": 0, "token": None, "takeover": False, "seq": 0, "replay": None},
+    "step": {"session": _REQUIRED, "token": _REQUIRED, "seq": _REQUIRED, "obs": _REQUIRED, "act": True},
+    "reset": {"session": _REQUIRED, "token": _REQUIRED, "seq": _REQUIRED, "seed": None},
+    "close": {"session": _REQUIRED, "token": _REQUIRED},
+    "resync": {"session": _REQUIRED, "token": _REQUIRED},
 }
 assert set(_FIELDS) == set(KINDS)
 
@@ -129,7 +180,9 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
     version = message.get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            ErrorCode.BAD_VERSION, f"v: this daemon speaks protocol {PROTOCOL_VERSION}, got {_show(version)}"
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"v: this daemon speaks protocol {PROTOCOL_VERSION} only, got {_show(version)}; "
+            "install the streamtx-client of this daemon's release",
         )
     rid = request_id(message)
     if rid is None:
@@ -161,10 +214,17 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
             None if fields["session"] is None else _session(fields["session"]),
             _seed(fields["seed"]),
             _count(fields["steps"], "steps"),
+            None if fields["token"] is None else _token(fields["token"]),
+            _flag(fields["takeover"], "takeover"),
+            _count(fields["seq"], "seq"),
+            None if fields["replay"] is None else _observations(fields["replay"], obs_dim, None, "replay"),
         )
+    session, token = _session(fields["session"]), _token(fields["token"])
     if kind == "step":
         obs = _observations(fields["obs"], obs_dim, max_tokens)
-        return Step(rid, _session(fields["session"]), obs, _flag(fields["act"], "act"))
+        return Step(rid, session, token, _count(fields["seq"], "seq"), obs, _flag(fields["act"], "act"))
     if kind == "reset":
-        return Reset(rid, _session(fields["session"]), _seed(fields["seed"]))
-    return Close(rid, _session(fields["session"]))
+        return Reset(rid, session, token, _count(fields["seq"], "seq"), _seed(fields["seed"]))
+    if kind == "resync":
+        return Resync(rid, session, token)
+    return Close(rid, session, token)

@@ -56,6 +56,7 @@ class ServerStats:
         self.errors: Counter[str] = Counter()
         self.superseded = 0
         self.expired = 0
+        self.repeated = 0  # retries answered from a session's last reply (exactly-once)
 
     def snapshot(self, *, sessions: int, max_sessions: int) -> dict[str, Any]:
         sizes = self.batch_sizes.values()
@@ -73,4 +74,5 @@ class ServerStats:
             "errors": dict(self.errors),
             "superseded": self.superseded,
             "expired_sessions": self.expired,
+            "repeated": self.repeated,
         }

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zmq
 
-from streamtx_client.protocol import decode, encode
+from streamtx.apps.served_policy import TorchBatchPolicy
+from streamtx_client import LocalSession
+from streamtx_client.protocol import PROTOCOL_VERSION, decode, encode
 from streamtx_server import Server, ServerConfig
 from streamtx_server.process import DaemonProcess
 
@@ -44,8 +45,9 @@ def start_daemon(checkpoint: Path, directory: Path, *flags: str, binds: tuple[st
 def start_server(
     policy: Any, endpoint: str, *, context: zmq.Context | None = None, curve: Any = None, **config: Any
 ) -> tuple[Server, threading.Thread]:
-    """A :class:`Server` serving in a thread of this process; returns once it listens."""
-    server = Server(policy, [endpoint], ServerConfig(**config), curve=curve)
+    """A :class:`Server` serving the torch ``policy`` (through the numpy adapter) in a thread; returns once it
+    listens."""
+    server = Server(TorchBatchPolicy(policy), [endpoint], ServerConfig(**config), curve=curve)
     thread = threading.Thread(target=server.serve_forever, kwargs={"context": context}, daemon=True)
     thread.start()
     deadline = time.monotonic() + TIMEOUT
@@ -74,14 +76,9 @@ def make_script(
 
 
 def reference_run(policy: Any, seed: int, script: Script) -> list[np.ndarray | None]:
-    """The stream run in-process on its own (one row), from a fresh state with ``seed``."""
-    state = policy.init_state(1)
-    policy.reset(state, seed=seed)
-    out: list[np.ndarray | None] = []
-    for obs, act in script:
-        policy.observe(state, torch.from_numpy(obs)[None])
-        out.append(policy.act(state)[0].numpy() if act else None)
-    return out
+    """The stream run in-process on its own, through the same session interface the SDK gives a robot."""
+    with LocalSession(TorchBatchPolicy(policy), seed=seed) as session:
+        return [session.step(obs) if act else session.observe(obs) for obs, act in script]
 
 
 def assert_same_actions(got: Sequence[np.ndarray | None], want: Sequence[np.ndarray | None], atol: float = 1e-6):
@@ -102,13 +99,24 @@ class RawPeer:
             setattr(self.socket, name, key)
         self.socket.connect(endpoint)
         self._ids = 0
+        self.tokens: dict[str, str] = {}  # session -> token, from open replies
+        self.seqs: dict[str, int] = {}  # session -> the last seq sent
 
     def send(self, *frames: bytes) -> None:
         self.socket.send_multipart(list(frames))
 
-    def send_request(self, kind: str, **fields: Any) -> int:
+    def send_request(self, kind: str, version: int = PROTOCOL_VERSION, **fields: Any) -> int:
+        """Send a request; session requests get the session's token and (step, reset) its next seq unless given."""
+        session = fields.get("session")
+        if kind in ("step", "reset", "close", "resync") and isinstance(session, str):
+            fields.setdefault("token", self.tokens.get(session, f"token-{session}"))
+            if kind in ("step", "reset") and "seq" not in fields:
+                fields["seq"] = self.seqs[session] = self.seqs.get(session, 0) + 1
+        if kind == "open" and isinstance(session, str):
+            fields.setdefault("token", self.tokens.setdefault(session, f"token-{session}"))
+            self.seqs[session] = fields.get("seq", 0)
         self._ids += 1
-        self.send(encode({"v": 1, "id": self._ids, "kind": kind, **fields}))
+        self.send(encode({"v": version, "id": self._ids, "kind": kind, **fields}))
         return self._ids
 
     def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:

@@ -47,3 +47,18 @@ def test_stats_reports_an_unreachable_daemon(capsys) -> None:
 def test_unknown_command(capsys) -> None:
     assert main(["bogus"]) == 2
     assert "serve" in capsys.readouterr().err
+
+
+def test_operator_errors_are_one_line(checkpoint, tmp_path, capsys) -> None:
+    not_a_checkpoint = tmp_path / "notes.txt"
+    not_a_checkpoint.write_text("hello")
+    assert serve_main([f"--checkpoint={not_a_checkpoint}", "--log-format=text"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "not a streamtx checkpoint" in line and "weights_only" not in line
+
+
+def test_a_second_daemon_on_a_held_ipc_path_is_refused(daemon, checkpoint, capsys) -> None:
+    held = daemon.endpoints[1]
+    assert held.startswith("ipc://")
+    assert serve_main([f"--checkpoint={checkpoint}", f"--bind={held}", "--log-format=text"]) == 1
+    assert "another daemon is listening there" in capsys.readouterr().err

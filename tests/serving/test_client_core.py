@@ -1,27 +1,21 @@
-"""Client logic without sockets: retry, reconnect, and session restore (re-open + replay of the receptive field)."""
+"""Client logic without sockets: retry with backoff, exactly-once sequence numbers, session restore in one request."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
-from streamtx_client.core import RECONNECT, ServerInfo, SessionLog, call, step_flow
-from streamtx_client.errors import RequestTimeout, ServerError
-from streamtx_client.protocol import ok_reply, request
+from streamtx_client.core import Patience, ServerInfo, SessionLog, Sleep, call, open_flow, step_flow
+from streamtx_client.errors import ErrorCode, RequestTimeout, ServerError
+from streamtx_client.protocol import error_reply, ok_reply, request
 
 INFO = ServerInfo(
-    obs_dim=2,
-    action_dim=1,
-    horizon=3,
-    cond_window=2,
-    replay_window=5,
-    max_tokens_per_step=2,
-    max_message_bytes=1 << 20,
-    raw={},
+    obs_dim=2, action_dim=1, horizon=3, replay_window=5, max_tokens_per_step=2, max_message_bytes=1 << 20, raw={}
 )
+QUICK = Patience(attempt_timeout=0.01, total=60.0, backoff=0.0)  # no real waiting: the flows only yield Sleep
 
 
 def drive(flow, respond: Callable[[Any], dict[str, Any]]) -> tuple[Any, list[Any]]:
@@ -34,106 +28,92 @@ def drive(flow, respond: Callable[[Any], dict[str, Any]]) -> tuple[Any, list[Any
             return stop.value, commands
         commands.append(command)
         try:
-            outcome, resume = (None if command is RECONNECT else respond(command)), flow.send
+            outcome, resume = (None if isinstance(command, Sleep) else respond(command)), flow.send
         except RequestTimeout as exc:
             outcome, resume = exc, flow.throw
 
 
-def error(code: str) -> dict[str, Any]:
-    return {"v": 1, "id": None, "ok": False, "error": {"code": code, "message": "m"}}
-
-
-def test_a_timeout_reconnects_and_retries() -> None:
-    replies = iter([RequestTimeout("lost"), ok_reply(1, {"x": 1})])
+def scripted(replies: list[Any]) -> Callable[[Any], dict[str, Any]]:
+    it: Iterator[Any] = iter(replies)
 
     def respond(_: Any) -> dict[str, Any]:
-        reply = next(replies)
+        reply = next(it)
         if isinstance(reply, Exception):
             raise reply
         return reply
 
-    result, commands = drive(call(request("hello"), retries=1), respond)
-    assert result == {"x": 1}
-    assert [c if c is RECONNECT else c["kind"] for c in commands] == ["hello", RECONNECT, "hello"]
+    return respond
 
 
-def test_retries_run_out() -> None:
-    def respond(_: Any) -> dict[str, Any]:
-        raise RequestTimeout("down")
-
-    with pytest.raises(RequestTimeout):
-        drive(call(request("hello"), retries=2), respond)
+def kinds(commands: list[Any]) -> list[str]:
+    return ["sleep" if isinstance(c, Sleep) else c["kind"] for c in commands]
 
 
-def test_other_errors_are_not_retried() -> None:
-    sent = []
-
-    def respond(command: Any) -> dict[str, Any]:
-        sent.append(command)
-        return error("bad_shape")
-
-    with pytest.raises(ServerError) as info:
-        drive(call(request("hello"), retries=3), respond)
-    assert info.value.code == "bad_shape" and len(sent) == 1
-
-
-def test_unknown_session_restores_the_session_then_retries() -> None:
-    log = SessionLog("s1", seed=11, window=INFO.replay_window, max_tokens_per_step=INFO.max_tokens_per_step)
-    history = np.arange(14, dtype=np.float32).reshape(7, 2)  # 7 tokens, 5 of them in the replay window
-    log.record(history[:3], act=True)
-    log.record(history[3:], act=True)
-    restarted = {"done": False}
-
-    def respond(command: dict[str, Any]) -> dict[str, Any]:
-        if command["kind"] == "open":
-            restarted["done"] = True
-            return ok_reply(None, {"session": "s1", "seed": 11})
-        if not restarted["done"]:
-            return error("unknown_session")
-        return ok_reply(None, {"actions": np.zeros((3, 1), np.float32) if command["act"] else None})
-
-    new = np.array([[100.0, 101.0]], np.float32)
-    actions, commands = drive(step_flow(log, INFO, new, True, retries=2), respond)
-    assert actions.shape == (3, 1)
-    kinds = [c["kind"] for c in commands]
-    assert kinds == ["step", "open", "step", "step", "step", "step"]
-    assert commands[1]["seed"] == 11 and commands[1]["steps"] == 2  # the noise sequence continues
-    replay = commands[2:5]
-    assert all(c["act"] is False for c in replay)
-    assert [len(c["obs"]) for c in replay] == [2, 2, 1]  # chunks of at most max_tokens_per_step
-    np.testing.assert_array_equal(np.concatenate([c["obs"] for c in replay]), history[-5:])
-    np.testing.assert_array_equal(commands[5]["obs"], new)
-    assert log.steps == 3  # the retried step counted once
-
-
-def test_a_superseded_step_records_its_tokens_but_no_control_step() -> None:
-    log = SessionLog("s", seed=0, window=5, max_tokens_per_step=2)
-    out, _ = drive(
-        step_flow(log, INFO, np.ones(2, np.float32), True, retries=0),
-        lambda c: ok_reply(None, {"actions": None, "superseded": True}),
+def test_a_timeout_backs_off_and_retries() -> None:
+    result, commands = drive(
+        call(request("hello"), patience=QUICK, what="hello", endpoint="e"),
+        scripted([RequestTimeout("lost"), ok_reply(1, {"x": 1})]),
     )
-    assert out is None and log.steps == 0 and len(log.restore_requests()) == 2  # open + one replay chunk
+    assert result == {"x": 1} and kinds(commands) == ["hello", "sleep", "hello"]
 
 
-def test_a_malformed_action_chunk_is_an_error_not_a_result() -> None:
-    log = SessionLog("s", seed=0, window=5, max_tokens_per_step=2)
-    with pytest.raises(ServerError, match="actions of shape"):
+def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
+    patience = Patience(backoff=0.1, max_backoff=1.0, jitter=0.5)
+    delays = [patience.delay(k) for k in range(1, 8)]
+    assert all(0.05 <= d <= 0.1 for d in delays[:1]) and all(0.5 <= d <= 1.0 for d in delays[4:])
+    assert Patience().total >= 20.0  # the default covers a daemon restart
+
+
+def test_giving_up_names_the_call_the_endpoint_and_the_time_waited() -> None:
+    with pytest.raises(RequestTimeout, match=r"session 's': step: no reply from tcp://x:1 in .* s \(3 attempts"):
         drive(
-            step_flow(log, INFO, np.ones(2, np.float32), True, retries=0),
-            lambda c: ok_reply(None, {"actions": np.zeros((2, 1))}),
+            call(
+                request("hello"),
+                patience=Patience(retries=2, backoff=0),
+                what="session 's': step",
+                endpoint="tcp://x:1",
+            ),
+            scripted([RequestTimeout("a")] * 3),
         )
 
 
-@pytest.mark.parametrize(
-    "obs, exc",
-    [
-        (np.ones(3, np.float32), ValueError),
-        (np.ones((1, 1, 2)), ValueError),
-        (np.ones(2, np.int64), TypeError),
-        (np.ones((0, 2)), ValueError),
-    ],
-)
-def test_observations_are_checked_before_sending(obs: np.ndarray, exc: type) -> None:
-    log = SessionLog("s", seed=0, window=5, max_tokens_per_step=2)
-    with pytest.raises(exc, match="obs"):
-        drive(step_flow(log, INFO, obs, True, retries=0), lambda c: pytest.fail("sent"))
+def test_busy_is_retried_with_the_same_sequence_number() -> None:
+    log = SessionLog("s", "tok", seed=1, window=5)
+    chunk = np.zeros((3, 1), np.float32)
+    busy = error_reply(1, ErrorCode.BUSY, "slow down")
+    _, commands = drive(
+        step_flow(log, INFO, np.ones(2, np.float32), True, QUICK, "e"),
+        scripted([busy, ok_reply(2, {"actions": chunk, "seq": 1})]),
+    )
+    steps = [c for c in commands if not isinstance(c, Sleep)]
+    assert [c["seq"] for c in steps] == [1, 1] and all(c["token"] == "tok" for c in steps)
+    assert log.seq == 1
+
+
+def test_an_unknown_session_is_restored_in_one_request_then_the_step_retried_with_its_seq() -> None:
+    log = SessionLog("s", "tok", seed=9, window=5)
+    for t in range(7):  # more tokens than the window keeps
+        log.record(t + 1, np.full((1, 2), float(t), np.float32), acted=t % 2 == 0)
+    chunk = np.zeros((3, 1), np.float32)
+    replies = [error_reply(1, ErrorCode.UNKNOWN_SESSION, "restarted"), ok_reply(2, {}), ok_reply(3, {"actions": chunk})]
+    actions, commands = drive(step_flow(log, INFO, np.ones(2, np.float32), True, QUICK, "e"), scripted(replies))
+    assert actions is chunk
+    step, _, restore, retry = commands
+    assert restore["kind"] == "open" and restore["token"] == "tok" and restore["seed"] == 9
+    assert restore["steps"] == 4 and restore["seq"] == 7
+    np.testing.assert_array_equal(restore["replay"][:, 0], [2, 3, 4, 5, 6])  # the last 5 tokens, in order
+    assert step["seq"] == retry["seq"] == 8
+
+
+def test_errors_that_retrying_cannot_fix_are_raised_at_once() -> None:
+    log = SessionLog("s", "tok", seed=1, window=5)
+    with pytest.raises(ServerError, match="bad_shape"):
+        drive(
+            step_flow(log, INFO, np.ones(2, np.float32), True, QUICK, "e"),
+            scripted([error_reply(1, ErrorCode.BAD_SHAPE, "no")]),
+        )
+
+
+def test_a_seed_that_cannot_go_on_the_wire_is_refused_locally() -> None:
+    with pytest.raises(ValueError, match="seed"):
+        drive(open_flow(INFO, "s", 2**70, False, QUICK, "e"), lambda c: pytest.fail("sent"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from streamtx.apps.served_policy import TorchBatchPolicy
 from streamtx_server import Server, ServerConfig
 
 
@@ -26,9 +27,11 @@ def test_bad_config(kwargs: dict, name: str) -> None:
 @pytest.mark.parametrize("endpoints", ["tcp://127.0.0.1:5555", [], ["localhost:5555"]])
 def test_bad_endpoints(policy, endpoints) -> None:
     with pytest.raises(ValueError, match="endpoints"):
-        Server(policy, endpoints)
+        Server(TorchBatchPolicy(policy), endpoints)
 
 
 def test_the_policy_caps_tokens_per_step(policy) -> None:
-    server = Server(policy, ["inproc://unused"], ServerConfig(max_sessions=1, max_tokens_per_step=1000))
+    server = Server(
+        TorchBatchPolicy(policy), ["inproc://unused"], ServerConfig(max_sessions=1, max_tokens_per_step=1000)
+    )
     assert server.config.max_tokens_per_step == policy.max_tokens_per_step

@@ -30,7 +30,7 @@ def test_curve_daemon_refuses_clients_without_its_key(checkpoint: Path, tmp_path
         with Client(endpoint, timeout=0.5, retries=0, server_key=wrong_key) as impostor, pytest.raises(RequestTimeout):
             impostor.hello()
         with Client(endpoint, timeout=20.0, retries=0, server_key=public) as client:
-            assert client.hello()["protocol"] == 1
+            assert client.hello()["protocol"] == 2
             with client.open(seed=0) as session:
                 assert session.step(np.full(4, 0.1)).shape == (4, 2)  # the random checkpoint's (horizon, action_dim)
         assert stats_main([endpoint, "--timeout=20", f"--server-key={public}"]) == 0
@@ -65,7 +65,7 @@ def test_listed_clients_only(policy, tmp_path: Path) -> None:
         with Client(
             server.bound[0], timeout=20.0, retries=0, server_key=public, client_keys=keys / "client0.key_secret"
         ) as admitted:
-            assert admitted.hello()["protocol"] == 1
+            assert admitted.hello()["protocol"] == 2
     finally:
         stop_server(server, thread)
         context.term()

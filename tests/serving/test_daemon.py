@@ -63,7 +63,7 @@ def test_sixteen_concurrent_sessions_match_each_session_alone(daemon, policy) ->
 def test_hello_describes_the_policy_and_the_limits(daemon, policy) -> None:
     with Client(daemon.endpoints[1], timeout=20.0) as client:
         hello = client.hello()
-    assert hello["protocol"] == 1
+    assert hello["protocol"] == 2 and hello["versions"] == [2]
     assert hello["policy"]["metadata"] == policy.metadata()
     assert hello["policy"]["replay_window"] == policy.receptive_field == policy.model.receptive_field()
     assert hello["limits"] == {
@@ -71,6 +71,9 @@ def test_hello_describes_the_policy_and_the_limits(daemon, policy) -> None:
         "max_array_elements": 4096,
         "max_sessions": 24,
         "max_tokens_per_step": MAX_TOKENS,
+        "max_queued_per_session": 16,
+        "max_obs_abs": 1e6,
+        "idle_timeout": 30.0,
     }
 
 

@@ -37,6 +37,7 @@ class GatedPolicy:
         self.acting = threading.Event()  # set while a gated act waits
         self.release = threading.Event()
         self.fail = False
+        self.nan_next_act = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._policy, name)
@@ -48,7 +49,11 @@ class GatedPolicy:
             self.gate_next_act = False
             self.acting.set()
             assert self.release.wait(20.0)
-        return self._policy.act(state, rows)
+        actions = self._policy.act(state, rows)
+        if self.nan_next_act:
+            self.nan_next_act = False
+            actions = torch.full_like(actions, float("nan"))
+        return actions
 
 
 @pytest.fixture
@@ -115,7 +120,7 @@ def test_control_requests_wait_for_every_queued_step(policy) -> None:
         gated.release.set()
         stop_server(server, thread)
     assert [replies[i]["result"]["tokens"] for i in ids[:6]] == [1, 2, 3, 4, 5, 6]
-    assert replies[ids[6]]["result"] == {"seed": 2}
+    assert replies[ids[6]]["result"] == {"seed": 2, "seq": 7}
     assert replies[ids[7]]["result"]["tokens"] == 1  # after the reset, not before it
 
 
@@ -158,7 +163,7 @@ def test_idle_sessions_expire_and_free_their_slot(served, policy) -> None:
     with RawPeer(endpoint) as peer:
         for i in range(4):
             assert peer.request("open", session=f"idle-{i}")["ok"]
-        assert error_code(peer.request("open", session="one-too-many")) == "too_many_sessions"
+        assert error_code(peer.request("open", session="one-too-many")) == "full"
         time.sleep(0.8)  # idle_timeout 0.3 s
         assert error_code(peer.request("step", session="idle-0", obs=np.ones(policy.obs_dim))) == "unknown_session"
         assert peer.request("open", session="fresh")["ok"]
@@ -201,3 +206,16 @@ def test_async_client_sessions_survive_a_daemon_restart(policy, tmp_path: Path) 
     assert len(servers) == 2
     for i, script in enumerate(scripts):
         assert_same_actions(got[i], reference_run(policy, 30 + i, script))
+
+
+def test_non_finite_actions_never_leave_as_success_and_the_session_is_reset(served, policy) -> None:
+    _, gated, endpoint, _ = served
+    obs = np.ones((1, policy.obs_dim), np.float32)
+    with RawPeer(endpoint) as peer:
+        assert peer.request("open", session="p", seed=1)["ok"]
+        gated.nan_next_act = True
+        reply = peer.request("step", session="p", obs=obs)
+        assert error_code(reply) == "poisoned" and "reset" in reply["error"]["message"]
+        assert peer.request("resync", session="p")["result"]["tokens"] == 0  # the poisoned state is gone
+        after = peer.request("step", session="p", obs=obs)["result"]
+    assert after["tokens"] == 1 and np.isfinite(after["actions"]).all()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from streamtx_client.errors import ErrorCode, ProtocolError
-from streamtx_client.protocol import ARRAY_EXT, decode, encode
+from streamtx_client.protocol import ARRAY_EXT, BadArray, decode, encode
 
 DTYPES = [
     "bool",
@@ -58,6 +58,15 @@ def test_unencodable_values_raise_type_error(value: object) -> None:
         encode({"x": value})
 
 
+def _decode_strictly(data: bytes, **limits: int) -> dict:
+    """decode, raising the error of a bad array that decode kept in place (so the reply could carry the id)."""
+    message = decode(data, **limits)
+    for value in message.values():
+        if isinstance(value, BadArray):
+            raise value.error
+    return message
+
+
 def _ext(dtype: object, shape: object, raw: object) -> bytes:
     return msgpack.packb({"a": msgpack.ExtType(ARRAY_EXT, msgpack.packb([dtype, shape, raw]))})
 
@@ -84,8 +93,14 @@ def _ext(dtype: object, shape: object, raw: object) -> bytes:
 )
 def test_malformed_messages_are_refused_with_a_code(data: bytes, code: ErrorCode) -> None:
     with pytest.raises(ProtocolError) as info:
-        decode(data)
+        _decode_strictly(data)
     assert info.value.code is code
+
+
+def test_a_bad_array_keeps_the_message_id_readable() -> None:
+    message = decode(msgpack.packb({"id": 3, "a": msgpack.ExtType(ARRAY_EXT, msgpack.packb(["|O", [1], b"\0" * 8]))}))
+    assert message["id"] == 3 and isinstance(message["a"], BadArray)
+    assert message["a"].error.code is ErrorCode.BAD_DTYPE
 
 
 def test_size_limits() -> None:
@@ -95,11 +110,11 @@ def test_size_limits() -> None:
         decode(message, max_bytes=len(message) - 1)
     assert info.value.code is ErrorCode.MESSAGE_TOO_LARGE
     with pytest.raises(ProtocolError) as info:
-        decode(message, max_array_elements=99)
+        _decode_strictly(message, max_array_elements=99)
     assert info.value.code is ErrorCode.ARRAY_TOO_LARGE
     # a huge claimed shape is refused from the header, before any bytes are trusted
     with pytest.raises(ProtocolError) as info:
-        decode(_ext("<f8", [1 << 40], b""), max_array_elements=1 << 20)
+        _decode_strictly(_ext("<f8", [1 << 40], b""), max_array_elements=1 << 20)
     assert info.value.code is ErrorCode.ARRAY_TOO_LARGE
 
 

@@ -30,7 +30,8 @@ OBS_DIM = 4  # the random checkpoint's
 
 
 def _step(session: str, obs: Any, **extra: Any) -> bytes:
-    return encode({"v": 1, "id": 5, "kind": "step", "session": session, "obs": obs, **extra})
+    fields = {"token": f"token-{session}", "seq": 1, **extra}  # RawPeer's token for the session; its next seq
+    return encode({"v": 2, "id": 5, "kind": "step", "session": session, "obs": obs, **fields})
 
 
 def _raw_array(dtype: str, shape: list[int], raw: bytes) -> msgpack.ExtType:
@@ -48,10 +49,10 @@ BAD_INPUT: dict[str, tuple[Callable[[str], list[bytes]], str]] = {
     "truncated msgpack": (lambda s: [_step(s, _ok_obs())[:-7]], "bad_message"),
     "not a map": (lambda s: [msgpack.packb(["step", s])], "bad_message"),
     "two frames": (lambda s: [b"a", b"b"], "bad_message"),
-    "wrong version": (lambda s: [encode({"v": 99, "id": 5, "kind": "hello"})], "bad_version"),
-    "wrong kind": (lambda s: [encode({"v": 1, "id": 5, "kind": "explode"})], "unknown_kind"),
+    "wrong version": (lambda s: [encode({"v": 99, "id": 5, "kind": "hello"})], "unsupported_version"),
+    "wrong kind": (lambda s: [encode({"v": 2, "id": 5, "kind": "explode"})], "unknown_kind"),
     "unknown field": (
-        lambda s: [encode({"v": 1, "id": 5, "kind": "close", "session": s, "force": True})],
+        lambda s: [encode({"v": 2, "id": 5, "kind": "close", "session": s, "token": f"token-{s}", "force": True})],
         "bad_argument",
     ),
     "obs not an array": (lambda s: [_step(s, [1.0, 2.0, 3.0, 4.0])], "bad_argument"),
@@ -61,7 +62,15 @@ BAD_INPUT: dict[str, tuple[Callable[[str], list[bytes]], str]] = {
     "object dtype": (
         lambda s: [
             msgpack.packb(
-                {"v": 1, "id": 5, "kind": "step", "session": s, "obs": _raw_array("|O", [1, OBS_DIM], b"\0" * 32)}
+                {
+                    "v": 2,
+                    "id": 5,
+                    "kind": "step",
+                    "session": s,
+                    "token": "t",
+                    "seq": 1,
+                    "obs": _raw_array("|O", [1, OBS_DIM], b"\0" * 32),
+                }
             )
         ],
         "bad_dtype",
@@ -69,21 +78,37 @@ BAD_INPUT: dict[str, tuple[Callable[[str], list[bytes]], str]] = {
     "bytes disagree with shape": (
         lambda s: [
             msgpack.packb(
-                {"v": 1, "id": 5, "kind": "step", "session": s, "obs": _raw_array("<f4", [1, OBS_DIM], b"\0" * 12)}
+                {
+                    "v": 2,
+                    "id": 5,
+                    "kind": "step",
+                    "session": s,
+                    "token": "t",
+                    "seq": 1,
+                    "obs": _raw_array("<f4", [1, OBS_DIM], b"\0" * 12),
+                }
             )
         ],
         "bad_message",
     ),
     "NaN": (lambda s: [_step(s, np.array([[0.0, np.nan, 0.0, 0.0]], np.float32))], "non_finite"),
+    # finite in float64, infinite after the cast to the model's float32: checked after the cast
+    "huge float64": (lambda s: [_step(s, np.array([[1e300, 0.0, 0.0, 0.0]], np.float64))], "non_finite"),
+    "over the magnitude limit": (lambda s: [_step(s, np.array([[1e30, 0.0, 0.0, 0.0]], np.float32))], "non_finite"),
     "Inf": (lambda s: [_step(s, np.array([[np.inf, 0.0, 0.0, 0.0]], np.float64))], "non_finite"),
     "too many tokens": (lambda s: [_step(s, _ok_obs(MAX_TOKENS + 1))], "too_many_tokens"),
     "array too large": (lambda s: [_step(s, np.ones((1, 5000), np.float32))], "array_too_large"),
     "message too large": (
-        lambda s: [encode({"v": 1, "id": 5, "kind": "hello", "pad": b"x" * 70_000})],
+        lambda s: [encode({"v": 2, "id": 5, "kind": "hello", "pad": b"x" * 70_000})],
         "message_too_large",
     ),
     "unknown session": (lambda s: [_step("no-such-session", _ok_obs())], "unknown_session"),
-    "bad seed": (lambda s: [encode({"v": 1, "id": 5, "kind": "reset", "session": s, "seed": "7"})], "bad_argument"),
+    "bad seed": (
+        lambda s: [
+            encode({"v": 2, "id": 5, "kind": "reset", "session": s, "token": f"token-{s}", "seq": 1, "seed": "7"})
+        ],
+        "bad_argument",
+    ),
 }
 
 
@@ -140,7 +165,7 @@ def test_session_limit(daemon) -> None:
                 if not reply["ok"]:
                     break
                 opened.append(f"fill-{i}")
-            assert error_code(reply) == "too_many_sessions"
+            assert error_code(reply) == "full"
         finally:
             for session in opened:
                 assert peer.request("close", session=session)["ok"]
@@ -150,7 +175,7 @@ def test_session_limit(daemon) -> None:
 
 def test_req_sockets_with_an_empty_delimiter_are_served(daemon) -> None:
     with RawPeer(daemon.endpoints[0]) as peer:
-        peer.send(b"", encode({"v": 1, "id": 9, "kind": "hello"}))
+        peer.send(b"", encode({"v": 2, "id": 9, "kind": "hello"}))
         delimiter, body = peer.socket.recv_multipart() if peer.socket.poll(20_000) else pytest.fail("no reply")
         assert delimiter == b"" and msgpack.unpackb(body)["id"] == 9
 
@@ -165,7 +190,7 @@ def test_a_client_that_disconnects_mid_request(daemon, policy) -> None:
     gone.socket.close(linger=2000)  # sent, then gone before the reply: the daemon must shrug it off
     time.sleep(0.2)
     with RawPeer(daemon.endpoints[0]) as peer:
-        reply = peer.request("step", session=session, obs=obs[1][0])
+        reply = peer.request("step", session=session, obs=obs[1][0], seq=2)  # seq 1 went with the orphan
         assert reply["ok"] and reply["result"]["tokens"] == 2  # the orphaned step did enter the state, in order
         assert peer.request("close", session=session)["ok"]
     assert_same_actions([reply["result"]["actions"]], reference_run(policy, 8, obs)[1:])

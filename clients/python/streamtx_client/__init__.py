@@ -1,6 +1,7 @@
 """streamtx-client: talk to a streamtx daemon from a robot (numpy, pyzmq, msgpack; no torch).
 
 * :class:`Client` / :class:`Session`: blocking; :class:`AsyncClient` / :class:`AsyncSession`: asyncio.
+* :class:`LocalSession`: the same session interface in-process, over any numpy :class:`BatchPolicy`.
 * :class:`ActionChunkBuffer`: one action per control tick from action chunks, with optional temporal ensembling.
 * :mod:`streamtx_client.protocol`: the wire format, shared with the daemon.
 """
@@ -8,8 +9,9 @@
 from .aio import AsyncClient, AsyncSession
 from .chunks import ActionChunkBuffer
 from .client import Client, Session
-from .core import ServerInfo
-from .errors import ErrorCode, ProtocolError, RequestTimeout, ServerError
+from .core import Patience, ServerInfo
+from .errors import RETRYABLE, ErrorCode, ProtocolError, RequestTimeout, ServerError
+from .policy import BatchPolicy, LocalSession, PolicySession
 from .protocol import PROTOCOL_VERSION
 
 __all__ = [
@@ -19,6 +21,11 @@ __all__ = [
     "AsyncSession",
     "ActionChunkBuffer",
     "ServerInfo",
+    "Patience",
+    "BatchPolicy",
+    "PolicySession",
+    "LocalSession",
+    "RETRYABLE",
     "ErrorCode",
     "ProtocolError",
     "RequestTimeout",

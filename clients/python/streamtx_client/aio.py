@@ -6,27 +6,31 @@ import asyncio
 import itertools
 import os
 import uuid
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
+from .client import make_patience
 from .core import (
-    RECONNECT,
+    LEAVING,
     Flow,
+    Patience,
     ServerInfo,
     SessionLog,
     SessionView,
+    Sleep,
     call,
-    check_options,
     close_flow,
     hello_flow,
     open_flow,
     reset_flow,
+    resync_flow,
     step_flow,
 )
-from .errors import ProtocolError, RequestTimeout
+from .errors import ProtocolError, RequestTimeout, ServerError
 from .protocol import decode, request
 from .transport import CurveKeys, connect_dealer, frame_request, load_curve_keys
 
@@ -37,7 +41,7 @@ T = TypeVar("T")
 
 class AsyncClient:
     """asyncio connection to a streamtx daemon; same arguments and behaviour as :class:`streamtx_client.Client`,
-    but many requests (of many sessions) can be in flight at once, matched to their replies by id.
+    but many requests (of many sessions) can be in flight at once on one socket, matched to their replies by id.
 
     Example::
 
@@ -50,18 +54,18 @@ class AsyncClient:
         self,
         endpoint: str,
         *,
-        timeout: float = 1.0,
-        retries: int = 3,
+        timeout: float | None = None,
+        retries: int | None = None,
+        patience: Patience | None = None,
         server_key: str | bytes | os.PathLike[str] | None = None,
         client_keys: str | os.PathLike[str] | None = None,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
-        self.timeout, self.retries = check_options(timeout, retries)
+        self.patience = make_patience(timeout, retries, patience)
         self.endpoint = endpoint
         self._curve: CurveKeys | None = None if server_key is None else load_curve_keys(server_key, client_keys)
         self._context = context or zmq.asyncio.Context.instance()
-        self._socket = connect_dealer(self._context, endpoint, self._curve)
-        self._generation = 0  # bumps on every reconnect; a flow reconnects only the socket it used
+        self._socket: zmq.asyncio.Socket = connect_dealer(self._context, endpoint, self._curve)  # type: ignore[assignment]
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
@@ -72,7 +76,7 @@ class AsyncClient:
 
     async def hello(self) -> dict[str, Any]:
         """Ask the daemon for its description: protocol, policy metadata and dimensions, limits."""
-        self._info = await self._run(hello_flow(self.retries))
+        self._info = await self._run(hello_flow(self.patience, self.endpoint))
         return self._info.raw
 
     async def info(self) -> ServerInfo:
@@ -86,18 +90,23 @@ class AsyncClient:
         return self._info
 
     async def stats(self) -> dict[str, Any]:
-        return await self._run(call(request("stats"), retries=self.retries))
+        return await self._run(call(request("stats"), patience=self.patience, what="stats", endpoint=self.endpoint))
 
-    async def open(self, session_id: str | None = None, *, seed: int | None = None) -> AsyncSession:
+    async def open(
+        self, session_id: str | None = None, *, seed: int | None = None, takeover: bool = False
+    ) -> AsyncSession:
         info = await self.info()
-        log = await self._run(open_flow(info, session_id or uuid.uuid4().hex, seed, self.retries))
-        return AsyncSession(self, log, info)
+        flow = open_flow(info, session_id or uuid.uuid4().hex, seed, takeover, self.patience, self.endpoint)
+        return AsyncSession(self, await self._run(flow), info)
 
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
-        self._fail_waiting("client closed")
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(RequestTimeout(f"request to {self.endpoint} abandoned: client closed"))
+        self._waiting.clear()
         self._socket.close(linger=0)
 
     async def __aenter__(self) -> AsyncClient:
@@ -107,74 +116,52 @@ class AsyncClient:
         await self.close()
 
     def __repr__(self) -> str:
-        return (
-            f"AsyncClient({self.endpoint!r}, timeout={self.timeout}, retries={self.retries}, "
-            f"curve={self._curve is not None})"
-        )
+        return f"AsyncClient({self.endpoint!r}, patience={self.patience}, curve={self._curve is not None})"
 
     # -- I/O
 
-    async def _run(self, flow: Flow[T]) -> T:
+    async def _run(self, flow: Flow[T], patience: Patience | None = None) -> T:
+        attempt_timeout = (patience or self.patience).attempt_timeout
         outcome: Any = None
-        resume = flow.send
-        generation = self._generation
+        resume: Callable[[Any], Any] = flow.send
         while True:
             try:
                 command = resume(outcome)
             except StopIteration as stop:
                 return stop.value
+            if isinstance(command, Sleep):
+                await asyncio.sleep(command.seconds)
+                outcome, resume = None, flow.send
+                continue
             try:
-                if command is RECONNECT:
-                    outcome, resume = self._reconnect(generation), flow.send
-                else:
-                    generation = self._generation
-                    outcome, resume = await self._roundtrip(command), flow.send
+                outcome, resume = await self._roundtrip(command, attempt_timeout), flow.send
             except RequestTimeout as exc:
                 outcome, resume = exc, flow.throw
 
-    def _reconnect(self, generation: int) -> None:
-        if generation != self._generation:
-            return  # another flow already replaced the socket this one timed out on
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
-        # Requests in flight on the old socket can never be answered on the new one: fail them now so their flows
-        # retry at once instead of waiting out their timeouts.
-        self._fail_waiting("reconnected")
-        self._socket.close(linger=0)
-        self._socket = connect_dealer(self._context, self.endpoint, self._curve)
-        self._generation += 1
-
-    def _fail_waiting(self, why: str) -> None:
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(RequestTimeout(f"request to {self.endpoint} abandoned: {why}"))
-        self._waiting.clear()
-
-    async def _roundtrip(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _roundtrip(self, message: dict[str, Any], attempt_timeout: float) -> dict[str, Any]:
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_replies(self._socket))
+            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
         request_id = next(self._ids)
         limit = self._info.max_message_bytes if self._info is not None else None
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
             await self._socket.send(frame_request(message, request_id, limit))
-            return await asyncio.wait_for(future, self.timeout)
+            return await asyncio.wait_for(future, attempt_timeout)
         except asyncio.TimeoutError:
-            raise RequestTimeout(
-                f"no reply from {self.endpoint} within {self.timeout} s to {message.get('kind')!r}"
-            ) from None
+            raise RequestTimeout(f"no reply within {attempt_timeout} s") from None
         finally:
             self._waiting.pop(request_id, None)
 
-    async def _read_replies(self, socket: zmq.asyncio.Socket) -> None:
+    async def _read_replies(self) -> None:
         while True:
             try:
-                reply = decode(await socket.recv())
+                reply = decode(await self._socket.recv())
             except ProtocolError:
                 continue  # not a reply of ours; the request it might answer times out and retries
             rid = reply.get("id")
+            if rid is None and len(self._waiting) == 1:
+                rid = next(iter(self._waiting))  # the daemon could not read the id: with one in flight, it is ours
             future = self._waiting.get(rid) if type(rid) is int else None
             if future is not None and not future.done():
                 future.set_result(reply)
@@ -188,19 +175,33 @@ class AsyncSession(SessionView):
         self._client = client
 
     async def step(self, obs: Any) -> np.ndarray | None:
-        return await self._client._run(step_flow(self._log, self.info, obs, True, self._client.retries))
+        c = self._client
+        return await c._run(step_flow(self._log, self.info, obs, True, c.patience, c.endpoint))
 
     async def observe(self, obs: Any) -> None:
-        await self._client._run(step_flow(self._log, self.info, obs, False, self._client.retries))
+        c = self._client
+        await c._run(step_flow(self._log, self.info, obs, False, c.patience, c.endpoint))
 
     async def reset(self, seed: int | None = None) -> int:
-        return await self._client._run(reset_flow(self._log, seed, self._client.retries))
+        c = self._client
+        return await c._run(reset_flow(self._log, seed, c.patience, c.endpoint))
+
+    async def resync(self) -> dict[str, Any]:
+        c = self._client
+        return await c._run(resync_flow(self._log, c.patience, c.endpoint))
 
     async def close(self) -> None:
-        await self._client._run(close_flow(self._log, self._client.retries))
+        c = self._client
+        await c._run(close_flow(self._log, c.patience, c.endpoint))
 
     async def __aenter__(self) -> AsyncSession:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            await self.close()
+            return
+        try:  # leaving on the user's error: one short try, never a second error chained to theirs
+            await self._client._run(close_flow(self._log, LEAVING, self._client.endpoint), LEAVING)
+        except (RequestTimeout, ServerError):
+            pass

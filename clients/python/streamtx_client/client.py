@@ -6,32 +6,46 @@ import itertools
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numpy as np
 import zmq
 
 from .core import (
-    RECONNECT,
+    LEAVING,
     Flow,
+    Patience,
     ServerInfo,
     SessionLog,
     SessionView,
+    Sleep,
     call,
-    check_options,
     close_flow,
     hello_flow,
     open_flow,
     reset_flow,
+    resync_flow,
     step_flow,
 )
-from .errors import RequestTimeout
+from .errors import RequestTimeout, ServerError
 from .protocol import decode, request
 from .transport import CurveKeys, connect_dealer, frame_request, load_curve_keys
 
-__all__ = ["Client", "Session"]
+__all__ = ["Client", "Session", "make_patience"]
 
 T = TypeVar("T")
+
+
+def make_patience(timeout: float | None, retries: int | None, patience: Patience | None) -> Patience:
+    """``patience`` as given, else the default with ``timeout`` per attempt and at most ``retries`` retries."""
+    if patience is not None:
+        if timeout is not None or retries is not None:
+            raise ValueError("timeout, retries: pass either them or patience, not both")
+        return patience
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+    return Patience(attempt_timeout=1.0 if timeout is None else float(timeout), retries=retries)
 
 
 class Client:
@@ -39,12 +53,16 @@ class Client:
 
     Args:
         endpoint: ``"tcp://host:port"`` or ``"ipc:///path"``.
-        timeout: seconds to wait for each reply.
-        retries: failures (timeouts, a restarted daemon) survived per call by reconnecting, re-opening the session
-            and replaying its recent observations; 0 turns automatic reconnect off.
+        timeout: seconds to wait for each attempt's reply (default 1).
+        retries: most retries per call (default: as many as fit in the patience's 30 s total; 0: one attempt).
+        patience: the whole retry policy instead (:class:`~streamtx_client.core.Patience`).
         server_key: the daemon's CURVE public key (Z85 text or its ``.key`` file) when it requires CURVE.
         client_keys: this client's ``.key_secret`` file, when the daemon only admits listed clients.
         context: the ZeroMQ context (default: the process-wide one).
+
+    A call retries timeouts, ``busy`` and ``full`` with exponential backoff and jitter, and rebuilds a session that
+    a restarted daemon lost (re-open, replay of its receptive field); steps carry sequence numbers, so nothing is
+    applied twice.
 
     Example::
 
@@ -56,13 +74,14 @@ class Client:
         self,
         endpoint: str,
         *,
-        timeout: float = 1.0,
-        retries: int = 3,
+        timeout: float | None = None,
+        retries: int | None = None,
+        patience: Patience | None = None,
         server_key: str | bytes | os.PathLike[str] | None = None,
         client_keys: str | os.PathLike[str] | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
-        self.timeout, self.retries = check_options(timeout, retries)
+        self.patience = make_patience(timeout, retries, patience)
         self.endpoint = endpoint
         self._curve: CurveKeys | None = None if server_key is None else load_curve_keys(server_key, client_keys)
         self._context = context or zmq.Context.instance()
@@ -74,7 +93,7 @@ class Client:
 
     def hello(self) -> dict[str, Any]:
         """Ask the daemon for its description: protocol, policy metadata and dimensions, limits."""
-        self._info = self._run(hello_flow(self.retries))
+        self._info = self._run(hello_flow(self.patience, self.endpoint))
         return self._info.raw
 
     def info(self) -> ServerInfo:
@@ -86,13 +105,14 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """Per-stage latency percentiles, batch sizes, sessions and counters of the daemon."""
-        return self._run(call(request("stats"), retries=self.retries))
+        return self._run(call(request("stats"), patience=self.patience, what="stats", endpoint=self.endpoint))
 
-    def open(self, session_id: str | None = None, *, seed: int | None = None) -> Session:
-        """Open a session (one robot stream). Re-opening an existing id restarts it. ``seed`` fixes the policy's
-        sampling noise (the daemon draws one when None; ``session.seed`` tells which)."""
+    def open(self, session_id: str | None = None, *, seed: int | None = None, takeover: bool = False) -> Session:
+        """Open a session (one robot stream). ``seed`` fixes the policy's sampling noise (the daemon draws one when
+        None; ``session.seed`` tells which). An id that is open elsewhere is refused (``not_owner``) unless
+        ``takeover``."""
         info = self.info()
-        log = self._run(open_flow(info, session_id or uuid.uuid4().hex, seed, self.retries))
+        log = self._run(open_flow(info, session_id or uuid.uuid4().hex, seed, takeover, self.patience, self.endpoint))
         return Session(self, log, info)
 
     def close(self) -> None:
@@ -105,41 +125,42 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        curve = self._curve is not None
-        return f"Client({self.endpoint!r}, timeout={self.timeout}, retries={self.retries}, curve={curve})"
+        return f"Client({self.endpoint!r}, patience={self.patience}, curve={self._curve is not None})"
 
     # -- I/O
 
-    def _run(self, flow: Flow[T]) -> T:
+    def _run(self, flow: Flow[T], patience: Patience | None = None) -> T:
+        attempt_timeout = (patience or self.patience).attempt_timeout
         outcome: Any = None
-        resume = flow.send
+        resume: Callable[[Any], Any] = flow.send
         while True:
             try:
                 command = resume(outcome)
             except StopIteration as stop:
                 return stop.value
+            if isinstance(command, Sleep):
+                time.sleep(command.seconds)
+                outcome, resume = None, flow.send
+                continue
             try:
-                outcome, resume = self._execute(command), flow.send
+                outcome, resume = self._roundtrip(command, attempt_timeout), flow.send
             except RequestTimeout as exc:
                 outcome, resume = exc, flow.throw
 
-    def _execute(self, command: Any) -> dict[str, Any] | None:
-        if command is RECONNECT:
-            self._socket.close(linger=0)
-            self._socket = connect_dealer(self._context, self.endpoint, self._curve)
-            return None
+    def _roundtrip(self, command: dict[str, Any], attempt_timeout: float) -> dict[str, Any]:
         request_id = next(self._ids)
         limit = self._info.max_message_bytes if self._info is not None else None
         self._socket.send(frame_request(command, request_id, limit))
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + attempt_timeout
         while (remaining := deadline - time.monotonic()) > 0:
-            if not self._socket.poll(remaining * 1000.0, zmq.POLLIN):
+            if not self._socket.poll(max(1, round(remaining * 1000.0)), zmq.POLLIN):
                 break
             reply = decode(self._socket.recv())
-            # id None: the daemon could not read our request's id; with one request in flight it is ours.
+            # id None: the daemon could not read our request's id; with one request in flight it is ours. Other
+            # ids are late replies to abandoned attempts: dropped.
             if reply.get("id") in (request_id, None):
                 return reply
-        raise RequestTimeout(f"no reply from {self.endpoint} within {self.timeout} s to {command.get('kind')!r}")
+        raise RequestTimeout(f"no reply within {attempt_timeout} s")
 
 
 class Session(SessionView):
@@ -152,21 +173,36 @@ class Session(SessionView):
     def step(self, obs: Any) -> np.ndarray | None:
         """Feed observation token(s) ``(obs_dim,)`` or ``(S, obs_dim)`` and get the action chunk
         ``(horizon, action_dim)``."""
-        return self._client._run(step_flow(self._log, self.info, obs, True, self._client.retries))
+        c = self._client
+        return c._run(step_flow(self._log, self.info, obs, True, c.patience, c.endpoint))
 
     def observe(self, obs: Any) -> None:
         """Feed observation token(s) without asking for actions (control steps between chunks)."""
-        self._client._run(step_flow(self._log, self.info, obs, False, self._client.retries))
+        c = self._client
+        c._run(step_flow(self._log, self.info, obs, False, c.patience, c.endpoint))
 
     def reset(self, seed: int | None = None) -> int:
         """Forget this stream's past (new episode); returns the new seed."""
-        return self._client._run(reset_flow(self._log, seed, self._client.retries))
+        c = self._client
+        return c._run(reset_flow(self._log, seed, c.patience, c.endpoint))
+
+    def resync(self) -> dict[str, Any]:
+        """What the daemon holds of this session: ``seq`` (last applied step), ``tokens``, ``steps``."""
+        c = self._client
+        return c._run(resync_flow(self._log, c.patience, c.endpoint))
 
     def close(self) -> None:
-        self._client._run(close_flow(self._log, self._client.retries))
+        c = self._client
+        c._run(close_flow(self._log, c.patience, c.endpoint))
 
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # leaving on the user's error: one short try, never a second error chained to theirs
+            self._client._run(close_flow(self._log, LEAVING, self._client.endpoint), LEAVING)
+        except (RequestTimeout, ServerError):
+            pass

@@ -1,13 +1,16 @@
 """Client logic without I/O, shared by the blocking and the asyncio client.
 
 Each client operation is a generator (a *flow*) that yields commands and receives their outcome: a request map
-(answered with the reply map, or with :class:`RequestTimeout` thrown in) or :data:`RECONNECT` (drop the socket,
-connect a fresh one). The two clients differ only in how they execute commands, so retry, reconnect and session
-restore are written once, here.
+(answered with the reply map, or with :class:`RequestTimeout` thrown in) or a :class:`Sleep` (the backoff between
+attempts). The two clients differ only in how they execute commands, so retry, backoff and session restore are
+written once, here. Request ids are never reused, so a late reply to an abandoned attempt is simply dropped.
 """
 
 from __future__ import annotations
 
+import random
+import secrets
+import time
 from collections import deque
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
@@ -15,55 +18,83 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .errors import ErrorCode, RequestTimeout, ServerError
+from .errors import RETRYABLE, ErrorCode, RequestTimeout, ServerError
+from .policy import check_seed
 from .protocol import PROTOCOL_VERSION, request
 
 __all__ = [
-    "RECONNECT",
+    "Sleep",
     "Flow",
+    "Patience",
     "ServerInfo",
     "SessionLog",
     "SessionView",
     "call",
-    "check_options",
     "result_of",
     "as_tokens",
     "hello_flow",
     "open_flow",
     "step_flow",
     "reset_flow",
+    "resync_flow",
     "close_flow",
 ]
 
 T = TypeVar("T")
 
 
-class _Reconnect:
-    def __repr__(self) -> str:
-        return "RECONNECT"
+@dataclass(frozen=True)
+class Sleep:
+    """Command: wait ``seconds`` before the next attempt."""
+
+    seconds: float
 
 
-RECONNECT = _Reconnect()
-"""Command: close the socket and connect a fresh one, so a late reply to a lost request can never be mistaken."""
-
-Flow = Generator["dict[str, Any] | _Reconnect", "dict[str, Any] | None", T]
+Flow = Generator["dict[str, Any] | Sleep", "dict[str, Any] | None", T]
 
 
-def check_options(timeout: float, retries: int) -> tuple[float, int]:
-    """Validated client options, shared by the blocking and asyncio clients."""
-    if not timeout > 0:
-        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
-    if not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries: expected an int >= 0, got {retries!r}")
-    return float(timeout), retries
+@dataclass(frozen=True)
+class Patience:
+    """How long a client call keeps trying: each attempt waits ``attempt_timeout`` for its reply; between attempts
+    it backs off exponentially from ``backoff`` up to ``max_backoff`` seconds, each delay scaled by a random factor
+    in ``[1 - jitter, 1]`` (so clients that lost one daemon do not return in lockstep); it gives up after ``total``
+    seconds or ``retries`` retries (None: only ``total`` bounds it). The default's 30 s covers a daemon restart
+    (4-13 s measured on a loaded 2-core machine). A fleet client replaces it (a short total per endpoint, then the
+    next replica)."""
+
+    attempt_timeout: float = 1.0
+    total: float = 30.0
+    retries: int | None = None
+    backoff: float = 0.05
+    max_backoff: float = 2.0
+    jitter: float = 0.5
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("attempt_timeout", "total", "max_backoff"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected seconds > 0, got {getattr(self, name)!r}")
+        if not self.backoff >= 0 or not 0 <= self.jitter <= 1:
+            raise ValueError(f"backoff, jitter: expected >= 0 and in [0, 1], got {self.backoff!r}, {self.jitter!r}")
+        if self.retries is not None and (not isinstance(self.retries, int) or self.retries < 0):
+            raise ValueError(f"retries: expected an int >= 0 or None, got {self.retries!r}")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` (``attempt >= 1`` attempts failed)."""
+        base = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        return base * (1 - self.jitter * self.rng.random())
+
+    def gives_up(self, attempts: int, waited: float) -> bool:
+        return (self.retries is not None and attempts > self.retries) or waited >= self.total
 
 
-def result_of(reply: Mapping[str, Any]) -> dict[str, Any]:
+def result_of(reply: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``result`` of a reply; raises :class:`ServerError` for an error reply."""
-    if reply.get("v") != PROTOCOL_VERSION:
+    if reply is None or reply.get("v") != PROTOCOL_VERSION:
+        version = None if reply is None else reply.get("v")
         raise ServerError(
-            ErrorCode.BAD_VERSION.value,
-            f"reply has protocol version {reply.get('v')!r}, this client speaks {PROTOCOL_VERSION}",
+            ErrorCode.UNSUPPORTED_VERSION.value,
+            f"reply has protocol version {version!r}, this client speaks {PROTOCOL_VERSION}",
         )
     if reply.get("ok") is True and isinstance(reply.get("result"), dict):
         return reply["result"]
@@ -73,29 +104,46 @@ def result_of(reply: Mapping[str, Any]) -> dict[str, Any]:
     raise ServerError(ErrorCode.BAD_MESSAGE.value, f"malformed reply: {dict(reply)!r}")
 
 
-def call(message: dict[str, Any], *, retries: int, session: SessionLog | None = None) -> Flow[dict[str, Any]]:
-    """Send ``message`` and return its result, surviving up to ``retries`` failures.
+def call(
+    message: dict[str, Any], *, patience: Patience, what: str, endpoint: str, session: SessionLog | None = None
+) -> Flow[dict[str, Any]]:
+    """Send ``message`` (the user's call ``what``) and return its result, within ``patience``.
 
-    A timeout means the daemon is gone or slow: reconnect and retry. ``unknown_session`` for a session we hold open
-    means the daemon restarted (or expired the session): retry too. Either way a session's retry first restores it
-    on the daemon (re-open with its id and seed, replay its recent observations), so the retried request meets the
-    state it would have met without the failure.
+    Retried: no reply (the daemon is down, restarting or slow), ``busy``/``full`` (nothing applied: later may work),
+    and ``unknown_session`` for a session we hold open (the daemon restarted or expired it). A session's request is
+    retried with the same sequence number, so a retry of a step the daemon already applied is answered from its
+    reply, never applied twice; after ``unknown_session`` the session is first rebuilt in one request (re-open with
+    its token, seed, step count and sequence number, replaying its receptive field).
     """
-    attempt = 0
+    started, attempts = time.monotonic(), 0
     while True:
         try:
-            if attempt and session is not None:
-                for replay in session.restore_requests():
-                    result_of((yield replay))
+            if session is not None and session.lost:
+                result_of((yield session.restore_request()))
+                session.lost = False
             return result_of((yield message))
         except RequestTimeout:
-            if attempt == retries:
-                raise
-            yield RECONNECT
+            failure: ServerError | None = None
         except ServerError as err:
-            if attempt == retries or session is None or err.code != ErrorCode.UNKNOWN_SESSION.value:
+            if err.code == ErrorCode.UNKNOWN_SESSION.value and session is not None and not session.closed:
+                session.lost = True
+            elif err.code not in RETRYABLE:
                 raise
-        attempt += 1
+            failure = err
+        attempts += 1
+        waited = time.monotonic() - started
+        if patience.gives_up(attempts, waited):
+            if failure is not None:
+                raise ServerError(
+                    failure.code, f"{what}: gave up after {waited:.1f} s, {attempts} attempts: {failure.message}"
+                )
+            raise RequestTimeout(
+                f"{what}: no reply from {endpoint} in {waited:.1f} s ({attempts} attempts of "
+                f"{patience.attempt_timeout:g} s); likely causes: no daemon listening there, a daemon too loaded to "
+                "answer, or (with CURVE) a wrong server key or a client key it does not admit (the daemon logs "
+                "refusals)"
+            )
+        yield Sleep(patience.delay(attempts))
 
 
 @dataclass(frozen=True)
@@ -105,7 +153,6 @@ class ServerInfo:
     obs_dim: int
     action_dim: int
     horizon: int
-    cond_window: int
     replay_window: int
     max_tokens_per_step: int
     max_message_bytes: int
@@ -119,7 +166,6 @@ class ServerInfo:
                 obs_dim=int(policy["obs_dim"]),
                 action_dim=int(policy["action_dim"]),
                 horizon=int(policy["horizon"]),
-                cond_window=int(policy["cond_window"]),
                 replay_window=int(policy["replay_window"]),
                 max_tokens_per_step=int(limits["max_tokens_per_step"]),
                 max_message_bytes=int(limits["max_message_bytes"]),
@@ -146,69 +192,80 @@ class SessionLog:
 
     The daemon's state of a session is a function of its seed, its count of control steps, and its observations
     since the last (re)open or reset, of which only the last ``window`` (the policy's receptive field) matter:
-    re-opening with the seed and the count, then replaying those tokens in order, rebuilds it exactly.
+    re-opening with the seed, the count and the sequence number while replaying those tokens rebuilds it exactly.
     """
 
-    def __init__(self, session_id: str, seed: int, window: int, max_tokens_per_step: int) -> None:
+    def __init__(self, session_id: str, token: str, seed: int, window: int) -> None:
         self.session_id = session_id
+        self.token = token
         self.seed = seed
-        self.max_tokens_per_step = max_tokens_per_step
+        self.seq = 0  # the last step/reset the daemon acknowledged
         self.steps = 0  # control steps (actions computed) since the last open or reset
         self.closed = False
+        self.lost = False  # the daemon forgot the session: restore before the next request
         self.last_timing: dict[str, Any] | None = None  # the daemon's timing of the last step
         self._window: deque[np.ndarray] = deque(maxlen=window)
-
-    def open_request(self) -> dict[str, Any]:
-        return request("open", session=self.session_id, seed=self.seed, steps=self.steps)
 
     def step_request(self, tokens: np.ndarray, act: bool) -> dict[str, Any]:
         if self.closed:
             raise ValueError(f"session {self.session_id!r} is closed")
-        return request("step", session=self.session_id, obs=tokens, act=act)
+        return request("step", session=self.session_id, token=self.token, seq=self.seq + 1, obs=tokens, act=act)
 
-    def record(self, tokens: np.ndarray, act: bool) -> None:
+    def record(self, seq: int, tokens: np.ndarray, acted: bool) -> None:
         """Remember tokens the daemon acknowledged (they entered its state)."""
+        self.seq = seq
         self._window.extend(tokens)
-        self.steps += int(act)
+        self.steps += int(acted)
 
-    def restart(self, seed: int) -> None:
-        """The session was reset: empty past, new seed."""
-        self.seed = seed
-        self.steps = 0
+    def restart(self, seq: int, seed: int) -> None:
+        """The session was reset (or poisoned and reset by the daemon): empty past, new seed."""
+        self.seq, self.seed, self.steps = seq, seed, 0
         self._window.clear()
 
-    def restore_requests(self) -> list[dict[str, Any]]:
-        """Re-open, then replay the remembered window as observe-only steps of at most ``max_tokens_per_step``."""
-        requests = [self.open_request()]
+    def restore_request(self) -> dict[str, Any]:
+        """Re-open with token, seed, step count and sequence number, replaying the remembered window: one request."""
+        fields: dict[str, Any] = {"steps": self.steps, "seq": self.seq}
         if self._window:
-            history = np.stack(self._window)
-            for start in range(0, len(history), self.max_tokens_per_step):
-                chunk = history[start : start + self.max_tokens_per_step]
-                requests.append(request("step", session=self.session_id, obs=chunk, act=False))
-        return requests
+            fields["replay"] = np.stack(self._window)
+        return request("open", session=self.session_id, token=self.token, seed=self.seed, **fields)
 
 
 # Operations, as flows run by either client.
 
 
-def hello_flow(retries: int) -> Flow[ServerInfo]:
-    return ServerInfo.from_hello((yield from call(request("hello"), retries=retries)))
+def hello_flow(patience: Patience, endpoint: str) -> Flow[ServerInfo]:
+    return ServerInfo.from_hello(
+        (yield from call(request("hello"), patience=patience, what="hello", endpoint=endpoint))
+    )
 
 
-def open_flow(info: ServerInfo, session_id: str, seed: int | None, retries: int) -> Flow[SessionLog]:
-    """Open (or restart: ``open`` is idempotent) a session; the daemon picks the seed when ``seed`` is None."""
-    fields: dict[str, Any] = {"session": session_id}
-    if seed is not None:
-        fields["seed"] = seed
-    result = yield from call(request("open", **fields), retries=retries)
-    return SessionLog(session_id, int(result["seed"]), info.replay_window, info.max_tokens_per_step)
+def open_flow(
+    info: ServerInfo, session_id: str, seed: int | None, takeover: bool, patience: Patience, endpoint: str
+) -> Flow[SessionLog]:
+    """Open a session; the daemon picks the seed when ``seed`` is None. The token is made here, so a retried open
+    (its reply lost) is recognised as the same owner's."""
+    fields: dict[str, Any] = {"session": session_id, "token": secrets.token_hex(16), "takeover": takeover}
+    checked = check_seed(seed)
+    if checked is not None:
+        fields["seed"] = checked
+    result = yield from call(request("open", **fields), patience=patience, what="open", endpoint=endpoint)
+    return SessionLog(session_id, str(result["token"]), int(result["seed"]), info.replay_window)
 
 
-def step_flow(log: SessionLog, info: ServerInfo, obs: Any, act: bool, retries: int) -> Flow[np.ndarray | None]:
+def step_flow(
+    log: SessionLog, info: ServerInfo, obs: Any, act: bool, patience: Patience, endpoint: str
+) -> Flow[np.ndarray | None]:
     """Feed observation token(s); with ``act``, return the action chunk ``(horizon, action_dim)`` (None when a newer
     step of the session, pipelined behind this one, superseded it under overload)."""
     tokens = as_tokens(obs, info.obs_dim)
-    result = yield from call(log.step_request(tokens, act), retries=retries, session=log)
+    message = log.step_request(tokens, act)
+    what = f"session {log.session_id!r}: {'step' if act else 'observe'}"
+    try:
+        result = yield from call(message, patience=patience, what=what, endpoint=endpoint, session=log)
+    except ServerError as err:
+        if err.code == ErrorCode.POISONED.value:
+            log.restart(message["seq"], log.seed)
+        raise
     actions = result.get("actions")
     if actions is not None and (
         not isinstance(actions, np.ndarray) or actions.shape != (info.horizon, info.action_dim)
@@ -217,31 +274,45 @@ def step_flow(log: SessionLog, info: ServerInfo, obs: Any, act: bool, retries: i
             ErrorCode.BAD_MESSAGE.value,
             f"step result: expected actions of shape ({info.horizon}, {info.action_dim}), got {actions!r}",
         )
-    log.record(tokens, act=actions is not None)
+    log.record(message["seq"], tokens, acted=actions is not None)
     log.last_timing = result.get("timing")
     return actions
 
 
-def reset_flow(log: SessionLog, seed: int | None, retries: int) -> Flow[int]:
+def reset_flow(log: SessionLog, seed: int | None, patience: Patience, endpoint: str) -> Flow[int]:
     """Forget the session's past on the daemon; returns its new seed."""
-    fields: dict[str, Any] = {"session": log.session_id}
-    if seed is not None:
-        fields["seed"] = seed
-    result = yield from call(request("reset", **fields), retries=retries, session=log)
-    log.restart(int(result["seed"]))
+    fields: dict[str, Any] = {"session": log.session_id, "token": log.token, "seq": log.seq + 1}
+    checked = check_seed(seed)
+    if checked is not None:
+        fields["seed"] = checked
+    what = f"session {log.session_id!r}: reset"
+    result = yield from call(request("reset", **fields), patience=patience, what=what, endpoint=endpoint, session=log)
+    log.restart(fields["seq"], int(result["seed"]))
     return log.seed
 
 
-def close_flow(log: SessionLog, retries: int) -> Flow[None]:
+def resync_flow(log: SessionLog, patience: Patience, endpoint: str) -> Flow[dict[str, Any]]:
+    """What the daemon holds of the session: ``seq`` (last applied), ``accepted_seq``, ``tokens``, ``steps``."""
+    message = request("resync", session=log.session_id, token=log.token)
+    return (yield from call(message, patience=patience, what=f"session {log.session_id!r}: resync", endpoint=endpoint))
+
+
+def close_flow(log: SessionLog, patience: Patience, endpoint: str) -> Flow[None]:
     """Close the session; closing one the daemon already forgot (restart, expiry) is not an error."""
     if log.closed:
         return
     log.closed = True
+    message = request("close", session=log.session_id, token=log.token)
     try:
-        yield from call(request("close", session=log.session_id), retries=retries)
+        yield from call(message, patience=patience, what=f"session {log.session_id!r}: close", endpoint=endpoint)
     except ServerError as err:
         if err.code != ErrorCode.UNKNOWN_SESSION.value:
             raise
+
+
+LEAVING = Patience(attempt_timeout=0.2, total=0.2, retries=0)
+"""Patience of the close when a ``with`` block is left by an exception: one short try, its failure not raised (the
+daemon expires the session anyway), so the user sees their own error, not a second timeout chained to it."""
 
 
 class SessionView:
@@ -259,6 +330,11 @@ class SessionView:
     def seed(self) -> int:
         """The seed of the policy's sampling noise for this session (the daemon's pick if none was given)."""
         return self._log.seed
+
+    @property
+    def token(self) -> str:
+        """The owner's token: a second open of this id is refused unless it carries it."""
+        return self._log.token
 
     @property
     def last_timing(self) -> dict[str, Any] | None:

@@ -1,28 +1,38 @@
-"""Error codes of the wire protocol and the exceptions the client raises."""
+"""Error codes of the wire protocol (one meaning each; docs/protocol.md) and the exceptions the client raises."""
 
 from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["ErrorCode", "ProtocolError", "ServerError", "RequestTimeout"]
+__all__ = ["ErrorCode", "RETRYABLE", "ProtocolError", "ServerError", "RequestTimeout"]
 
 
 class ErrorCode(str, Enum):
     """Codes of error replies; the wire carries ``code.value``."""
 
     BAD_MESSAGE = "bad_message"  # not msgpack, truncated, not a map, malformed array, missing field
-    BAD_VERSION = "bad_version"  # protocol version the daemon does not speak
-    UNKNOWN_KIND = "unknown_kind"  # "kind" is not one of hello/open/step/reset/close/stats
+    UNSUPPORTED_VERSION = "unsupported_version"  # a protocol version this daemon does not speak
+    UNKNOWN_KIND = "unknown_kind"  # "kind" is not one of the protocol's kinds
     BAD_ARGUMENT = "bad_argument"  # a field has the wrong type or value
     BAD_SHAPE = "bad_shape"  # an array has the wrong shape
     BAD_DTYPE = "bad_dtype"  # an array has the wrong dtype
-    NON_FINITE = "non_finite"  # NaN or Inf in an observation
+    NON_FINITE = "non_finite"  # an observation is NaN/Inf or over the magnitude limit in the model's dtype
     MESSAGE_TOO_LARGE = "message_too_large"  # message bytes over the daemon's limit
     ARRAY_TOO_LARGE = "array_too_large"  # array elements over the daemon's limit
     TOO_MANY_TOKENS = "too_many_tokens"  # observation tokens per step over the limit
-    TOO_MANY_SESSIONS = "too_many_sessions"  # every session slot is taken
-    UNKNOWN_SESSION = "unknown_session"  # never opened, closed, or expired
+    UNKNOWN_SESSION = "unknown_session"  # never opened, closed, or expired (or the daemon restarted)
+    NOT_OWNER = "not_owner"  # the session is live and the request does not carry its token
+    OUT_OF_ORDER = "out_of_order"  # a sequence number that is neither the next, in flight, nor the last answered
+    POISONED = "poisoned"  # the policy produced non-finite actions; the session's state was reset
+    BUSY = "busy"  # this session's queue is full: slow down (nothing was applied)
+    FULL = "full"  # no session slot became free within the admission wait
+    MOVED = "moved"  # fleet: the session belongs to another replica (reserved)
+    DRAINING = "draining"  # fleet: this replica admits no new sessions, it is shutting down (reserved)
     INTERNAL = "internal"  # the model raised; the daemon logged it and keeps serving
+
+
+RETRYABLE = frozenset({ErrorCode.BUSY.value, ErrorCode.FULL.value})
+"""Codes a client retries (with backoff) within its patience: nothing was applied, later may succeed."""
 
 
 class ProtocolError(ValueError):
@@ -44,4 +54,4 @@ class ServerError(RuntimeError):
 
 
 class RequestTimeout(TimeoutError):
-    """No reply within the client's timeout, after all retries (daemon down, unreachable, or refusing our keys)."""
+    """No reply within the client's patience (daemon down, unreachable, or refusing this client's CURVE keys)."""

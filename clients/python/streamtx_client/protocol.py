@@ -1,8 +1,8 @@
-"""The wire protocol: msgpack maps with a protocol version, numpy arrays as a msgpack extension type.
+"""The wire protocol (version 2; docs/protocol.md): msgpack maps, numpy arrays as a msgpack extension type.
 
-A request is ``{"v": 1, "id": int, "kind": str, ...fields}``; its one reply is either
-``{"v": 1, "id": int, "ok": True, "result": {...}}`` or ``{"v": 1, "id": int | None, "ok": False,
-"error": {"code": str, "message": str}}`` (``id`` is ``None`` when the request was too broken to read one).
+A request is ``{"v": 2, "id": int, "kind": str, ...fields}``; its one reply is either
+``{"v": 2, "id": int, "ok": True, "result": {...}}`` or ``{"v": 2, "id": int | None, "ok": False,
+"error": {"code": str, "message": str}}`` (``id`` is ``None`` only when the request was not msgpack at all).
 
 An array travels as ``ExtType(ARRAY_EXT, packb([dtype, shape, data]))``: ``dtype`` a numpy type string of a
 little-endian numeric type (``"<f4"``), ``shape`` a list of ints, ``data`` the raw C-order bytes. Decoding validates
@@ -22,7 +22,9 @@ from .errors import ErrorCode, ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
     "ARRAY_EXT",
+    "BadArray",
     "KINDS",
     "ARRAY_DTYPES",
     "encode",
@@ -32,9 +34,10 @@ __all__ = [
     "error_reply",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 ARRAY_EXT = 1
-KINDS = ("hello", "open", "step", "reset", "close", "stats")
+KINDS = ("hello", "open", "step", "reset", "close", "resync", "stats")
 ARRAY_DTYPES = frozenset(
     np.dtype(t).newbyteorder("<").str
     for t in (
@@ -72,6 +75,17 @@ def encode(message: Mapping[str, Any]) -> bytes:
     return msgpack.packb(message, default=_pack_default, use_bin_type=True)
 
 
+class BadArray:
+    """An array extension that failed its checks, kept in place of the array so the rest of the message (its
+    ``id``) still decodes: the reply names the request, and a field check raises ``error``."""
+
+    def __init__(self, error: ProtocolError) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"BadArray({self.error})"
+
+
 def _unpack_array(data: bytes, max_elements: int | None) -> np.ndarray:
     try:
         dtype, shape, raw = msgpack.unpackb(data, raw=False)
@@ -103,20 +117,22 @@ def decode(data: bytes, *, max_bytes: int | None = None, max_array_elements: int
     """Parse one message; raise :class:`ProtocolError` (with the code a reply should carry) if it is not one.
 
     Checks, in order: size (``max_bytes``), msgpack well-formedness (no trailing bytes), a map at the top level,
-    string keys, every array extension (dtype whitelist, shape, ``max_array_elements``, byte count).
+    string keys. Every array extension is checked (dtype whitelist, shape, ``max_array_elements``, byte count);
+    one that fails stays in the map as a :class:`BadArray`, so the error reply can carry the request's ``id``.
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise ProtocolError(ErrorCode.MESSAGE_TOO_LARGE, f"message has {len(data)} bytes, limit is {max_bytes}")
 
-    def ext_hook(code: int, payload: bytes) -> np.ndarray:
+    def ext_hook(code: int, payload: bytes) -> np.ndarray | BadArray:
         if code != ARRAY_EXT:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown msgpack extension type {code}")
-        return _unpack_array(payload, max_array_elements)
+            return BadArray(ProtocolError(ErrorCode.BAD_MESSAGE, f"unknown msgpack extension type {code}"))
+        try:
+            return _unpack_array(payload, max_array_elements)
+        except ProtocolError as err:
+            return BadArray(err)
 
     try:
         message = msgpack.unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=True)
-    except ProtocolError:
-        raise
     except Exception as exc:  # noqa: BLE001 - msgpack raises several types for corrupt input
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a msgpack message: {type(exc).__name__}: {exc}") from None
     if not isinstance(message, dict):
@@ -135,5 +151,8 @@ def ok_reply(request_id: int | None, result: Mapping[str, Any]) -> dict[str, Any
     return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": dict(result)}
 
 
-def error_reply(request_id: int | None, code: ErrorCode, message: str) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": {"code": code.value, "message": message}}
+def error_reply(
+    request_id: int | None, code: ErrorCode, message: str, version: int = PROTOCOL_VERSION
+) -> dict[str, Any]:
+    """An error reply; ``version`` is the request's own (a v1 client reads ``unsupported_version`` in its frame)."""
+    return {"v": version, "id": request_id, "ok": False, "error": {"code": code.value, "message": message}}

@@ -49,9 +49,10 @@ def load_curve_keys(
     if client_keys is None:
         public, secret = zmq.curve_keypair()
     else:
-        public, secret = zmq.auth.load_certificate(Path(os.fsdecode(client_keys)))
-        if secret is None:
+        public, loaded = zmq.auth.load_certificate(Path(os.fsdecode(client_keys)))
+        if loaded is None:
             raise ValueError(f"client_keys: {client_keys!r} holds no secret key (pass the .key_secret file)")
+        secret = loaded
     return CurveKeys(server_public, public, secret)
 
 
