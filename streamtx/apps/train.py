@@ -363,9 +363,9 @@ def _resume_state(path: Path, model: eCondTransformerRegressor) -> dict[str, Any
     state = payload["extra"].get("train_state")
     if state is None:
         raise SystemExit(f"streamtx train: --resume {path} holds no training state (write it with --checkpoint-every)")
-    if payload["config"] != dict(model.config) or payload["model_class"] != type(model).__name__:
+    if payload["config"] != model.config.to_dict() or payload["model_class"] != type(model).__name__:
         raise SystemExit(
             f"streamtx train: --resume {path} is a {payload['model_class']} with {payload['config']}; this run builds "
-            f"a {type(model).__name__} with {dict(model.config)}"
+            f"a {type(model).__name__} with {model.config.to_dict()}"
         )
     return dict(state)
