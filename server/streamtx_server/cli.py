@@ -13,10 +13,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from streamtx_client import Client, RequestTimeout, ServerError
 from streamtx_client.protocol import PROTOCOL_VERSION
 
+from .auth import create_curve_keys, load_server_keys
 from .config import ServerConfig
 from .config_file import add_config_option, parse_args_with_config
+from .daemon import Server
+from .jsonlog import configure_logging, log_event
 
 __all__ = ["serve_main", "stats_main", "keygen_main", "main", "run_server"]
 
@@ -125,8 +129,6 @@ def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
 
 def run_server(policy: Any, endpoints: Sequence[str], config: ServerConfig, *, curve_keys: Path | None = None) -> int:
     """Serve ``policy`` until SIGINT or SIGTERM, then finish the requests in flight and return 0."""
-    from .auth import load_server_keys
-    from .daemon import Server
 
     curve = load_server_keys(curve_keys) if curve_keys is not None else None
     server = Server(policy, endpoints, config, curve=curve)
@@ -147,7 +149,6 @@ serves. The daemon knows no model library; the application that runs it (``strea
 def serve_main(argv: list[str] | None, load_policy: PolicyLoader) -> int:
     """``serve --checkpoint PATH --bind tcp://127.0.0.1:5555 ...`` with the policy that ``load_policy`` makes."""
     args = parse_args_with_config(serve_parser(), argv)
-    from .jsonlog import configure_logging, log_event
 
     log = configure_logging(args.log_level, args.log_format)
     try:
@@ -204,7 +205,6 @@ def stats_main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-keys", help="this client's .key_secret file, if the daemon lists admitted clients")
     p.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
     args = p.parse_args(argv)
-    from streamtx_client import Client, RequestTimeout, ServerError
 
     try:
         with Client(
@@ -224,7 +224,6 @@ def keygen_main(argv: list[str] | None = None) -> int:
     p.add_argument("directory", type=Path)
     p.add_argument("--clients", type=int, default=0, help="also create N admitted client key pairs")
     args = p.parse_args(argv)
-    from .auth import create_curve_keys
 
     public = create_curve_keys(args.directory, clients=args.clients)
     print(f"server public key (give to clients): {public}")

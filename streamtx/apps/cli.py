@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from .. import __version__
 from . import collect, demo, serve, train
 
 __all__ = ["COMMANDS", "main"]
@@ -25,7 +26,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
 def _usage() -> str:
     lines = ["usage: streamtx COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<18} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`streamtx COMMAND --help` shows a command's options."]
+    lines += ["", "`streamtx COMMAND --help` shows a command's options; `streamtx --version` the version."]
     return "\n".join(lines)
 
 
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"streamtx {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
