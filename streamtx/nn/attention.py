@@ -112,12 +112,16 @@ class eMultiheadAttention(nn.Module):
 
     def _fused_qkv(self) -> tuple[Tensor, Tensor | None]:
         (wq, bq), (wk, bk), (wv, bv) = (p.dense() for p in (self.q_proj, self.k_proj, self.v_proj))
-        return torch.cat((wq, wk, wv)), None if bq is None else torch.cat((bq, bk, bv))
+        if bq is None:
+            return torch.cat((wq, wk, wv)), None
+        assert bk is not None and bv is not None  # the three projections share ``bias``
+        return torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv))
 
     def project_self(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention ``x (B, L, E)`` -> encoded ``q, k, v (B, H, L, hd)`` with one fused matmul (the three
         projections' dense weights concatenated and cached, like torch's ``in_proj_weight``)."""
         weight, bias = self._qkv_cache.get((self.q_proj, self.k_proj, self.v_proj), self._fused_qkv)
+        assert weight is not None
         q, k, v = (self._heads(t) for t in F.linear(x, weight, bias).chunk(3, dim=-1))
         return self.positional.encode_query(q, pos), self.positional.encode_key(k, pos), v
 
@@ -279,6 +283,7 @@ class eMultiheadAttention(nn.Module):
         """Encode ``key``/``value (b, S, *)`` (value defaults to key) and write them into the ring; returns their
         positions ``(b, S)``."""
         value = key if value is None else value
+        assert state.window is not None  # init_state always sets it
         per_step = state.cache.capacity - (state.window - 1)
         if key.shape[1] > per_step:
             raise ValueError(
@@ -353,6 +358,7 @@ class eMultiheadAttention(nn.Module):
         xs = x[:, None] if single else x
         if xs.dim() != 3 or xs.shape[-1] != self.embed_dim:
             raise ValueError(f"x: expected (B, {self.embed_dim}) or (B, S, {self.embed_dim}), got {tuple(x.shape)}")
+        assert state.window is not None  # init_state always sets it
         chunk = state.cache.capacity - (state.window - 1)
         outs = []
         for start in range(0, xs.shape[1], chunk):

@@ -78,8 +78,11 @@ class AbsolutePositional(PositionalAttention):
         p = p.repeat_interleave(self.group_order, dim=-1).transpose(1, 2)  # (B, H, L, c * N)
         return x + p.to(x.dtype)
 
-    encode_query = _add
-    encode_key = _add
+    def encode_query(self, q: Tensor, pos: Tensor) -> Tensor:
+        return self._add(q, pos)
+
+    def encode_key(self, k: Tensor, pos: Tensor) -> Tensor:
+        return self._add(k, pos)
 
     def extra_repr(self) -> str:
         return f"num_positions={self.num_positions}, learned={self.learned}"
@@ -112,6 +115,8 @@ class eRoPE(PositionalAttention):
     ``2 pi`` in float64, so streams of any length keep float32 accuracy. Needs an even number of copies per head.
     """
 
+    inv_freq: Tensor  # buffer (c/2,), float64
+
     def __init__(self, num_heads: int, copies_per_head: int, group_order: int, base: float = 10000.0) -> None:
         super().__init__(num_heads, copies_per_head, group_order)
         if copies_per_head % 2:
@@ -130,8 +135,11 @@ class eRoPE(PositionalAttention):
         x1, x2 = x.chunk(2, dim=-1)  # first and second half of the copies
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
-    encode_query = _rotate
-    encode_key = _rotate
+    def encode_query(self, q: Tensor, pos: Tensor) -> Tensor:
+        return self._rotate(q, pos)
+
+    def encode_key(self, k: Tensor, pos: Tensor) -> Tensor:
+        return self._rotate(k, pos)
 
     def extra_repr(self) -> str:
         return f"copies_per_head={self.copies_per_head}, base={self.base}"

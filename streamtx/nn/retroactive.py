@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -153,10 +153,12 @@ class eRetroactiveEncoderLayer(nn.Module):
         head = (attn.num_heads, attn.head_dim)
         fk: dict[str, Any] = {"dtype": accumulator_dtype(dtype), "device": device}
         cache = RingCache(batch_size, self.window, {"x": (attn.embed_dim,), "q": head, "k": head, "v": head}, **fk)
-        stats = [torch.zeros(batch_size, self.window, attn.num_heads, **fk) for _ in range(3)]
+        m, l, r = (torch.zeros(batch_size, self.window, attn.num_heads, **fk) for _ in range(3))
         return RetroactiveState(
             cache,
-            *stats,
+            m,
+            l,
+            r,
             torch.zeros(batch_size, self.window, *head, **fk),
             torch.zeros(batch_size, dtype=torch.long, device=device),
         )
@@ -170,7 +172,9 @@ class eRetroactiveEncoderLayer(nn.Module):
         mode the new tokens' outputs ``(b, D)`` / ``(b, S, D)``; and the state, updated in place."""
         xs = self._check_step(x, state)
         if self.single_output:
+            assert isinstance(state, EncoderLayerState)  # checked by _check_step
             return self.layer.forward_step(x, state, rows=rows)
+        assert isinstance(state, RetroactiveState)
         if self.training and self.layer.self_attn.dropout > 0:
             raise RuntimeError(
                 "forward_step: the retroactive update never forms attention weights, so attention "
@@ -207,9 +211,11 @@ class eRetroactiveEncoderLayer(nn.Module):
                 f"state: expected a {expected.__name__} from this module's init_state, got {type(state).__name__}"
             )
         if self.single_output:
+            assert isinstance(state, EncoderLayerState)
             if state.self_attn.window != self.window:
                 raise ValueError(f"state: expected a window of {self.window}, got {state.self_attn.window}")
         else:
+            assert isinstance(state, RetroactiveState)
             if state.window != self.window:
                 raise ValueError(f"state: expected a window of {self.window}, got {state.window}")
             acc = state.m.dtype
@@ -233,7 +239,7 @@ class eRetroactiveEncoderLayer(nn.Module):
         start = cache.positions(rows).clone()  # append advances it in place
         new_pos = start[:, None] + torch.arange(s, device=x.device)
         new_slots = new_pos % n
-        h = self.layer.norm1(x) if self.layer.norm_first else x  # the attention block's input
+        h = cast(nn.Module, self.layer.norm1)(x) if self.layer.norm_first else x  # the attention block's input
         q = attn.project_query(h, new_pos).transpose(1, 2)
         k, v = (t.transpose(1, 2) for t in attn.project_kv(h, h, new_pos))  # (b, S, H, hd)
 
@@ -254,7 +260,8 @@ class eRetroactiveEncoderLayer(nn.Module):
         flagged = survivor & ~(self.recompute_threshold * l >= r)  # negated so that NaN or l <= 0 also recompute
         exact = flagged.clone()
         exact[batch, new_slots] = True
-        self._exact_rows(data, pos, exact.nonzero(as_tuple=True), m, l, r, acc)
+        bi, ni, hi = exact.nonzero(as_tuple=True)  # exact is (b, n, H)
+        self._exact_rows(data, pos, (bi, ni, hi), m, l, r, acc)
 
         if rows is None:  # new tensors: no copy back
             state.m, state.l, state.r, state.acc = m, l, r, acc

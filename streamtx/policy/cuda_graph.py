@@ -6,8 +6,12 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 __all__ = ["CapturedProgram", "capture_unavailable"]
 
@@ -51,7 +55,7 @@ class CapturedProgram:
         device: torch.device | str,
         *,
         enabled: bool = True,
-        pool: tuple[int, int] | None = None,
+        pool: _POOL_HANDLE | None = None,
         name: str = "program",
         warmup: int = 2,
     ) -> None:
@@ -71,7 +75,7 @@ class CapturedProgram:
     def captured(self) -> bool:
         return self.graph is not None
 
-    def _capture(self, device: torch.device, pool: tuple[int, int] | None, warmup: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, device: torch.device, pool: _POOL_HANDLE | None, warmup: int) -> torch.cuda.CUDAGraph:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):

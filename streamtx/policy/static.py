@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,8 +24,11 @@ from torch._inductor import config as inductor_config
 
 from ..nn.state import Rows
 from .cuda_graph import CapturedProgram, capture_unavailable
-from .static_plan import PlanCaches, RegressorPlan
+from .static_plan import ActWorkspace, PlanCaches, RegressorPlan
 from .streaming import StreamingPolicy, step_noise
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 __all__ = ["StaticStreamingPolicy", "StaticPolicyState", "default_buckets"]
 
@@ -73,6 +76,7 @@ class _Staging:
 
     def write(self) -> dict[str, np.ndarray]:
         if self._pending:
+            assert self._uploaded is not None  # only an upload sets _pending
             self._uploaded.synchronize()  # the last upload of this block (long done, in practice)
             self._pending = False
         return self.host
@@ -97,7 +101,7 @@ class _Program:
         scratch_row: int,
         *,
         capture: bool,
-        pool: tuple[int, int] | None,
+        pool: _POOL_HANDLE | None,
         out: tuple[tuple[int, ...], torch.dtype] | None = None,
         compiler: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
     ) -> None:
@@ -115,6 +119,7 @@ class _Program:
         def run() -> None:  # refers to no object that refers back to it: states are freed as soon as dropped
             result = body(inputs)
             if output is not None:
+                assert result is not None  # a body with an output returns it
                 output.copy_(result)
 
         self.program = CapturedProgram(
@@ -126,6 +131,7 @@ class _Program:
         self.staging.upload()
         self.program()
         if self._downloaded is not None:
+            assert self.out_host is not None and self.out is not None  # _downloaded exists only with an output
             self.out_host.copy_(self.out, non_blocking=True)
             self._downloaded.record()
 
@@ -133,6 +139,7 @@ class _Program:
         """The first ``b`` output rows on the host (waits for the download)."""
         if self._downloaded is not None:
             self._downloaded.synchronize()
+        assert self.out_host is not None, "result: this program has no output"
         return self.out_host[:b].clone()
 
 
@@ -281,12 +288,16 @@ class StaticStreamingPolicy:
             # the scratch row must have observations before its act runs (warm-up) or pads a bucket
             state.observe_programs[b, 1].program.body()
             workspace = plan.act_workspace(caches, b)
+
+            def act_body(x: dict[str, Tensor], ws: ActWorkspace = workspace) -> Tensor:
+                return plan.act(x["noise"], caches, x["rows"], ws)
+
             programs.append(
                 _Program(
                     f"act[b={b}]",
                     self.device,
                     {"rows": ((b,), long), "noise": ((b, self.horizon, self.action_dim), io)},
-                    lambda x, ws=workspace: plan.act(x["noise"], caches, x["rows"], ws),
+                    act_body,
                     scratch,
                     capture=capture,
                     pool=pool,

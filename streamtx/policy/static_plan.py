@@ -24,15 +24,17 @@ travels back to the host, which is what graph capture needs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import count
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.cond_regressor import eCondTransformerRegressor
+from ..nn.activation import ePointwise
 from ..nn.linear import eLinear
 from ..nn.norm import eLayerNorm, eRMSNorm
 from ..nn.positional import PositionalAttention, eRoPE
@@ -275,7 +277,7 @@ class RegressorPlan:
         self.sampler = sampler
         self.horizon, self.action_dim, self.obs_dim = model.in_horizon, model.out_rep.size, model.cond_rep.size
         self.cond_window, self.cond_horizon = model.cond_window, model.cond_horizon
-        layers = list(model.decoder.layers)
+        layers = cast("list[eTransformerDecoderLayer]", list(model.decoder.layers))
         attn = layers[0].multihead_attn
         self.dim, self.num_heads, self.head_dim, self.num_layers = (
             model.embedding_dim,
@@ -285,6 +287,7 @@ class RegressorPlan:
         )
         with torch.no_grad():
             self._read_model(model, layers, dtype)
+        self.fused_reason: str | None
         self.fused, self.fused_reason = False, "fused_kernels=False"
         if fused_kernels:
             self.fused_reason = self._probe_fused_kernels()
@@ -303,14 +306,14 @@ class RegressorPlan:
             return torch.randn(*shape, generator=gen, device=self.device).to(self.dtype)
 
         heads, hd, t, keys = self.num_heads, self.head_dim, self.horizon, self.cond_horizon + 1
-        qkv, mem = rand(2, t, 3, heads, hd).transpose(1, 3).unbind(2), rand(2, 2, heads, keys, hd)
+        (q, k, v), mem = rand(2, t, 3, heads, hd).transpose(1, 3).unbind(2), rand(2, 2, heads, keys, hd)
         mask = torch.zeros(2, 1, 1, keys, dtype=self.dtype, device=self.device)
         mask[0, ..., :3] = float("-inf")
         x, y = rand(2, t, self.dim), rand(2, t, self.dim)
         first = self.decoder[0]
         checks = {
-            "self-attention": lambda f: attention(*qkv, causal=first.causal, fused=f),
-            "cross-attention": lambda f: attention(qkv[0], mem[0], mem[1], mask, fused=f),
+            "self-attention": lambda f: attention(q, k, v, causal=first.causal, fused=f),
+            "cross-attention": lambda f: attention(q, mem[0], mem[1], mask, fused=f),
             "add+norm": lambda f: torch.cat(first.norm2.add(x, y, f)),
         }
         tolerance = 1e-5 if self.dtype in (torch.float32, torch.float64) else 2e-2
@@ -333,16 +336,18 @@ class RegressorPlan:
         self.encoder_norm: _Norm | None = None
         self.cond_mlp: _MLP | None = None
         if model.encoder is not None:
-            for layer in model.encoder.layers:
-                _check_pre_norm(layer)
-                sa = layer.self_attn
+            for enc_layer in cast("Iterable[eTransformerEncoderLayer]", model.encoder.layers):
+                _check_pre_norm(enc_layer)
+                sa = enc_layer.self_attn
                 self.encoder.append(
                     _EncoderLayer(
-                        _norm(layer.norm1, dtype),
+                        _norm(enc_layer.norm1, dtype),
                         _Affine.cat([_dense(sa.q_proj, dtype), _dense(sa.k_proj, dtype), _dense(sa.v_proj, dtype)]),
                         _dense(sa.out_proj, dtype),
-                        _norm(layer.norm2, dtype),
-                        _MLP(_dense(layer.linear1, dtype), layer.activation.fn, _dense(layer.linear2, dtype)),
+                        _norm(enc_layer.norm2, dtype),
+                        _MLP(
+                            _dense(enc_layer.linear1, dtype), enc_layer.activation.fn, _dense(enc_layer.linear2, dtype)
+                        ),
                         _rope(sa.positional, "the encoder's self-attention", self.device),
                         sa.num_heads,
                     )
@@ -350,7 +355,8 @@ class RegressorPlan:
             if model.encoder.norm is not None:
                 self.encoder_norm = _norm(model.encoder.norm, dtype)
         else:
-            fc1, act, fc2 = model.cond_mlp
+            # nn.Sequential(eLinear, ePointwise, eLinear): unpacking iterates its three modules
+            fc1, act, fc2 = cast("tuple[eLinear, ePointwise, eLinear]", model.cond_mlp)
             self.cond_mlp = _MLP(_dense(fc1, dtype), act.fn, _dense(fc2, dtype))
         self.decoder: list[_DecoderLayer] = []
         for layer in layers:
@@ -411,7 +417,7 @@ class RegressorPlan:
         """Empty caches for ``num_rows`` rows taking up to ``max_tokens_per_step`` observation tokens per call."""
         if max_tokens_per_step < 1:
             raise ValueError(f"max_tokens_per_step: expected >= 1, got {max_tokens_per_step}")
-        kw = {"dtype": self.dtype, "device": self.device}
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
 
         def per_token(layers):
             return {
@@ -446,6 +452,7 @@ class RegressorPlan:
         pos = caches.memory.positions(rows)[:, None] + torch.arange(s, device=self.device)  # (b, S)
         z = self.obs_emb(obs.to(self.dtype))
         if self.encoder:
+            assert caches.encoder is not None  # caches() makes the encoder ring of a plan with an encoder
             ring, ring_pos = caches.encoder.read(rows)  # k, v: (b, C, Le, H, hd)
             mask = _additive(band_mask(pos, torch.cat((ring_pos, pos), dim=1), self.cond_window), self.dtype)
             new_k, new_v = [], []
@@ -457,6 +464,7 @@ class RegressorPlan:
             if self.encoder_norm is not None:
                 z = self.encoder_norm(z)
         else:
+            assert self.cond_mlp is not None  # set by _read_model for a model without an encoder
             z = self.cond_mlp(z)
         kv = self.memory_kv(z).view(b, s, self.num_layers, 2, self.num_heads, self.head_dim)
         caches.memory.append({"k": kv[:, :, :, 0], "v": kv[:, :, :, 1]}, rows)
