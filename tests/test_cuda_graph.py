@@ -67,11 +67,16 @@ def make_policy(
 
 
 def run_both(
-    reference: StreamingPolicy, static: StaticStreamingPolicy, calls: list[tuple], slots: int = SLOTS
+    reference: StreamingPolicy,
+    static: StaticStreamingPolicy,
+    calls: list[tuple],
+    slots: int = SLOTS,
+    acts: list[int] | None = None,
 ) -> float:
-    """Apply the same calls to both; the max relative difference of all actions."""
+    """Apply the same calls to both; the max relative difference of all actions. ``acts``, if given, gets the number
+    of compared act calls appended."""
     ref_state, state = reference.init_state(slots), static.init_state(slots)
-    err = 0.0
+    err, compared = 0.0, 0
     for kind, rows, arg in calls:
         if kind == "reset":
             reference.reset(ref_state, rows, seed=arg)
@@ -84,6 +89,9 @@ def run_both(
             b = static.act(state, rows)
             assert b.shape == a.shape and b.device.type == "cpu"
             err = max(err, rel_err(b.to(a.dtype), a))
+            compared += 1
+    if acts is not None:
+        acts.append(compared)
     return err
 
 
@@ -171,7 +179,15 @@ def test_any_call_sequence_equals_streaming_policy(ops):
             observed -= set(rows)
         elif set(rows) <= observed:
             calls.append(("act", rows, None))
-    assert run_both(_HYPO_POLICY, _HYPO_STATIC, calls, slots=4) <= 1e-10
+    # every example ends with an act of all rows, so none compares nothing
+    every = [0, 1, 2, 3]
+    calls += [
+        ("observe", every, torch.randn(4, 1, _HYPO_POLICY.obs_dim, generator=gen, dtype=torch.float64)),
+        ("act", every, None),
+    ]
+    acts: list[int] = []
+    assert run_both(_HYPO_POLICY, _HYPO_STATIC, calls, slots=4, acts=acts) <= 1e-10
+    assert acts[0] > 0
 
 
 class _Trace(TorchDispatchMode):

@@ -195,7 +195,25 @@ def test_reset_with_a_step_count_resumes_the_noise_sequence():
     resumed = policy.init_state(1)
     policy.reset(resumed, seed=4, steps=5)  # a session rebuilt elsewhere after 5 control steps
     assert torch.equal(policy.noise(resumed), policy.noise(run))
-    assert policy.receptive_field == policy.model.receptive_field()
+
+
+def test_receptive_field_is_tight():
+    """cond_horizon 6 + 2 encoder layers * (cond_window 4 - 1) = 12 tokens: on a 20-token history the batch model
+    ignores the token at -13 bit for bit and depends on the one at -12."""
+    torch.manual_seed(0)
+    model = d4_model().double()
+    policy = StreamingPolicy(model, FlowMatchingSampler(2))
+    r = 12
+    assert policy.receptive_field == r
+    x = torch.randn(2, model.in_horizon, model.in_rep.size, dtype=torch.float64)
+    z = torch.randn(2, 20, model.cond_rep.size, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x, 3.0, z)
+        outside, inside = z.clone(), z.clone()
+        outside[:, -r - 1] += 1.0
+        inside[:, -r] += 1.0
+        assert torch.equal(model(x, 3.0, outside), y)
+        assert (model(x, 3.0, inside) - y).abs().max() > 1e-6
 
 
 def test_cond_window_and_cond_horizon_keep_their_own_meanings():

@@ -94,6 +94,16 @@ def test_layers_are_equivariant(name, norm_module):
         positional="relative",
         cross_positional="rope",
     )
+    # the relative bias is zero at init, which would leave its path untested: randomize it and check it is live
+    with torch.no_grad():
+        dec.self_attn.positional.bias.normal_(generator=gen)
+        x = torch.randn(2, 5, rep.size, generator=gen)
+        mem = torch.randn(2, 6, rep.size, generator=gen)
+        live = dec.eval()(x, mem)
+        saved = dec.self_attn.positional.bias.clone()
+        dec.self_attn.positional.bias.zero_()
+        assert (dec(x, mem) - live).abs().max() > 1e-4
+        dec.self_attn.positional.bias.copy_(saved)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         assert enc.check_equivariance(dtype=dtype, generator=gen) <= tol
         assert enc.check_equivariance(dtype=dtype, generator=gen, is_causal=True) <= tol

@@ -34,9 +34,20 @@ def test_wigner_d_is_an_orthogonal_representation() -> None:
     assert abs(d1[0, 0].item() - 1) < 1e-12
 
 
-def test_wigner_d_of_the_identity_is_the_identity() -> None:
-    d, _ = fit_wigner_d(torch.eye(3, dtype=torch.float64))
-    assert (d - torch.eye(9, dtype=torch.float64)).abs().max() < 1e-12
+@pytest.mark.parametrize("source", ["closed_form", "library"])
+def test_wigner_d_of_a_quarter_turn_about_z(source: str) -> None:
+    """``Rz(pi/2) (x, y, z) = (-y, x, z)``; degree 1 in the stored order ``m = +1, -1, 0`` is ``(x, y, z)``, so its
+    block is the rotation matrix itself; degree 2 ``(x^2 - y^2, xy, xz, yz, 3z^2 - 1)`` maps to
+    ``(-(x^2 - y^2), -xy, -yz, xz, 3z^2 - 1)``."""
+    rz = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    harmonics = closed_form_harmonics if source == "closed_form" else _library_blocks(2)
+    d, res = fit_wigner_d(rz, harmonics, 2)
+    d2 = torch.zeros(5, 5, dtype=torch.float64)
+    d2[0, 0] = d2[1, 1] = -1.0
+    d2[2, 3], d2[3, 2], d2[4, 4] = -1.0, 1.0, 1.0
+    expected = torch.block_diag(torch.ones(1, 1, dtype=torch.float64), rz, d2)
+    assert res < 1e-12
+    assert (d - expected).abs().max() < 1e-12
 
 
 # ---------------------------------------------------------------- spherical harmonics

@@ -65,7 +65,8 @@ def test_hello_describes_the_policy_and_the_limits(daemon, policy) -> None:
         hello = client.hello()
     assert hello["protocol"] == 2 and hello["versions"] == [2]
     assert hello["policy"]["metadata"] == policy.metadata()
-    assert hello["policy"]["replay_window"] == policy.receptive_field == policy.model.receptive_field()
+    # the random checkpoint: cond_horizon 8 + 1 encoder layer * (cond_window 8 - 1)
+    assert hello["policy"]["replay_window"] == policy.receptive_field == 15
     assert hello["limits"] == {
         "max_message_bytes": 65536,
         "max_array_elements": 4096,

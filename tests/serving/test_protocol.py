@@ -118,10 +118,46 @@ def test_size_limits() -> None:
     assert info.value.code is ErrorCode.ARRAY_TOO_LARGE
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=64))
-def test_random_bytes_decode_or_raise_protocol_error(data: bytes) -> None:
+def _expected_code(data: bytes, max_bytes: int) -> ErrorCode | None:
+    """Independent oracle: too long first, then anything plain msgpack cannot read as a single map is a bad message;
+    array extensions never fail the whole message (they stay as BadArray)."""
+    if len(data) > max_bytes:
+        return ErrorCode.MESSAGE_TOO_LARGE
     try:
-        assert isinstance(decode(data, max_array_elements=1000), dict)
+        message = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=lambda code, payload: None)
+    except Exception:  # noqa: BLE001
+        return ErrorCode.BAD_MESSAGE
+    return None if isinstance(message, dict) else ErrorCode.BAD_MESSAGE
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    st.one_of(
+        st.binary(max_size=64),
+        st.dictionaries(st.text(max_size=3), st.integers(-(2**63), 2**63 - 1), max_size=4).map(msgpack.packb),
+    )
+)
+def test_random_bytes_decode_or_raise_the_expected_code(data: bytes) -> None:
+    expected = _expected_code(data, max_bytes=48)
+    try:
+        message = decode(data, max_bytes=48, max_array_elements=1000)
     except ProtocolError as err:
-        assert err.code in set(ErrorCode)
+        assert err.code is expected
+    else:
+        assert expected is None and isinstance(message, dict)
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"", ErrorCode.BAD_MESSAGE),  # truncated
+        (b"\x92\x01\x02", ErrorCode.BAD_MESSAGE),  # an array, not a map
+        (b"\x81\x01\x02", ErrorCode.BAD_MESSAGE),  # integer key
+        (msgpack.packb({"a": 1}) + b"\x00", ErrorCode.BAD_MESSAGE),  # trailing bytes
+        (msgpack.packb({"a": "x" * 60}), ErrorCode.MESSAGE_TOO_LARGE),
+    ],
+)
+def test_fixed_bytes_raise_the_expected_code(data: bytes, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(data, max_bytes=48)
+    assert info.value.code is code
