@@ -16,8 +16,10 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -39,17 +41,33 @@ def _run_python(code: str, namespace: dict[str, object], line: int) -> None:
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
 
 
-def _start_bash(code: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """A bash block as a reader's shell would run it, but stopping at the first failing command."""
+def _start_bash(code: str, cwd: Path, env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """A bash block as a reader's shell would run it, but stopping at the first failing command.
+
+    Output goes to a file, not a pipe: a background command (a daemon) inherits it and may keep it open long after
+    the block is done, so the block's end is the shell's exit, never the output's end-of-file.
+    """
     return subprocess.Popen(
         ["bash", "-euo", "pipefail", "-c", code],
         cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: background commands are stopped with it
     )
+
+
+def _run_bash(code: str, cwd: Path, env: dict[str, str], timeout: float) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a block, wait for its shell to exit and return it with what it printed."""
+    with tempfile.TemporaryFile() as log:
+        shell = _start_bash(code, cwd, env, log)
+        try:
+            shell.wait(timeout=timeout)
+        finally:
+            log.seek(0)
+            out = log.read().decode(errors="replace")
+    return shell, out
 
 
 def test_readme_blocks_run(tmp_path, monkeypatch):
@@ -68,10 +86,9 @@ def test_readme_blocks_run(tmp_path, monkeypatch):
             if lang == "python":
                 _run_python(textwrap.dedent(code), namespace, line)
             elif lang in ("bash", "sh", "shell"):
-                shell = _start_bash(code, tmp_path, env)
+                shell, out = _run_bash(code, tmp_path, env, timeout=600)
                 groups.append(shell)
-                out, _ = shell.communicate(timeout=600)
-                assert shell.returncode == 0, f"README.md:{line}: bash block failed:\n{out.decode()[-3000:]}"
+                assert shell.returncode == 0, f"README.md:{line}: bash block failed:\n{out[-3000:]}"
     finally:
         for shell in groups:
             try:
@@ -88,6 +105,14 @@ def test_a_failing_block_fails(tmp_path, lang):
         with pytest.raises(NameError):
             _run_python("undefined_name\n", {}, 1)
     else:
-        shell = _start_bash("false\necho after\n", tmp_path, dict(os.environ))
-        out, _ = shell.communicate(timeout=60)
-        assert shell.returncode != 0 and b"after" not in out
+        shell, out = _run_bash("false\necho after\n", tmp_path, dict(os.environ), timeout=60)
+        assert shell.returncode != 0 and "after" not in out
+
+
+def test_a_background_command_does_not_hold_the_block(tmp_path):
+    """A block that leaves a process running (a daemon, with the block's output) ends when its shell ends."""
+    shell, out = _run_bash("sleep 300 & echo $! > bg.pid\necho done\n", tmp_path, dict(os.environ), timeout=60)
+    try:
+        assert shell.returncode == 0 and out == "done\n"
+    finally:
+        os.killpg(shell.pid, signal.SIGTERM)
