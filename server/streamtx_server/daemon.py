@@ -18,10 +18,11 @@ import math
 import os
 import secrets
 import socket as pysocket
+import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -97,6 +98,8 @@ class Server:
         config: limits, batching, expiry.
         curve: CURVE keys; clients must then know the server's public key.
         logger: where events go (default: the ``streamtx_server`` logger).
+        clock: seconds on a monotonic clock, what idle expiry measures sessions' inactivity with (tests pass a
+            manual one to expire sessions without waiting).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class Server:
         *,
         curve: CurveServerKeys | None = None,
         logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if isinstance(endpoints, str) or not endpoints:
             raise ValueError(f"endpoints: expected a non-empty list of endpoints, got {endpoints!r}")
@@ -120,6 +124,8 @@ class Server:
         self.curve = curve
         self.log = logger or logging.getLogger(LOGGER_NAME)
         self.bound: list[str] = []  # endpoints as bound (ports resolved), set once serving
+        self.listening = threading.Event()  # set once every endpoint is bound: ``wait()`` on it, then connect
+        self._clock = clock
         self.sessions = SessionTable(config.max_sessions)
         self.stats = ServerStats()
         self.state = policy.init_state(config.max_sessions)
@@ -175,6 +181,7 @@ class Server:
                     ) from None
                 bound.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
             self.bound = bound
+            self.listening.set()
             log_event(
                 self.log,
                 logging.INFO,
@@ -278,7 +285,7 @@ class Server:
 
     def _accept_step(self, router: zmq.Socket[Any], envelope: list[bytes], request: Step, received: float) -> None:
         session = self.sessions.get(request.session, request.token)
-        session.last_active = time.monotonic()
+        session.last_active = self._clock()
         if self._repeat(router, envelope, session, request.seq, request.id, received):
             return
         if request.seq <= session.accepted_seq:  # a retry of a step still queued: answered with it
@@ -328,7 +335,7 @@ class Server:
         if isinstance(request, Open):
             return self._open(router, request)
         session = self.sessions.get(request.session, request.token)
-        session.last_active = time.monotonic()
+        session.last_active = self._clock()
         if isinstance(request, Resync):
             return self._resync(session)
         self._run_own_queue(router, session)  # its steps sent before this request apply before it
@@ -353,12 +360,12 @@ class Server:
         session = self.sessions.find(session_id)
         if session is None:
             token = request.token if request.token is not None else secrets.token_hex(16)
-            session = self.sessions.add(session_id, seed, token, time.monotonic())
+            session = self.sessions.add(session_id, seed, token, self._clock())
         elif request.token == session.token or request.takeover:
             self._run_own_queue(router, session)
             if request.token != session.token:
                 session.token = request.token if request.token is not None else secrets.token_hex(16)
-            session.seed, session.last_active = seed, time.monotonic()
+            session.seed, session.last_active = seed, self._clock()
         else:
             raise ProtocolError(
                 ErrorCode.NOT_OWNER,
@@ -498,7 +505,7 @@ class Server:
             return
         self.stats.latency["model"].add(model_time)
         self.stats.batch_sizes.add(len(batch))
-        now = time.monotonic()
+        now = self._clock()
         for i, (session, item, acts) in enumerate(batch):
             session.tokens += len(item.obs)
             session.steps += acts
@@ -575,7 +582,7 @@ class Server:
         if router.poll(0, zmq.POLLIN):
             return  # requests wait unread: they may be an idle-looking session's; read them first
         self._next_expiry_check = now + min(1.0, timeout / 4)
-        clock = time.monotonic()
+        clock = self._clock()
         for session in self.sessions:
             if not session.queue and clock - session.last_active > timeout:
                 self.sessions.close(session)

@@ -23,7 +23,7 @@ __all__ = ["SessionController", "ServedEvaluation", "evaluate_served"]
 
 
 class SessionController:
-    """A policy served by the streamtx daemon, driven through one client session (a robot stream).
+    """A streaming policy driven through one session (a robot stream): served by the daemon, or in-process.
 
     Every observation is sent to the daemon (the policy's streaming state must see each one). Every ``execute``
     control steps the step asks for an action chunk, played by the SDK's ``ActionChunkBuffer``; the other steps only
@@ -31,14 +31,14 @@ class SessionController:
     raw chunks ``(horizon, 2)`` as the daemon returned them.
 
     Args:
-        session: an open ``streamtx_client.Session``.
+        session: an open session: a ``streamtx_client.Session`` (served), or a ``LocalSession`` (in-process).
         execute: control steps between chunk requests (``1 <= execute <= horizon``).
         ensemble_decay: temporal ensembling of overlapping chunks (see ``ActionChunkBuffer``), or None.
     """
 
     def __init__(self, session: Any, execute: int = 1, ensemble_decay: float | None = None) -> None:
         self.session = session
-        self.buffer = ActionChunkBuffer(session.info.horizon, execute, ensemble_decay=ensemble_decay)
+        self.buffer = ActionChunkBuffer(session.horizon, execute, ensemble_decay=ensemble_decay)
         self.latencies: list[float] = []
         self.chunks: list[np.ndarray] = []
 

@@ -1,5 +1,6 @@
 """The whole pipeline on a tiny scale: collect -> train (the `streamtx train` entry point) -> serve (a real daemon
-process) -> control (the client SDK drives the simulator)."""
+process) -> control (the client SDK drives the simulator), and the served episodes equal the same episodes run
+in-process on the loaded checkpoint."""
 
 import numpy as np
 import pytest
@@ -9,10 +10,12 @@ pytest.importorskip("streamtx_server")
 pytest.importorskip("streamtx_client")
 
 from streamtx.apps.collect import main as collect_main  # noqa: E402
-from streamtx.apps.served_eval import evaluate_served  # noqa: E402
+from streamtx.apps.served_eval import SessionController, evaluate_served  # noqa: E402
+from streamtx.apps.served_policy import TorchBatchPolicy  # noqa: E402
 from streamtx.apps.train import main as train_main  # noqa: E402
-from streamtx.checkpoint import load_model  # noqa: E402
-from streamtx.tasks.reacher.evaluate import eval_seeds  # noqa: E402
+from streamtx.checkpoint import load_model, load_policy  # noqa: E402
+from streamtx.tasks.reacher.evaluate import eval_seeds, run_episodes  # noqa: E402
+from streamtx_client import LocalSession  # noqa: E402
 
 
 def test_collect_train_serve_control(tmp_path, capsys):
@@ -62,3 +65,12 @@ def test_collect_train_serve_control(tmp_path, capsys):
     assert served.latencies.shape == (50,) and (served.latencies > 0).all()
     assert served.stats["requests"]["step"] == 100  # every observation reached the daemon
     assert served.stats["latency"]["model"]["count"] > 0 and served.hello["policy"]["horizon"] == 4
+
+    # the same two episodes in-process, through the same controller on a local session: same chunks, same torques
+    seeds = eval_seeds(2)
+    with LocalSession(TorchBatchPolicy(load_policy(ckpt)), seed=seeds[0]) as local:
+        controller = SessionController(local, execute=2)
+        in_process = run_episodes(controller, seeds, progress=False)
+    scale = np.abs(served.chunks).max()
+    np.testing.assert_allclose(np.stack(controller.chunks), served.chunks, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(in_process.actions, result.actions, rtol=0, atol=1e-5)

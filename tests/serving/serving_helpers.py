@@ -3,9 +3,12 @@ for hand-made messages."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import numpy as np
 import zmq
 
 from streamtx.apps.served_policy import TorchBatchPolicy
-from streamtx_client import LocalSession
+from streamtx_client import LocalSession, Patience
 from streamtx_client.protocol import PROTOCOL_VERSION, decode, encode
 from streamtx_server import Server, ServerConfig
 from streamtx_server.process import DaemonProcess
@@ -43,18 +46,70 @@ def start_daemon(checkpoint: Path, directory: Path, *flags: str, binds: tuple[st
 
 
 def start_server(
-    policy: Any, endpoint: str, *, context: zmq.Context | None = None, curve: Any = None, **config: Any
+    policy: Any,
+    endpoint: str,
+    *,
+    context: zmq.Context | None = None,
+    curve: Any = None,
+    clock: Callable[[], float] = time.monotonic,
+    logger: logging.Logger | None = None,
+    **config: Any,
 ) -> tuple[Server, threading.Thread]:
     """A :class:`Server` serving the torch ``policy`` (through the numpy adapter) in a thread; returns once it
     listens."""
-    server = Server(TorchBatchPolicy(policy), [endpoint], ServerConfig(**config), curve=curve)
+    server = Server(
+        TorchBatchPolicy(policy), [endpoint], ServerConfig(**config), curve=curve, clock=clock, logger=logger
+    )
     thread = threading.Thread(target=server.serve_forever, kwargs={"context": context}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.bound:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.005)
+    assert server.listening.wait(TIMEOUT), "the server did not start"
     return server, thread
+
+
+class ManualClock:
+    """A monotonic clock that moves only when told: idle expiry without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class EventLog(logging.Handler):
+    """A daemon logger's events by name; :meth:`wait` blocks until enough of one were logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+        self._changed = threading.Condition()
+        self.logger = logging.getLogger(f"streamtx-test-{uuid.uuid4().hex}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._changed:
+            self.events.append(record.getMessage())
+            self._changed.notify_all()
+
+    def wait(self, event: str, count: int = 1, timeout: float = TIMEOUT) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.events.count(event) >= count, timeout)
+
+
+@dataclass(frozen=True)
+class RecordingPatience(Patience):
+    """The client's patience, with an event set at its first retry (a request of the client timed out)."""
+
+    retried: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
+
+    def delay(self, attempt: int) -> float:
+        self.retried.set()
+        return super().delay(attempt)
 
 
 def stop_server(server: Server, thread: threading.Thread) -> None:

@@ -1,10 +1,14 @@
-"""The daemon in a thread with an instrumented policy: overload, graceful stop, model failure, idle expiry."""
+"""The daemon in a thread with an instrumented policy: overload, graceful stop, model failure, idle expiry.
+
+Nothing here waits on time: the daemon runs behind ``inproc://`` endpoints, where a message sent is in the daemon's
+socket when ``send`` returns, so requests "queued while the model is busy" are queued by the time the test releases
+the gated model; idle expiry runs on a manual clock; a restart waits for the client's first retry.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +19,11 @@ import pytest
 import torch
 from serving_helpers import (
     MAX_TOKENS,
+    TIMEOUT,
+    EventLog,
+    ManualClock,
     RawPeer,
+    RecordingPatience,
     assert_same_actions,
     error_code,
     make_script,
@@ -60,7 +68,7 @@ class GatedPolicy:
 def served(policy) -> Iterator[tuple[Server, GatedPolicy, str, threading.Thread]]:
     gated = GatedPolicy(policy)
     endpoint = f"inproc://daemon-{uuid.uuid4().hex}"
-    server, thread = start_server(gated, endpoint, max_sessions=4, idle_timeout=0.3, max_wait=0.0)
+    server, thread = start_server(gated, endpoint, max_sessions=4, idle_timeout=None, max_wait=0.0)
     yield server, gated, endpoint, thread
     gated.release.set()
     stop_server(server, thread)
@@ -79,7 +87,6 @@ def test_overload_feeds_every_observation_but_acts_only_for_the_newest(served, p
         first = peer.send_request("step", session="busy", obs=obs[0])
         assert gated.acting.wait(20.0)  # the daemon is stuck in the first step's act ...
         queued = [peer.send_request("step", session="busy", obs=o) for o in obs[1:]]  # ... while 4 more pile up
-        time.sleep(0.2)
         gated.release.set()
         replies = _replies(peer, 5)
     assert replies[first]["result"]["actions"] is not None
@@ -113,7 +120,6 @@ def test_control_requests_wait_for_every_queued_step(policy) -> None:
             ids += [peer.send_request("step", session="s", obs=obs, act=False) for _ in range(5)]
             ids.append(peer.send_request("reset", session="s", seed=2))
             ids.append(peer.send_request("step", session="s", obs=obs))
-            time.sleep(0.2)
             gated.release.set()
             replies = _replies(peer, len(ids))
     finally:
@@ -134,7 +140,6 @@ def test_stop_answers_every_request_already_received(served, policy) -> None:
         assert gated.acting.wait(20.0)
         ids += [peer.send_request("step", session="s", obs=obs, act=False) for _ in range(3)]
         ids.append(peer.send_request("stats"))
-        time.sleep(0.2)
         server.stop()  # in flight: one step in the model, four requests waiting
         gated.release.set()
         replies = _replies(peer, len(ids))
@@ -158,16 +163,22 @@ def test_a_failing_model_gets_an_internal_error_and_the_daemon_recovers(served, 
         )
 
 
-def test_idle_sessions_expire_and_free_their_slot(served, policy) -> None:
-    server, _, endpoint, _ = served
-    with RawPeer(endpoint) as peer:
-        for i in range(4):
-            assert peer.request("open", session=f"idle-{i}")["ok"]
-        assert error_code(peer.request("open", session="one-too-many")) == "full"
-        time.sleep(0.8)  # idle_timeout 0.3 s
-        assert error_code(peer.request("step", session="idle-0", obs=np.ones(policy.obs_dim))) == "unknown_session"
-        assert peer.request("open", session="fresh")["ok"]
-        stats = peer.request("stats")["result"]
+def test_idle_sessions_expire_and_free_their_slot(policy) -> None:
+    clock, events = ManualClock(), EventLog()
+    endpoint = f"inproc://daemon-{uuid.uuid4().hex}"
+    server, thread = start_server(policy, endpoint, max_sessions=4, idle_timeout=0.3, clock=clock, logger=events.logger)
+    try:
+        with RawPeer(endpoint) as peer:
+            for i in range(4):
+                assert peer.request("open", session=f"idle-{i}")["ok"]
+            assert error_code(peer.request("open", session="one-too-many")) == "full"
+            clock.advance(10.0)
+            assert events.wait("session_expired", 4)
+            assert error_code(peer.request("step", session="idle-0", obs=np.ones(policy.obs_dim))) == "unknown_session"
+            assert peer.request("open", session="fresh")["ok"]
+            stats = peer.request("stats")["result"]
+    finally:
+        stop_server(server, thread)
     assert stats["expired_sessions"] == 4 and stats["sessions"] == 1
 
 
@@ -178,18 +189,20 @@ def test_async_client_sessions_survive_a_daemon_restart(policy, tmp_path: Path) 
     rng = np.random.default_rng(9)
     scripts = [make_script(rng, 22, policy.obs_dim, MAX_TOKENS, observe_every=3) for _ in range(3)]
     servers = [start_server(policy, endpoint, max_sessions=4)]
+    patience = RecordingPatience(attempt_timeout=0.25, total=60.0)
 
     def restart() -> None:
-        time.sleep(0.6)  # a few client timeouts while nobody listens
+        assert patience.retried.wait(TIMEOUT)  # the clients' requests timed out while nobody listened
         servers.append(start_server(policy, endpoint, max_sessions=4))
 
     async def run() -> list[list[np.ndarray | None]]:
-        async with AsyncClient(endpoint, timeout=0.25, retries=40) as client:
+        async with AsyncClient(endpoint, patience=patience) as client:
             sessions = [await client.open(seed=30 + i) for i in range(3)]
             out: list[list[np.ndarray | None]] = [[] for _ in sessions]
             for t in range(22):
                 if t == 17:
                     stop_server(*servers[0])
+                    patience.retried.clear()  # a retry before now (a slow reply on a busy machine) does not count
                     threading.Thread(target=restart).start()
                 chunks = await asyncio.gather(
                     *(s.step(sc[t][0]) if sc[t][1] else s.observe(sc[t][0]) for s, sc in zip(sessions, scripts))

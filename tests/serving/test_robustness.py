@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from serving_helpers import (
     MAX_TOKENS,
+    TIMEOUT,
     RawPeer,
+    RecordingPatience,
     assert_same_actions,
     error_code,
     make_script,
@@ -188,8 +190,11 @@ def test_a_client_that_disconnects_mid_request(daemon, policy) -> None:
     gone = RawPeer(daemon.endpoints[0])
     gone.send_request("step", session=session, obs=obs[0][0])
     gone.socket.close(linger=2000)  # sent, then gone before the reply: the daemon must shrug it off
-    time.sleep(0.2)
     with RawPeer(daemon.endpoints[0]) as peer:
+        # the orphan travelled on another connection: wait until the daemon holds it (each resync is a round trip)
+        deadline = time.monotonic() + TIMEOUT
+        while peer.request("resync", session=session)["result"]["accepted_seq"] < 1:
+            assert time.monotonic() < deadline, "the orphaned step never reached the daemon"
         reply = peer.request("step", session=session, obs=obs[1][0], seq=2)  # seq 1 went with the orphan
         assert reply["ok"] and reply["result"]["tokens"] == 2  # the orphaned step did enter the state, in order
         assert peer.request("close", session=session)["ok"]
@@ -205,11 +210,14 @@ def test_daemon_restart_client_reconnects_and_replays(checkpoint: Path, policy, 
     crash_at = 20  # more tokens than the receptive field already seen
     restarter = None
     try:
-        with Client(binds[0], timeout=1.0, retries=60) as client, client.open(seed=13) as session:
+        patience = RecordingPatience(attempt_timeout=1.0, total=120.0)
+        with Client(binds[0], patience=patience) as client, client.open(seed=13) as session:
             got = [session.step(obs) if act else session.observe(obs) for obs, act in script[:crash_at]]
             daemon.kill()
-            restarter = threading.Thread(target=lambda: (time.sleep(0.5), daemon.start()))
-            restarter.start()  # the next steps time out until it is back, then recover
+            patience.retried.clear()  # a retry before the crash (a slow reply on a busy machine) does not count
+            # back once the client's next step has timed out, then the client recovers
+            restarter = threading.Thread(target=lambda: (patience.retried.wait(TIMEOUT), daemon.start()))
+            restarter.start()
             got += [session.step(obs) if act else session.observe(obs) for obs, act in script[crash_at:]]
     finally:
         if restarter is not None:

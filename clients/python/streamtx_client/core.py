@@ -332,6 +332,11 @@ class SessionView:
         return self._log.seed
 
     @property
+    def horizon(self) -> int:
+        """Actions per chunk that :meth:`step` returns."""
+        return self.info.horizon
+
+    @property
     def token(self) -> str:
         """The owner's token: a second open of this id is refused unless it carries it."""
         return self._log.token

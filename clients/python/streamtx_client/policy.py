@@ -61,6 +61,8 @@ class PolicySession(Protocol):
     def id(self) -> str: ...
     @property
     def seed(self) -> int: ...
+    @property
+    def horizon(self) -> int: ...
     def step(self, obs: Any) -> np.ndarray | None: ...
     def observe(self, obs: Any) -> None: ...
     def reset(self, seed: int | None = None) -> int: ...
@@ -86,6 +88,10 @@ class LocalSession:
     @property
     def seed(self) -> int:
         return self._seed
+
+    @property
+    def horizon(self) -> int:
+        return self.policy.horizon
 
     def _tokens(self, obs: Any) -> np.ndarray:
         tokens = np.asarray(obs, dtype=self.policy.dtype)
