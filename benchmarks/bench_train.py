@@ -8,6 +8,7 @@ ratio sees the same machine noise. On a GPU: ``--device cuda`` (and ``--autocast
 
     taskset -c 1 .venv/bin/python benchmarks/bench_train.py                  # CPU, fp32
     .venv/bin/python benchmarks/bench_train.py --device cuda --autocast bf16 --batch 256 1024
+    .venv/bin/python benchmarks/bench_train.py --device cuda --profile       # where one step's time goes
 """
 
 from __future__ import annotations
@@ -72,6 +73,18 @@ def _round(model: eCondTransformerRegressor, data: ChunkDataset, batch: int, arg
     return times[1:]
 
 
+def _profile(name: str, model: eCondTransformerRegressor, data: ChunkDataset, args: argparse.Namespace) -> None:
+    """The operators that take one round's time (host and device), largest first."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.device(args.device).type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    _round(model, data, args.batch[0], args)  # warm-up: caches, kernels
+    with torch.profiler.profile(activities=activities) as prof:
+        _round(model, data, args.batch[0], args)
+    print(f"{name}, batch {args.batch[0]}, {args.steps + 1} optimizer steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -80,11 +93,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="profile one round per model instead of timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = _models()
     data = {name: _dataset(m) for name, m in models.items()}
     precision = f"autocast {args.autocast}" if args.autocast else "fp32"
+    if args.profile:
+        for name, model in models.items():
+            _profile(name, model, data[name], args)
+        return
     print(f"training throughput, robot config, {args.device}, {precision}, {torch.get_num_threads()} thread(s)")
     print(f"{'model':<18} {'params':>9} {'batch':>6} {'ms/step p50':>12} {'examples/s':>11}")
     for batch in args.batch:

@@ -191,9 +191,9 @@ def test_a_client_that_disconnects_mid_request(daemon, policy) -> None:
     gone.send_request("step", session=session, obs=obs[0][0])
     gone.socket.close(linger=2000)  # sent, then gone before the reply: the daemon must shrug it off
     with RawPeer(daemon.endpoints[0]) as peer:
-        # the orphan travelled on another connection: wait until the daemon holds it (each resync is a round trip)
+        # the orphan travelled on another connection: wait until the daemon applied it (each resync is a round trip)
         deadline = time.monotonic() + TIMEOUT
-        while peer.request("resync", session=session)["result"]["accepted_seq"] < 1:
+        while peer.request("resync", session=session)["result"]["seq"] < 1:
             assert time.monotonic() < deadline, "the orphaned step never reached the daemon"
         reply = peer.request("step", session=session, obs=obs[1][0], seq=2)  # seq 1 went with the orphan
         assert reply["ok"] and reply["result"]["tokens"] == 2  # the orphaned step did enter the state, in order
