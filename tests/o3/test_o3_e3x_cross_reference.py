@@ -3,20 +3,16 @@
 functions), given cutoff values, dense index lists with ``where``, sparse index lists with ``num_segments`` and
 ``indices_are_sorted``, and an output layout chosen by e3x's parity rule.
 
-The reference outputs come from ``e3x_cross_fixture.npz``, written by ``make_e3x_cross_fixture.py`` in a separate
+The reference outputs come from ``e3x_cross_fixture.npz``, written by ``make_e3x_fixtures.py`` in a separate
 environment with e3x installed; this test needs neither jax nor e3x.
 """
 
-import json
-import pathlib
-
-import numpy as np
 import pytest
 import torch
+from e3x_fixtures import config, load, params
 
 from streamtx.nn.o3 import O3MultiheadAttention
 
-FIXTURE = pathlib.Path(__file__).with_name("e3x_cross_fixture.npz")
 CASES = [
     "q_l2p2_kv_l1p1_sinc",
     "q_l1p1_kv_l2p2_given_basis_adj",
@@ -27,21 +23,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def data() -> dict:
-    with np.load(FIXTURE) as f:
-        return {k: f[k] for k in f.files}
-
-
-def _params(data: dict, case: str) -> dict:
-    tree: dict = {}
-    prefix = f"{case}/param/"
-    for key, value in data.items():
-        if key.startswith(prefix):
-            node = tree
-            *path, leaf = key[len(prefix) :].split("/")
-            for part in path:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-    return tree
+    return load("e3x_cross_fixture.npz")
 
 
 def _layer(cfg: dict) -> O3MultiheadAttention:
@@ -92,8 +74,8 @@ def _call(layer: O3MultiheadAttention, data: dict, case: str, cfg: dict, own_bas
 
 @pytest.mark.parametrize("case", CASES)
 def test_cross_attention_matches_e3x_with_the_same_weights(data: dict, case: str) -> None:
-    cfg = json.loads(str(data[f"{case}/config"]))
-    layer = _layer(cfg).load_e3x_(_params(data, case))
+    cfg = config(data, case)
+    layer = _layer(cfg).load_e3x_(params(data, case))
     expected = torch.from_numpy(data[f"{case}/y"])
     scale = expected.abs().max()
     modes = [False] + ([True] if cfg["basis"] == "sinc" and cfg["pairs"] == "all" else [])
@@ -107,7 +89,7 @@ def test_cross_attention_matches_e3x_with_the_same_weights(data: dict, case: str
 def test_output_layout_follows_e3x_parity_rule(data: dict) -> None:
     """``include_pseudotensors=True`` with polar values (``P_kv = 1``) and a scalar output: no coupling path yields a
     pseudoscalar, so e3x returns ``P = 1``; so does this layer (and its output shape equals e3x's)."""
-    cfg = json.loads(str(data["q_l1p2_kv_l1p1_scalar_out_rule/config"]))
+    cfg = config(data, "q_l1p2_kv_l1p1_scalar_out_rule")
     layer = _layer(cfg)
     assert cfg["out"][1] and not layer.out_layout.pseudotensors
     assert data["q_l1p2_kv_l1p1_scalar_out_rule/y"].shape[-3] == 1

@@ -1,6 +1,6 @@
 """Same weights, same inputs: ``O3MultiheadAttention`` against e3x's ``MultiHeadAttention`` (float64).
 
-The reference outputs come from ``e3x_fixture.npz``, written by ``make_e3x_fixture.py`` in a separate environment with
+The reference outputs come from ``e3x_fixture.npz``, written by ``make_e3x_fixtures.py`` in a separate environment with
 e3x installed; this test needs neither jax nor e3x and skips if the fixture is absent.
 
 The weight mapping is exact. Where the definitions differ, and how the mapping bridges it:
@@ -14,44 +14,28 @@ The weight mapping is exact. Where the definitions differ, and how the mapping b
   layer's boolean ``mask``.
 """
 
-import json
-import pathlib
-
-import numpy as np
 import pytest
 import torch
+from e3x_fixtures import HERE, config, load, params
 
 from streamtx.nn.o3 import O3MultiheadAttention, clebsch_gordan, spherical_harmonics
 
-FIXTURE = pathlib.Path(__file__).with_name("e3x_fixture.npz")
-pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason="e3x fixture not generated (see make_e3x_fixture.py)")
+pytestmark = pytest.mark.skipif(
+    not (HERE / "e3x_fixture.npz").exists(), reason="e3x fixture not generated (see make_e3x_fixtures.py)"
+)
 
 
-def _load() -> dict:
-    with np.load(FIXTURE) as data:
-        return {k: data[k] for k in data.files}
-
-
-def _params(data: dict, case: str) -> dict:
-    tree: dict = {}
-    prefix = f"{case}/param/"
-    for key, value in data.items():
-        if key.startswith(prefix):
-            node = tree
-            *path, leaf = key[len(prefix) :].split("/")
-            for part in path:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-    return tree
+@pytest.fixture(scope="module")
+def data() -> dict:
+    return load("e3x_fixture.npz")
 
 
 CASES = ["l2_p2_biases_cutoff", "l1_p1_heads3", "l2_p1_basis1_plain_qk", "l1_p2_no_relative"]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_attention_matches_e3x_with_the_same_weights(case: str) -> None:
-    data = _load()
-    cfg = json.loads(str(data[f"{case}/config"]))
+def test_attention_matches_e3x_with_the_same_weights(data: dict, case: str) -> None:
+    cfg = config(data, case)
     layer = O3MultiheadAttention(
         cfg["features"],
         cfg["max_degree"],
@@ -71,7 +55,7 @@ def test_attention_matches_e3x_with_the_same_weights(case: str) -> None:
         value_use_bias=cfg["qkv_bias"],
         softmax_cutoff=cfg["softmax_cutoff"],
         dtype=torch.float64,
-    ).load_e3x_(_params(data, case))
+    ).load_e3x_(params(data, case))
     x, pos = torch.from_numpy(data[f"{case}/x"]), torch.from_numpy(data[f"{case}/positions"])
     mask = torch.from_numpy(data[f"{case}/mask"])
     expected = torch.from_numpy(data[f"{case}/y"])
@@ -80,8 +64,7 @@ def test_attention_matches_e3x_with_the_same_weights(case: str) -> None:
     assert (y - expected).abs().max() <= 1e-10 * expected.abs().max()
 
 
-def test_harmonics_and_coefficients_match_e3x() -> None:
-    data = _load()
+def test_harmonics_and_coefficients_match_e3x(data: dict) -> None:
     y = spherical_harmonics(torch.from_numpy(data["harmonics/r"]), 3)
     assert (y - torch.from_numpy(data["harmonics/y"])).abs().max() <= 1e-12
     table = torch.from_numpy(data["clebsch_gordan/max_degree_3"])
