@@ -140,3 +140,46 @@ def test_config_is_one_dataclass_serialised_in_checkpoints(tmp_path):
     assert payload["config"] == model.config.to_dict()
     with pytest.raises(ValueError, match=r"config: unknown eCondTransformerRegressor options \['depth'\]"):
         RegressorConfig.from_dict({**model.config.to_dict(), "depth": 3})
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},  # RoPE encoder, window 3 < horizon
+        {"num_cond_layers": 0},  # the MLP encoder
+        {"cond_window": None, "causal_attn": True, "norm_module": "rmsnorm"},
+        {"plain": True},
+    ],
+    ids=["encoder", "mlp", "full-window", "plain"],
+)
+def test_windows_of_different_lengths_in_one_forward(kw):
+    """``cond_lengths``: a left-padded batch equals each example run alone on its own window (float64)."""
+    torch.manual_seed(0)
+    group = dihedral(2)
+    vec = faithful_rep(group)
+    if kw.pop("plain", False):
+        model = CondTransformerRegressor(2, 3, 2, in_horizon=4, cond_horizon=5, num_layers=2, num_attention_heads=2)
+        in_size, cond_size = 2, 3
+    else:
+        model = small(vec, vec + vec, vec, **kw)
+        in_size, cond_size = vec.size, 2 * vec.size
+    model = model.double().eval()
+    lengths = torch.tensor([1, 4, 7, 2, 5])
+    b, width = len(lengths), 7
+    z = torch.randn(b, width, cond_size, dtype=torch.float64)
+    x = torch.randn(b, 4, in_size, dtype=torch.float64)
+    k = torch.rand(b, dtype=torch.float64)
+    padded = z.clone()
+    for i, n in enumerate(lengths.tolist()):
+        padded[i, : width - n] = 1e3  # whatever padding holds, it is never attended to
+    out = model(x, k, padded, cond_lengths=lengths)
+    alone = torch.cat(
+        [model(x[i : i + 1], k[i : i + 1], z[i : i + 1, width - n :]) for i, n in enumerate(lengths.tolist())]
+    )
+    assert (out - alone).abs().max() <= 1e-10 * alone.abs().max()
+    whole = torch.full((b,), width)
+    torch.testing.assert_close(model(x, k, z, cond_lengths=whole), model(x, k, z), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"cond_lengths: expected lengths in 1\.\.7"):
+        model(x, k, z, cond_lengths=torch.tensor([0, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match=r"cond_lengths: expected integer lengths of shape \(5,\)"):
+        model(x, k, z, cond_lengths=torch.ones(5))

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.activation import ePointwise
 from ..nn.attention import causal_window_mask
 from ..nn.equivariance import equivariance_error
 from ..nn.linear import check_same_group, eLinear
-from ..nn.state import Rows, StreamState
+from ..nn.state import Rows, StreamState, band_mask
 from ..nn.transformer import (
     EncoderState,
     eTransformerDecoder,
@@ -33,6 +34,24 @@ __all__ = [
     "RegressorState",
     "get_optim_groups",
 ]
+
+
+def _window_positions(
+    lengths: Tensor | None, batch: int, length: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Token positions ``(B, T)`` of left-padded windows counted from each window's first real token (padding
+    negative), the newest token's position ``(B,)``, and the padding ``(B, T)`` (True = padding; None without
+    ``lengths``: every window is whole)."""
+    pos = torch.arange(length, device=device).expand(batch, length)
+    if lengths is None:
+        return pos, pos[:, -1], None
+    lengths = torch.as_tensor(lengths, device=device)
+    if lengths.shape != (batch,) or lengths.is_floating_point():
+        raise ValueError(f"cond_lengths: expected integer lengths of shape ({batch},), got {tuple(lengths.shape)}")
+    if bool(((lengths < 1) | (lengths > length)).any()):
+        raise ValueError(f"cond_lengths: expected lengths in 1..{length} (the window's T), got {lengths.tolist()}")
+    pos = pos - (length - lengths)[:, None]
+    return pos, lengths - 1, pos < 0
 
 
 def _sinusoidal(k: Tensor, dim: int) -> Tensor:
@@ -265,34 +284,51 @@ class eCondTransformerRegressor(nn.Module):
             raise ValueError(f"{name}: expected (B, T, {rep.size}) with T in {limit}, got {tuple(t.shape)}")
 
     # ---------------------------------------------------------------- batch forward
-    def forward(self, X: Tensor, opt_step: Tensor | float, Z: Tensor) -> Tensor:
+    def forward(self, X: Tensor, opt_step: Tensor | float, Z: Tensor, *, cond_lengths: Tensor | None = None) -> Tensor:
+        """``V (B, Tx, out)`` for noisy actions ``X (B, Tx, in)`` at denoising step ``opt_step`` (scalar or ``(B,)``)
+        given the observation window ``Z (B, Tz, cond)``, oldest first, its last token the newest.
+
+        ``cond_lengths (B,)``: example ``b``'s window is only its last ``cond_lengths[b]`` tokens (the rest is left
+        padding, never attended to), so windows of different lengths share one forward; the result equals running
+        each example alone on ``Z[b:b+1, Tz - cond_lengths[b]:]`` (every positional backend: positions are counted
+        from each window's own start). Equivariant: ``f(rho_in(g) X, k, rho_cond(g) Z) = rho_out(g) f(X, k, Z)``.
+        """
         self._check("X", X, self.in_rep, self.in_horizon)
         self._check("Z", Z, self.cond_rep)
         if X.shape[0] != Z.shape[0]:
             raise ValueError(f"Z: expected batch size {X.shape[0]} (that of X), got {Z.shape[0]}")
         b, th = Z.shape[:2]
+        # per example: positions from its window's start (padding negative), the newest token's position `now`
+        pos, now, padding = _window_positions(cond_lengths, b, th, Z.device)
         z = self.drop(self.cond_obs_emb(Z))
         if self.encoder is not None:
-            z = self.encoder(
-                z,
-                mask=causal_window_mask(th, self.cond_window, device=z.device, dtype=z.dtype),
-                src_pos=torch.arange(th, device=z.device),
-            )
+            z = self.encoder(z, mask=self._cond_mask(pos, padding, z), src_pos=pos.clamp(min=0))
         else:
             z = self.cond_mlp(z)
         keep = min(th, self.cond_horizon)
         memory = torch.cat((self._step_token(opt_step, b, z), z[:, th - keep :]), dim=1)
-        now = th - 1
-        memory_pos = torch.cat((torch.tensor([now]), torch.arange(th - keep, th))).to(z.device)
+        memory_pos = torch.cat((now[:, None], pos[:, th - keep :].clamp(min=0)), dim=1)
+        memory_padding = None if padding is None else F.pad(padding[:, th - keep :], (1, 0), value=False)
         x = self._action_tokens(X)
         x = self.decoder(
             x,
             memory,
             tgt_mask=self._tgt_mask(x.shape[1], x),
-            tgt_pos=torch.full((x.shape[1],), now, device=x.device),
+            memory_key_padding_mask=memory_padding,
+            tgt_pos=now[:, None].expand(b, x.shape[1]),
             memory_pos=memory_pos,
         )
         return self.head(self.ln_f(x))
+
+    def _cond_mask(self, pos: Tensor, padding: Tensor | None, ref: Tensor) -> Tensor:
+        """The encoder's band-causal window mask: ``(Tz, Tz)`` over whole windows, else ``(B * H, Tz, Tz)`` over the
+        per-example positions, where a padding token sees itself only (its output is never read, but a row
+        without any key would be NaN)."""
+        if padding is None:
+            return causal_window_mask(pos.shape[1], self.cond_window, device=ref.device, dtype=ref.dtype)
+        allowed = band_mask(pos, pos, self.cond_window) | torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
+        mask = torch.zeros(allowed.shape, dtype=ref.dtype, device=ref.device).masked_fill(~allowed, float("-inf"))
+        return mask.repeat_interleave(self.config.num_attention_heads, dim=0)
 
     # ---------------------------------------------------------------- streaming
     def init_state(

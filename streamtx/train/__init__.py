@@ -3,13 +3,14 @@
 normalisation, EMA, the trainer (devices, DDP, resume) and its metrics file. The ``streamtx train`` command is
 :mod:`streamtx.apps.train`."""
 
-from .chunks import ChunkDataset
+from .chunks import ChunkBatch, ChunkDataset
 from .ema import EMA
 from .metrics import MetricsLog
 from .normalize import fold_input_normalization, observation_normalizer, orbit_blocks
 from .trainer import TrainConfig, TrainResult, TrainState, train
 
 __all__ = [
+    "ChunkBatch",
     "ChunkDataset",
     "EMA",
     "TrainConfig",

@@ -6,13 +6,26 @@ episode's boundary.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from streamtx.data import Episodes
 
-__all__ = ["ChunkDataset"]
+__all__ = ["ChunkBatch", "ChunkDataset"]
+
+
+class ChunkBatch(NamedTuple):
+    """Examples of one batch: observation windows ``Z (B, L, obs_dim)``, oldest first and left-padded to the
+    longest window ``L`` of the batch, example ``b``'s real window being its last ``lengths[b]`` tokens; action
+    chunks ``X (B, Tx, act_dim)``; ``lengths (B,)``. The model takes it as ``model(X_k, k, Z, cond_lengths=lengths)``
+    (padding never attended to), one forward for windows of every length."""
+
+    Z: Tensor
+    X: Tensor
+    lengths: Tensor
 
 
 class ChunkDataset:
@@ -106,20 +119,18 @@ class ChunkDataset:
         self.observations, self.actions = self.observations.to(device), self.actions.to(device)
         return self
 
-    def get(self, index: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Examples ``index (B,)`` (flat over frames), grouped by window length ``L`` (ascending):
-        ``[(Z (b_L, L, obs_dim), X (b_L, Tx, act_dim)), ...]`` with ``sum b_L = B``."""
+    def get(self, index: Tensor) -> ChunkBatch:
+        """Examples ``index (B,)`` (flat over frames) as one batch: windows left-padded to the longest among them
+        (see :class:`ChunkBatch`)."""
         index = index.cpu()
-        length = (index - self._start[index] + 1).clamp(max=self.obs_horizon)
+        lengths = (index - self._start[index] + 1).clamp(max=self.obs_horizon)
+        width = int(lengths.max())
+        # frame of each window slot; slots before the window's start read its first frame and are marked padding
+        window = torch.maximum(index[:, None] + torch.arange(1 - width, 1), self._start[index][:, None])
+        chunk = torch.minimum(index[:, None] + torch.arange(self.action_horizon), self._last[index][:, None])
         device = self.observations.device
-        groups = []
-        for n in length.unique().tolist():  # sorted
-            t = index[length == n]
-            window = t[:, None] + torch.arange(1 - n, 1)
-            chunk = torch.minimum(t[:, None] + torch.arange(self.action_horizon), self._last[t][:, None])
-            groups.append((self.observations[window.to(device)], self.actions[chunk.to(device)]))
-        return groups
+        return ChunkBatch(self.observations[window.to(device)], self.actions[chunk.to(device)], lengths.to(device))
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
-        """A uniformly random batch of ``batch_size`` examples (with replacement), grouped as in :meth:`get`."""
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> ChunkBatch:
+        """A uniformly random batch of ``batch_size`` examples (with replacement), as :meth:`get` returns it."""
         return self.get(torch.randint(len(self), (batch_size,), generator=generator))

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .chunks import ChunkDataset
+from .chunks import ChunkBatch, ChunkDataset
 from .ema import EMA
 from .metrics import MetricsLog
 
@@ -170,68 +170,57 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-Examples = list[tuple[Tensor, Tensor, Tensor, Tensor]]
-"""Per window length: ``(Z, X_k, k, target)``."""
+class Examples(NamedTuple):
+    """A batch ready for the loss: windows ``Z``, noisy chunks ``X_k``, steps ``k``, targets and window lengths."""
+
+    Z: Tensor
+    X_k: Tensor
+    k: Tensor
+    target: Tensor
+    lengths: Tensor
 
 
-def _examples(
-    sampler: TrainingSampler, batch: list[tuple[Tensor, Tensor]], generator: torch.Generator | None
-) -> Examples:
-    out = []
-    for z, x in batch:
-        x_k, k, target = sampler.training_example(x, generator=generator)
-        out.append((z, x_k, k, target))
-    return out
+def _examples(sampler: TrainingSampler, batch: ChunkBatch, generator: torch.Generator | None) -> Examples:
+    x_k, k, target = sampler.training_example(batch.X, generator=generator)
+    return Examples(batch.Z, x_k, k, target, batch.lengths)
 
 
 def _shard(examples: Examples, rank: int, world: int) -> Examples:
-    """This process's contiguous slice of the batch (groups concatenated in order), ``1 / world`` of it."""
-    total = sum(len(z) for z, *_ in examples)
+    """This process's contiguous slice of the batch, ``1 / world`` of it."""
+    total = len(examples.Z)
     lo, hi = rank * total // world, (rank + 1) * total // world
-    out, at = [], 0
-    for group in examples:
-        n = len(group[0])
-        a, b = max(lo - at, 0), min(hi - at, n)
-        if a < b:
-            z, x_k, k, target = group
-            out.append((z[a:b], x_k[a:b], k[a:b], target[a:b]))
-        at += n
-    return out
+    return Examples(*(t[lo:hi] for t in examples))
 
 
 class _SquaredError(nn.Module):
-    """``sum ||model(X_k, k, Z) - target||^2`` over groups of examples: the one forward that DDP wraps."""
+    """``sum ||model(X_k, k, Z) - target||^2`` over a batch, windows of every length in one forward: the module
+    that DDP wraps."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, examples: Examples) -> Tensor:
-        total = None
-        for z, x_k, k, target in examples:
-            err = F.mse_loss(self.model(x_k, k, z), target, reduction="sum")
-            total = err if total is None else total + err
-        if total is None:
-            raise ValueError("batch: expected at least one group of examples, got none")
-        return total
+        if len(examples.Z) == 0:
+            raise ValueError("batch: expected at least one example, got none")
+        prediction = self.model(examples.X_k, examples.k, examples.Z, cond_lengths=examples.lengths)
+        return F.mse_loss(prediction, examples.target, reduction="sum")
 
 
 def chunk_loss(
     model: nn.Module,
     sampler: TrainingSampler,
-    batch: list[tuple[Tensor, Tensor]],
+    batch: ChunkBatch,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Mean squared error of ``model`` against ``sampler``'s targets over a batch grouped by window length (as
-    :meth:`ChunkDataset.get` returns it): one forward per group, every example weighted alike."""
+    """Mean squared error of ``model`` against ``sampler``'s targets over a batch (as :meth:`ChunkDataset.get`
+    returns it), every example weighted alike."""
     examples = _examples(sampler, batch, generator)
-    return _SquaredError(model)(examples) / sum(t.numel() for *_, t in examples)
+    return _SquaredError(model)(examples) / examples.target.numel()
 
 
 @torch.no_grad()
-def _validation_loss(
-    model: nn.Module, sampler: TrainingSampler, batch: list[tuple[Tensor, Tensor]], seed: int
-) -> float:
+def _validation_loss(model: nn.Module, sampler: TrainingSampler, batch: ChunkBatch, seed: int) -> float:
     # the same noise every time: losses are comparable across evaluations
     return chunk_loss(model, sampler, batch, torch.Generator().manual_seed(seed)).item()
 
@@ -337,7 +326,7 @@ def train(
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         examples = _examples(sampler, dataset.sample(config.batch_size, state.generator), state.generator)
-        count = sum(t.numel() for *_, t in examples)
+        count = examples.target.numel()
         with _autocast(device, config):
             # DDP averages gradients over processes: scale by `world` so they are those of the global mean
             loss = loss_module(_shard(examples, rank, world)) / count * world
@@ -373,7 +362,7 @@ def _after_step(
     state: TrainState,
     config: TrainConfig,
     sampler: TrainingSampler,
-    val_batch: list[tuple[Tensor, Tensor]] | None,
+    val_batch: ChunkBatch | None,
     metrics: MetricsLog | None,
     on_checkpoint: Callable[[TrainState], None] | None,
     lr: float,

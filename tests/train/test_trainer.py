@@ -52,15 +52,17 @@ def test_validation_loss_goes_down():
 
 
 def test_chunk_loss_weights_every_example_alike():
+    """One forward over windows of every length equals each example run alone on its own (unpadded) window."""
     ds, model, sampler = _dataset(), _model(), FlowMatchingSampler(4)
-    groups = ds.get(torch.arange(len(ds)))
-    assert len(groups) == 2  # windows of 1 (first steps) and 2 observations
-    loss = chunk_loss(model, sampler, groups, torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(0)
-    errors = []
-    for z, x in groups:
-        x_k, k, target = sampler.training_example(x, generator=gen)
-        errors.append(((model(x_k, k, z) - target) ** 2).flatten())
+    batch = ds.get(torch.arange(len(ds)))
+    assert set(batch.lengths.tolist()) == {1, 2}  # windows of 1 (first steps) and 2 observations
+    loss = chunk_loss(model, sampler, batch, torch.Generator().manual_seed(0))
+    x_k, k, target = sampler.training_example(batch.X, generator=torch.Generator().manual_seed(0))
+    width = batch.Z.shape[1]
+    errors = [
+        ((model(x_k[b : b + 1], k[b : b + 1], batch.Z[b : b + 1, width - n :]) - target[b : b + 1]) ** 2).flatten()
+        for b, n in enumerate(batch.lengths.tolist())
+    ]
     torch.testing.assert_close(loss, torch.cat(errors).mean())
 
 
