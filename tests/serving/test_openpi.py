@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from serving_helpers import TIMEOUT, start_daemon
 
+from streamtx.apps.cli import main as streamtx_main
 from streamtx.apps.served_policy import TorchBatchPolicy
+from streamtx.data import Episodes, write_lerobot
 from streamtx_client import Client, LocalSession
 from streamtx_server.openpi import BadFrame, ObservationMapping, pack, unpack
 from streamtx_server.process import DaemonProcess
@@ -166,3 +168,31 @@ def test_frames_round_trip_numeric_arrays_and_refuse_objects() -> None:
         unpack(short)
     with pytest.raises(BadFrame, match="not a msgpack frame"):
         unpack(b"\xc1")
+
+
+def test_bring_your_own_data_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """LeRobot directory -> ``streamtx train`` -> ``streamtx serve --openpi-port --record`` -> our client and
+    openpi's -> ``streamtx replay`` of what was served: the README's chain on a tiny dataset."""
+    rng = np.random.default_rng(3)
+    obs = rng.standard_normal((2, 24, 6))
+    actions = np.tanh(obs[..., :2] + 0.1 * rng.standard_normal((2, 24, 2)))
+    dataset = write_lerobot(tmp_path / "data", Episodes.from_padded(obs, actions), fps=50)
+    trained = tmp_path / "policy.pt"
+    train = ["train", str(dataset), f"--out={trained}", "--no-equivariance", "--layers=1", "--dim=16", "--heads=1"]
+    assert streamtx_main([*train, "--steps=4", "--batch-size=8", "--quiet", "--threads=1"]) == 0
+    recorded = tmp_path / "served"
+    daemon = start_daemon(trained, tmp_path, "--openpi-port=0", f"--record={recorded}", binds=("tcp://127.0.0.1:*",))
+    try:
+        port = _openpi_port(daemon)
+        with Client(daemon.endpoints[0], timeout=TIMEOUT) as client, client.open(seed=0) as session:
+            ours = [session.step(o.astype(np.float32)) for o in obs[0, :5]]
+        openpi = _connect(port)
+        theirs = [openpi.infer({KEY: o.astype(np.float32)})["actions"] for o in obs[1, :5]]
+        openpi._ws.close()
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()
+    assert all(c.shape == theirs[0].shape for c in ours + theirs)
+    capsys.readouterr()
+    assert streamtx_main(["replay", str(recorded), f"--checkpoint={trained}", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["chunks"] for r in rows) == [5, 5] and max(r["max_rel"] for r in rows) <= 1e-6
