@@ -213,7 +213,7 @@ def run_server(
             bridge.stop()
             thread.join(5.0)
     if failure:
-        raise OSError(f"--openpi-port {openpi.port if openpi else ''}: {failure[0]}")
+        raise OSError(f"--openpi-port: {failure[0]}")
     return 0
 
 

@@ -19,7 +19,10 @@ from streamtx.apps.cli import main as streamtx_main
 from streamtx.apps.served_policy import TorchBatchPolicy
 from streamtx.data import Episodes, write_lerobot
 from streamtx_client import Client, LocalSession
-from streamtx_server.openpi import BadFrame, ObservationMapping, pack, unpack
+from streamtx_server import ServerConfig
+from streamtx_server.auth import create_curve_keys
+from streamtx_server.cli import run_server
+from streamtx_server.openpi import BadFrame, ObservationMapping, OpenpiEndpoint, pack, unpack
 from streamtx_server.process import DaemonProcess
 
 pytest.importorskip("websockets")
@@ -196,3 +199,15 @@ def test_bring_your_own_data_chain(tmp_path: Path, capsys: pytest.CaptureFixture
     assert streamtx_main(["replay", str(recorded), f"--checkpoint={trained}", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert sorted(r["chunks"] for r in rows) == [5, 5] and max(r["max_rel"] for r in rows) <= 1e-6
+
+
+def test_the_unauthenticated_endpoint_is_refused_with_curve(policy, tmp_path: Path) -> None:
+    create_curve_keys(tmp_path / "keys")
+    with pytest.raises(ValueError, match="no authentication"):
+        run_server(
+            TorchBatchPolicy(policy),
+            ["tcp://127.0.0.1:*"],
+            ServerConfig(),
+            curve_keys=tmp_path / "keys",
+            openpi=OpenpiEndpoint(port=0),
+        )
