@@ -33,7 +33,9 @@ column                      shape                             meaning
 A closed session's episode ends when its row is reset for the next session or when recording stops (the daemon
 tells the policy nothing at close). Finished episodes are written by a background thread, the whole dataset
 rewritten next to ``root`` and swapped in, so the daemon's loop never waits for the disk and ``root`` always holds
-a complete dataset; :meth:`RecordingPolicy.close` ends every open episode and writes the last version.
+a complete dataset; :meth:`RecordingPolicy.close` ends every open episode and writes the last version. Finished
+episodes stay in memory and each write costs time in proportion to all frames so far: a recording is sized for a
+deployment session (hours at 50 Hz: ~10^5-10^6 frames), not for weeks; start a new ``DIR`` for the next one.
 
 :func:`replay` feeds a recording's episodes, step by step with their seeds, to a policy and compares the chunks it
 returns with the recorded ones: the same checkpoint gives the same actions; another one shows what it would have

@@ -1,7 +1,8 @@
 """The openpi-compatible endpoint: openpi's own ``WebsocketClientPolicy`` against ``streamtx serve --openpi-port``.
 
 ``openpi-client`` pins numpy<2, so it is not in the dev extra; install it with
-``pip install --no-deps openpi-client`` (it needs only msgpack, numpy, websockets, typing_extensions here).
+``pip install --no-deps openpi-client`` (it needs only msgpack, numpy, websockets, typing_extensions here). The
+tests that drive it skip without it; the frame, mapping and configuration tests run everywhere.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from streamtx_server.openpi import BadFrame, ObservationMapping, OpenpiEndpoint,
 from streamtx_server.process import DaemonProcess
 
 pytest.importorskip("websockets")
-websocket_client_policy = pytest.importorskip("openpi_client.websocket_client_policy")
 
 KEY = "observation/state"
 # openpi-client 0.1.2 opens its connection outside a context manager, which websockets >= 15 warns about
@@ -47,6 +47,7 @@ def _openpi_port(daemon: DaemonProcess) -> int:
 
 @pytest.fixture(scope="module")
 def openpi_daemon(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProcess, int]]:
+    pytest.importorskip("openpi_client")
     daemon = start_daemon(
         checkpoint,
         tmp_path_factory.mktemp("openpi"),
@@ -63,7 +64,9 @@ def openpi_daemon(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def _connect(port: int):
-    return websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port)
+    """openpi's own client (the tests that use it skip without it; the others run in any environment)."""
+    client = pytest.importorskip("openpi_client.websocket_client_policy")
+    return client.WebsocketClientPolicy(host="127.0.0.1", port=port)
 
 
 def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -176,6 +179,7 @@ def test_frames_round_trip_numeric_arrays_and_refuse_objects() -> None:
 def test_bring_your_own_data_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """LeRobot directory -> ``streamtx train`` -> ``streamtx serve --openpi-port --record`` -> our client and
     openpi's -> ``streamtx replay`` of what was served: the README's chain on a tiny dataset."""
+    pytest.importorskip("openpi_client")
     rng = np.random.default_rng(3)
     obs = rng.standard_normal((2, 24, 6))
     actions = np.tanh(obs[..., :2] + 0.1 * rng.standard_normal((2, 24, 2)))
