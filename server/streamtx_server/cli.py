@@ -9,9 +9,13 @@ import logging
 import os
 import signal
 import sys
+import threading
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import zmq
 
 from streamtx_client import Client, RequestTimeout, ServerError
 from streamtx_client.protocol import PROTOCOL_VERSION
@@ -21,14 +25,22 @@ from .config import ServerConfig
 from .config_file import add_config_option, parse_args_with_config
 from .daemon import Server
 from .jsonlog import configure_logging, log_event
+from .openpi import DEFAULT_OBS_KEY, OpenpiBridge, OpenpiEndpoint
 
-__all__ = ["serve_main", "stats_main", "keygen_main", "main", "run_server"]
+__all__ = ["serve_main", "serve_args", "serve_parser", "stats_main", "keygen_main", "main", "run_server"]
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535] (0: any free port), got {text}")
     return value
 
 
@@ -121,23 +133,87 @@ def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
         metavar="DIR",
         help="require CURVE: DIR holds server.key_secret (and optionally authorized_clients/)",
     )
+    p.add_argument(
+        "--openpi-port",
+        type=_port,
+        help="also serve openpi's websocket policy protocol on this port (0: any free one); off by default",
+    )
+    p.add_argument("--openpi-host", default="127.0.0.1", help="the address the openpi endpoint binds")
+    p.add_argument(
+        "--openpi-obs-key",
+        action="append",
+        metavar="KEY",
+        help=f"openpi observation key whose values, concatenated in the order given, are the policy's observation "
+        f"tokens; repeat for several (default {DEFAULT_OBS_KEY})",
+    )
+    p.add_argument(
+        "--openpi-ignore-key",
+        action="append",
+        metavar="KEY",
+        help="openpi observation key accepted and dropped (e.g. prompt, camera images); other unknown keys are refused",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     p.add_argument("--log-format", default="json", choices=["json", "text"], help="one JSON object per line, or text")
     p.add_argument("--version", action="version", version=f"%(prog)s (protocol {PROTOCOL_VERSION})")
     return p
 
 
-def run_server(policy: Any, endpoints: Sequence[str], config: ServerConfig, *, curve_keys: Path | None = None) -> int:
-    """Serve ``policy`` until SIGINT or SIGTERM, then finish the requests in flight and return 0."""
+def run_server(
+    policy: Any,
+    endpoints: Sequence[str],
+    config: ServerConfig,
+    *,
+    curve_keys: Path | None = None,
+    openpi: OpenpiEndpoint | None = None,
+) -> int:
+    """Serve ``policy`` until SIGINT or SIGTERM, then finish the requests in flight and return 0.
+
+    With ``openpi``, an :class:`~streamtx_server.openpi.OpenpiBridge` in a thread serves openpi's websocket protocol
+    as a client of this daemon over a private ``inproc://`` endpoint; it stops first on a signal."""
 
     curve = load_server_keys(curve_keys) if curve_keys is not None else None
-    server = Server(policy, endpoints, config, curve=curve)
-    previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if openpi is not None and curve is not None:
+        raise ValueError(
+            "--openpi-port: the openpi websocket protocol has no authentication; it cannot be combined with "
+            "--curve-keys (serve openpi clients from a daemon of their own, bound to a trusted network)"
+        )
+    bridge_endpoint = f"inproc://streamtx-openpi-{uuid.uuid4().hex}"
+    server = Server(policy, [*endpoints, bridge_endpoint] if openpi is not None else endpoints, config, curve=curve)
+    bridge = None
+    failure: list[BaseException] = []
+    if openpi is not None:
+        bridge = OpenpiBridge(
+            bridge_endpoint, openpi.mapping, host=openpi.host, port=openpi.port, context=zmq.Context.instance()
+        )
+
+    def run_bridge() -> None:
+        assert bridge is not None
+        server.listening.wait()
+        try:
+            bridge.serve_forever()
+        except (OSError, ImportError) as exc:  # e.g. the port is taken: the whole daemon fails, as a bad --bind does
+            failure.append(exc)
+            server.stop()
+
+    def stop(*_: object) -> None:
+        if bridge is not None:
+            bridge.stop()
+        server.stop()
+
+    thread = threading.Thread(target=run_bridge, name="openpi", daemon=True) if bridge is not None else None
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if thread is not None:
+            thread.start()
         server.serve_forever()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if bridge is not None and thread is not None:
+            bridge.stop()
+            thread.join(5.0)
+    if failure:
+        raise OSError(f"--openpi-port: {failure[0]}")
     return 0
 
 
@@ -148,8 +224,11 @@ serves. The daemon knows no model library; the application that runs it (``strea
 
 def serve_main(argv: list[str] | None, load_policy: PolicyLoader) -> int:
     """``serve --checkpoint PATH --bind tcp://127.0.0.1:5555 ...`` with the policy that ``load_policy`` makes."""
-    args = parse_args_with_config(serve_parser(), argv)
+    return serve_args(parse_args_with_config(serve_parser(), argv), load_policy)
 
+
+def serve_args(args: argparse.Namespace, load_policy: PolicyLoader) -> int:
+    """:func:`serve_main` after parsing (an application that adds options to :func:`serve_parser` calls this)."""
     log = configure_logging(args.log_level, args.log_format)
     try:
         config = ServerConfig(
@@ -163,8 +242,17 @@ def serve_main(argv: list[str] | None, load_policy: PolicyLoader) -> int:
             max_queued_per_session=args.max_queued_per_session,
             max_obs_abs=args.max_obs_abs,
         )
+        openpi = (
+            None
+            if args.openpi_port is None
+            else OpenpiEndpoint.from_flags(
+                args.openpi_port, args.openpi_host, args.openpi_obs_key, args.openpi_ignore_key
+            )
+        )
         policy = load_policy(args.checkpoint, args.device, args.threads, args.max_tokens_per_step)
-        return run_server(policy, args.bind or ["tcp://127.0.0.1:5555"], config, curve_keys=args.curve_keys)
+        return run_server(
+            policy, args.bind or ["tcp://127.0.0.1:5555"], config, curve_keys=args.curve_keys, openpi=openpi
+        )
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         log_event(log, logging.ERROR, "serve_failed", error=str(exc))
         print(f"streamtx serve: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "collect": (collect.main, "collect Reacher demonstrations from the scripted expert"),
     "train": (train.main, "train a policy on a demonstration file"),
     "random-checkpoint": (serve.random_checkpoint_main, "write a small random-weight checkpoint"),
+    "replay": (serve.replay_main, "replay a `serve --record` dataset against a checkpoint, compare the actions"),
 }
 
 

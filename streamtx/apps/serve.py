@@ -1,24 +1,41 @@
-"""``streamtx serve`` / ``stats`` / ``keygen`` / ``random-checkpoint``: the daemon wired to streamtx checkpoints.
+"""``streamtx serve`` / ``stats`` / ``keygen`` / ``random-checkpoint`` / ``replay``: the daemon wired to streamtx
+checkpoints.
 
 The daemon (``streamtx_server``) serves any policy with its interface; this module is the one place that says which
 streamtx policy a checkpoint and a device become: the static CUDA-graph plan on a CUDA device, the module-path
-:class:`~streamtx.policy.StreamingPolicy` elsewhere.
+:class:`~streamtx.policy.StreamingPolicy` elsewhere. ``serve --record DIR`` wraps that policy in a
+:class:`~streamtx.apps.recording.RecordingPolicy`; ``replay`` replays such a recording against a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import pickle
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from streamtx_server import cli as server_cli
+from streamtx_server.config_file import parse_args_with_config
+from streamtx_server.jsonlog import LOGGER_NAME, log_event
 
 from ..checkpoint import load_policy, load_static_policy, make_random_checkpoint
+from .recording import RecordingPolicy, read_recording, replay
 from .served_policy import TorchBatchPolicy
 
-__all__ = ["load_served_policy", "serve_main", "stats_main", "keygen_main", "random_checkpoint_main"]
+__all__ = [
+    "load_served_policy",
+    "serve_parser",
+    "serve_main",
+    "stats_main",
+    "keygen_main",
+    "random_checkpoint_main",
+    "replay_main",
+]
 
 stats_main = server_cli.stats_main
 keygen_main = server_cli.keygen_main
@@ -49,9 +66,73 @@ def _load(checkpoint: Path, device: str, max_tokens_per_step: int) -> TorchBatch
     return TorchBatchPolicy(load_policy(checkpoint, device=device, max_tokens_per_step=max_tokens_per_step))
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    """The daemon's options and the ones this application adds (recording)."""
+    p = server_cli.serve_parser()
+    p.add_argument(
+        "--record",
+        type=Path,
+        metavar="DIR",
+        help="record every session (observations, returned chunks, timing) as a LeRobot v3.0 dataset in DIR "
+        "(must not exist or be empty); replay it with `streamtx replay DIR --checkpoint X`",
+    )
+    p.add_argument(
+        "--record-fps", type=float, default=50.0, help="the robots' control rate: the recorded dataset's fps"
+    )
+    return p
+
+
 def serve_main(argv: list[str] | None = None) -> int:
-    """``streamtx serve --checkpoint PATH --bind tcp://127.0.0.1:5555 ...``"""
-    return server_cli.serve_main(argv, load_served_policy)
+    """``streamtx serve --checkpoint PATH --bind tcp://127.0.0.1:5555 [--record DIR] ...``"""
+    args = parse_args_with_config(serve_parser(), argv)
+    recorders: list[RecordingPolicy] = []
+
+    def load(checkpoint: Path, device: str, threads: int | None, max_tokens_per_step: int) -> Any:
+        policy = load_served_policy(checkpoint, device, threads, max_tokens_per_step)
+        if args.record is None:
+            return policy
+        recorders.append(RecordingPolicy(policy, args.record, fps=args.record_fps))
+        return recorders[-1]
+
+    code = server_cli.serve_args(args, load)
+    for recorder in recorders:  # the daemon stopped: its sessions' last episodes are written now
+        try:
+            path = recorder.close()
+        except RuntimeError as exc:
+            print(f"streamtx serve: {exc}", file=sys.stderr)
+            return 1
+        log_event(logging.getLogger(LOGGER_NAME), logging.INFO, "recorded", path=str(path))
+    return code
+
+
+def replay_main(argv: list[str] | None = None) -> int:
+    """``streamtx replay DIR --checkpoint PATH``: per episode, how the checkpoint's chunks differ from the served."""
+    p = argparse.ArgumentParser(
+        prog="streamtx replay",
+        description="Replay a `streamtx serve --record` dataset against a checkpoint and compare the action chunks.",
+    )
+    p.add_argument("directory", type=Path, help="the recorded LeRobot dataset")
+    p.add_argument("--checkpoint", required=True, type=Path, help="the policy to replay (the served one or another)")
+    p.add_argument("--device", default="cpu", help="torch device of the model")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object per episode")
+    args = p.parse_args(argv)
+    try:
+        meta, _ = read_recording(args.directory)
+        policy = load_served_policy(args.checkpoint, args.device, args.threads, int(meta["max_tokens_per_step"]))
+        results = replay(args.directory, policy)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"streamtx replay: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        for r in results:
+            row = {"episode": r.index, "frames": r.frames, "chunks": len(r.chunks), "max_abs": r.max_abs}
+            print(json.dumps({**row, "max_rel": r.max_rel}))
+        return 0
+    print(f"{'episode':>7} {'frames':>7} {'chunks':>7} {'max |diff|':>12} {'relative':>10}")
+    for r in results:
+        print(f"{r.index:>7} {r.frames:>7} {len(r.chunks):>7} {r.max_abs:>12.3e} {r.max_rel:>10.3e}")
+    return 0
 
 
 def random_checkpoint_main(argv: list[str] | None = None) -> int:
