@@ -21,11 +21,11 @@ from layer_testing import faithful_rep, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from streamtx.checkpoint import load_policy, load_static_policy, make_random_checkpoint
-from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor
-from streamtx.policy import DDIMSampler, FlowMatchingSampler, Sampler, StreamingPolicy, static_plan
+from streamtx.models import CondTransformerRegressor, cond_regressor, eCondTransformerRegressor
+from streamtx.nn.kernels import add_norm, attention, fused_kernels_available
+from streamtx.policy import DDIMSampler, FlowMatchingSampler, Sampler, StreamingPolicy
 from streamtx.policy.cuda_graph import CapturedProgram, capture_unavailable
 from streamtx.policy.static import StaticStreamingPolicy, default_buckets
-from streamtx.policy.static_kernels import add_norm, attention, fused_kernels_available
 from streamtx.symmetry import Representation, dihedral
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -311,12 +311,12 @@ def test_eager_fallback_says_why(caplog):
 def test_failing_fused_kernel_check_falls_back(monkeypatch, caplog):
     """A fused kernel that does not reproduce the torch path on the plan's shapes is not used, and the log says
     why (here a broken attention stands in for a miscompiled kernel)."""
-    monkeypatch.setattr(static_plan, "fused_kernels_available", lambda device: True)
+    monkeypatch.setattr(cond_regressor, "fused_kernels_available", lambda device: True)
 
     def broken(q, k, v, mask=None, causal=False, fused=False):
         return attention(q, k, v, mask, causal) * (2.0 if fused else 1.0)
 
-    monkeypatch.setattr(static_plan, "attention", broken)
+    monkeypatch.setattr(cond_regressor, "attention", broken)
     plan = StaticStreamingPolicy(make_policy()).plan
     assert not plan.fused and plan.fused_reason.startswith("self-attention differs from the torch path by 1.0e+00")
     assert "plan uses the torch kernels: self-attention differs" in caplog.text
