@@ -58,11 +58,18 @@ def make_policy(
         kw.update(num_cond_layers=0)
     elif variant == "rms_causal":
         kw.update(norm_module="rmsnorm", causal_attn=True, activation="silu", num_cond_layers=1)
+    elif variant == "post_tables":  # post-norm; per-head memory masks (relative bias), query offsets (absolute)
+        kw.update(norm_first=False, cond_positional="relative", self_positional="absolute", cross_positional="relative")
     torch.manual_seed(seed)
     if variant == "plain":  # the trivial group: dense layers
         model = CondTransformerRegressor(act.size, obs.size, act.size, **kw)
     else:
         model = eCondTransformerRegressor(act, obs, act, **kw)
+    if variant == "post_tables":
+        with torch.no_grad():  # relative biases start at zero: make them matter
+            for name, p in model.named_parameters():
+                if name.endswith("positional.bias"):
+                    p.normal_()
     return StreamingPolicy(model.to(device).eval(), sampler or FlowMatchingSampler(num_steps=3), max_tokens_per_step)
 
 
@@ -119,7 +126,7 @@ def stream_calls(
 
 
 # ---------------------------------------------------------------------------------------------------- CPU
-@pytest.mark.parametrize("variant", ["encoder", "mlp", "rms_causal", "plain"])
+@pytest.mark.parametrize("variant", ["encoder", "mlp", "rms_causal", "plain", "post_tables"])
 @pytest.mark.parametrize(
     "sampler",
     [FlowMatchingSampler(3), FlowMatchingSampler(2, "heun"), DDIMSampler(50, 3, clip_sample=1.0)],
@@ -366,7 +373,9 @@ def test_fused_kernels_match_torch_path(dtype, tolerance, causal):
     memory = rand(2, 3, 4, 33, 32)
     mask = torch.zeros(3, 1, 1, 48, dtype=dtype, device="cuda")[..., :33]
     mask[0, ..., :9] = float("-inf")
-    for args in ((q, k, v, None, causal), (q, memory[0], memory[1], mask, False)):
+    per_head = torch.randn(3, 4, 1, 48, generator=gen, device="cuda").to(dtype)[..., :33]  # a relative bias
+    per_head[1, 2, :, :5] = float("-inf")
+    for args in ((q, k, v, None, causal), (q, memory[0], memory[1], mask, False), (q, *memory[:2], per_head, False)):
         assert rel_err(attention(*args, fused=True).float(), attention(*args, fused=False).float()) <= tolerance
     x, y, w, b = rand(3, 16, 128), rand(3, 16, 128), rand(128), rand(128)
     for fused, ref in zip(
@@ -379,8 +388,13 @@ def test_fused_kernels_match_torch_path(dtype, tolerance, causal):
 @cuda
 @pytest.mark.parametrize(
     "variant, sampler",
-    [("encoder", FlowMatchingSampler(3)), ("rms_causal", DDIMSampler(50, 3)), ("mlp", FlowMatchingSampler(2, "heun"))],
-    ids=["euler", "ddim", "heun"],
+    [
+        ("encoder", FlowMatchingSampler(3)),
+        ("rms_causal", DDIMSampler(50, 3)),
+        ("mlp", FlowMatchingSampler(2, "heun")),
+        ("post_tables", FlowMatchingSampler(3)),
+    ],
+    ids=["euler", "ddim", "heun", "post_tables"],
 )
 def test_graph_replay_equals_eager_and_reference(variant, sampler):
     reference = make_policy(variant, sampler, dtype=torch.float32, device="cuda")

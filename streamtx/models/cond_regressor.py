@@ -424,7 +424,10 @@ class eCondTransformerRegressor(nn.Module):
             state.memory[0], query_pos, rows, dtype=x.dtype
         )
         for layer, mem in zip(self.decoder.layer_list, state.memory):
-            x = layer.forward_cached_memory(x, mem, query_pos, rows, tgt_mask=mask, memory_mask=memory_mask)
+            # every action token sits at `now`, in self- as in cross-attention (the positions forward() gives them)
+            x = layer.forward_cached_memory(
+                x, mem, query_pos, rows, tgt_mask=mask, tgt_pos=query_pos, memory_mask=memory_mask
+            )
         return self.head(self.ln_f(x))
 
     # ---------------------------------------------------------------- lowering

@@ -47,9 +47,9 @@ def attention(
 ) -> Tensor:
     """Multi-head attention ``q (b, H, T, hd)`` over ``k, v (b, H, S, hd)`` -> ``(b, T, H * hd)``, heads merged.
 
-    ``mask``: additive, the same for every query, per key ``(b, 1, 1, S)`` or per head and key ``(b, H, 1, S)``;
-    ``causal``: query ``t`` sees keys ``<= t``. Any strides with a contiguous last dimension. ``fused`` runs the
-    Triton kernel where the shapes allow it.
+    ``mask``: additive, broadcastable to ``(b, H, T, S)``; ``causal``: query ``t`` sees keys ``<= t``. Any strides
+    with a contiguous last dimension. ``fused`` runs the Triton kernel where the shapes allow it, which takes masks
+    that are the same for every query: per key ``(b, 1, 1, S)`` or per head and key ``(b, H, 1, S)``.
     """
     b, h, t, hd = q.shape
     s = k.shape[2]
