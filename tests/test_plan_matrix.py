@@ -17,7 +17,7 @@ import torch
 from layer_testing import faithful_rep, rel_err
 
 from streamtx.models import eCondTransformerRegressor
-from streamtx.nn.positional import PositionalAttention, eRoPE
+from streamtx.nn.positional import PositionalAttention, eRoPE, make_positional
 from streamtx.policy import DDIMSampler, FlowMatchingSampler, Sampler, StreamingPolicy
 from streamtx.policy.static import StaticStreamingPolicy
 from streamtx.symmetry import Representation, dihedral
@@ -222,3 +222,41 @@ def test_compiled_plan_representative():
     static = StaticStreamingPolicy(reference, buckets=[3], compile=True)
     assert static.compiled
     assert compare(reference, static, steps=130) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lowered_positional_tables_equal_their_modules(backend):
+    """Scores of queries at ``q_pos`` and keys at ``k_pos``, and the one-position identities of
+    :class:`~streamtx.nn.lowered.Positional`, against the module's own ``encode_query``/``encode_key``/``score_bias``
+    (float64, random tables)."""
+    heads, copies, order, b, lq, lk = 2, 2, 8, 3, 4, 6
+    module = make_positional(backend, heads, copies, order).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    table = module.lower(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(b, lq, heads, copies * order, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, lk, heads, copies * order, generator=gen, dtype=torch.float64)
+    q_pos, k_pos = torch.randint(0, 3000, (b, lq), generator=gen), torch.randint(0, 3000, (b, lk), generator=gen)
+
+    def scores(qe: torch.Tensor, ke: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        s = torch.einsum("bqhd,bkhd->bhqk", qe, ke)
+        return s if bias is None else s + bias
+
+    def module_scores(qp: torch.Tensor) -> torch.Tensor:
+        qe = module.encode_query(q.transpose(1, 2), qp).transpose(1, 2)
+        ke = module.encode_key(k.transpose(1, 2), k_pos).transpose(1, 2)
+        return scores(qe, ke, module.score_bias(qp, k_pos))
+
+    lowered = scores(table.encode(q, q_pos), table.encode(k, k_pos), table.score_bias(q_pos, k_pos))
+    assert rel_err(lowered, module_scores(q_pos)) <= 1e-10
+    now = torch.randint(0, 3000, (b,), generator=gen)
+    offset = table.query_offset(now)
+    framed = scores(
+        q if offset is None else q + offset, table.frame_keys(k, k_pos, now), table.score_bias(now[:, None], k_pos)
+    )
+    assert rel_err(framed, module_scores(now[:, None].expand(b, lq))) <= 1e-10
+    at_now = table.frame_keys(k, now[:, None].expand(b, lk), now)
+    assert rel_err(at_now, k if offset is None else k + offset) <= 1e-12
+    assert table.has_score_bias == (backend == "relative")

@@ -691,8 +691,7 @@ class RegressorPlan:
         self.num_layers, self.num_heads, self.head_dim = len(decoder), cross.num_heads, cross.head_dim
         # fold each layer's last residual add into the norm that reads it: the next layer's input norm, or the final
         self._then = [layer.input_norm for layer in decoder[1:]] + [final_norm]
-        frames = [layer.cross_attn.positional for layer in decoder]
-        self._frames = frames
+        self._frames = frames = [layer.cross_attn.positional for layer in decoder]
         self._shared_frame = all(f.equivalent(frames[0]) for f in frames)  # one call moves every layer's keys
         self._biased = any(f.has_score_bias for f in frames)  # then one mask per layer and head
         self.fused_reason: str | None

@@ -123,7 +123,7 @@ class Positional:
       ``encode(q, now) . encode(k, p) == (q + query_offset(now)) . frame_keys(k, p, now)``, so the keys are moved
       into the queries' frame once per control step and the per-evaluation queries only get an offset (``None``
       for every backend but the absolute table). At ``p == now``, ``frame_keys(k, now, now) == k +
-      query_offset(now)``: tokens at ``now`` (the step token, the decoder's own tokens) need no table at all.
+      query_offset(now)``: tokens at ``now`` (the step token, the decoder's own tokens) need only that offset.
     """
 
     has_score_bias: ClassVar[bool] = False
