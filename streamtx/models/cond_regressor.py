@@ -19,7 +19,7 @@ from ..nn.attention import causal_window_mask
 from ..nn.equivariance import equivariance_error
 from ..nn.kernels import attention, fused_kernels_available
 from ..nn.linear import check_same_group, eLinear
-from ..nn.lowered import MLP, Affine, DecoderLayer, Encoder, Norm, lowered
+from ..nn.lowered import MLP, Affine, Decoder, Encoder, lowered
 from ..nn.state import RingCache, Rows, StreamState, additive_mask, band_mask
 from ..nn.transformer import (
     EncoderState,
@@ -488,12 +488,11 @@ class eCondTransformerRegressor(nn.Module):
             obs_emb=self.cond_obs_emb.lower(dtype, device),
             encoder=encoder,
             cond_mlp=cond_mlp,
-            decoder=decoder,
+            decoder=Decoder(tuple(decoder), self.ln_f.lower(dtype, device)),
             # keys and values of every decoder layer's memory from one matrix: output (.., L, 2, H, hd)
             memory_kv=Affine.cat([p for layer in decoder for p in (layer.cross_attn.k, layer.cross_attn.v)]),
             action_weight=emb.weight,
             action_bias=table if emb.bias is None else emb.bias + table,
-            final_norm=self.ln_f.lower(dtype, device),
             head=self.head.lower(dtype, device),
             step_kv=lowered(step_kv, dtype, device),
             cond_window=self.cond_window,
@@ -662,11 +661,10 @@ class RegressorPlan:
         obs_emb: Affine,
         encoder: Encoder | None,
         cond_mlp: MLP | None,
-        decoder: list[DecoderLayer],
+        decoder: Decoder,
         memory_kv: Affine,
         action_weight: Tensor,
         action_bias: Tensor,
-        final_norm: Norm,
         head: Affine,
         step_kv: Tensor,
         cond_window: int,
@@ -681,17 +679,15 @@ class RegressorPlan:
         self.obs_emb, self.encoder, self.cond_mlp, self.decoder = obs_emb, encoder, cond_mlp, decoder
         self.memory_kv = memory_kv
         self.action_weight, self.action_bias = action_weight, action_bias
-        self.final_norm, self.head, self.step_kv = final_norm, head, step_kv
+        self.head, self.step_kv = head, step_kv
         self.cond_window, self.cond_horizon = cond_window, cond_horizon
         self.dtype, self.device = dtype, device
         self.state_dtype = torch.promote_types(dtype, torch.float32)
         self.horizon, self.dim = action_bias.shape
         self.action_dim = head.weight.shape[0]
-        cross = decoder[0].cross_attn
-        self.num_layers, self.num_heads, self.head_dim = len(decoder), cross.num_heads, cross.head_dim
-        # fold each layer's last residual add into the norm that reads it: the next layer's input norm, or the final
-        self._then = [layer.input_norm for layer in decoder[1:]] + [final_norm]
-        self._frames = frames = [layer.cross_attn.positional for layer in decoder]
+        cross = decoder.layers[0].cross_attn
+        self.num_layers, self.num_heads, self.head_dim = len(decoder.layers), cross.num_heads, cross.head_dim
+        self._frames = frames = [layer.cross_attn.positional for layer in decoder.layers]
         self._shared_frame = all(f.equivalent(frames[0]) for f in frames)  # one call moves every layer's keys
         self._biased = any(f.has_score_bias for f in frames)  # then one mask per layer and head
         self.fused_reason: str | None
@@ -717,7 +713,7 @@ class RegressorPlan:
         mask = rand(2, heads if self._biased else 1, 1, keys)
         mask[0, ..., :3] = float("-inf")
         x, y = rand(2, t, self.dim), rand(2, t, self.dim)
-        first = self.decoder[0]
+        first = self.decoder.layers[0]
         checks = {
             "self-attention": lambda f: attention(q, k, v, causal=first.causal, fused=f),
             "cross-attention": lambda f: attention(q, mem[0], mem[1], mask, fused=f),
@@ -807,7 +803,7 @@ class RegressorPlan:
                 if bias is not None:
                     mask[i] += bias.to(self.dtype)
         masks = [mask[i if self._biased else 0] for i in range(self.num_layers)]
-        self_offsets = [layer.self_attn.positional.query_offset(now) for layer in self.decoder]
+        self_offsets = [layer.self_attn.positional.query_offset(now) for layer in self.decoder.layers]
         cross_offsets = [frame.query_offset(now) for frame in self._frames]
         calls = count()
 
@@ -818,16 +814,9 @@ class RegressorPlan:
                 if offset is not None:  # a key at `now` gets the query's offset (Positional.frame_keys)
                     kv[i, 0, :, :, m] += offset[:, 0]
             h = F.linear(x.to(self.dtype), self.action_weight)
-            first = self.decoder[0].input_norm
-            if first is None:
-                h = h + workspace.action_bias
-                y = h
-            else:
-                h, y = first.add(h, workspace.action_bias, self.fused)
-            for i, layer in enumerate(self.decoder):
-                h, y = layer(
-                    h, y, kv[i, 0], kv[i, 1], masks[i], self_offsets[i], cross_offsets[i], self._then[i], self.fused
-                )
+            y = self.decoder(
+                h, workspace.action_bias, kv[:, 0], kv[:, 1], masks, self_offsets, cross_offsets, self.fused
+            )
             return self.head(y).to(x.dtype)
 
         return self.sampler.sample(denoise, noise)

@@ -14,7 +14,7 @@ Tensors are token-major, as the caches store them: per-head features ``(b, L, ..
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, overload
 
@@ -37,6 +37,7 @@ __all__ = [
     "EncoderLayer",
     "Encoder",
     "DecoderLayer",
+    "Decoder",
     "lowered",
 ]
 
@@ -382,3 +383,39 @@ class DecoderLayer:
         x = self.norm2.add(x, cross(x), fused)[1]
         x = self.norm3.add(x, self.ff(x), fused)[1]
         return x, (x if then is None else then(x))
+
+
+@dataclass(frozen=True, eq=False)
+class Decoder:
+    """A stack of :class:`DecoderLayer` s and the norm that reads its output, each layer's last residual add folded
+    into the norm that reads it (the next pre-norm layer's input norm, or ``norm``)."""
+
+    layers: tuple[DecoderLayer, ...]
+    norm: Norm
+
+    def __call__(
+        self,
+        x: Tensor,
+        residual: Tensor,
+        memory_k: Tensor,
+        memory_v: Tensor,
+        memory_masks: Sequence[Tensor | None],
+        self_offsets: Sequence[Tensor | None],
+        cross_offsets: Sequence[Tensor | None],
+        fused: bool = False,
+    ) -> Tensor:
+        """``norm(decoder(x + residual))`` for target tokens ``x, residual (b, T, D)`` (``residual``: e.g. the
+        position table, added in the first norm's kernel). Per layer ``l``: memory keys/values ``memory_k/v[l]
+        (b, H, M, hd)`` in the queries' frame (``memory_k/v`` are ``(L, b, H, M, hd)``), ``memory_masks[l]`` and
+        the positional offsets, as :meth:`DecoderLayer.__call__` takes them."""
+        first = self.layers[0].input_norm
+        if first is None:
+            x = h = x + residual
+        else:
+            x, h = first.add(x, residual, fused)
+        thens = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        for i, layer in enumerate(self.layers):
+            x, h = layer(
+                x, h, memory_k[i], memory_v[i], memory_masks[i], self_offsets[i], cross_offsets[i], thens[i], fused
+            )
+        return h
