@@ -464,7 +464,8 @@ class eCondTransformerRegressor(nn.Module):
             fc1, act, fc2 = cast("tuple[eLinear, ePointwise, eLinear]", tuple(self.cond_mlp.children()))
             cond_mlp = MLP(fc1.lower(dtype, device), act.lower(), fc2.lower(dtype, device))
         layers = self.decoder.layer_list
-        decoder = [layer.lower(dtype, device, causal=self.causal_attn) for layer in layers]
+        decoder = self.decoder.lower(dtype, device, causal=self.causal_attn)  # no norm of its own: ln_f reads it
+        decoder = dataclasses.replace(decoder, norm=self.ln_f.lower(dtype, device))
         emb = self.input_emb.lower(dtype, device)
         table = lowered(self.pos_emb.repeat_interleave(n, dim=-1), dtype, device)  # (Tx, D), invariant per copy
         schedule = sampler_schedule(
@@ -474,7 +475,7 @@ class eCondTransformerRegressor(nn.Module):
         # (E, L, 2, H, hd). The step token sits at `now`, where the queries are (Positional.frame_keys).
         ks = torch.tensor(schedule, dtype=torch.float64, device=ref.device)
         step = self._step_token(ks, len(ks), ref)[:, 0]  # (E, D)
-        heads = decoder[0].cross_attn.num_heads
+        heads = decoder.layers[0].cross_attn.num_heads
         step_kv = torch.stack(
             [
                 torch.stack((a.k(step), a.v(step)), dim=1).view(len(ks), 2, heads, -1)
@@ -488,9 +489,9 @@ class eCondTransformerRegressor(nn.Module):
             obs_emb=self.cond_obs_emb.lower(dtype, device),
             encoder=encoder,
             cond_mlp=cond_mlp,
-            decoder=Decoder(tuple(decoder), self.ln_f.lower(dtype, device)),
+            decoder=decoder,
             # keys and values of every decoder layer's memory from one matrix: output (.., L, 2, H, hd)
-            memory_kv=Affine.cat([p for layer in decoder for p in (layer.cross_attn.k, layer.cross_attn.v)]),
+            memory_kv=Affine.cat([p for layer in decoder.layers for p in (layer.cross_attn.k, layer.cross_attn.v)]),
             action_weight=emb.weight,
             action_bias=table if emb.bias is None else emb.bias + table,
             head=self.head.lower(dtype, device),

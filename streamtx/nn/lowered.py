@@ -387,11 +387,11 @@ class DecoderLayer:
 
 @dataclass(frozen=True, eq=False)
 class Decoder:
-    """A stack of :class:`DecoderLayer` s and the norm that reads its output, each layer's last residual add folded
-    into the norm that reads it (the next pre-norm layer's input norm, or ``norm``)."""
+    """A stack of :class:`DecoderLayer` s and the norm that reads its output (``None``: none), each layer's last
+    residual add folded into the norm that reads it (the next pre-norm layer's input norm, or ``norm``)."""
 
     layers: tuple[DecoderLayer, ...]
-    norm: Norm
+    norm: Norm | None
 
     def __call__(
         self,
@@ -404,10 +404,11 @@ class Decoder:
         cross_offsets: Sequence[Tensor | None],
         fused: bool = False,
     ) -> Tensor:
-        """``norm(decoder(x + residual))`` for target tokens ``x, residual (b, T, D)`` (``residual``: e.g. the
-        position table, added in the first norm's kernel). Per layer ``l``: memory keys/values ``memory_k/v[l]
-        (b, H, M, hd)`` in the queries' frame (``memory_k/v`` are ``(L, b, H, M, hd)``), ``memory_masks[l]`` and
-        the positional offsets, as :meth:`DecoderLayer.__call__` takes them."""
+        """``norm(decoder(x + residual))`` (no norm if ``None``) for target tokens ``x, residual (b, T, D)``
+        (``residual``: e.g. the position table, added in the first norm's kernel). Per layer ``l``: memory
+        keys/values ``memory_k/v[l] (b, H, M, hd)`` in the queries' frame (``memory_k/v`` are
+        ``(L, b, H, M, hd)``), ``memory_masks[l]`` and the positional offsets, as :meth:`DecoderLayer.__call__`
+        takes them."""
         first = self.layers[0].input_norm
         if first is None:
             x = h = x + residual

@@ -16,7 +16,7 @@ from .activation import ePointwise
 from .attention import AttentionState, eMultiheadAttention
 from .equivariance import equivariance_error
 from .linear import eLinear
-from .lowered import MLP, DecoderLayer, Encoder, EncoderLayer, Norm
+from .lowered import MLP, Decoder, DecoderLayer, Encoder, EncoderLayer, Norm
 from .norm import eLayerNorm, eRMSNorm
 from .positional import PositionalAttention
 from .state import Rows, StreamState
@@ -586,6 +586,18 @@ def _decoder_steps(
     return torch.stack(steps, dim=1), state
 
 
+def _lower_stack_norm(
+    norm: nn.Module | None, owner: str, dtype: torch.dtype | None, device: torch.device | str | None
+) -> Norm | None:
+    if norm is None:
+        return None
+    if not isinstance(norm, (eLayerNorm, eRMSNorm)):
+        raise NotImplementedError(
+            f"{owner}.lower: norm is a {type(norm).__name__}; lowering covers eLayerNorm and eRMSNorm"
+        )
+    return norm.lower(dtype, device)
+
+
 class eTransformerEncoder(nn.Module):
     """A stack of ``num_layers`` copies of an encoder layer and an optional final norm, like
     ``torch.nn.TransformerEncoder``. Streams exactly for any depth in causal-window mode (each layer caches its own
@@ -620,15 +632,11 @@ class eTransformerEncoder(nn.Module):
     ) -> Encoder:
         """The stack as a lowered block streaming in causal-window mode with ``window``
         (:class:`~streamtx.nn.lowered.Encoder`)."""
-        norm = None
-        if self.norm is not None:
-            if not isinstance(self.norm, (eLayerNorm, eRMSNorm)):
-                raise NotImplementedError(
-                    f"eTransformerEncoder.lower: norm is a {type(self.norm).__name__}; lowering covers eLayerNorm and "
-                    "eRMSNorm"
-                )
-            norm = self.norm.lower(dtype, device)
-        return Encoder(tuple(layer.lower(dtype, device) for layer in self.layer_list), norm, window)
+        return Encoder(
+            tuple(layer.lower(dtype, device) for layer in self.layer_list),
+            _lower_stack_norm(self.norm, "eTransformerEncoder", dtype, device),
+            window,
+        )
 
     def init_state(
         self,
@@ -703,6 +711,16 @@ class eTransformerDecoder(nn.Module):
                 memory_pos=memory_pos,
             )
         return x if self.norm is None else self.norm(x)
+
+    def lower(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None, *, causal: bool = False
+    ) -> Decoder:
+        """The stack as a lowered block whose target tokens share one position
+        (:class:`~streamtx.nn.lowered.Decoder`; ``causal`` as in :meth:`eTransformerDecoderLayer.lower`)."""
+        return Decoder(
+            tuple(layer.lower(dtype, device, causal=causal) for layer in self.layer_list),
+            _lower_stack_norm(self.norm, "eTransformerDecoder", dtype, device),
+        )
 
     def init_state(
         self,
