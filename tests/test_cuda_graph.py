@@ -21,11 +21,11 @@ from layer_testing import faithful_rep, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from streamtx.checkpoint import load_policy, load_static_policy, make_random_checkpoint
-from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor
-from streamtx.policy import DDIMSampler, FlowMatchingSampler, Sampler, StreamingPolicy, static_plan
+from streamtx.models import CondTransformerRegressor, cond_regressor, eCondTransformerRegressor
+from streamtx.nn.kernels import add_norm, attention, fused_kernels_available
+from streamtx.policy import DDIMSampler, FlowMatchingSampler, Sampler, StreamingPolicy
 from streamtx.policy.cuda_graph import CapturedProgram, capture_unavailable
 from streamtx.policy.static import StaticStreamingPolicy, default_buckets
-from streamtx.policy.static_kernels import add_norm, attention, fused_kernels_available
 from streamtx.symmetry import Representation, dihedral
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -58,11 +58,18 @@ def make_policy(
         kw.update(num_cond_layers=0)
     elif variant == "rms_causal":
         kw.update(norm_module="rmsnorm", causal_attn=True, activation="silu", num_cond_layers=1)
+    elif variant == "post_tables":  # post-norm; per-head memory masks (relative bias), query offsets (absolute)
+        kw.update(norm_first=False, cond_positional="relative", self_positional="absolute", cross_positional="relative")
     torch.manual_seed(seed)
     if variant == "plain":  # the trivial group: dense layers
         model = CondTransformerRegressor(act.size, obs.size, act.size, **kw)
     else:
         model = eCondTransformerRegressor(act, obs, act, **kw)
+    if variant == "post_tables":
+        with torch.no_grad():  # relative biases start at zero: make them matter
+            for name, p in model.named_parameters():
+                if name.endswith("positional.bias"):
+                    p.normal_()
     return StreamingPolicy(model.to(device).eval(), sampler or FlowMatchingSampler(num_steps=3), max_tokens_per_step)
 
 
@@ -119,7 +126,7 @@ def stream_calls(
 
 
 # ---------------------------------------------------------------------------------------------------- CPU
-@pytest.mark.parametrize("variant", ["encoder", "mlp", "rms_causal", "plain"])
+@pytest.mark.parametrize("variant", ["encoder", "mlp", "rms_causal", "plain", "post_tables"])
 @pytest.mark.parametrize(
     "sampler",
     [FlowMatchingSampler(3), FlowMatchingSampler(2, "heun"), DDIMSampler(50, 3, clip_sample=1.0)],
@@ -311,12 +318,12 @@ def test_eager_fallback_says_why(caplog):
 def test_failing_fused_kernel_check_falls_back(monkeypatch, caplog):
     """A fused kernel that does not reproduce the torch path on the plan's shapes is not used, and the log says
     why (here a broken attention stands in for a miscompiled kernel)."""
-    monkeypatch.setattr(static_plan, "fused_kernels_available", lambda device: True)
+    monkeypatch.setattr(cond_regressor, "fused_kernels_available", lambda device: True)
 
     def broken(q, k, v, mask=None, causal=False, fused=False):
         return attention(q, k, v, mask, causal) * (2.0 if fused else 1.0)
 
-    monkeypatch.setattr(static_plan, "attention", broken)
+    monkeypatch.setattr(cond_regressor, "attention", broken)
     plan = StaticStreamingPolicy(make_policy()).plan
     assert not plan.fused and plan.fused_reason.startswith("self-attention differs from the torch path by 1.0e+00")
     assert "plan uses the torch kernels: self-attention differs" in caplog.text
@@ -366,7 +373,9 @@ def test_fused_kernels_match_torch_path(dtype, tolerance, causal):
     memory = rand(2, 3, 4, 33, 32)
     mask = torch.zeros(3, 1, 1, 48, dtype=dtype, device="cuda")[..., :33]
     mask[0, ..., :9] = float("-inf")
-    for args in ((q, k, v, None, causal), (q, memory[0], memory[1], mask, False)):
+    per_head = torch.randn(3, 4, 1, 48, generator=gen, device="cuda").to(dtype)[..., :33]  # a relative bias
+    per_head[1, 2, :, :5] = float("-inf")
+    for args in ((q, k, v, None, causal), (q, memory[0], memory[1], mask, False), (q, *memory[:2], per_head, False)):
         assert rel_err(attention(*args, fused=True).float(), attention(*args, fused=False).float()) <= tolerance
     x, y, w, b = rand(3, 16, 128), rand(3, 16, 128), rand(128), rand(128)
     for fused, ref in zip(
@@ -379,8 +388,13 @@ def test_fused_kernels_match_torch_path(dtype, tolerance, causal):
 @cuda
 @pytest.mark.parametrize(
     "variant, sampler",
-    [("encoder", FlowMatchingSampler(3)), ("rms_causal", DDIMSampler(50, 3)), ("mlp", FlowMatchingSampler(2, "heun"))],
-    ids=["euler", "ddim", "heun"],
+    [
+        ("encoder", FlowMatchingSampler(3)),
+        ("rms_causal", DDIMSampler(50, 3)),
+        ("mlp", FlowMatchingSampler(2, "heun")),
+        ("post_tables", FlowMatchingSampler(3)),
+    ],
+    ids=["euler", "ddim", "heun", "post_tables"],
 )
 def test_graph_replay_equals_eager_and_reference(variant, sampler):
     reference = make_policy(variant, sampler, dtype=torch.float32, device="cuda")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from itertools import count
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +17,10 @@ from torch import Tensor, nn
 from ..nn.activation import ePointwise
 from ..nn.attention import causal_window_mask
 from ..nn.equivariance import equivariance_error
+from ..nn.kernels import attention, fused_kernels_available
 from ..nn.linear import check_same_group, eLinear
-from ..nn.state import Rows, StreamState, band_mask
+from ..nn.lowered import MLP, Affine, Decoder, Encoder, lowered
+from ..nn.state import RingCache, Rows, StreamState, additive_mask, band_mask
 from ..nn.transformer import (
     EncoderState,
     eTransformerDecoder,
@@ -32,8 +36,19 @@ __all__ = [
     "CondTransformerRegressor",
     "RegressorConfig",
     "RegressorState",
+    "RegressorPlan",
+    "PlanCaches",
+    "ActWorkspace",
+    "StepSampler",
+    "sampler_schedule",
+    "COMPUTE_DTYPES",
     "get_optim_groups",
 ]
+
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Dtypes a :class:`RegressorPlan` computes in."""
+
+log = logging.getLogger(__name__)
 
 
 def _window_positions(
@@ -69,6 +84,10 @@ class RegressorConfig:
 
     ``cond_horizon`` is the memory horizon (newest encoder outputs the decoder cross-attends to), ``cond_window`` the
     encoder's causal attention window (``None``: ``cond_horizon``); ``in_horizon`` is the action chunk length.
+    ``norm_first``: pre-norm (default) or post-norm layers. Positional backends (``None``, ``"absolute"``: recycling
+    ids ``pos mod M``, ``"relative"``, ``"rope"``) of the encoder's self-attention (``cond_positional``), the
+    decoder's self-attention over the action tokens (``self_positional``) and its cross-attention to the memory
+    (``cross_positional``).
     """
 
     in_horizon: int
@@ -84,6 +103,10 @@ class RegressorConfig:
     dim_feedforward: int | None = None
     activation: str = "gelu"
     cond_window: int | None = None
+    norm_first: bool = True
+    cond_positional: str | None = "rope"
+    self_positional: str | None = None
+    cross_positional: str | None = "rope"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (what a checkpoint stores)."""
@@ -117,13 +140,14 @@ class eCondTransformerRegressor(nn.Module):
 
     * tokens are lifted to ``m = embedding_dim / |G|`` regular copies; action tokens get a learned invariant position
       table; the step ``k`` is an invariant sinusoidal embedding through a small equivariant MLP;
-    * the conditioning encoder (``num_cond_layers`` pre-norm encoder layers, or a per-token equivariant MLP when 0)
-      runs *causally* over a window of ``cond_window`` tokens with equivariant RoPE, so each new observation token
-      costs one ``forward_step`` and outputs never depend on the absolute time;
+    * the conditioning encoder (``num_cond_layers`` encoder layers, or a per-token equivariant MLP when 0) runs
+      *causally* over a window of ``cond_window`` tokens, by default with equivariant RoPE, so each new observation
+      token costs one ``forward_step`` and outputs never depend on the absolute time;
     * the memory is the ``cond_horizon`` newest encoder outputs plus the step token, which joins *after* the encoder:
       the encoder output does not depend on ``k`` and is computed once per control step, not per denoising step;
-    * decoder layers (pre-norm) self-attend over the action tokens (causally if ``causal_attn``) and cross-attend to
-      the memory with RoPE between "now" and each memory token's time (recency is relative);
+    * decoder layers self-attend over the action tokens (causally if ``causal_attn``) and cross-attend to the memory,
+      by default with RoPE between "now" and each memory token's time (recency is relative);
+    * layers are pre-norm by default (``norm_first``); :class:`RegressorConfig` names every option.
     * a final norm and an equivariant head to ``out_rep``.
 
     ``Z`` may hold more than ``cond_horizon`` tokens: the encoder then sees that history (its receptive field is
@@ -149,6 +173,10 @@ class eCondTransformerRegressor(nn.Module):
         dim_feedforward: int | None = None,
         activation: str = "gelu",
         cond_window: int | None = None,
+        norm_first: bool = True,
+        cond_positional: str | None = "rope",
+        self_positional: str | None = None,
+        cross_positional: str | None = "rope",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -183,6 +211,10 @@ class eCondTransformerRegressor(nn.Module):
             dim_feedforward=dim_feedforward,
             activation=activation,
             cond_window=cond_window,
+            norm_first=norm_first,
+            cond_positional=cond_positional,
+            self_positional=self_positional,
+            cross_positional=cross_positional,
         )
         self.in_rep, self.cond_rep, self.out_rep = in_rep, cond_rep, out_rep
         self.in_horizon, self.cond_horizon = in_horizon, cond_horizon
@@ -211,9 +243,9 @@ class eCondTransformerRegressor(nn.Module):
                 p_drop_attn,
                 activation,
                 batch_first=True,
-                norm_first=True,
+                norm_first=norm_first,
                 norm_module=norm_module,
-                positional="rope",
+                positional=cond_positional,
                 **fk,
             )
             self.encoder = eTransformerEncoder(
@@ -232,9 +264,10 @@ class eCondTransformerRegressor(nn.Module):
             p_drop_attn,
             activation,
             batch_first=True,
-            norm_first=True,
+            norm_first=norm_first,
             norm_module=norm_module,
-            cross_positional="rope",
+            positional=self_positional,
+            cross_positional=cross_positional,
             **fk,
         )
         self.decoder = eTransformerDecoder(dec_layer, num_layers)
@@ -327,8 +360,7 @@ class eCondTransformerRegressor(nn.Module):
         if padding is None:
             return causal_window_mask(pos.shape[1], self.cond_window, device=ref.device, dtype=ref.dtype)
         allowed = band_mask(pos, pos, self.cond_window) | torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
-        mask = torch.zeros(allowed.shape, dtype=ref.dtype, device=ref.device).masked_fill(~allowed, float("-inf"))
-        return mask.repeat_interleave(self.config.num_attention_heads, dim=0)
+        return additive_mask(allowed, ref.dtype).repeat_interleave(self.config.num_attention_heads, dim=0)
 
     # ---------------------------------------------------------------- streaming
     def init_state(
@@ -426,8 +458,84 @@ class eCondTransformerRegressor(nn.Module):
             state.memory[0], query_pos, rows, dtype=x.dtype
         )
         for layer, mem in zip(self.decoder.layer_list, state.memory):
-            x = layer.forward_cached_memory(x, mem, query_pos, rows, tgt_mask=mask, memory_mask=memory_mask)
+            # every action token sits at `now`, in self- as in cross-attention (the positions forward() gives them)
+            x = layer.forward_cached_memory(
+                x, mem, query_pos, rows, tgt_mask=mask, tgt_pos=query_pos, memory_mask=memory_mask
+            )
         return self.head(self.ln_f(x))
+
+    # ---------------------------------------------------------------- lowering
+    @torch.no_grad()
+    def lower(
+        self,
+        sampler: StepSampler,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        *,
+        fused_kernels: bool = True,
+    ) -> RegressorPlan:
+        """The streaming control step with ``sampler`` as a static program (:class:`RegressorPlan`) assembled from
+        the parts every sub-module lowers itself into: the observation embedding, the encoder (or the per-token
+        MLP), the memory keys/values of *all* decoder layers fused into one matrix, the decoder layers, the final
+        norm and head, and the step tokens of the sampler's schedule (data-independent, checked) with their
+        keys/values per decoder layer, precomputed.
+
+        ``dtype``: compute dtype (``None``: the model's; one of :data:`COMPUTE_DTYPES`); ``device``: the plan's
+        (``None``: the model's). The model is read once: later changes to its weights are not seen. Raises
+        ``ValueError`` for a data-dependent sampler and ``NotImplementedError`` naming a sub-module that has no
+        lowering."""
+        ref = self.input_emb.weight
+        dtype = dtype or ref.dtype
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype: expected one of {[str(d) for d in COMPUTE_DTYPES]}, got {dtype}")
+        device = torch.device(device) if device is not None else ref.device
+        n = self.in_rep.group.order
+        encoder, cond_mlp = None, None
+        if self.encoder is not None:
+            encoder = self.encoder.lower(dtype, device, window=self.cond_window)
+        else:
+            # nn.Sequential(eLinear, ePointwise, eLinear)
+            fc1, act, fc2 = cast("tuple[eLinear, ePointwise, eLinear]", tuple(self.cond_mlp.children()))
+            cond_mlp = MLP(fc1.lower(dtype, device), act.lower(), fc2.lower(dtype, device))
+        layers = self.decoder.layer_list
+        decoder = self.decoder.lower(dtype, device, causal=self.causal_attn)  # no norm of its own: ln_f reads it
+        decoder = dataclasses.replace(decoder, norm=self.ln_f.lower(dtype, device))
+        emb = self.input_emb.lower(dtype, device)
+        table = lowered(self.pos_emb.repeat_interleave(n, dim=-1), dtype, device)  # (Tx, D), invariant per copy
+        schedule = sampler_schedule(
+            sampler, self.in_horizon, self.out_rep.size, torch.promote_types(dtype, torch.float32)
+        )
+        # step tokens of the schedule and their raw keys/values in every decoder layer, in the model's precision:
+        # (E, L, 2, H, hd). The step token sits at `now`, where the queries are (Positional.frame_keys).
+        ks = torch.tensor(schedule, dtype=torch.float64, device=ref.device)
+        step = self._step_token(ks, len(ks), ref)[:, 0]  # (E, D)
+        heads = decoder.layers[0].cross_attn.num_heads
+        step_kv = torch.stack(
+            [
+                torch.stack((a.k(step), a.v(step)), dim=1).view(len(ks), 2, heads, -1)
+                for a in (layer.multihead_attn.lower() for layer in layers)
+            ],
+            dim=1,
+        )
+        return RegressorPlan(
+            sampler=sampler,
+            schedule=schedule,
+            obs_emb=self.cond_obs_emb.lower(dtype, device),
+            encoder=encoder,
+            cond_mlp=cond_mlp,
+            decoder=decoder,
+            # keys and values of every decoder layer's memory from one matrix: output (.., L, 2, H, hd)
+            memory_kv=Affine.cat([p for layer in decoder.layers for p in (layer.cross_attn.k, layer.cross_attn.v)]),
+            action_weight=emb.weight,
+            action_bias=table if emb.bias is None else emb.bias + table,
+            head=self.head.lower(dtype, device),
+            step_kv=lowered(step_kv, dtype, device),
+            cond_window=self.cond_window,
+            cond_horizon=self.cond_horizon,
+            dtype=dtype,
+            device=device,
+            fused_kernels=fused_kernels,
+        )
 
     def receptive_field(self) -> int:
         """Observation tokens that can influence the output: the batch reference needs no longer history."""
@@ -491,3 +599,267 @@ def get_optim_groups(model: nn.Module, weight_decay: float = 1e-3) -> list[dict]
             is_map = isinstance(module, (eLinear, nn.Linear)) and name == "weight"
             (decay if is_map else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+class StepSampler(Protocol):
+    """What the plan needs of a sampler (``streamtx.policy.Sampler`` is one): its denoiser calls per sample and
+    ``sample(denoise, noise)``."""
+
+    @property
+    def num_evaluations(self) -> int: ...
+
+    def sample(self, denoise: Callable[[Tensor, Tensor], Tensor], noise: Tensor) -> Tensor: ...
+
+
+def sampler_schedule(sampler: StepSampler, horizon: int, action_dim: int, dtype: torch.dtype) -> list[float]:
+    """The step values ``k`` that ``sampler.sample`` passes to its denoiser, in call order, for a sampler state of
+    ``dtype``. Raises ``ValueError`` unless they are the same for every row and any noise and denoiser output: the
+    plan precomputes the step tokens from them."""
+
+    def record(batch: int, seed: int, output: str) -> list[Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(batch, horizon, action_dim, generator=gen, dtype=torch.float64).to(dtype)
+        calls: list[Tensor] = []
+
+        def denoise(x: Tensor, k: Tensor) -> Tensor:
+            calls.append(torch.as_tensor(k, dtype=torch.float64).expand(batch).clone())
+            return torch.zeros_like(x) if output == "zeros" else torch.randn(x.shape, generator=gen).to(x.dtype)
+
+        sampler.sample(denoise, noise)
+        return calls
+
+    first, second = record(1, 0, "zeros"), record(3, 1, "random")
+    same = len(first) == len(second) and all(bool((b == a[0]).all()) for a, b in zip(first, second))
+    if not same or len(first) != sampler.num_evaluations:
+        raise ValueError(
+            f"sampler: {sampler!r} does not pass the same denoiser steps for every row and input; the "
+            "static plan needs a data-independent step schedule"
+        )
+    return [float(k[0]) for k in first]
+
+
+@dataclass
+class PlanCaches(StreamState):
+    """Per-row caches of a :class:`RegressorPlan`, counted in observation tokens since the row's reset.
+
+    ``encoder``: keys/values ``(Le, H, hd)`` per token of every encoder layer (encoded at their position), holding
+    the ``cond_window - 1`` newest tokens a new token can attend to (``None`` without an encoder).
+    ``memory``: raw (unencoded) keys/values ``(L, H, hd)`` per token of every decoder layer's cross-attention,
+    holding the ``cond_horizon`` newest tokens; they are moved into the queries' frame once per control step.
+    """
+
+    encoder: RingCache | None
+    memory: RingCache
+
+
+@dataclass
+class ActWorkspace:
+    """Static buffers of one :meth:`RegressorPlan.act` bucket of ``b`` rows.
+
+    ``kv (L, 2, b, H, M + 1, hd)``: per decoder layer, the memory keys (in the queries' frame) and values followed
+    by the step token's slot; ``mask (Lm, b, Hm, 1, M + 1)``: the additive band mask, with each layer's relative
+    bias where a layer has one (then ``Lm = L``, ``Hm = H``; else one mask serves all, ``Lm = Hm = 1``), a view into
+    rows padded to 16 elements (the alignment the memory-efficient attention kernels want); ``action_bias
+    (b, Tx, D)``: the action embedding's bias plus position table, added to the embedded action tokens by the first
+    norm's kernel.
+    """
+
+    kv: Tensor
+    mask: Tensor
+    action_bias: Tensor
+
+
+class RegressorPlan:
+    """The streaming control step of an :class:`eCondTransformerRegressor` with a sampler as a fixed sequence of
+    lowered blocks (:mod:`streamtx.nn.lowered`) over preallocated buffers, ready for CUDA-graph capture and
+    ``torch.compile``; built by :meth:`eCondTransformerRegressor.lower`.
+
+    Per control step: :meth:`observe` embeds the new observation tokens, runs the encoder over its ring (or the
+    per-token MLP) and appends every decoder layer's raw memory keys/values with one matmul; :meth:`act` moves the
+    memory keys into the frame of the queries (all action tokens sit at ``now``, so RoPE reduces to a rotation by
+    ``key_pos - now``, an absolute table to a query offset, a relative bias to a row of the mask), builds the band
+    mask once, then runs the sampler, each denoiser evaluation copying its precomputed step token into the memory.
+    On CUDA, attention and every residual add + norm pair run as the Triton kernels of :mod:`streamtx.nn.kernels`,
+    checked against the torch path on the plan's shapes when it is built.
+
+    Everything :meth:`observe` and :meth:`act` read or write is a preallocated tensor (caches, workspace, inputs),
+    every shape is fixed by the bucket, and no value travels back to the host, which is what capture needs. The
+    sampler integrates in ``state_dtype = promote(dtype, float32)``: reduced-precision plans keep float32 actions.
+    """
+
+    def __init__(
+        self,
+        *,
+        sampler: StepSampler,
+        schedule: list[float],
+        obs_emb: Affine,
+        encoder: Encoder | None,
+        cond_mlp: MLP | None,
+        decoder: Decoder,
+        memory_kv: Affine,
+        action_weight: Tensor,
+        action_bias: Tensor,
+        head: Affine,
+        step_kv: Tensor,
+        cond_window: int,
+        cond_horizon: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        fused_kernels: bool = True,
+    ) -> None:
+        if (encoder is None) == (cond_mlp is None):
+            raise ValueError("encoder, cond_mlp: expected exactly one of them")
+        self.sampler, self.schedule = sampler, schedule
+        self.obs_emb, self.encoder, self.cond_mlp, self.decoder = obs_emb, encoder, cond_mlp, decoder
+        self.memory_kv = memory_kv
+        self.action_weight, self.action_bias = action_weight, action_bias
+        self.head, self.step_kv = head, step_kv
+        self.cond_window, self.cond_horizon = cond_window, cond_horizon
+        self.dtype, self.device = dtype, device
+        self.state_dtype = torch.promote_types(dtype, torch.float32)
+        self.horizon, self.dim = action_bias.shape
+        self.action_dim = head.weight.shape[0]
+        cross = decoder.layers[0].cross_attn
+        self.num_layers, self.num_heads, self.head_dim = len(decoder.layers), cross.num_heads, cross.head_dim
+        self._frames = frames = [layer.cross_attn.positional for layer in decoder.layers]
+        self._shared_frame = all(f.equivalent(frames[0]) for f in frames)  # one call moves every layer's keys
+        self._biased = any(f.has_score_bias for f in frames)  # then one mask per layer and head
+        self.fused_reason: str | None
+        self.fused, self.fused_reason = False, "fused_kernels=False"
+        if fused_kernels:
+            self.fused_reason = self._probe_fused_kernels()
+            self.fused = self.fused_reason is None
+            if not self.fused and fused_kernels_available(self.device):
+                log.warning("plan uses the torch kernels: %s", self.fused_reason)
+
+    def _probe_fused_kernels(self) -> str | None:
+        """Why the fused kernels cannot serve this plan (``None``: they can): unavailable here, or failing to build
+        or to match the torch path on the plan's own shapes."""
+        if not fused_kernels_available(self.device):
+            return "Triton kernels need CUDA and the triton package"
+        gen = torch.Generator(self.device).manual_seed(0)
+
+        def rand(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=gen, device=self.device).to(self.dtype)
+
+        heads, hd, t, keys = self.num_heads, self.head_dim, self.horizon, self.cond_horizon + 1
+        (q, k, v), mem = rand(2, t, 3, heads, hd).transpose(1, 3).unbind(2), rand(2, 2, heads, keys, hd)
+        mask = rand(2, heads if self._biased else 1, 1, keys)
+        mask[0, ..., :3] = float("-inf")
+        x, y = rand(2, t, self.dim), rand(2, t, self.dim)
+        first = self.decoder.layers[0]
+        checks = {
+            "self-attention": lambda f: attention(q, k, v, causal=first.causal, fused=f),
+            "cross-attention": lambda f: attention(q, mem[0], mem[1], mask, fused=f),
+            "add+norm": lambda f: torch.cat(first.norm2.add(x, y, f)),
+        }
+        tolerance = 1e-5 if self.dtype in (torch.float32, torch.float64) else 2e-2
+        try:
+            for name, check in checks.items():
+                fused, reference = check(True), check(False)
+                err = float((fused - reference).abs().max() / reference.abs().max())
+                if not err <= tolerance:
+                    return f"{name} differs from the torch path by {err:.1e} (> {tolerance:.0e})"
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile or launch here must not stop serving
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return None
+
+    # ---------------------------------------------------------------- buffers
+    def caches(self, num_rows: int, max_tokens_per_step: int) -> PlanCaches:
+        """Empty caches for ``num_rows`` rows taking up to ``max_tokens_per_step`` observation tokens per call."""
+        if max_tokens_per_step < 1:
+            raise ValueError(f"max_tokens_per_step: expected >= 1, got {max_tokens_per_step}")
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+
+        def per_token(layers: int) -> dict[str, tuple[int, ...]]:
+            return {"k": (layers, self.num_heads, self.head_dim), "v": (layers, self.num_heads, self.head_dim)}
+
+        encoder = None
+        if self.encoder is not None:
+            # new tokens attend to the ring *before* it takes them, so it needs the cond_window - 1 older ones
+            encoder = RingCache(
+                num_rows, max(self.cond_window - 1, max_tokens_per_step), per_token(len(self.encoder.layers)), **kw
+            )
+        memory = RingCache(num_rows, max(self.cond_horizon, max_tokens_per_step), per_token(self.num_layers), **kw)
+        return PlanCaches(encoder, memory)
+
+    def act_workspace(self, caches: PlanCaches, batch: int) -> ActWorkspace:
+        """The static buffers of :meth:`act` for ``batch`` rows of ``caches``."""
+        slots = caches.memory.capacity + 1
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        kv = torch.zeros(self.num_layers, 2, batch, self.num_heads, slots, self.head_dim, **kw)
+        padded = -(-slots // 16) * 16
+        layers, heads = (self.num_layers, self.num_heads) if self._biased else (1, 1)
+        mask = torch.zeros(layers, batch, heads, 1, padded, **kw)[..., :slots]
+        return ActWorkspace(kv, mask, self.action_bias.expand(batch, -1, -1).contiguous())
+
+    # ---------------------------------------------------------------- the control step
+    def observe(self, obs: Tensor, caches: PlanCaches, rows: Tensor) -> None:
+        """New observation tokens ``obs (b, S, obs_dim)`` of rows ``rows (b,)`` (a device index) enter the encoder
+        and every decoder layer's memory."""
+        b, s, _ = obs.shape
+        pos = caches.memory.positions(rows)[:, None] + torch.arange(s, device=self.device)  # (b, S)
+        z = self.obs_emb(obs.to(self.dtype))
+        if self.encoder is not None:
+            assert caches.encoder is not None  # caches() makes the encoder ring of a plan with an encoder
+            ring, ring_pos = caches.encoder.read(rows)  # k, v: (b, C, Le, H, hd)
+            z, k, v = self.encoder(z, pos, ring["k"], ring["v"], ring_pos)
+            caches.encoder.append({"k": k, "v": v}, rows)
+        else:
+            assert self.cond_mlp is not None  # a plan without an encoder has the per-token MLP
+            z = self.cond_mlp(z)
+        kv = self.memory_kv(z).view(b, s, self.num_layers, 2, self.num_heads, self.head_dim)
+        caches.memory.append({"k": kv[:, :, :, 0], "v": kv[:, :, :, 1]}, rows)
+
+    def act(self, noise: Tensor, caches: PlanCaches, rows: Tensor, workspace: ActWorkspace) -> Tensor:
+        """The action chunk ``(b, Tx, action_dim)`` of rows ``rows (b,)`` from their initial ``noise`` (both in
+        ``state_dtype``): the sampler's evaluations against the cached memory. Every row needs an observation."""
+        now = caches.memory.positions(rows) - 1  # (b,)
+        data, key_pos = caches.memory.read(rows)  # k, v: (b, M, L, H, hd)
+        m = key_pos.shape[1]
+        if self._shared_frame:
+            keys = self._frames[0].frame_keys(data["k"], key_pos, now)
+        else:
+            keys = torch.stack(
+                [frame.frame_keys(data["k"][:, :, i], key_pos, now) for i, frame in enumerate(self._frames)], dim=2
+            )
+        kv = workspace.kv
+        kv[:, 0, :, :, :m] = keys.permute(2, 0, 3, 1, 4)
+        kv[:, 1, :, :, :m] = data["v"].permute(2, 0, 3, 1, 4)
+        band = additive_mask(band_mask(now[:, None], key_pos, self.cond_horizon), self.dtype)  # (b, 1, M)
+        mask = workspace.mask
+        mask[..., :m] = band[:, None]
+        if self._biased:  # per layer and head; the step token's slot sits at distance 0
+            mask[..., m] = 0
+            slot_pos = torch.cat((key_pos, now[:, None]), dim=1)
+            for i, frame in enumerate(self._frames):
+                bias = frame.score_bias(now[:, None], slot_pos)
+                if bias is not None:
+                    mask[i] += bias.to(self.dtype)
+        masks = [mask[i if self._biased else 0] for i in range(self.num_layers)]
+        self_offsets = [layer.self_attn.positional.query_offset(now) for layer in self.decoder.layers]
+        cross_offsets = [frame.query_offset(now) for frame in self._frames]
+        calls = count()
+
+        def denoise(x: Tensor, k: Tensor) -> Tensor:
+            # `k` is the recorded schedule's entry (checked at build): its step token's keys/values are precomputed
+            kv[:, :, :, :, m] = self.step_kv[next(calls)][:, :, None]
+            for i, offset in enumerate(cross_offsets):
+                if offset is not None:  # a key at `now` gets the query's offset (Positional.frame_keys)
+                    kv[i, 0, :, :, m] += offset[:, 0]
+            h = F.linear(x.to(self.dtype), self.action_weight)
+            y = self.decoder(
+                h, workspace.action_bias, kv[:, 0], kv[:, 1], masks, self_offsets, cross_offsets, self.fused
+            )
+            return self.head(y).to(x.dtype)
+
+        return self.sampler.sample(denoise, noise)
+
+    def __repr__(self) -> str:
+        encoder = 0 if self.encoder is None else len(self.encoder.layers)
+        return (
+            f"RegressorPlan(dim={self.dim}, heads={self.num_heads}, encoder_layers={encoder}, "
+            f"decoder_layers={self.num_layers}, evaluations={len(self.schedule)}, dtype={self.dtype}, "
+            f"device={self.device}, fused_kernels={self.fused})"
+        )

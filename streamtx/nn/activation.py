@@ -49,5 +49,9 @@ class ePointwise(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(x)
 
+    def lower(self) -> Callable[[Tensor], Tensor]:
+        """The pointwise function itself: it acts on dense features as it acts here."""
+        return self.fn
+
     def extra_repr(self) -> str:
         return f"{self.rep.name}, {getattr(self.fn, '__name__', self.fn)}"

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from ..symmetry import Representation
 from .linear import WeightCache, check_same_group, eLinear
+from .lowered import Affine, Attention
 from .positional import PositionalAttention, make_positional
-from .state import RingCache, Rows, StreamState, band_mask
+from .state import RingCache, Rows, StreamState, additive_mask, band_mask
 from .streaming import check_stream
 
 __all__ = ["eMultiheadAttention", "AttentionState", "causal_window_mask"]
@@ -27,11 +28,7 @@ def causal_window_mask(
 
     The batch reference of every causal-window ``forward_step`` (``window=None``: plain causal)."""
     pos = torch.arange(length, device=device)
-    return _additive(band_mask(pos, pos, window), dtype)
-
-
-def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    return additive_mask(band_mask(pos, pos, window), dtype)
 
 
 @dataclass
@@ -224,12 +221,12 @@ class eMultiheadAttention(nn.Module):
     ) -> Tensor | None:
         mask = None
         if attn_mask is None and is_causal:
-            attn_mask = _additive(
+            attn_mask = additive_mask(
                 band_mask(torch.arange(length, device=device), torch.arange(src, device=device), None), dtype
             )
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:
-                attn_mask = _additive(~attn_mask, dtype)
+                attn_mask = additive_mask(~attn_mask, dtype)
             if attn_mask.shape == (length, src):
                 mask = attn_mask.to(dtype)[None, None]
             elif attn_mask.shape == (b * self.num_heads, length, src):
@@ -243,7 +240,7 @@ class eMultiheadAttention(nn.Module):
             if key_padding_mask.shape != (b, src):
                 raise ValueError(f"key_padding_mask: expected shape {(b, src)}, got {tuple(key_padding_mask.shape)}")
             if key_padding_mask.dtype == torch.bool:
-                key_padding_mask = _additive(~key_padding_mask, dtype)
+                key_padding_mask = additive_mask(~key_padding_mask, dtype)
             pad = key_padding_mask.to(dtype)[:, None, None, :]
             mask = pad if mask is None else mask + pad
         return mask
@@ -313,7 +310,9 @@ class eMultiheadAttention(nn.Module):
     ) -> Tensor:
         """Additive ``(b, 1, L, C)`` mask of ``band_mask(query_pos, key_pos, state.window, causal)`` over the cache:
         caches filled in lockstep (e.g. every decoder layer's memory ring) share it, so it can be built once."""
-        return _additive(band_mask(query_pos, state.cache.read(rows)[1], state.window, causal=causal), dtype)[:, None]
+        return additive_mask(band_mask(query_pos, state.cache.read(rows)[1], state.window, causal=causal), dtype)[
+            :, None
+        ]
 
     def attend_cached(
         self,
@@ -376,6 +375,25 @@ class eMultiheadAttention(nn.Module):
         check_stream(x, self.embed_dim)
         return self.forward_step(x, state, rows=rows)
 
+    # ---------------------------------------------------------------- lowering
+    @torch.no_grad()
+    def lower(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Attention:
+        """The attention as a lowered block for inference (dropout off): dense projections, the three
+        self-attention projections fused into one matrix (when keys and values are of ``in_rep``, so that a token
+        can be its own key), and the positional backend's tables."""
+        q, k, v, out = (p.lower(dtype, device) for p in (self.q_proj, self.k_proj, self.v_proj, self.out_proj))
+        fusable = self.key_rep == self.in_rep and self.value_rep == self.in_rep
+        return Attention(
+            q,
+            k,
+            v,
+            out,
+            Affine.cat([q, k, v]) if fusable else None,
+            self.positional.lower(dtype, device),
+            self.num_heads,
+            self.head_dim,
+        )
+
     # ---------------------------------------------------------------- conversion
     @torch.no_grad()
     def load_torch_(self, mha: nn.MultiheadAttention) -> eMultiheadAttention:
@@ -386,7 +404,7 @@ class eMultiheadAttention(nn.Module):
                 f"mha: expected embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"got embed_dim={mha.embed_dim}, num_heads={mha.num_heads}"
             )
-        if mha._qkv_same_embed_dim:
+        if mha.in_proj_weight is not None:  # one packed matrix (torch's _qkv_same_embed_dim)
             wq, wk, wv = mha.in_proj_weight.chunk(3)
         else:
             wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight

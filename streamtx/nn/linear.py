@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..symmetry import Representation
+from .lowered import Affine, lowered
 
 __all__ = [
     "eLinear",
@@ -287,6 +288,13 @@ class eLinear(nn.Module):
         weight, bias = self._cache.get(self, self._expand)
         assert weight is not None  # the cache returns what _expand built
         return weight, bias
+
+    @torch.no_grad()
+    def lower(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Affine:
+        """The dense map as a lowered block (expanded in the parameters' dtype, then cast to ``dtype``; ``None``
+        keeps it) on ``device`` (``None``: the parameters')."""
+        weight, bias = self._expand()
+        return Affine(lowered(weight, dtype, device), lowered(bias, dtype, device))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:

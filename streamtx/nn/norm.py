@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..symmetry import Representation
 from .linear import WeightCache
+from .lowered import Norm, lowered
 
 __all__ = ["eLayerNorm", "eRMSNorm"]
 
@@ -24,6 +25,8 @@ def _copies(rep: Representation) -> int:
 
 
 class _eNorm(nn.Module):
+    _rms = False  # RMSNorm (no centering, no bias) instead of LayerNorm
+
     def __init__(
         self,
         rep: Representation,
@@ -59,6 +62,12 @@ class _eNorm(nn.Module):
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
         """Per-feature affine (cached like eLinear's weights while no gradient is needed)."""
         return self._cache.get(self, self._expand)  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def lower(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Norm:
+        """The norm as a lowered block, its per-copy affine expanded per feature."""
+        weight, bias = self._expand()
+        return Norm(self._rms, lowered(weight, dtype, device), lowered(bias, dtype, device), self.eps)
 
     @torch.no_grad()
     def load_dense_(self, weight: Tensor | None, bias: Tensor | None = None) -> None:
@@ -98,6 +107,8 @@ class eRMSNorm(_eNorm):
 
     Equivariant, ``f(rho(g) x) = rho(g) f(x)``: the norm is invariant under orthogonal maps.
     """
+
+    _rms = True
 
     def __init__(
         self,

@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .lowered import AbsoluteTable, Positional, RelativeBiasTable, RotaryTable, lowered
+
 __all__ = [
     "PositionalAttention",
     "AbsolutePositional",
@@ -55,6 +57,17 @@ class PositionalAttention(nn.Module):
     def score_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
         return None
 
+    def lower(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Positional:
+        """The backend's precomputed tables (:class:`~streamtx.nn.lowered.Positional`, the one interface of every
+        backend in an inference plan). Every backend of this module overrides it; a backend defined elsewhere must
+        too, or it cannot lower."""
+        if type(self) is not PositionalAttention:
+            raise NotImplementedError(
+                f"{type(self).__name__}.lower: this positional backend has no lowering (it must define lower() to "
+                "run in an inference plan)"
+            )
+        return Positional()
+
 
 class AbsolutePositional(PositionalAttention):
     """Adds an invariant table ``P[pos mod M]`` (one value per copy, repeated over the ``N`` group coordinates) to
@@ -84,6 +97,11 @@ class AbsolutePositional(PositionalAttention):
     def encode_key(self, k: Tensor, pos: Tensor) -> Tensor:
         return self._add(k, pos)
 
+    @torch.no_grad()
+    def lower(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> AbsoluteTable:
+        """The table expanded over the group coordinates, ``(M, H, c * N)``."""
+        return AbsoluteTable(lowered(self.table.repeat_interleave(self.group_order, dim=-1), dtype, device))
+
     def extra_repr(self) -> str:
         return f"num_positions={self.num_positions}, learned={self.learned}"
 
@@ -101,6 +119,10 @@ class RelativePositionBias(PositionalAttention):
     def score_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         dist = (q_pos[..., :, None] - k_pos[..., None, :]).clamp(-self.max_distance, self.max_distance)
         return self.bias[:, dist + self.max_distance].movedim(0, -3)  # (B, H, Lq, Lk)
+
+    @torch.no_grad()
+    def lower(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> RelativeBiasTable:
+        return RelativeBiasTable(lowered(self.bias, dtype, device))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, max_distance={self.max_distance}"
@@ -140,6 +162,13 @@ class eRoPE(PositionalAttention):
 
     def encode_key(self, k: Tensor, pos: Tensor) -> Tensor:
         return self._rotate(k, pos)
+
+    def lower(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> RotaryTable:
+        """The rotation with frequencies recomputed from ``base`` in float64 (the buffer may have been rounded by a
+        dtype cast of the model); ``dtype`` is that of the rotated features, chosen at each call."""
+        half = self.copies_per_head // 2
+        inv_freq = self.base ** (-torch.arange(half, dtype=torch.float64) / half)
+        return RotaryTable(inv_freq.to(device or self.inv_freq.device), self.group_order)
 
     def extra_repr(self) -> str:
         return f"copies_per_head={self.copies_per_head}, base={self.base}"

@@ -333,7 +333,7 @@ class eRetroactiveEncoderLayer(nn.Module):
         att = state.acc[index] / state.l[index].masked_fill(empty, 1.0)[..., None]  # empty slots: 0 / 1, not 0 / 0
         att = layer.self_attn.out_proj(att.flatten(2).to(dtype))
         # The attention block's input (x or norm1(x)) was used when each token arrived; plug in its output here.
-        y = layer._residual(data["x"].to(dtype), [lambda _: att, layer._ff_block]).masked_fill(empty, 0)
+        y = layer.residual(data["x"].to(dtype), [lambda _: att, layer.feed_forward]).masked_fill(empty, 0)
         return y.gather(1, _window_slots(state.cache, rows)[..., None].expand(-1, -1, y.shape[-1]))
 
     def extra_repr(self) -> str:

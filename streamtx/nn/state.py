@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["RingCache", "StreamState", "Rows", "band_mask"]
+__all__ = ["RingCache", "StreamState", "Rows", "band_mask", "additive_mask"]
 
 Rows = Tensor | Sequence[int] | None
 """Batch rows a streaming call touches: ``None`` for all rows, else a 1-D index of distinct rows."""
@@ -140,10 +140,12 @@ class RingCache:
         self.pos[index] = -1
         self.next_pos[index] = 0
 
-    def _tensors(self) -> dict[str, Tensor]:
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the ring by name (``data.<field>``, ``pos``, ``next_pos``), not copied."""
         return {**{f"data.{k}": v for k, v in self.data.items()}, "pos": self.pos, "next_pos": self.next_pos}
 
-    def _map(self, fn: Callable[[Tensor], Tensor]) -> RingCache:
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> RingCache:
+        """A ring of the same geometry whose tensors are ``fn`` of these (a copy, a move to another device)."""
         new = object.__new__(RingCache)
         new.capacity, new.extra_slots = self.capacity, self.extra_slots
         new.data = {k: fn(v) for k, v in self.data.items()}
@@ -172,6 +174,11 @@ def band_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, *, causal: bool 
     return ok
 
 
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = attend) as an additive one: 0 where allowed, ``-inf`` elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
 class StreamState:
     """Base of the state dataclasses of streaming modules; operations walk the fields recursively.
 
@@ -179,21 +186,14 @@ class StreamState:
     plain Python values (copied as they are).
     """
 
-    def _items(self) -> Iterator[tuple[str, Any]]:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            yield f.name, getattr(self, f.name)
-
     def reset(self, rows: Rows = None) -> None:
         """Forget the past of the given batch rows (all if ``None``), in place."""
-        for _, value in self._items():
+        for _, value in _fields(self):
             _reset(value, rows)
-
-    def _map(self, fn: Callable[[Tensor], Tensor]) -> StreamState:
-        return dataclasses.replace(self, **{name: _map(value, fn) for name, value in self._items()})  # type: ignore
 
     def clone(self) -> StreamState:
         """A deep copy: stepping the clone leaves this state unchanged."""
-        return self._map(lambda t: t.clone())
+        return _map(self, lambda t: t.clone())
 
     def to(self, *args: Any, **kwargs: Any) -> StreamState:
         """Like ``Tensor.to``; floating tensors change dtype, integer positions keep theirs."""
@@ -204,7 +204,7 @@ class StreamState:
             device = next((a for a in args if isinstance(a, (torch.device, str))), kwargs.get("device"))
             return t.to(device) if device is not None else t
 
-        return self._map(move)
+        return _map(self, move)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat ``{dotted.name: tensor}`` snapshot (tensors are copies)."""
@@ -237,9 +237,16 @@ def _reset(value: Any, rows: Rows) -> None:
         value[slice(None) if rows_t is None else rows_t] = 0
 
 
+def _fields(state: StreamState) -> Iterator[tuple[str, Any]]:
+    for f in dataclasses.fields(state):  # type: ignore[arg-type]
+        yield f.name, getattr(state, f.name)
+
+
 def _map(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(value, (RingCache, StreamState)):
-        return value._map(fn)
+    if isinstance(value, RingCache):
+        return value.apply(fn)
+    if isinstance(value, StreamState):
+        return dataclasses.replace(value, **{name: _map(v, fn) for name, v in _fields(value)})  # type: ignore
     if isinstance(value, list):
         return [_map(v, fn) for v in value]
     if isinstance(value, tuple):
@@ -251,10 +258,10 @@ def _map(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 def _flatten(value: Any, prefix: str, out: dict[str, Tensor], copy: bool = True) -> None:
     if isinstance(value, StreamState):
-        for name, v in value._items():
+        for name, v in _fields(value):
             _flatten(v, f"{prefix}{name}.", out, copy)
     elif isinstance(value, RingCache):
-        for name, t in value._tensors().items():
+        for name, t in value.tensors().items():
             out[f"{prefix}{name}"] = t.clone() if copy else t
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):

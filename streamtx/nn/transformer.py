@@ -16,6 +16,7 @@ from .activation import ePointwise
 from .attention import AttentionState, eMultiheadAttention
 from .equivariance import equivariance_error
 from .linear import eLinear
+from .lowered import MLP, Decoder, DecoderLayer, Encoder, EncoderLayer, Norm
 from .norm import eLayerNorm, eRMSNorm
 from .positional import PositionalAttention
 from .state import Rows, StreamState
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 
-def make_norm(norm_module: str, rep: Representation, eps: float, bias: bool = True, **fk) -> nn.Module:
+def make_norm(norm_module: str, rep: Representation, eps: float, bias: bool = True, **fk: Any) -> eLayerNorm | eRMSNorm:
     """``"layernorm"`` -> :class:`eLayerNorm`, ``"rmsnorm"`` -> :class:`eRMSNorm`."""
     if norm_module == "layernorm":
         return eLayerNorm(rep, eps=eps, bias=bias, **fk)
@@ -130,15 +131,28 @@ class _LayerBase(nn.Module):
             raise ValueError(f"{name}: expected attention over {in_rep.name}, got {attn.in_rep.name}")
         setattr(self, name, attn)
 
-    def _ff_block(self, x: Tensor) -> Tensor:
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The feed-forward block ``linear2(dropout(activation(linear1(x))))`` (torch's ``_ff_block``)."""
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def _residual(self, x: Tensor, blocks: list[Callable[[Tensor], Tensor]]) -> Tensor:
+    def residual(self, x: Tensor, blocks: list[Callable[[Tensor], Tensor]]) -> Tensor:
         """Apply ``x = x + drop_i(block_i(norm_i(x)))`` (pre-norm) or ``x = norm_i(x + drop_i(block_i(x)))``."""
         for i, block in enumerate(blocks, start=1):
             norm, drop = getattr(self, f"norm{i}"), getattr(self, f"dropout{i}")
             x = x + drop(block(norm(x))) if self.norm_first else norm(x + drop(block(x)))
         return x
+
+    def _lower_norm(self, i: int, dtype: torch.dtype | None, device: torch.device | str | None) -> Norm:
+        module = getattr(self, f"norm{i}")
+        if not isinstance(module, (eLayerNorm, eRMSNorm)):
+            raise NotImplementedError(
+                f"{type(self).__name__}.lower: norm{i} is a {type(module).__name__}; lowering covers eLayerNorm and "
+                "eRMSNorm"
+            )
+        return module.lower(dtype, device)
+
+    def _lower_ff(self, dtype: torch.dtype | None, device: torch.device | str | None) -> MLP:
+        return MLP(self.linear1.lower(dtype, device), self.activation.lower(), self.linear2.lower(dtype, device))
 
     @torch.no_grad()
     def _load_torch_common(
@@ -223,7 +237,7 @@ class eTransformerEncoderLayer(_LayerBase):
                 key_pos=src_pos,
             )
 
-        return _to_batch_first(self._residual(x, [sa, self._ff_block]), self.batch_first)
+        return _to_batch_first(self.residual(x, [sa, self.feed_forward]), self.batch_first)
 
     # ---------------------------------------------------------------- streaming
     def init_state(
@@ -251,7 +265,7 @@ class eTransformerEncoderLayer(_LayerBase):
         def sa(h):
             return self.self_attn.forward_step(h, state.self_attn, rows=rows)[0]
 
-        return self._residual(x, [sa, self._ff_block]), state
+        return self.residual(x, [sa, self.feed_forward]), state
 
     def forward_steps(
         self, x: Tensor, state: EncoderLayerState, /, *, rows: Rows = None
@@ -260,6 +274,18 @@ class eTransformerEncoderLayer(_LayerBase):
         tokens: the same numbers)."""
         check_stream(x, self.in_rep.size)
         return self.forward_step(x, state, rows=rows)
+
+    # ---------------------------------------------------------------- lowering
+    def lower(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> EncoderLayer:
+        """The layer as a lowered block over a ring (:class:`~streamtx.nn.lowered.EncoderLayer`), pre- or
+        post-norm as built, for inference (dropout off)."""
+        return EncoderLayer(
+            self.self_attn.lower(dtype, device),
+            self._lower_norm(1, dtype, device),
+            self._lower_norm(2, dtype, device),
+            self._lower_ff(dtype, device),
+            self.norm_first,
+        )
 
     # ---------------------------------------------------------------- checks and conversion
     def check_equivariance(
@@ -379,7 +405,7 @@ class eTransformerDecoderLayer(_LayerBase):
                 key_pos=memory_pos,
             )
 
-        return _to_batch_first(self._residual(x, [sa, ca, self._ff_block]), self.batch_first)
+        return _to_batch_first(self.residual(x, [sa, ca, self.feed_forward]), self.batch_first)
 
     # ---------------------------------------------------------------- streaming
     def init_state(
@@ -434,7 +460,7 @@ class eTransformerDecoderLayer(_LayerBase):
         def ca(h):
             return self.multihead_attn.attend_cached(h, state.cross_attn, q_pos, rows)[0]
 
-        y = self._residual(xs, [sa, ca, self._ff_block])
+        y = self.residual(xs, [sa, ca, self.feed_forward])
         return (y[:, 0] if single else y), state
 
     def forward_steps(
@@ -473,7 +499,25 @@ class eTransformerDecoderLayer(_LayerBase):
         def ca(h: Tensor) -> Tensor:
             return self.multihead_attn.attend_cached(h, state, query_pos, rows, mask=memory_mask)[0]
 
-        return self._residual(tgt, [sa, ca, self._ff_block])
+        return self.residual(tgt, [sa, ca, self.feed_forward])
+
+    # ---------------------------------------------------------------- lowering
+    def lower(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None, *, causal: bool = False
+    ) -> DecoderLayer:
+        """The layer as a lowered block whose target tokens share one position
+        (:class:`~streamtx.nn.lowered.DecoderLayer`), pre- or post-norm as built; ``causal``: the self-attention
+        mask is causal in token order (``tgt_is_causal`` / a causal ``tgt_mask``). For inference (dropout off)."""
+        return DecoderLayer(
+            self.self_attn.lower(dtype, device),
+            self.multihead_attn.lower(dtype, device),
+            self._lower_norm(1, dtype, device),
+            self._lower_norm(2, dtype, device),
+            self._lower_norm(3, dtype, device),
+            self._lower_ff(dtype, device),
+            self.norm_first,
+            causal,
+        )
 
     # ---------------------------------------------------------------- checks and conversion
     def check_equivariance(
@@ -542,6 +586,18 @@ def _decoder_steps(
     return torch.stack(steps, dim=1), state
 
 
+def _lower_stack_norm(
+    norm: nn.Module | None, owner: str, dtype: torch.dtype | None, device: torch.device | str | None
+) -> Norm | None:
+    if norm is None:
+        return None
+    if not isinstance(norm, (eLayerNorm, eRMSNorm)):
+        raise NotImplementedError(
+            f"{owner}.lower: norm is a {type(norm).__name__}; lowering covers eLayerNorm and eRMSNorm"
+        )
+    return norm.lower(dtype, device)
+
+
 class eTransformerEncoder(nn.Module):
     """A stack of ``num_layers`` copies of an encoder layer and an optional final norm, like
     ``torch.nn.TransformerEncoder``. Streams exactly for any depth in causal-window mode (each layer caches its own
@@ -570,6 +626,17 @@ class eTransformerEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal, src_pos=src_pos)
         return x if self.norm is None else self.norm(x)
+
+    def lower(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None, *, window: int
+    ) -> Encoder:
+        """The stack as a lowered block streaming in causal-window mode with ``window``
+        (:class:`~streamtx.nn.lowered.Encoder`)."""
+        return Encoder(
+            tuple(layer.lower(dtype, device) for layer in self.layer_list),
+            _lower_stack_norm(self.norm, "eTransformerEncoder", dtype, device),
+            window,
+        )
 
     def init_state(
         self,
@@ -644,6 +711,16 @@ class eTransformerDecoder(nn.Module):
                 memory_pos=memory_pos,
             )
         return x if self.norm is None else self.norm(x)
+
+    def lower(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None, *, causal: bool = False
+    ) -> Decoder:
+        """The stack as a lowered block whose target tokens share one position
+        (:class:`~streamtx.nn.lowered.Decoder`; ``causal`` as in :meth:`eTransformerDecoderLayer.lower`)."""
+        return Decoder(
+            tuple(layer.lower(dtype, device, causal=causal) for layer in self.layer_list),
+            _lower_stack_norm(self.norm, "eTransformerDecoder", dtype, device),
+        )
 
     def init_state(
         self,

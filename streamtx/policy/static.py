@@ -22,9 +22,9 @@ from torch import Tensor
 from torch._dynamo import config as dynamo_config
 from torch._inductor import config as inductor_config
 
+from ..models.cond_regressor import ActWorkspace, PlanCaches
 from ..nn.state import Rows
 from .cuda_graph import CapturedProgram, capture_unavailable
-from .static_plan import ActWorkspace, PlanCaches, RegressorPlan
 from .streaming import StreamingPolicy, step_noise
 
 if TYPE_CHECKING:
@@ -193,7 +193,8 @@ class StaticStreamingPolicy:
     """:class:`~streamtx.policy.StreamingPolicy`'s methods (``init_state``, ``reset``, ``observe``, ``act``,
     ``step``, ``metadata``) over static buffers, for serving on a GPU.
 
-    The math is a :class:`~streamtx.policy.static_plan.RegressorPlan` of the policy's model: the same actions as
+    The math is the :class:`~streamtx.models.cond_regressor.RegressorPlan` that the policy's model lowers itself into
+    (:meth:`~streamtx.models.eCondTransformerRegressor.lower`): the same actions as
     ``policy`` for the same calls (same noise; float32 agreement ~1e-6 relative). ``init_state(num_slots)``
     preallocates every buffer and captures one CUDA graph per program (``observe`` per bucket and token count,
     ``act`` per bucket), so calls never allocate, never re-capture and synchronize only to hand back actions.
@@ -227,7 +228,7 @@ class StaticStreamingPolicy:
             raise ValueError(f"buckets: expected positive batch sizes, got {list(buckets)}")
         self.policy, self.cuda_graph = policy, cuda_graph
         self.compiled, self.compile_reason = _compile_choice(compile, policy.device)
-        self.plan = RegressorPlan(policy.model, policy.sampler, dtype, fused_kernels)
+        self.plan = policy.model.lower(policy.sampler, dtype, fused_kernels=fused_kernels)
         self._buckets = None if buckets is None else sorted({int(b) for b in buckets})
         self.obs_dim, self.action_dim = policy.obs_dim, policy.action_dim
         self.horizon, self.cond_window, self.cond_horizon = policy.horizon, policy.cond_window, policy.cond_horizon

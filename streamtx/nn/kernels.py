@@ -1,4 +1,5 @@
-"""Fused GPU kernels for the static plan's hot loop, with plain-torch equivalents.
+"""The kernels of the lowered blocks (:mod:`streamtx.nn.lowered`): fused GPU kernels for the static plan's hot loop,
+with plain-torch equivalents.
 
 A denoiser evaluation of a small policy is ~70 kernels that each do a few microseconds of work; on an H100 inside a
 CUDA graph two kinds dominate (measured, benchmarks/GPU_NOTES.md): attention of Tx action tokens over a few dozen keys
@@ -46,8 +47,9 @@ def attention(
 ) -> Tensor:
     """Multi-head attention ``q (b, H, T, hd)`` over ``k, v (b, H, S, hd)`` -> ``(b, T, H * hd)``, heads merged.
 
-    ``mask``: additive, per key, ``(b, 1, 1, S)``; ``causal``: query ``t`` sees keys ``<= t``. Any strides with a
-    contiguous last dimension. ``fused`` runs the Triton kernel where the shapes allow it.
+    ``mask``: additive, broadcastable to ``(b, H, T, S)``; ``causal``: query ``t`` sees keys ``<= t``. Any strides
+    with a contiguous last dimension. ``fused`` runs the Triton kernel where the shapes allow it, which takes masks
+    that are the same for every query: per key ``(b, 1, 1, S)`` or per head and key ``(b, H, 1, S)``.
     """
     b, h, t, hd = q.shape
     s = k.shape[2]
@@ -58,11 +60,14 @@ def attention(
         and 16 <= hd <= _MAX_HEAD_DIM
         and hd & (hd - 1) == 0
         and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        and (mask is None or (mask.shape[2] == 1 and mask.stride(-1) == 1))
     ):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return out.transpose(1, 2).reshape(b, t, h * hd)
     out = torch.empty(b, t, h, hd, dtype=q.dtype, device=q.device)
-    mask_arg, mask_stride = (mask, mask.stride(0)) if mask is not None else (q, 0)
+    mask_arg, mask_strides = (
+        (q, (0, 0)) if mask is None else (mask, (mask.stride(0), mask.stride(1) * (mask.shape[1] > 1)))
+    )
     _attention_kernel[(b * h,)](
         q,
         k,
@@ -75,7 +80,7 @@ def attention(
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],
-        mask_stride,
+        *mask_strides,
         *out.stride()[:3],
         hd**-0.5,
         HAS_MASK=mask is not None,
@@ -137,6 +142,7 @@ if triton is not None:
         sv_h,
         sv_s,
         sm_b,
+        sm_h,
         so_b,
         so_t,
         so_h,
@@ -160,7 +166,7 @@ if triton is not None:
         if CAUSAL:
             visible = visible & (s[None, :] <= t[:, None])
         if HAS_MASK:
-            scores += tl.load(mask_ptr + b * sm_b + s, mask=s < num_k, other=0.0).to(tl.float32)[None, :]
+            scores += tl.load(mask_ptr + b * sm_b + h * sm_h + s, mask=s < num_k, other=0.0).to(tl.float32)[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
         out = tl.dot(p.to(v.dtype), v, input_precision="ieee") / tl.sum(p, axis=1)[:, None]
