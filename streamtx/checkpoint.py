@@ -169,7 +169,7 @@ def load_fastest_policy(
     policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
     try:
         fast = StaticStreamingPolicy(policy, cuda_graph=True, buckets=buckets, compile=compile)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, NotImplementedError) as exc:
         log.warning("serving the module path: the static plan cannot run this model (%s)", exc)
         return policy
     log.info("serving the static plan on %s (%s)", fast.device, fast.compile_reason)

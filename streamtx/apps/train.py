@@ -30,7 +30,7 @@ from streamtx_server.config_file import add_config_option, parse_args_with_confi
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import Episodes, SymmetrySpec, SymmetrySpecError, load_npz, read_lerobot
-from ..models import CondTransformerRegressor, eCondTransformerRegressor, get_optim_groups
+from ..models import CondTransformerRegressor, RegressorConfig, eCondTransformerRegressor, get_optim_groups
 from ..nn.linear import eLinear
 from ..policy import DDIMSampler, FlowMatchingSampler, Sampler
 from ..symmetry import Representation, trivial_group
@@ -363,7 +363,9 @@ def _resume_state(path: Path, model: eCondTransformerRegressor) -> dict[str, Any
     state = payload["extra"].get("train_state")
     if state is None:
         raise SystemExit(f"streamtx train: --resume {path} holds no training state (write it with --checkpoint-every)")
-    if payload["config"] != model.config.to_dict() or payload["model_class"] != type(model).__name__:
+    # through RegressorConfig: a state saved before an option existed holds that option's default
+    saved = RegressorConfig.from_dict(payload["config"])
+    if saved != model.config or payload["model_class"] != type(model).__name__:
         raise SystemExit(
             f"streamtx train: --resume {path} is a {payload['model_class']} with {payload['config']}; this run builds "
             f"a {type(model).__name__} with {model.config.to_dict()}"

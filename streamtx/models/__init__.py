@@ -3,6 +3,7 @@
 from .cond_regressor import (
     CondTransformerRegressor,
     RegressorConfig,
+    RegressorPlan,
     RegressorState,
     eCondTransformerRegressor,
     get_optim_groups,
@@ -12,6 +13,7 @@ __all__ = [
     "eCondTransformerRegressor",
     "CondTransformerRegressor",
     "RegressorConfig",
+    "RegressorPlan",
     "RegressorState",
     "get_optim_groups",
 ]
