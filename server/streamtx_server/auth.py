@@ -2,21 +2,33 @@
 
 A key directory holds ``server.key`` (public: give it to clients) and ``server.key_secret`` (stays on the daemon's
 host), in ``zmq.auth`` certificate format. If it also has an ``authorized_clients/`` folder of client public keys
-(``*.key``), only those clients are admitted; otherwise any client that knows the server's public key is.
+(``*.key``), only those clients are admitted (:class:`ZapHandler`, which logs every refused key); otherwise any
+client that knows the server's public key is.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import math
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
-__all__ = ["CurveServerKeys", "load_server_keys", "create_curve_keys", "secure_router"]
+from .jsonlog import log_event
+
+__all__ = ["CurveServerKeys", "ZapHandler", "load_server_keys", "create_curve_keys", "key_fingerprint", "secure_router"]
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks a context's authentication handler (RFC 27)
+_MAX_LOGGED_PEERS = 4096
 
 SERVER_NAME = "server"
 AUTHORIZED_DIR = "authorized_clients"
@@ -62,17 +74,140 @@ def create_curve_keys(directory: str | os.PathLike[str], clients: int = 0) -> Pa
     return Path(public_file)
 
 
+class ZapHandler:
+    """ZeroMQ's authentication hook (ZAP, RFC 27) for one context: admits CURVE clients whose public key is in
+    ``authorized`` (a folder of ``*.key`` certificates, read once at :meth:`start`), refuses the others, and logs each
+    refusal as one ``curve_refused`` event (peer address, the client's public key and its fingerprint, the reason).
+
+    A refused client reconnects every ~100 ms (ZeroMQ's reconnect), so a key is logged at its first refusal and then
+    at most once per ``log_every`` seconds per peer and key, with the count since its last line; ``on_refusal`` is
+    called for every refusal (the metrics count them all).
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        authorized: Path,
+        log: logging.Logger,
+        *,
+        on_refusal: Callable[[], None] | None = None,
+        log_every: float = 60.0,
+    ) -> None:
+        self.context = context
+        self.authorized = authorized
+        self.log = log
+        self.on_refusal = on_refusal
+        self.log_every = log_every
+        self._keys: set[bytes] = set()
+        self._logged: dict[tuple[str, bytes], tuple[float, int]] = {}  # (peer, key) -> (last line, refusals since)
+        self._zap: zmq.Socket[Any] | None = None
+        self._stop: zmq.Socket[Any] | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._keys = set(zmq.auth.load_certificates(self.authorized))
+        self._zap = self.context.socket(zmq.REP)
+        self._zap.linger = 0
+        try:
+            self._zap.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            self._zap.close()
+            raise RuntimeError(
+                f"curve keys: cannot install the ZAP handler ({exc}); another one runs in this ZeroMQ context "
+                "(give each CURVE daemon its own context)"
+            ) from None
+        endpoint = f"inproc://streamtx-zap-stop-{id(self)}"
+        self._stop = self.context.socket(zmq.PAIR)
+        self._stop.linger = 0
+        self._stop.bind(endpoint)
+        stop_peer = self.context.socket(zmq.PAIR)
+        stop_peer.linger = 0
+        stop_peer.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, args=(self._zap, stop_peer), name="zap", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None or self._stop is None:
+            return
+        self._stop.send(b"stop")
+        self._thread.join()
+        self._stop.close()
+        self._thread = self._stop = self._zap = None
+
+    def _run(self, zap: zmq.Socket[Any], stop: zmq.Socket[Any]) -> None:
+        poller = zmq.Poller()
+        poller.register(zap, zmq.POLLIN)
+        poller.register(stop, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                if stop in events:
+                    return
+                if zap in events:
+                    zap.send_multipart(self._answer(zap.recv_multipart()))
+        finally:
+            zap.close()
+            stop.close()
+
+    def _answer(self, frames: list[bytes]) -> list[bytes]:
+        """The ZAP reply ``[version, request id, status, text, user id, metadata]`` to one request."""
+        if len(frames) < 6 or frames[0] != b"1.0":
+            request_id = frames[1] if len(frames) > 1 else b""
+            return [b"1.0", request_id, b"400", b"malformed ZAP request", b"", b""]
+        _, request_id, _, address, _, mechanism, *credentials = frames
+        if mechanism == b"NULL":  # only sockets of this context that set a ZAP domain ask; not ours to refuse
+            return [b"1.0", request_id, b"200", b"OK", b"", b""]
+        key = credentials[0] if mechanism == b"CURVE" and credentials and len(credentials[0]) == 32 else b""
+        public = z85.encode(key) if key else b""
+        if public in self._keys:
+            return [b"1.0", request_id, b"200", b"OK", public, b""]
+        reason = f"client key not in {self.authorized}" if key else f"mechanism {mechanism.decode(errors='replace')}"
+        self._refused(address.decode(errors="replace"), public, reason)
+        return [b"1.0", request_id, b"400", reason.encode(), b"", b""]
+
+    def _refused(self, peer: str, public: bytes, reason: str) -> None:
+        if self.on_refusal is not None:
+            self.on_refusal()
+        now = time.monotonic()
+        last, since = self._logged.get((peer, public), (-math.inf, 0))
+        if now - last < self.log_every:
+            self._logged[(peer, public)] = (last, since + 1)
+            return
+        if len(self._logged) >= _MAX_LOGGED_PEERS:  # bounded memory under a flood of distinct keys
+            self._logged.clear()
+        self._logged[(peer, public)] = (now, 0)
+        log_event(
+            self.log,
+            logging.WARNING,
+            "curve_refused",
+            peer=peer or None,
+            client_key=public.decode() or None,
+            fingerprint=key_fingerprint(public) if public else None,
+            reason=reason,
+            refusals_since_last_line=since,
+        )
+
+
+def key_fingerprint(public: bytes) -> str:
+    """A short fingerprint of a Z85 public key: ``sha256:`` and the first 16 hex digits of its raw 32 bytes."""
+    return "sha256:" + hashlib.sha256(z85.decode(public)).hexdigest()[:16]
+
+
 def secure_router(
-    context: zmq.Context[Any], socket: zmq.Socket[Any], keys: CurveServerKeys
-) -> ThreadAuthenticator | None:
-    """Make ``socket`` (before it binds) a CURVE server; starts and returns the authenticator that checks client
-    keys when the keys name authorized clients (stop it when the socket closes)."""
-    authenticator = None
+    context: zmq.Context[Any],
+    socket: zmq.Socket[Any],
+    keys: CurveServerKeys,
+    log: logging.Logger,
+    *,
+    on_refusal: Callable[[], None] | None = None,
+) -> ZapHandler | None:
+    """Make ``socket`` (before it binds) a CURVE server; starts and returns the ZAP handler that checks client keys
+    when the keys name authorized clients (stop it when the socket closes)."""
+    handler = None
     if keys.authorized_clients is not None:
-        authenticator = ThreadAuthenticator(context)
-        authenticator.start()
-        authenticator.configure_curve(domain="*", location=str(keys.authorized_clients))
+        handler = ZapHandler(context, keys.authorized_clients, log, on_refusal=on_refusal)
+        handler.start()
     socket.curve_secretkey = keys.secret
     socket.curve_publickey = keys.public
     socket.curve_server = True
-    return authenticator
+    return handler

@@ -21,6 +21,7 @@ from .config import ServerConfig
 from .config_file import add_config_option, parse_args_with_config
 from .daemon import Server
 from .jsonlog import configure_logging, log_event
+from .metrics import MetricsServer
 
 __all__ = ["serve_main", "stats_main", "keygen_main", "main", "run_server"]
 
@@ -29,6 +30,20 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in 0..65535 (0: any free one), got {text}")
     return value
 
 
@@ -116,6 +131,25 @@ def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
         help="seconds after which a session with no request and nothing queued is closed; 0 turns expiry off",
     )
     p.add_argument(
+        "--max-waiting-opens",
+        type=_non_negative_int,
+        default=defaults.max_waiting_opens,
+        help="opens that may wait for a session slot when all are taken (admitted first come, first served as "
+        "slots free); more are answered full; 0: full at once",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve /healthz and Prometheus /metrics over HTTP on this port (0: any free one, logged); off if "
+        "not given; needs prometheus_client (pip install 'streamtx[metrics]')",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="interface of the --metrics-port endpoint (0.0.0.0: every interface)",
+    )
+    p.add_argument(
         "--curve-keys",
         type=Path,
         metavar="DIR",
@@ -127,17 +161,31 @@ def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
     return p
 
 
-def run_server(policy: Any, endpoints: Sequence[str], config: ServerConfig, *, curve_keys: Path | None = None) -> int:
-    """Serve ``policy`` until SIGINT or SIGTERM, then finish the requests in flight and return 0."""
+def run_server(
+    policy: Any,
+    endpoints: Sequence[str],
+    config: ServerConfig,
+    *,
+    curve_keys: Path | None = None,
+    metrics: tuple[str, int] | None = None,
+) -> int:
+    """Serve ``policy`` until SIGINT or SIGTERM, then finish the requests in flight and return 0; with ``metrics``
+    (host, port), also /healthz and /metrics over HTTP there."""
 
     curve = load_server_keys(curve_keys) if curve_keys is not None else None
     server = Server(policy, endpoints, config, curve=curve)
+    http = MetricsServer(server, *metrics) if metrics is not None else None  # a port in use fails here, early
     previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if http is not None:
+            http.start()
+            log_event(server.log, logging.INFO, "metrics_listening", url=http.url, paths=["/healthz", "/metrics"])
         server.serve_forever()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if http is not None:
+            http.close()
     return 0
 
 
@@ -162,9 +210,13 @@ def serve_main(argv: list[str] | None, load_policy: PolicyLoader) -> int:
             idle_timeout=args.idle_timeout or None,
             max_queued_per_session=args.max_queued_per_session,
             max_obs_abs=args.max_obs_abs,
+            max_waiting_opens=args.max_waiting_opens,
         )
         policy = load_policy(args.checkpoint, args.device, args.threads, args.max_tokens_per_step)
-        return run_server(policy, args.bind or ["tcp://127.0.0.1:5555"], config, curve_keys=args.curve_keys)
+        metrics = None if args.metrics_port is None else (args.metrics_host, args.metrics_port)
+        return run_server(
+            policy, args.bind or ["tcp://127.0.0.1:5555"], config, curve_keys=args.curve_keys, metrics=metrics
+        )
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         log_event(log, logging.ERROR, "serve_failed", error=str(exc))
         print(f"streamtx serve: {exc}", file=sys.stderr)
@@ -176,7 +228,7 @@ def _table(stats: dict[str, Any]) -> str:
         f"sessions {stats['sessions']}/{stats['max_sessions']}   uptime {stats['uptime_s']:.1f} s   "
         f"batches {stats['batches']['count']} (mean size {stats['batches']['mean_size']:.2f}, "
         f"max {stats['batches']['max_size']})   superseded {stats['superseded']}   "
-        f"expired {stats['expired_sessions']}",
+        f"expired {stats['expired_sessions']}   waiting opens {stats['waiting_opens']}",
         "",
         f"{'stage':<8} {'count':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'max ms':>9}",
     ]
