@@ -79,9 +79,9 @@ class ZapHandler:
     ``authorized`` (a folder of ``*.key`` certificates, read once at :meth:`start`), refuses the others, and logs each
     refusal as one ``curve_refused`` event (peer address, the client's public key and its fingerprint, the reason).
 
-    A refused client reconnects every ~100 ms (ZeroMQ's reconnect), so a key is logged at its first refusal and then
-    at most once per ``log_every`` seconds per peer and key, with the count since its last line; ``on_refusal`` is
-    called for every refusal (the metrics count them all).
+    A client restarted in a loop (a robot's supervisor) must not flood the log: a key is logged at its first refusal
+    and then at most once per ``log_every`` seconds per peer and key, with the count since its last line;
+    ``on_refusal`` is called for every refusal (the metrics count them all).
     """
 
     def __init__(
