@@ -21,7 +21,7 @@ from .config import ServerConfig
 from .config_file import add_config_option, parse_args_with_config
 from .daemon import Server
 from .jsonlog import configure_logging, log_event
-from .metrics import MetricsServer
+from .metrics import MetricsServer, require_prometheus
 
 __all__ = ["serve_main", "stats_main", "keygen_main", "main", "run_server"]
 
@@ -212,6 +212,8 @@ def serve_main(argv: list[str] | None, load_policy: PolicyLoader) -> int:
             max_obs_abs=args.max_obs_abs,
             max_waiting_opens=args.max_waiting_opens,
         )
+        if args.metrics_port is not None:
+            require_prometheus()  # before the model loads: a missing package fails in a moment, not after it
         policy = load_policy(args.checkpoint, args.device, args.threads, args.max_tokens_per_step)
         metrics = None if args.metrics_port is None else (args.metrics_host, args.metrics_port)
         return run_server(

@@ -33,7 +33,7 @@ from .stats import STAGES, SlidingWindow
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-__all__ = ["MetricsServer", "health", "STALL_AFTER_S", "VERSION"]
+__all__ = ["MetricsServer", "health", "require_prometheus", "STALL_AFTER_S", "VERSION"]
 
 STALL_AFTER_S = 10.0
 """A heartbeat older than this makes /healthz answer 503 ``stalled``: ten times the idle loop's wake-up period, above
@@ -66,7 +66,8 @@ def health(server: Server, stall_after: float = STALL_AFTER_S) -> tuple[bool, di
     return status == "ok", body
 
 
-def _prometheus() -> Any:
+def require_prometheus() -> Any:
+    """The ``prometheus_client`` module, or a RuntimeError that says how to install it."""
     try:  # optional dependency: imported only when the endpoint is asked for
         import prometheus_client
     except ImportError:
@@ -171,7 +172,7 @@ class MetricsServer:
     def __init__(
         self, server: Server, host: str = "127.0.0.1", port: int = 0, *, stall_after: float = STALL_AFTER_S
     ) -> None:
-        prometheus = _prometheus()
+        prometheus = require_prometheus()
         self.registry = prometheus.CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(server, prometheus.metrics_core))
         exposition = (prometheus.generate_latest, prometheus.CONTENT_TYPE_LATEST)
