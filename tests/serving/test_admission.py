@@ -31,7 +31,7 @@ def test_opens_wait_in_arrival_order_and_are_admitted_as_slots_free(policy) -> N
             assert waiting_opens(c) == 2
             # a retry of a waiting open (same id and token) keeps its place and is answered with it
             b_retry = b.send_request("open", session="b", seed=2, wait=TIMEOUT)
-            assert waiting_opens(a) == 2
+            assert waiting_opens(b) == 2  # on b's socket: read after the retry
 
             assert a.request("close", session="a")["ok"]  # frees the slot: b is first in line
             replies = [b.recv(), b.recv()]
@@ -57,16 +57,14 @@ def test_full_when_the_wait_queue_is_full_or_the_wait_ends(policy) -> None:
             assert a.request("open", session="a")["ok"]
             reply = b.request("open", session="b")  # no wait asked: full at once, as a v2 client without wait
             assert error_code(reply) == "full" and "wait 0" in reply["error"]["message"]
-            short = b.send_request("open", session="b", wait=0.05)
+            reply = b.request("open", session="b", wait=0.05)  # its wait ends (the daemon's timer) with no slot freed
+            assert error_code(reply) == "full" and "within the open's wait of 0.05 s" in reply["error"]["message"]
+            assert waiting_opens(b) == 0
+            b.send_request("open", session="b", wait=TIMEOUT)
+            assert waiting_opens(b) == 1
             reply = c.request("open", session="c", wait=TIMEOUT)  # the one place in the queue is b's
             assert error_code(reply) == "full" and "--max-waiting-opens" in reply["error"]["message"]
-            reply = b.recv()  # b's wait ends (the daemon's timer, not ours) with no slot freed
-            assert reply["id"] == short and error_code(reply) == "full"
-            assert "within the open's wait of 0.05 s" in reply["error"]["message"]
-            assert waiting_opens(c) == 0
-            c.send_request("open", session="b", token="another-owner", wait=TIMEOUT)
-            assert waiting_opens(c) == 1  # another client's open of the id "b" now waits
-            reply = b.request("open", session="b", wait=TIMEOUT)  # b's token differs from the waiting owner's
+            reply = c.request("open", session="b", token="another-owner", wait=TIMEOUT)
             assert error_code(reply) == "not_owner" and "waiting for a slot" in reply["error"]["message"]
             stats = a.request("stats")["result"]
             assert stats["errors"]["full"] == 3 and stats["errors"]["not_owner"] == 1
@@ -75,7 +73,8 @@ def test_full_when_the_wait_queue_is_full_or_the_wait_ends(policy) -> None:
 
 
 def test_idle_expiry_admits_a_waiting_open(policy) -> None:
-    server, thread = start_server(policy, "tcp://127.0.0.1:*", max_sessions=1, idle_timeout=0.2)
+    # the robot's open must arrive within the idle timeout of the other's (two local requests: milliseconds)
+    server, thread = start_server(policy, "tcp://127.0.0.1:*", max_sessions=1, idle_timeout=1.0)
     try:
         with RawPeer(server.bound[0]) as idle, RawPeer(server.bound[0]) as robot:
             assert idle.request("open", session="abandoned")["ok"]  # then never heard of again

@@ -100,7 +100,7 @@ def test_metrics_report_stages_sessions_batches_errors_and_refusals(tmp_path: Pa
             bad = a.request("step", session="a", seq=4, obs=np.zeros(2, np.float32))  # seq given: the next is 4
             assert error_code(bad) == "bad_shape"
             b.send_request("open", session="b", wait=TIMEOUT)
-            assert a.request("stats")["result"]["waiting_opens"] == 1
+            assert b.request("stats")["result"]["waiting_opens"] == 1  # b's socket: read after its open
             # busy: hold the model in a batch so that a's queue (1 step) fills
             policy.hold.set()
             a.send_request("step", session="a", obs=np.zeros(3, np.float32))
