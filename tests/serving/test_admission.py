@@ -157,3 +157,13 @@ def test_sdk_open_waits_within_its_patience(policy) -> None:
             assert watcher.request("stats")["result"]["sessions"] == 0
     finally:
         stop_server(server, thread)
+
+
+def test_admission_wait_is_what_is_left_of_the_patience() -> None:
+    default = Patience()  # 1 s attempts, 30 s in all
+    assert default.admission_wait(0, 0.0) == pytest.approx(29.9)
+    assert default.admission_wait(5, 12.0) == pytest.approx(17.9)
+    assert default.admission_wait(40, 31.0) == 0.0
+    one_try = Patience(attempt_timeout=0.5, retries=0)  # Client(timeout=0.5, retries=0): its one attempt bounds it
+    assert one_try.admission_wait(0, 0.0) == pytest.approx(0.45)
+    assert Patience(attempt_timeout=2.0, retries=3).admission_wait(1, 2.1) == pytest.approx(5.8)

@@ -113,6 +113,7 @@ def test_metrics_report_stages_sessions_batches_errors_and_refusals(tmp_path: Pa
             policy.release.set()
             codes = [a.recv() for _ in range(3)]
             assert [r["ok"] for r in codes] == [True, False, True] and error_code(codes[1]) == "busy"
+            assert a.request("stats")["ok"]  # the loop recorded the last reply's latency before it read this
 
             families = scrape(http)
             latency = families["streamtx_stage_latency_seconds"]
