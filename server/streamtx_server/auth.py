@@ -3,7 +3,8 @@
 A key directory holds ``server.key`` (public: give it to clients) and ``server.key_secret`` (stays on the daemon's
 host), in ``zmq.auth`` certificate format. If it also has an ``authorized_clients/`` folder of client public keys
 (``*.key``), only those clients are admitted (:class:`ZapHandler`, which logs every refused key); otherwise any
-client that knows the server's public key is.
+client that knows the server's public key is. Handshakes that fail before a key check (a wrong server key, a
+plain-text client) are logged too (:class:`HandshakeMonitor`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,23 @@ from typing import Any
 import zmq
 import zmq.auth
 from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 from .jsonlog import log_event
 
-__all__ = ["CurveServerKeys", "ZapHandler", "load_server_keys", "create_curve_keys", "key_fingerprint", "secure_router"]
+__all__ = [
+    "CurveServerKeys",
+    "CurveGuard",
+    "HandshakeMonitor",
+    "ZapHandler",
+    "load_server_keys",
+    "create_curve_keys",
+    "key_fingerprint",
+    "secure_router",
+]
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks a context's authentication handler (RFC 27)
-_MAX_LOGGED_PEERS = 4096
+_MAX_THROTTLED = 4096  # distinct (peer, key) pairs remembered by a throttle; more: it forgets them all
 
 SERVER_NAME = "server"
 AUTHORIZED_DIR = "authorized_clients"
@@ -74,14 +85,73 @@ def create_curve_keys(directory: str | os.PathLike[str], clients: int = 0) -> Pa
     return Path(public_file)
 
 
+class _Throttle:
+    """Which occurrences of a repeating event to log: the first per key, then one per ``every`` seconds per key.
+    A client restarted in a loop (a robot's supervisor) must not flood the log."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._last: dict[Any, tuple[float, int]] = {}  # key -> (its last line, occurrences left out since)
+
+    def __call__(self, key: Any) -> int | None:
+        """None to leave this occurrence out; else log it, with this count of occurrences left out before it."""
+        now = time.monotonic()
+        last, since = self._last.get(key, (-math.inf, 0))
+        if now - last < self.every:
+            self._last[key] = (last, since + 1)
+            return None
+        if len(self._last) >= _MAX_THROTTLED:  # bounded memory under a flood of distinct keys
+            self._last.clear()
+        self._last[key] = (now, 0)
+        return since
+
+
+class _StoppableThread:
+    """A thread that polls ``sockets`` and hands each readable one to ``handle``, until :meth:`stop` (an inproc pipe,
+    so the thread never waits on a timeout)."""
+
+    def __init__(self, context: zmq.Context[Any], name: str, sockets: list[zmq.Socket[Any]], handle: Any) -> None:
+        endpoint = f"inproc://streamtx-{name}-stop-{id(self)}"
+        self._stop = context.socket(zmq.PAIR)
+        self._stop.linger = 0
+        self._stop.bind(endpoint)
+        stop_peer = context.socket(zmq.PAIR)
+        stop_peer.linger = 0
+        stop_peer.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, args=([*sockets, stop_peer], handle), name=name, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _run(sockets: list[zmq.Socket[Any]], handle: Callable[[zmq.Socket[Any]], None]) -> None:
+        *served, stop = sockets
+        poller = zmq.Poller()
+        for socket in sockets:
+            poller.register(socket, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                if stop in events:
+                    return
+                for socket in served:
+                    if socket in events:
+                        handle(socket)
+        finally:
+            for socket in sockets:
+                socket.close()
+
+    def stop(self) -> None:
+        self._stop.send(b"stop")
+        self._thread.join()
+        self._stop.close()
+
+
 class ZapHandler:
     """ZeroMQ's authentication hook (ZAP, RFC 27) for one context: admits CURVE clients whose public key is in
     ``authorized`` (a folder of ``*.key`` certificates, read once at :meth:`start`), refuses the others, and logs each
     refusal as one ``curve_refused`` event (peer address, the client's public key and its fingerprint, the reason).
 
-    A client restarted in a loop (a robot's supervisor) must not flood the log: a key is logged at its first refusal
-    and then at most once per ``log_every`` seconds per peer and key, with the count since its last line;
-    ``on_refusal`` is called for every refusal (the metrics count them all).
+    A key is logged at its first refusal and then at most once per ``log_every`` seconds per peer and key, with the
+    count since its last line; ``on_refusal`` is called for every refusal (the metrics count them all).
     """
 
     def __init__(
@@ -99,55 +169,29 @@ class ZapHandler:
         self.on_refusal = on_refusal
         self.log_every = log_every
         self._keys: set[bytes] = set()
-        self._logged: dict[tuple[str, bytes], tuple[float, int]] = {}  # (peer, key) -> (last line, refusals since)
-        self._zap: zmq.Socket[Any] | None = None
-        self._stop: zmq.Socket[Any] | None = None
-        self._thread: threading.Thread | None = None
+        self._throttle = _Throttle(log_every)
+        self._thread: _StoppableThread | None = None
 
     def start(self) -> None:
         self._keys = set(zmq.auth.load_certificates(self.authorized))
-        self._zap = self.context.socket(zmq.REP)
-        self._zap.linger = 0
+        zap = self.context.socket(zmq.REP)
+        zap.linger = 0
         try:
-            self._zap.bind(ZAP_ENDPOINT)
+            zap.bind(ZAP_ENDPOINT)
         except zmq.ZMQError as exc:
-            self._zap.close()
+            zap.close()
             raise RuntimeError(
                 f"curve keys: cannot install the ZAP handler ({exc}); another one runs in this ZeroMQ context "
                 "(give each CURVE daemon its own context)"
             ) from None
-        endpoint = f"inproc://streamtx-zap-stop-{id(self)}"
-        self._stop = self.context.socket(zmq.PAIR)
-        self._stop.linger = 0
-        self._stop.bind(endpoint)
-        stop_peer = self.context.socket(zmq.PAIR)
-        stop_peer.linger = 0
-        stop_peer.connect(endpoint)
-        self._thread = threading.Thread(target=self._run, args=(self._zap, stop_peer), name="zap", daemon=True)
-        self._thread.start()
+        self._thread = _StoppableThread(
+            self.context, "zap", [zap], lambda sock: sock.send_multipart(self._answer(sock.recv_multipart()))
+        )
 
     def stop(self) -> None:
-        if self._thread is None or self._stop is None:
-            return
-        self._stop.send(b"stop")
-        self._thread.join()
-        self._stop.close()
-        self._thread = self._stop = self._zap = None
-
-    def _run(self, zap: zmq.Socket[Any], stop: zmq.Socket[Any]) -> None:
-        poller = zmq.Poller()
-        poller.register(zap, zmq.POLLIN)
-        poller.register(stop, zmq.POLLIN)
-        try:
-            while True:
-                events = dict(poller.poll())
-                if stop in events:
-                    return
-                if zap in events:
-                    zap.send_multipart(self._answer(zap.recv_multipart()))
-        finally:
-            zap.close()
-            stop.close()
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
 
     def _answer(self, frames: list[bytes]) -> list[bytes]:
         """The ZAP reply ``[version, request id, status, text, user id, metadata]`` to one request."""
@@ -168,14 +212,9 @@ class ZapHandler:
     def _refused(self, peer: str, public: bytes, reason: str) -> None:
         if self.on_refusal is not None:
             self.on_refusal()
-        now = time.monotonic()
-        last, since = self._logged.get((peer, public), (-math.inf, 0))
-        if now - last < self.log_every:
-            self._logged[(peer, public)] = (last, since + 1)
+        since = self._throttle((peer, public))
+        if since is None:
             return
-        if len(self._logged) >= _MAX_LOGGED_PEERS:  # bounded memory under a flood of distinct keys
-            self._logged.clear()
-        self._logged[(peer, public)] = (now, 0)
         log_event(
             self.log,
             logging.WARNING,
@@ -193,6 +232,73 @@ def key_fingerprint(public: bytes) -> str:
     return "sha256:" + hashlib.sha256(z85.decode(public)).hexdigest()[:16]
 
 
+class HandshakeMonitor:
+    """Logs the CURVE handshakes that fail before any key check (so no ZAP handler sees them) on ``socket``, as one
+    ``curve_handshake_failed`` event (the endpoint, the reason: a client with a wrong server key, or one in plain
+    text), throttled like :class:`ZapHandler` per endpoint and reason; ``on_refusal`` counts each."""
+
+    REASONS: dict[int, str] = {
+        zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "the client does not use this daemon's public key (wrong server key)",
+        zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "the client does not use CURVE (no server key given)",
+    }
+
+    def __init__(
+        self,
+        socket: zmq.Socket[Any],
+        log: logging.Logger,
+        *,
+        on_refusal: Callable[[], None] | None = None,
+        log_every: float = 60.0,
+    ) -> None:
+        self.socket = socket
+        self.log = log
+        self.on_refusal = on_refusal
+        self._throttle = _Throttle(log_every)
+        self._thread: _StoppableThread | None = None
+
+    def start(self) -> None:
+        monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        self._thread = _StoppableThread(self.socket.context, "curve-monitor", [monitor], self._event)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._thread.stop()  # closes the monitor socket; then the socket stops writing to it
+            self._thread = None
+            self.socket.disable_monitor()
+
+    def _event(self, monitor: zmq.Socket[Any]) -> None:
+        event = recv_monitor_message(monitor)
+        if self.on_refusal is not None:
+            self.on_refusal()
+        code = int(event["value"])
+        reason = self.REASONS.get(code, f"protocol error {code:#x}")
+        endpoint = event["endpoint"].decode(errors="replace")
+        since = self._throttle((endpoint, reason))
+        if since is not None:
+            log_event(
+                self.log,
+                logging.WARNING,
+                "curve_handshake_failed",
+                endpoint=endpoint,
+                reason=reason,
+                refusals_since_last_line=since,
+            )
+
+
+@dataclass
+class CurveGuard:
+    """What checks a CURVE server socket's clients: the handshake monitor, and the ZAP handler when clients are
+    listed. Stop it before the socket closes."""
+
+    monitor: HandshakeMonitor
+    zap: ZapHandler | None
+
+    def stop(self) -> None:
+        self.monitor.stop()
+        if self.zap is not None:
+            self.zap.stop()
+
+
 def secure_router(
     context: zmq.Context[Any],
     socket: zmq.Socket[Any],
@@ -200,14 +306,16 @@ def secure_router(
     log: logging.Logger,
     *,
     on_refusal: Callable[[], None] | None = None,
-) -> ZapHandler | None:
-    """Make ``socket`` (before it binds) a CURVE server; starts and returns the ZAP handler that checks client keys
-    when the keys name authorized clients (stop it when the socket closes)."""
-    handler = None
+) -> CurveGuard:
+    """Make ``socket`` (before it binds) a CURVE server whose refused clients are logged and counted
+    (``on_refusal``); starts and returns what checks them."""
+    zap = None
     if keys.authorized_clients is not None:
-        handler = ZapHandler(context, keys.authorized_clients, log, on_refusal=on_refusal)
-        handler.start()
+        zap = ZapHandler(context, keys.authorized_clients, log, on_refusal=on_refusal)
+        zap.start()
+    monitor = HandshakeMonitor(socket, log, on_refusal=on_refusal)
+    monitor.start()
     socket.curve_secretkey = keys.secret
     socket.curve_publickey = keys.public
     socket.curve_server = True
-    return handler
+    return CurveGuard(monitor, zap)

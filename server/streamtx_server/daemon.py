@@ -22,6 +22,7 @@ import math
 import os
 import secrets
 import socket as pysocket
+import threading
 import time
 import uuid
 from collections import deque
@@ -162,6 +163,7 @@ class Server:
         self._waiting: dict[str, _WaitingOpen] = {}  # session id -> its waiting open, in arrival order (FIFO)
         self.phase = "starting"  # -> "serving" (listening) -> "draining" (stop asked) -> "stopped"
         self.heartbeat = time.monotonic()  # the serve loop's last wake-up
+        self._auth_lock = threading.Lock()
 
     @property
     def waiting_opens(self) -> int:
@@ -184,9 +186,9 @@ class Server:
         # Oversized requests get an error reply; far bigger ones (not a confused client: an attack or a bug) make
         # ZeroMQ drop the sender's connection before the daemon buffers them.
         router.setsockopt(zmq.MAXMSGSIZE, _HARD_SIZE_FACTOR * self.config.max_message_bytes)
-        authenticator = None
+        guard = None
         if self.curve is not None:
-            authenticator = secure_router(context, router, self.curve, self.log, on_refusal=self._count_auth_refusal)
+            guard = secure_router(context, router, self.curve, self.log, on_refusal=self._count_auth_refusal)
         try:
             bound = []
             for endpoint in self.endpoints:
@@ -228,9 +230,9 @@ class Server:
             )
         finally:
             self.phase = "stopped"
+            if guard is not None:
+                guard.stop()
             router.close(linger=1000)  # let the last replies leave
-            if authenticator is not None:
-                authenticator.stop()
             self._wake_r.close()
             self._wake_w.close()
 
@@ -568,7 +570,8 @@ class Server:
             self._reply(router, envelope, {**reply, "id": rid}, received)
 
     def _count_auth_refusal(self) -> None:
-        self.stats.auth_refused += 1  # called by the ZAP handler's thread, its only writer
+        with self._auth_lock:  # two writers: the CURVE guard's threads (ZAP handler, handshake monitor)
+            self.stats.auth_refused += 1
 
     # -- batches
 

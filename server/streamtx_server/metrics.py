@@ -114,7 +114,7 @@ class _Collector:
         yield family
         family = f.CounterMetricFamily(
             "streamtx_refusals",
-            "Refused requests: full (no session slot), busy (a session's queue full), auth (CURVE key refused)",
+            "Refusals: full (no session slot), busy (a session's queue full), auth (a CURVE handshake refused)",
             labels=["reason"],
         )
         family.add_metric(["full"], errors.get(ErrorCode.FULL.value, 0))

@@ -84,7 +84,7 @@ class ServerStats:
         self.expired = 0
         self.repeated = 0  # retries answered from a session's last reply (exactly-once)
         self.admitted = 0  # opens admitted from the wait queue when a slot freed
-        self.auth_refused = 0  # CURVE handshakes the ZAP handler refused (written by its thread only)
+        self.auth_refused = 0  # CURVE handshakes refused (written by the CURVE guard's threads, under a lock)
 
     def snapshot(self, *, sessions: int, max_sessions: int, waiting: int = 0) -> dict[str, Any]:
         sizes = self.batch_sizes.values()

@@ -22,17 +22,23 @@ from streamtx_server.jsonlog import LOGGER_NAME, EventFormatter
 
 
 class RefusalLog(logging.Handler):
-    """Keeps the ``curve_refused`` records and sets :attr:`seen` at the first."""
+    """Keeps the ``curve_refused`` records (:attr:`seen` set at the first) and the ``curve_handshake_failed`` ones
+    (:attr:`failed` set whenever one comes)."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
         self.seen = threading.Event()
+        self.handshakes: list[logging.LogRecord] = []
+        self.failed = threading.Event()
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage() == "curve_refused":
             self.records.append(record)
             self.seen.set()
+        elif record.getMessage() == "curve_handshake_failed":
+            self.handshakes.append(record)
+            self.failed.set()
 
 
 @pytest.fixture
@@ -86,6 +92,36 @@ def test_an_unknown_client_key_is_logged_and_counted(policy, tmp_path: Path, ref
         assert "\n" not in line and json.loads(line)["event"] == "curve_refused"
         # logged once, though refused (and counted) again
         assert len(refusals.records) == 1 and stats["auth_refused"] >= 2
+    finally:
+        stop_server(server, thread)
+        context.term()
+
+
+def test_a_wrong_server_key_and_plain_text_are_logged(policy, tmp_path: Path, refusals: RefusalLog) -> None:
+    """No client list: no ZAP handler, yet handshakes that fail before any key check are logged and counted."""
+    keys = tmp_path / "keys"
+    public = create_curve_keys(keys)
+    context = zmq.Context()
+    server, thread = start_server(policy, "tcp://127.0.0.1:*", context=context, curve=load_server_keys(keys))
+    try:
+        endpoint = server.bound[0]
+        wrong_key, _ = zmq.curve_keypair()
+        reasons = []
+        for server_key in (wrong_key, None):
+            refusals.failed.clear()
+            with Client(endpoint, timeout=0.2, retries=0, server_key=server_key) as client:
+                with pytest.raises(RequestTimeout):
+                    client.hello()
+                assert refusals.failed.wait(TIMEOUT)
+            fields = refusals.handshakes[-1].__dict__["fields"]
+            assert fields["endpoint"] == endpoint
+            reasons.append(fields["reason"])
+        assert reasons == [
+            "the client does not use this daemon's public key (wrong server key)",
+            "the client does not use CURVE (no server key given)",
+        ]
+        with Client(endpoint, timeout=TIMEOUT, retries=0, server_key=public) as admitted:
+            assert admitted.stats()["auth_refused"] >= 2
     finally:
         stop_server(server, thread)
         context.term()
