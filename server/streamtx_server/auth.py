@@ -110,7 +110,13 @@ class _StoppableThread:
     """A thread that polls ``sockets`` and hands each readable one to ``handle``, until :meth:`stop` (an inproc pipe,
     so the thread never waits on a timeout)."""
 
-    def __init__(self, context: zmq.Context[Any], name: str, sockets: list[zmq.Socket[Any]], handle: Any) -> None:
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        name: str,
+        sockets: list[zmq.Socket[Any]],
+        handle: Callable[[zmq.Socket[Any]], None],
+    ) -> None:
         endpoint = f"inproc://streamtx-{name}-stop-{id(self)}"
         self._stop = context.socket(zmq.PAIR)
         self._stop.linger = 0
@@ -167,7 +173,6 @@ class ZapHandler:
         self.authorized = authorized
         self.log = log
         self.on_refusal = on_refusal
-        self.log_every = log_every
         self._keys: set[bytes] = set()
         self._throttle = _Throttle(log_every)
         self._thread: _StoppableThread | None = None
