@@ -189,14 +189,15 @@ class ZapHandler:
                 f"curve keys: cannot install the ZAP handler ({exc}); another one runs in this ZeroMQ context "
                 "(give each CURVE daemon its own context)"
             ) from None
-        self._thread = _StoppableThread(
-            self.context, "zap", [zap], lambda sock: sock.send_multipart(self._answer(sock.recv_multipart()))
-        )
+        self._thread = _StoppableThread(self.context, "zap", [zap], self._serve)
 
     def stop(self) -> None:
         if self._thread is not None:
             self._thread.stop()
             self._thread = None
+
+    def _serve(self, zap: zmq.Socket[Any]) -> None:
+        zap.send_multipart(self._answer(zap.recv_multipart()))
 
     def _answer(self, frames: list[bytes]) -> list[bytes]:
         """The ZAP reply ``[version, request id, status, text, user id, metadata]`` to one request."""
