@@ -240,8 +240,9 @@ def key_fingerprint(public: bytes) -> str:
 
 class HandshakeMonitor:
     """Logs the CURVE handshakes that fail before any key check (so no ZAP handler sees them) on ``socket``, as one
-    ``curve_handshake_failed`` event (the endpoint, the reason: a client with a wrong server key, or one in plain
-    text), throttled like :class:`ZapHandler` per endpoint and reason; ``on_refusal`` counts each."""
+    ``curve_handshake_failed`` event (the endpoint, the reason: a client with a wrong server key, one in plain text,
+    or a connection closed mid-handshake: a plain-text client that saw CURVE first, a port probe), throttled like
+    :class:`ZapHandler` per endpoint and reason; ``on_refusal`` counts each."""
 
     REASONS: dict[int, str] = {
         zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "the client does not use this daemon's public key (wrong server key)",
@@ -263,7 +264,9 @@ class HandshakeMonitor:
         self._thread: _StoppableThread | None = None
 
     def start(self) -> None:
-        monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        monitor = self.socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        )
         self._thread = _StoppableThread(self.socket.context, "curve-monitor", [monitor], self._event)
 
     def stop(self) -> None:
@@ -277,7 +280,10 @@ class HandshakeMonitor:
         if self.on_refusal is not None:
             self.on_refusal()
         code = int(event["value"])
-        reason = self.REASONS.get(code, f"protocol error {code:#x}")
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # the peer left first, e.g. on seeing CURVE
+            reason = "the connection closed during the handshake (a client not using CURVE, or a port probe)"
+        else:
+            reason = self.REASONS.get(code, f"protocol error {code:#x}")
         endpoint = event["endpoint"].decode(errors="replace")
         since = self._throttle((endpoint, reason))
         if since is not None:

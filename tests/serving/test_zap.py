@@ -112,14 +112,15 @@ def test_a_wrong_server_key_and_plain_text_are_logged(policy, tmp_path: Path, re
             with Client(endpoint, timeout=0.2, retries=0, server_key=server_key) as client:
                 with pytest.raises(RequestTimeout):
                     client.hello()
-                assert refusals.failed.wait(TIMEOUT)
+                assert refusals.failed.wait(TIMEOUT), (server_key, [r.__dict__["fields"] for r in refusals.handshakes])
             fields = refusals.handshakes[-1].__dict__["fields"]
             assert fields["endpoint"] == endpoint
             reasons.append(fields["reason"])
-        assert reasons == [
-            "the client does not use this daemon's public key (wrong server key)",
+        assert reasons[0] == "the client does not use this daemon's public key (wrong server key)"
+        assert reasons[1] in (  # which side of a plain-text connection sees the mismatch first is a race
             "the client does not use CURVE (no server key given)",
-        ]
+            "the connection closed during the handshake (a client not using CURVE, or a port probe)",
+        )
         with Client(endpoint, timeout=TIMEOUT, retries=0, server_key=public) as admitted:
             assert admitted.stats()["auth_refused"] >= 2
     finally:
