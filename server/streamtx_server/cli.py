@@ -25,6 +25,7 @@ from .config import ServerConfig
 from .config_file import add_config_option, parse_args_with_config
 from .daemon import Server
 from .jsonlog import configure_logging, log_event
+from .metrics import MetricsServer, require_prometheus
 from .openpi import DEFAULT_OBS_KEY, OpenpiBridge, OpenpiEndpoint
 
 __all__ = ["serve_main", "serve_args", "serve_parser", "stats_main", "keygen_main", "main", "run_server"]
@@ -37,10 +38,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535] (0: any free port), got {text}")
+        raise argparse.ArgumentTypeError(f"expected a TCP port in 0..65535 (0: any free one), got {text}")
     return value
 
 
@@ -128,6 +136,25 @@ def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
         help="seconds after which a session with no request and nothing queued is closed; 0 turns expiry off",
     )
     p.add_argument(
+        "--max-waiting-opens",
+        type=_non_negative_int,
+        default=defaults.max_waiting_opens,
+        help="opens that may wait for a session slot when all are taken (admitted first come, first served as "
+        "slots free); more are answered full; 0: full at once",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve /healthz and Prometheus /metrics over HTTP on this port (0: any free one, logged); off if "
+        "not given; needs prometheus_client (pip install 'streamtx[metrics]')",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="interface of the --metrics-port endpoint (0.0.0.0: every interface)",
+    )
+    p.add_argument(
         "--curve-keys",
         type=Path,
         metavar="DIR",
@@ -165,11 +192,13 @@ def run_server(
     *,
     curve_keys: Path | None = None,
     openpi: OpenpiEndpoint | None = None,
+    metrics: tuple[str, int] | None = None,
 ) -> int:
     """Serve ``policy`` until SIGINT or SIGTERM, then finish the requests in flight and return 0.
 
     With ``openpi``, an :class:`~streamtx_server.openpi.OpenpiBridge` in a thread serves openpi's websocket protocol
-    as a client of this daemon over a private ``inproc://`` endpoint; it stops first on a signal."""
+    as a client of this daemon over a private ``inproc://`` endpoint; it stops first on a signal. With ``metrics``
+    (host, port), /healthz and /metrics are served over HTTP there."""
 
     curve = load_server_keys(curve_keys) if curve_keys is not None else None
     if openpi is not None and curve is not None:
@@ -179,6 +208,7 @@ def run_server(
         )
     bridge_endpoint = f"inproc://streamtx-openpi-{uuid.uuid4().hex}"
     server = Server(policy, [*endpoints, bridge_endpoint] if openpi is not None else endpoints, config, curve=curve)
+    http = MetricsServer(server, *metrics) if metrics is not None else None  # a port in use fails here, early
     bridge = None
     failure: list[BaseException] = []
     if openpi is not None:
@@ -203,6 +233,9 @@ def run_server(
     thread = threading.Thread(target=run_bridge, name="openpi", daemon=True) if bridge is not None else None
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if http is not None:
+            http.start()
+            log_event(server.log, logging.INFO, "metrics_listening", url=http.url, paths=["/healthz", "/metrics"])
         if thread is not None:
             thread.start()
         server.serve_forever()
@@ -212,8 +245,11 @@ def run_server(
         if bridge is not None and thread is not None:
             bridge.stop()
             thread.join(5.0)
+        if http is not None:
+            http.close()
     if failure:
         raise OSError(f"--openpi-port: {failure[0]}")
+    return 0
     return 0
 
 
@@ -241,6 +277,7 @@ def serve_args(args: argparse.Namespace, load_policy: PolicyLoader) -> int:
             idle_timeout=args.idle_timeout or None,
             max_queued_per_session=args.max_queued_per_session,
             max_obs_abs=args.max_obs_abs,
+            max_waiting_opens=args.max_waiting_opens,
         )
         openpi = (
             None
@@ -249,9 +286,17 @@ def serve_args(args: argparse.Namespace, load_policy: PolicyLoader) -> int:
                 args.openpi_port, args.openpi_host, args.openpi_obs_key, args.openpi_ignore_key
             )
         )
+        if args.metrics_port is not None:
+            require_prometheus()  # before the model loads: a missing package fails in a moment, not after it
         policy = load_policy(args.checkpoint, args.device, args.threads, args.max_tokens_per_step)
+        metrics = None if args.metrics_port is None else (args.metrics_host, args.metrics_port)
         return run_server(
-            policy, args.bind or ["tcp://127.0.0.1:5555"], config, curve_keys=args.curve_keys, openpi=openpi
+            policy,
+            args.bind or ["tcp://127.0.0.1:5555"],
+            config,
+            curve_keys=args.curve_keys,
+            openpi=openpi,
+            metrics=metrics,
         )
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         log_event(log, logging.ERROR, "serve_failed", error=str(exc))
@@ -264,7 +309,7 @@ def _table(stats: dict[str, Any]) -> str:
         f"sessions {stats['sessions']}/{stats['max_sessions']}   uptime {stats['uptime_s']:.1f} s   "
         f"batches {stats['batches']['count']} (mean size {stats['batches']['mean_size']:.2f}, "
         f"max {stats['batches']['max_size']})   superseded {stats['superseded']}   "
-        f"expired {stats['expired_sessions']}",
+        f"expired {stats['expired_sessions']}   waiting opens {stats['waiting_opens']}",
         "",
         f"{'stage':<8} {'count':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'max ms':>9}",
     ]

@@ -9,6 +9,10 @@ the policy with ``rows=`` the slots of its sessions, so a session's results neve
 
 Steps and resets carry per-session sequence numbers: a retry of the last applied one is answered from its reply, a
 retry of a queued one joins it; nothing is applied twice (docs/protocol.md).
+
+When every slot is taken, an ``open`` of a new session waits in a bounded FIFO (``max_waiting_opens``) for at most
+the ``wait`` it carries, and is admitted when a slot frees (close, idle expiry); ``full`` when the FIFO is full or
+its wait ends. ``phase`` and ``heartbeat`` (the loop's last wake-up) tell a health check whether the loop serves.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ ServedPolicy = BatchPolicy  # what the daemon serves: numpy in, numpy out (strea
 _DRAIN_LIMIT = 256  # messages read per wake-up before a due batch gets its turn
 _SHUTDOWN_DRAIN_LIMIT = 16 * _DRAIN_LIMIT
 _HARD_SIZE_FACTOR = 8  # messages over this many times max_message_bytes cost the sender its connection
+HEARTBEAT_S = 1.0  # the loop wakes at least this often, idle or not, so that a stale heartbeat means a stuck loop
 
 
 @dataclass
@@ -71,6 +76,16 @@ class _Queued:
     received: float  # perf_counter when its bytes arrived
     ready: float  # perf_counter when it was checked and queued
     also: list[tuple[list[bytes], int]] = field(default_factory=list)
+
+
+@dataclass
+class _WaitingOpen:
+    """An open of a new session waiting for a slot: answered (with each retry of it, ``targets``: envelope, request
+    id, receive time) when one frees, or ``full`` at ``deadline`` (perf_counter)."""
+
+    request: Open  # its session id and token are set (the daemon's picks if the client sent none)
+    deadline: float
+    targets: list[tuple[list[bytes], int, float]]
 
 
 def _refuse_held_ipc(endpoint: str) -> None:
@@ -127,7 +142,7 @@ class Server:
         self.listening = threading.Event()  # set once every endpoint is bound: ``wait()`` on it, then connect
         self._clock = clock
         self.sessions = SessionTable(config.max_sessions)
-        self.stats = ServerStats()
+        self.stats = ServerStats(max_batch=self.config.max_batch)
         self.state = policy.init_state(config.max_sessions)
         self._dtype = np.dtype(policy.dtype)
         self._hello = {
@@ -150,6 +165,15 @@ class Server:
         self._wake_r, self._wake_w = pysocket.socketpair()
         self._wake_w.setblocking(False)
         self._next_expiry_check = 0.0
+        self._waiting: dict[str, _WaitingOpen] = {}  # session id -> its waiting open, in arrival order (FIFO)
+        self.phase = "starting"  # -> "serving" (listening) -> "draining" (stop asked) -> "stopped"
+        self.heartbeat = time.monotonic()  # the serve loop's last wake-up
+        self._auth_lock = threading.Lock()
+
+    @property
+    def waiting_opens(self) -> int:
+        """Opens of new sessions waiting for a free slot."""
+        return len(self._waiting)
 
     # -- lifecycle
 
@@ -167,7 +191,9 @@ class Server:
         # Oversized requests get an error reply; far bigger ones (not a confused client: an attack or a bug) make
         # ZeroMQ drop the sender's connection before the daemon buffers them.
         router.setsockopt(zmq.MAXMSGSIZE, _HARD_SIZE_FACTOR * self.config.max_message_bytes)
-        authenticator = secure_router(context, router, self.curve) if self.curve is not None else None
+        guard = None
+        if self.curve is not None:
+            guard = secure_router(context, router, self.curve, self.log, on_refusal=self._count_auth_refusal)
         try:
             bound = []
             for endpoint in self.endpoints:
@@ -190,10 +216,17 @@ class Server:
                 curve=self.curve is not None,
                 **self.config.limits(),
             )
+            self.phase = "serving"
             self._loop(router)
+            self.phase = "draining"
             # Graceful stop: what was received before the stop gets its reply (bounded, should a flood go on).
             self._receive(router, limit=_SHUTDOWN_DRAIN_LIMIT)
             self._flush(router)
+            self._refuse_waiting(
+                router,
+                ErrorCode.DRAINING,
+                "the daemon is stopping; retry the open (a restarted daemon, or another replica, admits it)",
+            )
             log_event(
                 self.log,
                 logging.INFO,
@@ -202,9 +235,10 @@ class Server:
                 requests=sum(self.stats.requests.values()),
             )
         finally:
+            self.phase = "stopped"
+            if guard is not None:
+                guard.stop()
             router.close(linger=1000)  # let the last replies leave
-            if authenticator is not None:
-                authenticator.stop()
             self._wake_r.close()
             self._wake_w.close()
 
@@ -214,6 +248,7 @@ class Server:
         poller.register(self._wake_r, zmq.POLLIN)
         while True:
             events = dict(poller.poll(self._poll_timeout_ms()))
+            self.heartbeat = time.monotonic()
             if self._wake_r.fileno() in events:  # raw sockets are reported by file descriptor
                 return
             if router in events:
@@ -221,14 +256,18 @@ class Server:
             if self._batch_due():
                 self._run_batch(router)
             self._expire_idle(router)
+            if self._waiting:
+                self._expire_waiting(router)
 
     def _poll_timeout_ms(self) -> int:
+        now = time.perf_counter()
+        wait = HEARTBEAT_S
         if self._ready:
-            wait = self._ready[0].queue[0].ready + self.config.max_wait - time.perf_counter()
-        elif self.config.idle_timeout is None:
-            return -1  # nothing to do until a message comes
-        else:
-            wait = self._next_expiry_check - time.perf_counter()
+            wait = min(wait, self._ready[0].queue[0].ready + self.config.max_wait - now)
+        elif self.config.idle_timeout is not None:
+            wait = min(wait, self._next_expiry_check - now)
+        if self._waiting:
+            wait = min(wait, min(waiting.deadline for waiting in self._waiting.values()) - now)
         return max(0, math.ceil(wait * 1e3))
 
     # -- requests
@@ -258,6 +297,8 @@ class Server:
             if isinstance(request, Step):
                 self._accept_step(router, envelope, request, received)
                 return
+            if isinstance(request, Open) and self._wait_for_slot(envelope, request, received):
+                return  # every slot taken: it waits, answered when one frees or its wait ends
             result = self._control(router, request)
             self._reply(router, envelope, ok_reply(request.id, result), received)
         except ProtocolError as err:
@@ -331,7 +372,9 @@ class Server:
         if isinstance(request, Hello):
             return self._hello
         if isinstance(request, Stats):
-            return self.stats.snapshot(sessions=len(self.sessions), max_sessions=self.config.max_sessions)
+            return self.stats.snapshot(
+                sessions=len(self.sessions), max_sessions=self.config.max_sessions, waiting=len(self._waiting)
+            )
         if isinstance(request, Open):
             return self._open(router, request)
         session = self.sessions.get(request.session, request.token)
@@ -351,6 +394,7 @@ class Server:
             steps=session.steps,
             sessions=len(self.sessions),
         )
+        self._admit_waiting(router)
         return {}
 
     def _open(self, router: zmq.Socket[Any], request: Open) -> dict[str, Any]:
@@ -433,6 +477,107 @@ class Server:
         session.tokens, session.steps = 0, steps
         session.applied_seq = session.accepted_seq = seq
         session.last_result = None
+
+    # -- admission
+
+    def _wait_for_slot(self, envelope: list[bytes], request: Open, received: float) -> bool:
+        """Queue an open of a new session if every slot is taken (True), or answer it now (False: a free slot, or
+        a live id). A retry of a waiting open keeps its place; its deadline follows the retry's ``wait``."""
+        if request.session is not None:
+            if self.sessions.find(request.session) is not None:
+                return False  # a live id: re-open or refusal, at once
+            waiting = self._waiting.get(request.session)
+            if waiting is not None:
+                if request.token != waiting.request.token:
+                    raise ProtocolError(
+                        ErrorCode.NOT_OWNER,
+                        f"session {request.session!r} is waiting for a slot for another client (its token differs)",
+                    )
+                waiting.targets.append((envelope, request.id, received))
+                waiting.deadline = received + request.wait
+                return True
+        if self.sessions.free:
+            return False
+        if request.wait <= 0:
+            raise ProtocolError(
+                ErrorCode.FULL,
+                f"all {self.config.max_sessions} session slots are taken and the open asked not to wait (wait 0); "
+                "retry later or close a session",
+            )
+        if len(self._waiting) >= self.config.max_waiting_opens:
+            raise ProtocolError(
+                ErrorCode.FULL,
+                f"all {self.config.max_sessions} session slots are taken and {len(self._waiting)} opens already "
+                "wait for one (the limit, --max-waiting-opens); retry later",
+            )
+        if request.replay is not None:
+            self._checked(request.replay, "replay")  # a bad replay is refused now, not after the wait
+        session_id = request.session if request.session is not None else uuid.uuid4().hex
+        token = request.token if request.token is not None else secrets.token_hex(16)
+        self._waiting[session_id] = _WaitingOpen(
+            replace(request, session=session_id, token=token),
+            received + request.wait,
+            [(envelope, request.id, received)],
+        )
+        log_event(
+            self.log,
+            logging.INFO,
+            "open_waiting",
+            session=session_id,
+            position=len(self._waiting),
+            wait_s=request.wait,
+            sessions=len(self.sessions),
+        )
+        return True
+
+    def _admit_waiting(self, router: zmq.Socket[Any]) -> None:
+        """Open waiting sessions, first come first served, while slots are free."""
+        while self._waiting and self.sessions.free:
+            session_id = next(iter(self._waiting))
+            waiting = self._waiting.pop(session_id)
+            try:
+                reply = ok_reply(None, self._open(router, waiting.request))
+                self.stats.admitted += 1
+            except ProtocolError as err:
+                reply = error_reply(None, err.code, err.message)
+            except Exception as exc:  # noqa: BLE001 - one request's bug must not take the daemon down
+                log_event(self.log, logging.ERROR, "request_failed", exc_info=True, session=session_id)
+                reply = error_reply(None, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._answer_waiting(router, waiting, reply)
+
+    def _expire_waiting(self, router: zmq.Socket[Any]) -> None:
+        now = time.perf_counter()
+        for session_id, waiting in list(self._waiting.items()):
+            if now >= waiting.deadline:
+                del self._waiting[session_id]
+                message = (
+                    f"no session slot became free within the open's wait of {waiting.request.wait:g} s (all "
+                    f"{self.config.max_sessions} taken, {len(self._waiting)} other opens waiting); retry later"
+                )
+                self._answer_waiting(router, waiting, error_reply(None, ErrorCode.FULL, message))
+
+    def _refuse_waiting(self, router: zmq.Socket[Any], code: ErrorCode, message: str) -> None:
+        waiting, self._waiting = list(self._waiting.values()), {}
+        for entry in waiting:
+            self._answer_waiting(router, entry, error_reply(None, code, message))
+
+    def _answer_waiting(self, router: zmq.Socket[Any], waiting: _WaitingOpen, reply: dict[str, Any]) -> None:
+        if not reply["ok"]:
+            self.stats.errors[reply["error"]["code"]] += 1
+            log_event(
+                self.log,
+                logging.INFO,
+                "request_rejected",
+                code=reply["error"]["code"],
+                detail=reply["error"]["message"],
+                session=waiting.request.session,
+            )
+        for envelope, rid, received in waiting.targets:
+            self._reply(router, envelope, {**reply, "id": rid}, received)
+
+    def _count_auth_refusal(self) -> None:
+        with self._auth_lock:  # two writers: the CURVE guard's threads (ZAP handler, handshake monitor)
+            self.stats.auth_refused += 1
 
     # -- batches
 
@@ -595,3 +740,4 @@ class Server:
                     idle_s=timeout,
                     sessions=len(self.sessions),
                 )
+        self._admit_waiting(router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import reprlib
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ class Open:
     takeover: bool  # open a live session without its token (the previous owner's requests get not_owner)
     seq: int  # the last sequence number the session applied elsewhere (0: a fresh session)
     replay: np.ndarray | None  # (N, obs_dim) tokens to feed after the (re)open: the receptive field of a resume
+    wait: float = 0.0  # seconds it may wait for a slot when all are taken (0: answered full at once)
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,12 @@ def _observations(value: Any, obs_dim: int, max_tokens: int | None, name: str = 
     return obs
 
 
+def _seconds(value: Any, name: str) -> float:
+    if type(value) not in (int, float) or not 0 <= value < math.inf:
+        raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"{name}: expected seconds >= 0 (finite), got {_show(value)}")
+    return float(value)
+
+
 def _show(value: Any) -> str:
     return f"{type(value).__name__} {_REPR.repr(value)}"
 
@@ -166,7 +174,16 @@ _REQUIRED = object()
 _FIELDS: dict[str, dict[str, Any]] = {
     "hello": {},
     "stats": {},
-    "open": {"session": None, "seed": None, "steps": 0, "token": None, "takeover": False, "seq": 0, "replay": None},
+    "open": {
+        "session": None,
+        "seed": None,
+        "steps": 0,
+        "token": None,
+        "takeover": False,
+        "seq": 0,
+        "replay": None,
+        "wait": 0.0,
+    },
     "step": {"session": _REQUIRED, "token": _REQUIRED, "seq": _REQUIRED, "obs": _REQUIRED, "act": True},
     "reset": {"session": _REQUIRED, "token": _REQUIRED, "seq": _REQUIRED, "seed": None},
     "close": {"session": _REQUIRED, "token": _REQUIRED},
@@ -218,6 +235,7 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
             _flag(fields["takeover"], "takeover"),
             _count(fields["seq"], "seq"),
             None if fields["replay"] is None else _observations(fields["replay"], obs_dim, None, "replay"),
+            _seconds(fields["wait"], "wait"),
         )
     session, token = _session(fields["session"]), _token(fields["token"])
     if kind == "step":

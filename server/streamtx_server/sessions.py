@@ -45,6 +45,11 @@ class SessionTable:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
+    @property
+    def free(self) -> int:
+        """Slots no session holds."""
+        return len(self._free)
+
     def find(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 

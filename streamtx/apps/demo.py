@@ -4,7 +4,7 @@ daemon and is driven by the action chunks it returns.
 Starts the daemon with the embedded checkpoint (a mirror-equivariant flow-matching policy), runs ``--episodes``
 held-out episodes as a client robot through the SDK, runs the scripted expert on the same targets for comparison,
 prints success rate, mean final distance and latencies (client round trip, and the daemon's own model time), writes a
-PNG, and shuts the daemon down.
+PNG, and shuts the daemon down. Ctrl-C stops the daemon too and exits with status 130 and one line.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..tasks.reacher.evaluate import EVAL_SEED, ExpertController, eval_seeds, ru
 from ..tasks.reacher.plot import plot_evaluation
 from .served_eval import evaluate_served
 
-__all__ = ["DEFAULT_EXECUTE", "main"]
+__all__ = ["DEFAULT_EXECUTE", "INTERRUPTED", "main"]
 
 DEFAULT_EXECUTE = 1
 """Control steps per action chunk in the demo: a fresh chunk every step (``--execute 2`` asks every second step and
@@ -46,15 +46,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.episodes < 1:
         print(f"streamtx demo: --episodes: expected >= 1, got {args.episodes}", file=sys.stderr)
         return 2
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # the daemon was stopped on the way out (evaluate_served's finally)
+        print("\nstreamtx demo: interrupted (Ctrl-C); the daemon it started is stopped", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _listening(endpoint: str) -> None:
+    print(f"daemon listening on {endpoint} (Ctrl-C stops it and the demo)", flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
     seeds = eval_seeds(args.episodes, args.seed)
     start = time.perf_counter()
     served = evaluate_served(
-        args.checkpoint, seeds, args.half, args.execute, log_path=args.log, progress=not args.quiet
+        args.checkpoint,
+        seeds,
+        args.half,
+        args.execute,
+        log_path=args.log,
+        progress=not args.quiet,
+        on_listening=_listening,
     )
     expert = run_episodes(ExpertController(), seeds, args.half, progress=not args.quiet, desc="expert")
     policy, meta = served.result, served.hello["policy"]["metadata"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,18 +89,23 @@ def evaluate_served(
     log_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
     desc: str = "policy",
+    on_listening: Callable[[str], None] | None = None,
 ) -> ServedEvaluation:
     """Start the daemon on ``checkpoint`` (a child process on a free local port, ``threads`` torch threads), run one
     episode per seed as a client robot through the SDK (one session, reset with the episode's seed), and shut the
-    daemon down. The daemon's JSON log goes to ``log_path`` (default: a temporary file, removed afterwards)."""
+    daemon down, also when interrupted (KeyboardInterrupt) at any point after it was started. The daemon's JSON log
+    goes to ``log_path`` (default: a temporary file, removed afterwards); ``on_listening`` gets its endpoint once it
+    listens."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {checkpoint}")
     with tempfile.TemporaryDirectory(prefix="streamtx-reacher-") as tmp:
         log = Path(log_path) if log_path is not None else Path(tmp) / "daemon.log"
         daemon = DaemonProcess.serve(checkpoint.resolve(), ["tcp://127.0.0.1:*"], log, f"--threads={threads}")
-        endpoint = daemon.start()[0]
         try:
+            endpoint = daemon.start()[0]
+            if on_listening is not None:
+                on_listening(endpoint)
             # generous timeout: the first request of a fresh daemon may wait for lazy initialization
             with Client(endpoint, timeout=30.0, retries=0) as client:
                 hello = client.hello()

@@ -75,6 +75,7 @@ def test_hello_describes_the_policy_and_the_limits(daemon, policy) -> None:
         "max_queued_per_session": 16,
         "max_obs_abs": 1e6,
         "idle_timeout": 30.0,
+        "max_waiting_opens": 64,
     }
 
 

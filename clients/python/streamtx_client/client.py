@@ -110,7 +110,8 @@ class Client:
     def open(self, session_id: str | None = None, *, seed: int | None = None, takeover: bool = False) -> Session:
         """Open a session (one robot stream). ``seed`` fixes the policy's sampling noise (the daemon draws one when
         None; ``session.seed`` tells which). An id that is open elsewhere is refused (``not_owner``) unless
-        ``takeover``."""
+        ``takeover``. When every slot of the daemon is taken, the open waits in its admission queue for one, within
+        this client's patience (``full`` after it)."""
         info = self.info()
         log = self._run(open_flow(info, session_id or uuid.uuid4().hex, seed, takeover, self.patience, self.endpoint))
         return Session(self, log, info)

@@ -87,6 +87,16 @@ class Patience:
     def gives_up(self, attempts: int, waited: float) -> bool:
         return (self.retries is not None and attempts > self.retries) or waited >= self.total
 
+    def admission_wait(self, attempts: int, waited: float) -> float:
+        """Seconds an ``open`` may wait in the daemon's admission queue for a session slot, sent as its ``wait``
+        after ``attempts`` failed attempts and ``waited`` seconds: what is left of this patience (of ``total``, and
+        of the remaining attempts' timeouts), less a tenth of an attempt, so that the daemon's ``full`` reaches the
+        client before it gives up and the daemon never admits a session its client has abandoned."""
+        left = self.total - waited
+        if self.retries is not None:
+            left = min(left, (self.retries + 1 - attempts) * self.attempt_timeout)
+        return max(0.0, left - 0.1 * self.attempt_timeout)
+
 
 def result_of(reply: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``result`` of a reply; raises :class:`ServerError` for an error reply."""
@@ -109,19 +119,24 @@ def call(
 ) -> Flow[dict[str, Any]]:
     """Send ``message`` (the user's call ``what``) and return its result, within ``patience``.
 
-    Retried: no reply (the daemon is down, restarting or slow), ``busy``/``full`` (nothing applied: later may work),
-    and ``unknown_session`` for a session we hold open (the daemon restarted or expired it). A session's request is
-    retried with the same sequence number, so a retry of a step the daemon already applied is answered from its
-    reply, never applied twice; after ``unknown_session`` the session is first rebuilt in one request (re-open with
-    its token, seed, step count and sequence number, replaying its receptive field).
+    Retried: no reply (the daemon is down, restarting or slow), ``busy``/``full``/``draining`` (nothing applied:
+    later may work), and ``unknown_session`` for a session we hold open (the daemon restarted or expired it). A
+    session's request is retried with the same sequence number, so a retry of a step the daemon already applied is
+    answered from its reply, never applied twice; after ``unknown_session`` the session is first rebuilt in one
+    request (re-open with its token, seed, step count and sequence number, replaying its receptive field).
+
+    Every ``open`` (the user's, or a rebuild) carries ``wait``, :meth:`Patience.admission_wait`: when every slot is
+    taken the daemon holds it in its admission queue that long. An attempt that times out while it waits is resent
+    with the same session id and token, so it keeps its place in the queue.
     """
     started, attempts = time.monotonic(), 0
     while True:
+        wait = patience.admission_wait(attempts, time.monotonic() - started)
         try:
             if session is not None and session.lost:
-                result_of((yield session.restore_request()))
+                result_of((yield {**session.restore_request(), "wait": wait}))
                 session.lost = False
-            return result_of((yield message))
+            return result_of((yield {**message, "wait": wait} if message["kind"] == "open" else message))
         except RequestTimeout:
             failure: ServerError | None = None
         except ServerError as err:

@@ -27,12 +27,13 @@ class ErrorCode(str, Enum):
     BUSY = "busy"  # this session's queue is full: slow down (nothing was applied)
     FULL = "full"  # no session slot became free within the admission wait
     MOVED = "moved"  # fleet: the session belongs to another replica (reserved)
-    DRAINING = "draining"  # fleet: this replica admits no new sessions, it is shutting down (reserved)
+    DRAINING = "draining"  # this daemon (a fleet's replica) admits no new sessions: it is stopping
     INTERNAL = "internal"  # the model raised; the daemon logged it and keeps serving
 
 
-RETRYABLE = frozenset({ErrorCode.BUSY.value, ErrorCode.FULL.value})
-"""Codes a client retries (with backoff) within its patience: nothing was applied, later may succeed."""
+RETRYABLE = frozenset({ErrorCode.BUSY.value, ErrorCode.FULL.value, ErrorCode.DRAINING.value})
+"""Codes a client retries (with backoff) within its patience: nothing was applied, later may succeed (``draining``:
+a restarted daemon, or for a fleet client another replica)."""
 
 
 class ProtocolError(ValueError):
