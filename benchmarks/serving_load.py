@@ -21,14 +21,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import zmq
 
-from streamtx_client.protocol import decode, encode, ok_reply, request
+from streamtx_client.protocol import decode, encode, request
 from streamtx_client.transport import frame_request
 from streamtx_server import cli as server_cli
 
-__all__ = ["ZeroPolicy", "StepClient", "step_reply", "main"]
+__all__ = ["ZeroPolicy", "StepClient", "main"]
 
 
 class ZeroPolicy:
@@ -57,18 +58,6 @@ class ZeroPolicy:
 
     def act(self, state: None, rows: np.ndarray) -> np.ndarray:
         return self._chunks[: len(rows)]
-
-
-def step_reply(rid: int, seq: int, action_dim: int, horizon: int) -> dict[str, Any]:
-    """A reply shaped like the daemon's answer to an acting step (what the echo sends back)."""
-    result = {
-        "seq": seq,
-        "tokens": seq,
-        "timing": {"queue_s": 0.0, "model_s": 0.0, "batch": 1},
-        "actions": np.zeros((horizon, action_dim), np.float32),
-        "superseded": False,
-    }
-    return ok_reply(rid, result)
 
 
 class StepClient:
@@ -168,15 +157,26 @@ def run_flood(endpoint: str, obs_dim: int, requests: int) -> dict[str, Any]:
 
 
 def run_echo(endpoint: str, action_dim: int, horizon: int) -> None:
-    """A bare ROUTER: decode each request (msgpack + array extension), answer a step-shaped reply, forever."""
+    """A bare ROUTER and msgpack, nothing of streamtx on the request path: unpack each request (its array stays an
+    extension, unparsed), pack a reply of the daemon's shape and size (the actions extension built once), forever."""
+    actions = msgpack.unpackb(encode({"actions": np.zeros((horizon, action_dim), np.float32)}))["actions"]
+    packer = msgpack.Packer(use_bin_type=True)
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.bind(endpoint)
     print(json.dumps({"event": "listening", "endpoints": [router.getsockopt_string(zmq.LAST_ENDPOINT)]}), flush=True)
     while True:
         peer, body = router.recv_multipart()
-        message = decode(body)
-        reply = step_reply(message["id"], int(message.get("seq", 0)), action_dim, horizon)
-        router.send_multipart([peer, encode(reply)])
+        message = msgpack.unpackb(body)
+        seq = message.get("seq", 0)
+        result = {
+            "seq": seq,
+            "tokens": seq,
+            "timing": {"queue_s": 0.0, "model_s": 0.0, "batch": 1},
+            "actions": actions,
+            "superseded": False,
+        }
+        reply = {"v": message["v"], "id": message["id"], "ok": True, "result": result}
+        router.send_multipart([peer, packer.pack(reply)])
 
 
 def main(argv: list[str] | None = None) -> int:
