@@ -207,10 +207,20 @@ def serve(pin: Pinning, checkpoint: Path, binds: list[str], log: Path, *flags: s
     return DaemonProcess(pin.command(DaemonProcess.serve(checkpoint, binds, log, *flags).command), log)
 
 
+def pid(daemon: DaemonProcess) -> int:
+    assert daemon._process is not None  # DaemonProcess exposes no pid
+    return daemon._process.pid
+
+
+def cpu_seconds(process_id: int) -> float:
+    """CPU time (user + system, all threads) a process has used: unlike wall time, not inflated by other load."""
+    fields = Path(f"/proc/{process_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(daemon: DaemonProcess) -> float:
     """The daemon's resident set size in MiB (``/proc``: Linux)."""
-    pid = daemon._process.pid  # type: ignore[union-attr]  # DaemonProcess exposes no pid
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid(daemon)}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
@@ -223,14 +233,19 @@ def summary(values: list[float]) -> dict[str, float]:
 # -- overhead: the real daemon with a zero-cost policy against a bare echo of the same payload
 
 
-def overhead_run(zero: str, echo: str, obs: np.ndarray, rounds: int, per_round: int) -> dict[str, list[float]]:
+def overhead_run(
+    zero: DaemonProcess, echo: DaemonProcess, obs: np.ndarray, rounds: int, per_round: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Round trips of one session in blocks of ``per_round``, the three clients taking turns (rotating order):
     a bare DEALER against the daemon (``daemon``) and against the echo (``echo``), and the SDK's blocking client
     against the daemon (``sdk``). Each block opens its own session and closes it after: a second open session
-    would make the daemon wait ``max_wait`` for it to join each batch."""
+    would make the daemon wait ``max_wait`` for it to join each batch. Also returns each server's CPU time per
+    round trip (all its threads, ZeroMQ's I/O thread included)."""
     rtt: dict[str, list[float]] = {"echo": [], "daemon": [], "sdk": []}
-    bare_daemon, bare_echo = StepClient(zero), StepClient(echo)
-    sdk = Client(zero, timeout=30.0)
+    cpu = dict.fromkeys(rtt, 0.0)
+    servers = {"echo": pid(echo), "daemon": pid(zero), "sdk": pid(zero)}
+    bare_daemon, bare_echo = StepClient(zero.endpoints[0]), StepClient(echo.endpoints[0])
+    sdk = Client(zero.endpoints[0], timeout=30.0)
 
     def bare_block(client: StepClient, opens: bool, samples: list[float] | None, steps: int) -> None:
         if opens:
@@ -264,11 +279,13 @@ def overhead_run(zero: str, echo: str, obs: np.ndarray, rounds: int, per_round: 
     names = list(blocks)
     for r in range(rounds):
         for name in names[r % 3 :] + names[: r % 3]:
+            used = cpu_seconds(servers[name])
             blocks[name](rtt[name], per_round)
+            cpu[name] += cpu_seconds(servers[name]) - used
     sdk.close()
     bare_daemon.close()
     bare_echo.close()
-    return rtt
+    return rtt, {name: cpu[name] / len(rtt[name]) for name in rtt}
 
 
 def overhead_section(args: argparse.Namespace, pin: Pinning, tmp: Path, dims: dict[str, int], obs: np.ndarray) -> str:
@@ -295,12 +312,13 @@ def overhead_section(args: argparse.Namespace, pin: Pinning, tmp: Path, dims: di
         DaemonProcess(pin.command(zero_cmd), tmp / "zero.log") as zero,
         DaemonProcess(pin.command(echo_cmd), tmp / "echo.log") as echo,
     ):
-        rtt = overhead_run(zero.endpoints[0], echo.endpoints[0], obs, args.overhead_rounds, args.overhead_steps)
+        rtt, cpu = overhead_run(zero, echo, obs, args.overhead_rounds, args.overhead_steps)
     s = {name: summary(values) for name, values in rtt.items()}
     lines = [
         f"overhead: one session, zero-cost policy vs a bare ZeroMQ + msgpack echo of the same payload (ipc), "
         f"{args.overhead_rounds} interleaved blocks of {args.overhead_steps} round trips each",
-        f"{'server':<24} {'client':<10} {'steps':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p50/echo':>9}",
+        f"{'server':<24} {'client':<7} {'steps':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p50/echo':>9} "
+        f"{'server CPU us/step':>18}",
     ]
     rows = [
         ("echo (ROUTER + msgpack)", "bare", "echo"),
@@ -309,12 +327,13 @@ def overhead_section(args: argparse.Namespace, pin: Pinning, tmp: Path, dims: di
     ]
     for server, client, name in rows:
         lines.append(
-            f"{server:<24} {client:<10} {len(rtt[name]):>6} {s[name]['p50']:>8.3f} {s[name]['p99']:>8.3f} "
-            f"{s[name]['max']:>8.3f} {s[name]['p50'] / s['echo']['p50']:>8.2f}x"
+            f"{server:<24} {client:<7} {len(rtt[name]):>6} {s[name]['p50']:>8.3f} {s[name]['p99']:>8.3f} "
+            f"{s[name]['max']:>8.3f} {s[name]['p50'] / s['echo']['p50']:>8.2f}x {cpu[name] * 1e6:>18.1f}"
         )
     lines.append(
         f"daemon (bare client): p50 {s['daemon']['p50'] / s['echo']['p50']:.2f}x the echo (goal <= 1.15x), "
-        f"+{s['daemon']['p50'] - s['echo']['p50']:.3f} ms; p99 {s['daemon']['p99']:.3f} ms (goal <= 2)"
+        f"+{s['daemon']['p50'] - s['echo']['p50']:.3f} ms; p99 {s['daemon']['p99']:.3f} ms (goal <= 2); server CPU "
+        f"per step {cpu['daemon'] / cpu['echo']:.2f}x the echo's (+{(cpu['daemon'] - cpu['echo']) * 1e6:.0f} us)"
     )
     return "\n".join(lines)
 
