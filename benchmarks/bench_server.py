@@ -11,6 +11,8 @@ load generators run on the other), driven over ipc. Sections (``--sections``, al
   session pipelining bursts of 256 steps, and next to a client that sends 10,000 steps without reading replies
   (rounds interleave the three conditions): the victims' p50/p99/max, their timeouts, the ratio to alone, and how
   the daemon answered the abusers.
+* ``rows``: the model stage: the served policy's row-indexed call (rows of a 64-row state: a range, the range
+  shuffled, a scattered subset) against the policy called directly on a state of exactly those rows, interleaved.
 * ``latency``: serving overhead = round trip - the daemon's model time for the batch the step ran in (the daemon
   reports it with every step): one session on the blocking client, then 4, 16 and 64 concurrent sessions on one
   asyncio client (closed loops), over tcp and ipc; ``hello`` round trips and a busy-waiting echo give the floor.
@@ -35,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ import torch
 import zmq
 from serving_load import StepClient
 
+from streamtx.apps.served_policy import TorchBatchPolicy
 from streamtx.checkpoint import load_policy, make_random_checkpoint
 from streamtx_client import AsyncClient, Client, Patience, RequestTimeout
 from streamtx_server.process import DaemonProcess
@@ -580,7 +583,73 @@ def throughput_section(args: argparse.Namespace, pin: Pinning, tmp: Path, checkp
     return "\n".join(lines)
 
 
-SECTIONS = ("overhead", "victims", "latency", "throughput", "soak")
+# -- the model stage: a row-indexed call of the served policy against the same step called directly
+
+
+def cpu_median_ms(calls: dict[str, Callable[[], None]], repeats: int, warmup: int = 5) -> dict[str, float]:
+    """Median CPU time of this thread in ms per call, the calls taking turns (a, b, c, a, b, c, ...): with one
+    torch thread the model runs here, and time other processes take from the core is not counted."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.thread_time_ns()
+            call()
+            samples[name].append((time.thread_time_ns() - start) / 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def rows_section(args: argparse.Namespace, checkpoint: Path) -> str:
+    """One control step (observe + act) of ``b`` sessions in a daemon-sized state of 64 rows, through the served
+    policy's row-indexed call, against the policy called directly on a state of exactly ``b`` rows (interleaved
+    medians): rows 0..b-1 (a batch of every open session), the same rows shuffled, and a scattered subset."""
+    policy = load_policy(checkpoint, max_tokens_per_step=4)
+    served = TorchBatchPolicy(policy)
+    rng = np.random.default_rng(0)
+    lines = [
+        "model stage: served policy's row-indexed observe + act in a 64-row state vs the policy called directly "
+        "on b rows (ms of this thread's CPU time, 1 torch thread: robust to other load; interleaved medians)",
+        f"{'b':>4} {'direct':>8} {'rows 0..b-1':>12} {'shuffled':>9} {'scattered':>10}   ratios to direct",
+    ]
+    for b in args.rows_batches:
+        direct = policy.init_state(b)
+        policy.reset(direct, seed=list(range(b)))
+        state = served.init_state(64)
+        served.reset(state, np.arange(64), np.arange(64), np.zeros(64, np.int64))
+        obs = rng.standard_normal((b, 1, policy.obs_dim)).astype(np.float32)
+        first = np.arange(b, dtype=np.int64)
+        shuffled = rng.permutation(first)
+        scattered = np.sort(rng.permutation(64)[:b]) if b < 64 else first
+
+        def direct_step() -> None:
+            policy.observe(direct, torch.from_numpy(obs))
+            policy.act(direct)
+
+        def served_step(rows: np.ndarray) -> Callable[[], None]:
+            def run() -> None:
+                served.observe(state, obs, rows)
+                served.act(state, rows)
+
+            return run
+
+        calls = {
+            "direct": direct_step,
+            "first": served_step(first),
+            "shuffled": served_step(shuffled),
+            "scattered": served_step(scattered),
+        }
+        t = cpu_median_ms(calls, args.rows_repeats)
+        lines.append(
+            f"{b:>4} {t['direct']:>8.3f} {t['first']:>12.3f} {t['shuffled']:>9.3f} {t['scattered']:>10.3f}   "
+            f"{t['first'] / t['direct']:.2f}x {t['shuffled'] / t['direct']:.2f}x {t['scattered'] / t['direct']:.2f}x"
+        )
+    lines.append("rows 0..b-1 and shuffled run on a view of the range (no index); scattered pays the index")
+    return "\n".join(lines)
+
+
+SECTIONS = ("overhead", "victims", "rows", "latency", "throughput", "soak")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -606,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--burst", type=int, default=256, help="steps per burst of the pipeliner")
     g.add_argument("--flood-requests", type=int, default=10_000, help="unread steps the flooder sends")
     g.add_argument("--timeout", type=float, default=1.0, help="victims' one attempt, seconds")
+    g = p.add_argument_group("rows")
+    g.add_argument("--rows-batches", type=int, nargs="+", default=[1, 8, 16], help="sessions per call")
+    g.add_argument("--rows-repeats", type=int, default=60, help="interleaved repeats per call")
     g = p.add_argument_group("latency and throughput")
     g.add_argument("--steps", type=int, default=2000, help="measured steps per latency row (all sessions together)")
     g.add_argument("--sessions", type=int, nargs="+", default=[4, 16, 64], help="concurrent sessions (asyncio)")
@@ -617,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps, args.seconds, args.overhead_rounds, args.overhead_steps = 200, 3.0, 3, 100
         args.victim_steps, args.rounds, args.flood_requests = 40, 1, 2000
-        args.soak_steps, args.soak_window = 200, 100
+        args.soak_steps, args.soak_window, args.rows_repeats = 200, 100, 10
     pin = Pinning(None if args.no_pin else args.cpus)
     torch.set_num_threads(1)  # like the daemon (--threads=1): two cores shared by daemon and client
     load_before = os.getloadavg()
@@ -635,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
                 text = overhead_section(args, pin, tmp, dims, obs)
             elif name == "victims":
                 text = victims_section(args, pin, tmp, checkpoint, obs)
+            elif name == "rows":
+                text = rows_section(args, checkpoint)
             elif name == "latency":
                 text = latency_section(args, pin, tmp, checkpoint, obs)
             elif name == "throughput":

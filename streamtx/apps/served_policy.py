@@ -101,12 +101,12 @@ class TorchBatchPolicy:
             state.views[first, n] = view, _tensors(view)
         view, held = state.views[first, n]
         result = call(view, None, order)
-        replaced = [
-            (now, base) for now, before, base in zip(_tensors(view), held, _tensors(state.inner)) if now is not before
-        ]
-        if replaced:  # a module replaced a tensor of the view instead of writing into it: copy it into the range
-            for now, base in replaced:
-                base[first : first + n] = now
+        after = _tensors(view)
+        if any(now is not before for now, before in zip(after, held)):
+            # a module replaced a tensor of the view instead of writing into it: copy it into the range
+            for now, before, base in zip(after, held, _tensors(state.inner)):
+                if now is not before:
+                    base[first : first + n] = now
             del state.views[first, n]
         return result
 
