@@ -496,10 +496,9 @@ class Server:
                 actions.update(zip(plan.act, chunk))
                 # A finite sum means every action is finite (NaN and Inf propagate); only a batch whose sum is not
                 # (a non-finite action, or a sum overflowing) is checked row by row.
-                finite_rows = [True] * len(plan.act)
+                finite = dict.fromkeys(plan.act, True)
                 if not math.isfinite(float(chunk.sum())):
-                    finite_rows = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1).tolist()
-                finite.update(zip(plan.act, finite_rows))
+                    finite.update(zip(plan.act, np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1).tolist()))
         except Exception as exc:  # noqa: BLE001 - a model failure must not take the daemon down
             log_event(
                 self.log,
