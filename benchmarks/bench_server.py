@@ -211,6 +211,7 @@ def serve(pin: Pinning, checkpoint: Path, binds: list[str], log: Path, *flags: s
 
 
 def pid(daemon: DaemonProcess) -> int:
+    """The daemon's process id (the command execs through ``taskset``, so it is the daemon's own)."""
     assert daemon._process is not None  # DaemonProcess exposes no pid
     return daemon._process.pid
 
@@ -226,7 +227,7 @@ def rss_mib(daemon: DaemonProcess) -> float:
     for line in Path(f"/proc/{pid(daemon)}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+    raise RuntimeError(f"no VmRSS for the daemon's process {pid(daemon)}")
 
 
 def summary(values: list[float]) -> dict[str, float]:
