@@ -293,7 +293,7 @@ class Server:
             )
             request = parse_request(message, obs_dim=self.policy.obs_dim, max_tokens=self.config.max_tokens_per_step)
             self.stats.latency["decode"].add(time.perf_counter() - received)
-            self.stats.requests[type(request).__name__.lower()] += 1
+            self.stats.requests[request.kind] += 1
             if isinstance(request, Step):
                 self._accept_step(router, envelope, request, received)
                 return
@@ -313,14 +313,17 @@ class Server:
 
     def _checked(self, obs: np.ndarray, name: str) -> np.ndarray:
         """``obs`` cast to the policy's dtype, refused if any value is NaN, Inf or over ``max_obs_abs`` there."""
-        with np.errstate(over="ignore", invalid="ignore"):
-            cast = np.ascontiguousarray(obs, dtype=self._dtype)
-            peak = float(np.abs(cast).max())
+        if obs.dtype == self._dtype:
+            cast = obs  # decoded arrays are C-contiguous already
+        else:
+            with np.errstate(over="ignore"):  # an overflowing cast gives Inf, refused below
+                cast = np.ascontiguousarray(obs, dtype=self._dtype)
+        peak = np.abs(cast).max()
         if not peak <= self.config.max_obs_abs:  # NaN fails this comparison too
             raise ProtocolError(
                 ErrorCode.NON_FINITE,
                 f"{name}: values must be finite and at most {self.config.max_obs_abs:g} in magnitude in the model's "
-                f"dtype {self._dtype.name}; got a largest magnitude of {peak:g} after the cast",
+                f"dtype {self._dtype.name}; got a largest magnitude of {float(peak):g} after the cast",
             )
         return cast
 
@@ -332,6 +335,12 @@ class Server:
         if request.seq <= session.accepted_seq:  # a retry of a step still queued: answered with it
             for item in session.queue:
                 if item.request.seq == request.seq:
+                    if len(item.also) >= self.config.max_queued_per_session:  # retries are bounded like steps
+                        raise ProtocolError(
+                            ErrorCode.BUSY,
+                            f"session {session.id!r}: step {request.seq} is queued with {len(item.also)} retries "
+                            "already waiting for its reply (the limit); read replies before resending",
+                        )
                     item.also.append((envelope, request.id))
                     return
         self._expect_next(session, request.seq)
@@ -601,26 +610,32 @@ class Server:
         """At most one step of each waiting session, round-robin; each with whether it computes actions (a step
         that asked for them but has a newer acting step queued behind it is superseded: it only observes)."""
         taken = []
-        for _ in range(min(self.config.max_batch, len(self._ready))):
-            session = self._ready.popleft()
-            item = session.queue.popleft()
-            if session.queue:
-                self._ready.append(session)
-            acts = item.request.act and not any(later.request.act for later in session.queue)
+        ready = self._ready
+        for _ in range(min(self.config.max_batch, len(ready))):
+            session = ready.popleft()
+            queue = session.queue
+            item = queue.popleft()
+            acts = item.request.act
+            if queue:
+                ready.append(session)
+                acts = acts and not any(later.request.act for later in queue)
             taken.append((session, item, acts))
         return taken
 
     def _run_batch(self, router: zmq.Socket[Any]) -> None:
         batch = self._take_round()
         start = time.perf_counter()
+        queue_latency = self.stats.latency["queue"]
         for _, item, _ in batch:
-            self.stats.latency["queue"].add(start - item.ready)
+            queue_latency.add(start - item.ready)
         plan = plan_batch([len(item.obs) for _, item, _ in batch], [acts for _, _, acts in batch])
         actions: dict[int, np.ndarray] = {}
+        finite: dict[int, bool] = {}
         model_time = 0.0  # the policy calls only: the rest is serving overhead
         try:
             for group in plan.observe:
-                obs = np.stack([batch[i][1].obs for i in group])
+                # (n, S, obs_dim) from n steps of S tokens each: one copy (the decoded arrays are read-only views)
+                obs = np.concatenate([batch[i][1].obs for i in group]).reshape(len(group), -1, self.policy.obs_dim)
                 rows = np.array([batch[i][0].slot for i in group], np.int64)
                 t0 = time.perf_counter()
                 self.policy.observe(self.state, obs, rows)
@@ -631,6 +646,11 @@ class Server:
                 chunk = self.policy.act(self.state, rows)
                 model_time += time.perf_counter() - t0
                 actions.update(zip(plan.act, chunk))
+                # A finite sum means every action is finite (NaN and Inf propagate); only a batch whose sum is not
+                # (a non-finite action, or a sum overflowing) is checked row by row.
+                finite = dict.fromkeys(plan.act, True)
+                if not math.isfinite(float(chunk.sum())):
+                    finite.update(zip(plan.act, np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1).tolist()))
         except Exception as exc:  # noqa: BLE001 - a model failure must not take the daemon down
             log_event(
                 self.log,
@@ -655,7 +675,7 @@ class Server:
             session.tokens += len(item.obs)
             session.steps += acts
             session.last_active = now
-            if acts and not np.isfinite(actions[i]).all():
+            if acts and not finite[i]:
                 self._answer(router, session, item, self._poison(session))
                 continue
             # timing lets a client split its round trip into the daemon's model time and the serving overhead

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import reprlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -35,16 +35,19 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 
 
 @dataclass(frozen=True)
 class Hello:
+    kind: ClassVar[str] = "hello"
     id: int
 
 
 @dataclass(frozen=True)
 class Stats:
+    kind: ClassVar[str] = "stats"
     id: int
 
 
 @dataclass(frozen=True)
 class Open:
+    kind: ClassVar[str] = "open"
     id: int
     session: str | None  # None: the daemon names the session
     seed: int | None  # None: the daemon draws one
@@ -58,6 +61,7 @@ class Open:
 
 @dataclass(frozen=True)
 class Step:
+    kind: ClassVar[str] = "step"
     id: int
     session: str
     token: str
@@ -68,6 +72,7 @@ class Step:
 
 @dataclass(frozen=True)
 class Reset:
+    kind: ClassVar[str] = "reset"
     id: int
     session: str
     token: str
@@ -77,6 +82,7 @@ class Reset:
 
 @dataclass(frozen=True)
 class Close:
+    kind: ClassVar[str] = "close"
     id: int
     session: str
     token: str
@@ -84,6 +90,7 @@ class Close:
 
 @dataclass(frozen=True)
 class Resync:
+    kind: ClassVar[str] = "resync"
     id: int
     session: str
     token: str
@@ -192,6 +199,10 @@ _FIELDS: dict[str, dict[str, Any]] = {
 assert set(_FIELDS) == set(KINDS)
 
 
+_ENVELOPE = frozenset({"v", "id", "kind"})
+_ALLOWED = {kind: _ENVELOPE | spec.keys() for kind, spec in _FIELDS.items()}  # every field a kind may carry
+
+
 def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> Request:
     """Check a decoded request against the protocol and the policy's observation size."""
     version = message.get("v")
@@ -201,26 +212,25 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
             f"v: this daemon speaks protocol {PROTOCOL_VERSION} only, got {_show(version)}; "
             "install the streamtx-client of this daemon's release",
         )
-    rid = request_id(message)
-    if rid is None:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"id: expected an int, got {_show(message.get('id'))}")
+    rid = message.get("id")
+    if type(rid) is not int:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"id: expected an int, got {_show(rid)}")
     kind = message.get("kind")
-    if not isinstance(kind, str) or kind not in _FIELDS:
+    if type(kind) is not str or kind not in _FIELDS:
         raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"kind: expected one of {list(KINDS)}, got {_show(kind)}")
     spec = _FIELDS[kind]
-    unknown = set(message) - {"v", "id", "kind"} - set(spec)
-    if unknown:
-        raise ProtocolError(
-            ErrorCode.BAD_ARGUMENT, f"{kind}: unknown fields {sorted(map(str, unknown))}; expected {sorted(spec)}"
-        )
+    if not _ALLOWED[kind].issuperset(message):
+        unknown = sorted(map(str, set(message) - _ALLOWED[kind]))
+        raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"{kind}: unknown fields {unknown}; expected {sorted(spec)}")
     fields: dict[str, Any] = {}
     for name, default in spec.items():
-        if name in message:
-            fields[name] = message[name]
-        elif default is _REQUIRED:
+        value = fields[name] = message.get(name, default)
+        if value is _REQUIRED:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{kind}: missing field {name!r}")
-        else:
-            fields[name] = default
+    if kind == "step":  # first: the one kind on the hot path
+        session, token = _session(fields["session"]), _token(fields["token"])
+        obs = _observations(fields["obs"], obs_dim, max_tokens)
+        return Step(rid, session, token, _count(fields["seq"], "seq"), obs, _flag(fields["act"], "act"))
     if kind == "hello":
         return Hello(rid)
     if kind == "stats":
@@ -238,9 +248,6 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
             _seconds(fields["wait"], "wait"),
         )
     session, token = _session(fields["session"]), _token(fields["token"])
-    if kind == "step":
-        obs = _observations(fields["obs"], obs_dim, max_tokens)
-        return Step(rid, session, token, _count(fields["seq"], "seq"), obs, _flag(fields["act"], "act"))
     if kind == "reset":
         return Reset(rid, session, token, _count(fields["seq"], "seq"), _seed(fields["seed"]))
     if kind == "resync":
