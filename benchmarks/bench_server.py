@@ -212,8 +212,8 @@ def serve(pin: Pinning, checkpoint: Path, binds: list[str], log: Path, *flags: s
 
 def pid(daemon: DaemonProcess) -> int:
     """The daemon's process id (the command execs through ``taskset``, so it is the daemon's own)."""
-    assert daemon._process is not None  # DaemonProcess exposes no pid
-    return daemon._process.pid
+    assert daemon.pid is not None, "the daemon was not started"
+    return daemon.pid
 
 
 def cpu_seconds(process_id: int) -> float:

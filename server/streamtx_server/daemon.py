@@ -343,13 +343,14 @@ class Server:
                         )
                     item.also.append((envelope, request.id))
                     return
-        self._expect_next(session, request.seq)
-        if len(session.queue) >= self.config.max_queued_per_session:
+        if request.seq > session.accepted_seq and len(session.queue) >= self.config.max_queued_per_session:
+            # before the sequence check: a client that floods hears "slow down" for every step beyond the limit
             raise ProtocolError(
                 ErrorCode.BUSY,
                 f"session {session.id!r} has {len(session.queue)} steps queued (the limit); read replies before "
                 "sending more; nothing was applied, resend this step later",
             )
+        self._expect_next(session, request.seq)
         obs = self._checked(request.obs, "obs")
         if not session.queue:
             self._ready.append(session)
@@ -736,7 +737,9 @@ class Server:
         version: int = PROTOCOL_VERSION,
     ) -> None:
         self.stats.errors[code.value] += 1
-        log_event(self.log, logging.INFO, "request_rejected", code=code.value, detail=message, id=rid)
+        # flow control is counted, not logged at INFO: a flooding client would write a line per request
+        level = logging.DEBUG if code in (ErrorCode.BUSY, ErrorCode.OUT_OF_ORDER) else logging.INFO
+        log_event(self.log, level, "request_rejected", code=code.value, detail=message, id=rid)
         self._reply(router, envelope, error_reply(rid, code, message, version), received)
 
     def _expire_idle(self, router: zmq.Socket[Any]) -> None:

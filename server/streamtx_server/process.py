@@ -51,6 +51,11 @@ class DaemonProcess:
         return cls(command, log_path)
 
     @property
+    def pid(self) -> int | None:
+        """The child's process id while started (None before the first start)."""
+        return None if self._process is None else self._process.pid
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

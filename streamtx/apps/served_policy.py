@@ -36,18 +36,6 @@ class ServedState:
     views: dict[tuple[int, int], tuple[StreamState, list[Tensor]]] = field(default_factory=dict)
 
 
-def _tensors(state: StreamState) -> list[Tensor]:
-    """The state's tensors, in its one walk order (``StreamState._map``)."""
-    found: list[Tensor] = []
-
-    def keep(t: Tensor) -> Tensor:
-        found.append(t)
-        return t
-
-    state._map(keep)
-    return found
-
-
 class TorchBatchPolicy:
     """Serves ``policy`` (a :class:`~streamtx.policy.StreamingPolicy` or the static plan: ``init_state``, ``reset``,
     ``observe``, ``act`` over torch, row-indexed) through the numpy interface.
@@ -97,14 +85,14 @@ class TorchBatchPolicy:
         if n == state.rows:
             return call(state.inner, None, order)
         if (first, n) not in state.views:
-            view = state.inner._map(lambda t: t[first : first + n])
-            state.views[first, n] = view, _tensors(view)
+            view = state.inner.apply(lambda t: t[first : first + n])
+            state.views[first, n] = view, list(view.tensors().values())
         view, held = state.views[first, n]
         result = call(view, None, order)
-        after = _tensors(view)
+        after = view.tensors().values()
         if any(now is not before for now, before in zip(after, held)):
             # a module replaced a tensor of the view instead of writing into it: copy it into the range
-            for now, before, base in zip(after, held, _tensors(state.inner)):
+            for now, before, base in zip(after, held, state.inner.tensors().values()):
                 if now is not before:
                     base[first : first + n] = now
             del state.views[first, n]

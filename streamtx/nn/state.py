@@ -206,6 +206,17 @@ class StreamState:
 
         return _map(self, move)
 
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> StreamState:
+        """A state of the same structure whose tensors are ``fn`` of these (e.g. a view of a range of rows:
+        ``state.apply(lambda t: t[a:b])``, which steps rows ``a..b-1`` in place)."""
+        return _map(self, fn)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor by its dotted name, in one fixed walk order, not copied (:meth:`state_dict` copies)."""
+        out: dict[str, Tensor] = {}
+        _flatten(self, "", out, copy=False)
+        return out
+
     def state_dict(self) -> dict[str, Tensor]:
         """Flat ``{dotted.name: tensor}`` snapshot (tensors are copies)."""
         out: dict[str, Tensor] = {}

@@ -145,9 +145,15 @@ class AsyncClient:
         limit = self._info.max_message_bytes if self._info is not None else None
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
+        data = frame_request(message, request_id, limit)
+
+        async def exchange() -> dict[str, Any]:
+            # the send is inside the deadline: with no live connection (daemon down, CURVE refused) it waits
+            await self._socket.send(data)
+            return await future
+
         try:
-            await self._socket.send(frame_request(message, request_id, limit))
-            return await asyncio.wait_for(future, attempt_timeout)
+            return await asyncio.wait_for(exchange(), attempt_timeout)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"no reply within {attempt_timeout} s") from None
         finally:

@@ -151,8 +151,12 @@ class Client:
     def _roundtrip(self, command: dict[str, Any], attempt_timeout: float) -> dict[str, Any]:
         request_id = next(self._ids)
         limit = self._info.max_message_bytes if self._info is not None else None
-        self._socket.send(frame_request(command, request_id, limit))
+        data = frame_request(command, request_id, limit)
         deadline = time.monotonic() + attempt_timeout
+        # a DEALER with no live connection (daemon down, CURVE handshake refused) blocks a plain send forever
+        if not self._socket.poll(max(1, round(attempt_timeout * 1000.0)), zmq.POLLOUT):
+            raise RequestTimeout(f"could not send within {attempt_timeout} s: no connection to the daemon")
+        self._socket.send(data, zmq.NOBLOCK)
         while (remaining := deadline - time.monotonic()) > 0:
             if not self._socket.poll(max(1, round(remaining * 1000.0)), zmq.POLLIN):
                 break
