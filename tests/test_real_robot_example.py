@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from manual_clock import ManualClock
 
 from streamtx.apps.served_policy import TorchBatchPolicy
 from streamtx.checkpoint import load_policy, make_random_checkpoint
@@ -66,19 +67,6 @@ def served(torch_policy) -> Iterator[tuple[Server, GatedPolicy]]:
     gated.release.set()
     server.stop()
     thread.join(TIMEOUT)
-
-
-class ManualClock:
-    """Time that moves only when slept (or told): the loop's schedule without waiting."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class ScriptedRobot(loop.StandInRobot):

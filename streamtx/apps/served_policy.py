@@ -112,7 +112,8 @@ class TorchBatchPolicy:
     def observe(self, state: ServedState, obs: np.ndarray, rows: np.ndarray) -> None:
         def call(target: Any, index: Tensor | None, order: np.ndarray | None) -> None:
             tokens = obs if order is None else obs[order]
-            self.policy.observe(target, torch.from_numpy(np.ascontiguousarray(tokens)), rows=index)
+            # torch refuses to alias read-only arrays (decoded replays are): copy only those
+            self.policy.observe(target, torch.from_numpy(np.require(tokens, requirements=["C", "W"])), rows=index)
 
         self._run(state, rows, call)
 

@@ -66,19 +66,6 @@ def start_server(
     return server, thread
 
 
-class ManualClock:
-    """A monotonic clock that moves only when told: idle expiry without waiting."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class EventLog(logging.Handler):
     """A daemon logger's events by name; :meth:`wait` blocks until enough of one were logged."""
 

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from manual_clock import ManualClock
 from serving_helpers import (
     MAX_TOKENS,
     TIMEOUT,
     EventLog,
-    ManualClock,
     RawPeer,
     RecordingPatience,
     assert_same_actions,
