@@ -168,7 +168,8 @@ def load_fastest_policy(
     methods (``init_state``, ``reset``, ``observe``, ``act``, ``step``, ``metadata``)."""
     policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
     try:
-        fast = StaticStreamingPolicy(policy, cuda_graph=True, buckets=buckets, compile=compile)
+        cuda = torch.device(device).type == "cuda"
+        fast = StaticStreamingPolicy(policy, cuda_graph=cuda, buckets=buckets, compile=compile)
     except (TypeError, ValueError, NotImplementedError) as exc:
         log.warning("serving the module path: the static plan cannot run this model (%s)", exc)
         return policy

@@ -23,7 +23,7 @@ from streamtx_server import cli as server_cli
 from streamtx_server.config_file import parse_args_with_config
 from streamtx_server.jsonlog import LOGGER_NAME, log_event
 
-from ..checkpoint import load_policy, load_static_policy, make_random_checkpoint
+from ..checkpoint import load_fastest_policy, load_policy, make_random_checkpoint
 from .recording import RecordingPolicy, read_recording, replay
 from .served_policy import TorchBatchPolicy
 
@@ -41,17 +41,25 @@ stats_main = server_cli.stats_main
 keygen_main = server_cli.keygen_main
 
 
+PATHS = ("plan", "compiled", "module")
+"""What ``--policy-path`` picks: the static plan (run eagerly on the CPU, as CUDA graphs on a GPU; the default),
+the plan compiled by inductor on the CPU (fastest; its first start compiles for minutes, later starts read the
+cache), or the module-by-module path (every model; the plan's fallback)."""
+
+
 def load_served_policy(
-    checkpoint: Path, device: str, threads: int | None, max_tokens_per_step: int
+    checkpoint: Path, device: str, threads: int | None, max_tokens_per_step: int, path: str = "plan"
 ) -> TorchBatchPolicy:
     """The policy ``streamtx serve`` runs for ``checkpoint`` on ``device`` with ``threads`` torch threads, behind
-    the daemon's numpy interface."""
+    the daemon's numpy interface; ``path`` is one of :data:`PATHS`."""
+    if path not in PATHS:
+        raise ValueError(f"--policy-path: expected one of {', '.join(PATHS)}, got {path!r}")
     if threads is not None:
         torch.set_num_threads(threads)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch build sees no CUDA device; use --device cpu")
     try:
-        return _load(checkpoint, device, max_tokens_per_step)
+        return _load(checkpoint, device, max_tokens_per_step, path)
     except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as exc:
         # the loaders' messages quote torch's long advice about weights_only: one line is what an operator needs
         raise ValueError(
@@ -60,15 +68,25 @@ def load_served_policy(
         ) from None
 
 
-def _load(checkpoint: Path, device: str, max_tokens_per_step: int) -> TorchBatchPolicy:
-    if torch.device(device).type == "cuda":  # static plan + CUDA graphs captured at start-up, pinned I/O
-        return TorchBatchPolicy(load_static_policy(checkpoint, device=device, max_tokens_per_step=max_tokens_per_step))
-    return TorchBatchPolicy(load_policy(checkpoint, device=device, max_tokens_per_step=max_tokens_per_step))
+def _load(checkpoint: Path, device: str, max_tokens_per_step: int, path: str) -> TorchBatchPolicy:
+    if path == "module":
+        return TorchBatchPolicy(load_policy(checkpoint, device=device, max_tokens_per_step=max_tokens_per_step))
+    compile = path == "compiled" and torch.device(device).type == "cpu"
+    policy = load_fastest_policy(checkpoint, device=device, max_tokens_per_step=max_tokens_per_step, compile=compile)
+    return TorchBatchPolicy(policy)
 
 
 def serve_parser() -> argparse.ArgumentParser:
     """The daemon's options and the ones this application adds (recording)."""
     p = server_cli.serve_parser()
+    p.add_argument(
+        "--policy-path",
+        choices=PATHS,
+        default="plan",
+        help="plan: the static plan, eager on the CPU and CUDA graphs on a GPU (default); compiled: the plan "
+        "compiled by inductor on the CPU (fastest; the first start compiles for minutes, later ones read the cache); "
+        "module: the module-by-module path",
+    )
     p.add_argument(
         "--record",
         type=Path,
@@ -88,7 +106,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     recorders: list[RecordingPolicy] = []
 
     def load(checkpoint: Path, device: str, threads: int | None, max_tokens_per_step: int) -> Any:
-        policy = load_served_policy(checkpoint, device, threads, max_tokens_per_step)
+        policy = load_served_policy(checkpoint, device, threads, max_tokens_per_step, args.policy_path)
         if args.record is None:
             return policy
         recorders.append(RecordingPolicy(policy, args.record, fps=args.record_fps))

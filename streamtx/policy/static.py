@@ -430,7 +430,7 @@ class StaticStreamingPolicy:
             device=str(self.device),
             runner={
                 "type": "static",
-                "cuda_graph": self.cuda_graph,
+                "cuda_graph": self.cuda_graph and self.device.type == "cuda",  # requested and possible here
                 "compiled": self.compiled,
                 "compile_reason": self.compile_reason,
                 "fused_kernels": self.plan.fused,
