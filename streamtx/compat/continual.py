@@ -27,7 +27,8 @@ Where the reference is wrong, streamtx's result stands (tested against the refer
 * ``RecyclingPositionalEncoding(learned=False)``: the static table is streamtx's sinusoidal one, not the cyclic
   pattern of Ma et al.; loading the reference's ``pe.pattern`` buffer gives its exact numbers.
 * Dropout: a retroactive step never forms attention weights, so in training mode with ``dropout > 0`` a retroactive
-  ``forward_step`` raises (call ``.eval()``); the reference applies dropout to its step outputs.
+  ``forward_step`` raises (call ``.eval()``); the reference logs a warning, skips attention dropout and still
+  applies the feed-forward dropout.
 """
 
 from __future__ import annotations

@@ -223,3 +223,10 @@ def test_update_state_false_and_clean_state():
             ours.forward_step(x[:, :4, 1])
         with pytest.raises(ValueError, match="sequence_len"):
             sco.RetroactiveTransformerEncoderLayer(D, H, FF)
+
+
+def test_factory_gelu_is_gelu():
+    """The reference's factory maps ``"gelu"`` to ReLU; here the name means what it says."""
+    factory = sco.TransformerEncoderLayerFactory(D, H, FF, activation="gelu", sequence_len=N)
+    assert factory("retroactive").layer.activation.fn is nn.functional.gelu
+    assert factory(sco.MhaType.SINGLE_OUTPUT).layer.activation.fn is nn.functional.gelu
