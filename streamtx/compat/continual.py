@@ -414,6 +414,7 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList([encoder_layer(kind) for kind in kinds])
         self.num_layers = num_layers
         self.norm = norm
+        self._register_load_state_dict_pre_hook(self._load_reference_keys)
 
     @property
     def _first(self) -> _ContinualLayer:
@@ -466,6 +467,12 @@ class TransformerEncoder(nn.Module):
         if not update_state:
             self._first._restore(saved)
         return torch.stack(outs, dim=2) if outs else None
+
+    def _load_reference_keys(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """The reference wraps ``norm`` in a ``co.Lambda``: ``norm.fn.*`` -> ``norm.*`` (the layers translate
+        their own keys)."""
+        for key in [k for k in state_dict if k.startswith(f"{prefix}norm.fn.")]:
+            state_dict[f"{prefix}norm.{key[len(prefix) + len('norm.fn.') :]}"] = state_dict.pop(key)
 
     @staticmethod
     def build_from(trans_enc: nn.TransformerEncoder, sequence_len: int) -> TransformerEncoder:

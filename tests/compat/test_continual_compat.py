@@ -125,8 +125,12 @@ def test_single_output_steps_match_the_reference_on_a_long_stream():
 def test_two_layer_encoder_matches_the_reference_before_the_wrap():
     torch.manual_seed(0)
     factory = dict(d_model=D, nhead=H, dim_feedforward=FF, dropout=0.0, sequence_len=N, dtype=torch.float64)
-    ref = co.TransformerEncoder(co.TransformerEncoderLayerFactory(**factory), num_layers=2).eval()
-    ours = sco.TransformerEncoder(sco.TransformerEncoderLayerFactory(**factory), num_layers=2).eval()
+    norm = nn.LayerNorm(D, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)  # not the identity, so that loading it is tested
+    ref = co.TransformerEncoder(co.TransformerEncoderLayerFactory(**factory), num_layers=2, norm=norm).eval()
+    ours = sco.TransformerEncoder(sco.TransformerEncoderLayerFactory(**factory), 2, norm=nn.LayerNorm(D)).eval()
+    ours.double()
     ours.load_state_dict(ref.state_dict())  # the reference's nested key layout, translated on load
     x = _stream(2 * N - 2)
     with torch.no_grad():
