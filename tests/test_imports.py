@@ -1,7 +1,7 @@
 """The import graph, read from the source (AST): imports run one way and nothing hides a cycle.
 
-Floors of the library, lowest first: ``symmetry -> nn -> models -> policy -> (checkpoint, data) -> (train, tasks)
--> apps``. A module may import its own floor or lower ones, never a higher one. The client SDK imports nothing of
+Floors of the library, lowest first: ``symmetry -> nn -> models -> (policy, compat) -> (checkpoint, data) -> (train,
+tasks) -> apps``. A module may import its own floor or lower ones, never a higher one. The client SDK imports nothing of
 the project, the daemon only the client SDK; only ``streamtx.apps`` (the top wing) brings the library together with
 them. First-party imports sit at module level (no import inside a function that could hide a cycle), and nothing is
 imported by a name string (``importlib.import_module``, ``__import__``).
@@ -25,6 +25,7 @@ FLOORS = {
     "streamtx.nn": 1,
     "streamtx.models": 2,
     "streamtx.policy": 3,
+    "streamtx.compat": 3,
     "streamtx.checkpoint": 4,
     "streamtx.data": 4,
     "streamtx.train": 5,
