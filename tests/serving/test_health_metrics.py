@@ -121,6 +121,11 @@ def test_metrics_report_stages_sessions_batches_errors_and_refusals(tmp_path: Pa
             assert value(latency, "streamtx_stage_latency_seconds_count", stage="queue") == 5  # the steps run
             assert value(latency, "streamtx_stage_latency_seconds_bucket", stage="queue", le="+Inf") == 5
             assert value(latency, "streamtx_stage_latency_seconds_count", stage="total") >= 11  # hello included
+            assert value(latency, "streamtx_stage_latency_seconds_count", stage="model") == 5  # 5 batches of one
+            sums = {
+                stage: value(latency, "streamtx_stage_latency_seconds_sum", stage=stage) for stage in ("model", "total")
+            }
+            assert 0 < sums["model"] <= sums["total"], sums  # a step's round trip in the daemon contains its batch
             assert value(families["streamtx_batch_size"], "streamtx_batch_size_count") == 5
             assert value(families["streamtx_batch_size"], "streamtx_batch_size_bucket", le="1.0") == 5
             assert value(families["streamtx_steps"], "streamtx_steps_total") == 5
