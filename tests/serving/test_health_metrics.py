@@ -151,6 +151,10 @@ def test_metrics_report_stages_sessions_batches_errors_and_refusals(tmp_path: Pa
             families = scrape(http)
             assert value(families["streamtx_admitted_from_wait"], "streamtx_admitted_from_wait_total") == 1
             assert value(families["streamtx_waiting_opens"], "streamtx_waiting_opens") == 0
+            assert b.request("close", session="b")["ok"]
+            families = scrape(http)  # the gauges follow the sessions down, not the slots
+            assert value(families["streamtx_sessions"], "streamtx_sessions") == 0
+            assert value(families["streamtx_session_slots"], "streamtx_session_slots") == 1
     finally:
         policy.release.set()
         server.stop()
