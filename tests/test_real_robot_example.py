@@ -131,6 +131,28 @@ def test_a_late_reply_gets_the_safe_action_then_chunks_play_aligned(served, torc
     np.testing.assert_allclose(applied[late:stop], want[late:stop], rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def test_a_chunk_a_horizon_late_is_dropped_and_the_next_one_asked(served, torch_policy) -> None:
+    """The reply to tick 0's request arrives at tick ``horizon``: none of its actions is for a tick still to come, so
+    it is dropped (the safe action again) and tick ``horizon + 1`` asks anew and plays that chunk."""
+    server, gated = served
+    clock = ManualClock()
+    with Client(server.bound[0], timeout=TIMEOUT) as client, client.open(seed=4) as session:
+        late = session.horizon
+        robot = ScriptedRobot(clock, gated.release, late, late + 3, obs_dim=session.info.obs_dim, action_dim=2)
+        stats = loop.control_loop(
+            session, robot, rate=1 / PERIOD, deadline=DEADLINE, execute=2, clock=clock, sleep=clock.sleep
+        )
+    assert stats.dropped == 1 and stats.late == 1 and stats.chunks == 1 and stats.safe == late + 1
+    applied = np.stack(robot.applied)
+    np.testing.assert_array_equal(applied[: late + 1], 0.0)
+    reference = LocalSession(TorchBatchPolicy(torch_policy), seed=4)
+    reference.step(robot.observations[0])  # the dropped chunk still drew its noise
+    for obs in robot.observations[1 : late + 1]:
+        reference.observe(obs)
+    chunk = reference.step(robot.observations[late + 1])
+    np.testing.assert_allclose(applied[late + 1 : late + 3], chunk[:2], rtol=0, atol=1e-5 * np.abs(chunk).max())
+
+
 class OverrunRobot(loop.StandInRobot):
     """A stand-in whose first ``apply`` takes ``2.5`` periods: the next tick is overrun, the one after starts late."""
 
