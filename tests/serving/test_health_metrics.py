@@ -101,6 +101,7 @@ def test_metrics_report_stages_sessions_batches_errors_and_refusals(tmp_path: Pa
             assert error_code(bad) == "bad_shape"
             b.send_request("open", session="b", wait=TIMEOUT)
             assert b.request("stats")["result"]["waiting_opens"] == 1  # b's socket: read after its open
+            assert json.loads(get(http.url + "/healthz")[1])["waiting_opens"] == 1
             # busy: hold the model in a batch so that a's queue (1 step) fills
             policy.hold.set()
             a.send_request("step", session="a", obs=np.zeros(3, np.float32))
