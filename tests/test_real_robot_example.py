@@ -1,6 +1,7 @@
 """``examples/real_robot_loop.py`` runs as is against a daemon; a late reply gets the safe action, deterministically
-(a gated policy and a manual clock: no wall-clock assertion), the late chunk is aligned to the tick it arrives at,
-every observation reaches the daemon and Ctrl-C shuts the loop down cleanly."""
+(a gated policy and a manual clock: no wall-clock assertion), the late chunk is aligned to the tick it arrives at, an
+overrun tick is skipped with its action, every observation reaches the daemon and Ctrl-C shuts the loop down
+cleanly."""
 
 from __future__ import annotations
 
@@ -128,6 +129,74 @@ def test_a_late_reply_gets_the_safe_action_then_chunks_play_aligned(served, torc
         else:
             reference.observe(obs)
     np.testing.assert_allclose(applied[late:stop], want[late:stop], rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_chunk_a_horizon_late_is_dropped_and_the_next_one_asked(served, torch_policy) -> None:
+    """The reply to tick 0's request arrives at tick ``horizon``: none of its actions is for a tick still to come, so
+    it is dropped (the safe action again) and tick ``horizon + 1`` asks anew and plays that chunk."""
+    server, gated = served
+    clock = ManualClock()
+    with Client(server.bound[0], timeout=TIMEOUT) as client, client.open(seed=4) as session:
+        late = session.horizon
+        robot = ScriptedRobot(clock, gated.release, late, late + 3, obs_dim=session.info.obs_dim, action_dim=2)
+        stats = loop.control_loop(
+            session, robot, rate=1 / PERIOD, deadline=DEADLINE, execute=2, clock=clock, sleep=clock.sleep
+        )
+    assert stats.dropped == 1 and stats.late == 1 and stats.chunks == 1 and stats.safe == late + 1
+    applied = np.stack(robot.applied)
+    np.testing.assert_array_equal(applied[: late + 1], 0.0)
+    reference = LocalSession(TorchBatchPolicy(torch_policy), seed=4)
+    reference.step(robot.observations[0])  # the dropped chunk still drew its noise
+    for obs in robot.observations[1 : late + 1]:
+        reference.observe(obs)
+    chunk = reference.step(robot.observations[late + 1])
+    np.testing.assert_allclose(applied[late + 1 : late + 3], chunk[:2], rtol=0, atol=1e-5 * np.abs(chunk).max())
+
+
+class OverrunRobot(loop.StandInRobot):
+    """A stand-in whose first ``apply`` takes ``2.5`` periods: the next tick is overrun, the one after starts late."""
+
+    def __init__(self, clock: ManualClock, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.clock = clock
+        self.observations: list[np.ndarray] = []
+
+    def read(self) -> np.ndarray:
+        self.observations.append(super().read())
+        return self.observations[-1]
+
+    def apply(self, action: np.ndarray) -> None:
+        super().apply(action)
+        if len(self.applied) == 1:
+            self.clock.now += 2.5 * PERIOD
+
+
+def test_an_overrun_tick_is_skipped_and_the_chunk_stays_aligned_with_the_clock(served, torch_policy) -> None:
+    """Tick 1 is overrun: it is counted, reads no sensor, and its action is dropped, so tick 2 plays the chunk's
+    action for tick 2 (not for tick 1)."""
+    server, gated = served
+    gated.release.set()  # the daemon answers in time
+    clock = ManualClock()
+    with Client(server.bound[0], timeout=TIMEOUT) as client, client.open(seed=4) as session:
+        horizon = session.horizon
+        assert horizon >= 3
+        robot = OverrunRobot(clock, obs_dim=session.info.obs_dim, action_dim=session.info.action_dim)
+        stats = loop.control_loop(
+            session,
+            robot,
+            rate=1 / PERIOD,
+            deadline=DEADLINE,
+            execute=horizon,
+            steps=horizon,
+            clock=clock,
+            sleep=clock.sleep,
+        )
+    assert stats.overruns == 1 and stats.ticks == horizon - 1 and stats.late == stats.safe == 0 and stats.chunks == 1
+    assert len(robot.observations) == horizon - 1  # the skipped tick read nothing
+    chunk = LocalSession(TorchBatchPolicy(torch_policy), seed=4).step(robot.observations[0])
+    played = [0, *range(2, horizon)]  # tick 1's action was skipped with its tick
+    np.testing.assert_allclose(np.stack(robot.applied[:-1]), chunk[played], rtol=0, atol=1e-5 * np.abs(chunk).max())
+    np.testing.assert_array_equal(robot.applied[-1], 0.0)  # the safe action once the loop ends
 
 
 def test_the_example_runs_as_is(served, capsys: pytest.CaptureFixture[str]) -> None:

@@ -101,6 +101,7 @@ def test_metrics_report_stages_sessions_batches_errors_and_refusals(tmp_path: Pa
             assert error_code(bad) == "bad_shape"
             b.send_request("open", session="b", wait=TIMEOUT)
             assert b.request("stats")["result"]["waiting_opens"] == 1  # b's socket: read after its open
+            assert json.loads(get(http.url + "/healthz")[1])["waiting_opens"] == 1
             # busy: hold the model in a batch so that a's queue (1 step) fills
             policy.hold.set()
             a.send_request("step", session="a", obs=np.zeros(3, np.float32))
@@ -121,6 +122,11 @@ def test_metrics_report_stages_sessions_batches_errors_and_refusals(tmp_path: Pa
             assert value(latency, "streamtx_stage_latency_seconds_count", stage="queue") == 5  # the steps run
             assert value(latency, "streamtx_stage_latency_seconds_bucket", stage="queue", le="+Inf") == 5
             assert value(latency, "streamtx_stage_latency_seconds_count", stage="total") >= 11  # hello included
+            assert value(latency, "streamtx_stage_latency_seconds_count", stage="model") == 5  # 5 batches of one
+            sums = {
+                stage: value(latency, "streamtx_stage_latency_seconds_sum", stage=stage) for stage in ("model", "total")
+            }
+            assert 0 < sums["model"] <= sums["total"], sums  # a step's round trip in the daemon contains its batch
             assert value(families["streamtx_batch_size"], "streamtx_batch_size_count") == 5
             assert value(families["streamtx_batch_size"], "streamtx_batch_size_bucket", le="1.0") == 5
             assert value(families["streamtx_steps"], "streamtx_steps_total") == 5
@@ -146,6 +152,10 @@ def test_metrics_report_stages_sessions_batches_errors_and_refusals(tmp_path: Pa
             families = scrape(http)
             assert value(families["streamtx_admitted_from_wait"], "streamtx_admitted_from_wait_total") == 1
             assert value(families["streamtx_waiting_opens"], "streamtx_waiting_opens") == 0
+            assert b.request("close", session="b")["ok"]
+            families = scrape(http)  # the gauges follow the sessions down, not the slots
+            assert value(families["streamtx_sessions"], "streamtx_sessions") == 0
+            assert value(families["streamtx_session_slots"], "streamtx_session_slots") == 1
     finally:
         policy.release.set()
         server.stop()

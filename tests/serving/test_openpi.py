@@ -150,9 +150,11 @@ def test_a_reconnect_starts_a_fresh_session(openpi_daemon, policy) -> None:
 
 
 def test_mapping_concatenates_keys_in_order_and_refuses_the_rest() -> None:
+    # the declared order, neither the frame's nor the alphabet's
+    mapping = ObservationMapping(("b", "a"), ignored=("image",))
+    tokens = mapping.tokens({"a": np.zeros((2, 2)), "image": np.zeros((4, 4, 3)), "b": np.ones((2, 1))}, obs_dim=3)
+    np.testing.assert_array_equal(tokens, [[1, 0, 0], [1, 0, 0]])
     mapping = ObservationMapping(("a", "b"), ignored=("image",))
-    tokens = mapping.tokens({"b": np.ones((2, 1)), "a": np.zeros((2, 2)), "image": np.zeros((4, 4, 3))}, obs_dim=3)
-    np.testing.assert_array_equal(tokens, [[0, 0, 1], [0, 0, 1]])
     with pytest.raises(BadFrame, match=r"missing \['b'\]; unknown \['c'\]"):
         mapping.tokens({"a": np.zeros(2), "c": np.zeros(1)}, obs_dim=3)
     with pytest.raises(BadFrame, match="same number of tokens"):
