@@ -81,7 +81,7 @@ class DaemonProcess:
         self.kill()
         raise RuntimeError(f"daemon did not listen within {timeout} s:\n{self.log_tail()}")
 
-    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+    def stop(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> int:
         """Send ``sig`` (SIGTERM or SIGINT: both stop gracefully), wait up to ``timeout`` s, then SIGKILL; returns
         the exit code."""
         if self._process is None:

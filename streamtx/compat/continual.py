@@ -178,11 +178,12 @@ class _ContinualLayer(nn.Module):
         """Forget the stream (the next step starts a new warm-up)."""
         self._state, self._seen = None, 0
 
-    def _snapshot(self) -> tuple[_State | None, int]:
+    def snapshot(self) -> tuple[_State | None, int]:
         """A copy of the stream, for ``forward_steps(update_state=False)``."""
         return (None if self._state is None else _clone(self._state)), self._seen
 
-    def _restore(self, saved: tuple[_State | None, int]) -> None:
+    def restore(self, saved: tuple[_State | None, int]) -> None:
+        """Set the stream back to what :meth:`snapshot` returned."""
         self._state, self._seen = saved
 
     # ---------------------------------------------------------------- batch and streaming
@@ -216,10 +217,10 @@ class _ContinualLayer(nn.Module):
         ``None``. ``pad_end`` has no effect: these layers have no end padding (``padding == (0,)``), as in the
         reference."""
         _check_features(input, self.d_model, 3, "forward_steps")
-        saved = self._snapshot()
+        saved = self.snapshot()
         outs = [y for t in range(input.shape[2]) if (y := self.forward_step(input[:, :, t])) is not None]
         if not update_state:
-            self._restore(saved)
+            self.restore(saved)
         return torch.stack(outs, dim=2) if outs else None
 
     @abstractmethod
@@ -462,10 +463,10 @@ class TransformerEncoder(nn.Module):
     def forward_steps(self, input: Tensor, pad_end: bool = False, update_state: bool = True) -> Tensor | None:
         """Step every token of ``(N, E, T)``; the outputs past the warm-up stacked on dim 2, or ``None``."""
         _check_features(input, self._first.d_model, 3, "forward_steps")
-        saved = self._first._snapshot()  # the only state of the stack
+        saved = self._first.snapshot()  # the only state of the stack
         outs = [y for t in range(input.shape[2]) if (y := self.forward_step(input[:, :, t])) is not None]
         if not update_state:
-            self._first._restore(saved)
+            self._first.restore(saved)
         return torch.stack(outs, dim=2) if outs else None
 
     def _load_reference_keys(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
