@@ -1,13 +1,14 @@
 """The daemon's model time against the same policy in-process, for the shipped Reacher policy on the CPU.
 
-The daemon is started as the README says, ``streamtx serve --checkpoint ... --bind ...`` with no other flag (its
-default policy path, the static plan run eagerly, and its default thread count). One client session steps it with
-one observation per control step and reads the daemon's own timing of each step (``timing.model_s``: the policy
-calls of the step's batch, which here holds only this session). In-process, the same checkpoint loaded the way
-the daemon loads it steps a one-row state. The two take turns in blocks (daemon, in-process, daemon, ...), so
-both see the same machine; each reports the median of its per-step times.
+The daemon is started as the README says, ``streamtx serve --checkpoint ... --bind ...``, with its default thread
+count and ``--policy-path`` (default: the daemon's own default for the CPU, the module path). One client session
+steps it with one observation per control step and reads the daemon's own timing of each step (``timing.model_s``:
+the policy calls of the step's batch, which here holds only this session). In-process, the same checkpoint loaded
+the way the daemon loads it steps a one-row state. The two take turns in blocks (daemon, in-process, daemon, ...),
+so both see the same machine; each reports the median of its per-step times.
 
 Usage:  python benchmarks/bench_daemon_model.py [--blocks 10] [--steps 100] [--checkpoint PATH]
+                                                [--policy-path module|plan|compiled]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamtx.apps.serve import load_served_policy
+from streamtx.apps.serve import PATHS, load_served_policy
 from streamtx_client import Client, LocalSession
 from streamtx_server.process import DaemonProcess
 
@@ -33,14 +34,16 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=REACHER)
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--steps", type=int, default=100, help="control steps per block")
+    parser.add_argument("--policy-path", choices=PATHS, default=None, help="as `streamtx serve --policy-path`")
     args = parser.parse_args()
     # in-process: what `streamtx serve` loads by default, on one thread (the daemon's default on 2 cores)
-    local = LocalSession(load_served_policy(args.checkpoint, "cpu", 1, 1), seed=0)
+    local = LocalSession(load_served_policy(args.checkpoint, "cpu", 1, 1, args.policy_path), seed=0)
     obs = np.random.default_rng(0).standard_normal((args.blocks * args.steps, local.policy.obs_dim)).astype(np.float32)
     daemon_ms: list[float] = []
     local_ms: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = DaemonProcess.serve(args.checkpoint.resolve(), ["tcp://127.0.0.1:*"], Path(tmp) / "daemon.log")
+        flags = [] if args.policy_path is None else [f"--policy-path={args.policy_path}"]
+        daemon = DaemonProcess.serve(args.checkpoint.resolve(), ["tcp://127.0.0.1:*"], Path(tmp) / "daemon.log", *flags)
         endpoint = daemon.start()[0]
         try:
             with Client(endpoint, timeout=30.0) as client, client.open(seed=0) as session:

@@ -41,17 +41,20 @@ stats_main = server_cli.stats_main
 keygen_main = server_cli.keygen_main
 
 
-PATHS = ("plan", "compiled", "module")
-"""What ``--policy-path`` picks: the static plan (run eagerly on the CPU, as CUDA graphs on a GPU; the default),
-the plan compiled by inductor on the CPU (fastest; its first start compiles for minutes, later starts read the
-cache), or the module-by-module path (every model; the plan's fallback)."""
+PATHS = ("module", "plan", "compiled")
+"""What ``--policy-path`` picks: the module-by-module path (every model; the CPU default), the static plan (run
+eagerly on the CPU; the default with ``--device cuda``, as CUDA graphs), or the plan compiled by inductor on the CPU
+(fastest per step; its first start compiles for minutes, later starts read the cache). The CPU default stays the
+module path because the plan pads a batch to its bucket size (9 sessions run as 16): next to a pipelining client,
+eight victims' p99 went from 1.3x to 2.5x their p99 alone (``bench_server.py --sections victims``)."""
 
 
 def load_served_policy(
-    checkpoint: Path, device: str, threads: int | None, max_tokens_per_step: int, path: str = "plan"
+    checkpoint: Path, device: str, threads: int | None, max_tokens_per_step: int, path: str | None = None
 ) -> TorchBatchPolicy:
     """The policy ``streamtx serve`` runs for ``checkpoint`` on ``device`` with ``threads`` torch threads, behind
-    the daemon's numpy interface; ``path`` is one of :data:`PATHS`."""
+    the daemon's numpy interface; ``path`` is one of :data:`PATHS` (None: ``plan`` on CUDA, ``module`` on the CPU)."""
+    path = path or ("plan" if torch.device(device).type == "cuda" else "module")
     if path not in PATHS:
         raise ValueError(f"--policy-path: expected one of {', '.join(PATHS)}, got {path!r}")
     if threads is not None:
@@ -82,10 +85,10 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policy-path",
         choices=PATHS,
-        default="plan",
-        help="plan: the static plan, eager on the CPU and CUDA graphs on a GPU (default); compiled: the plan "
-        "compiled by inductor on the CPU (fastest; the first start compiles for minutes, later ones read the cache); "
-        "module: the module-by-module path",
+        default=None,
+        help="module: the module-by-module path (the CPU default); plan: the static plan, eager on the CPU and CUDA "
+        "graphs on a GPU (the CUDA default); compiled: the plan compiled by inductor on the CPU (fastest per step; "
+        "the first start compiles for minutes, later ones read the cache)",
     )
     p.add_argument(
         "--record",
