@@ -128,11 +128,13 @@ def serve_parser(prog: str = "streamtx serve") -> argparse.ArgumentParser:
 
 
 def run_server(policy: Any, endpoints: Sequence[str], config: ServerConfig, *, curve_keys: Path | None = None) -> int:
-    """Serve ``policy`` until SIGINT or SIGTERM, then finish the requests in flight and return 0."""
+    """Serve ``policy`` until SIGINT or SIGTERM, then finish the requests in flight and return 0. SIGUSR1 drains
+    the daemon (:meth:`Server.drain`: its sessions move to the other replicas of a fleet)."""
 
     curve = load_server_keys(curve_keys) if curve_keys is not None else None
     server = Server(policy, endpoints, config, curve=curve)
     previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda *_: server.drain())
     try:
         server.serve_forever()
     finally:
