@@ -105,7 +105,13 @@ def result_of(reply: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def call(
-    message: dict[str, Any], *, patience: Patience, what: str, endpoint: str, session: SessionLog | None = None
+    message: dict[str, Any],
+    *,
+    patience: Patience,
+    what: str,
+    endpoint: str,
+    session: SessionLog | None = None,
+    retry: frozenset[str] = RETRYABLE,
 ) -> Flow[dict[str, Any]]:
     """Send ``message`` (the user's call ``what``) and return its result, within ``patience``.
 
@@ -113,7 +119,8 @@ def call(
     and ``unknown_session`` for a session we hold open (the daemon restarted or expired it). A session's request is
     retried with the same sequence number, so a retry of a step the daemon already applied is answered from its
     reply, never applied twice; after ``unknown_session`` the session is first rebuilt in one request (re-open with
-    its token, seed, step count and sequence number, replaying its receptive field).
+    its token, seed, step count and sequence number, replaying its receptive field). ``retry``: the error codes
+    retried (a fleet client leaves out ``full``: the next replica is tried instead of waiting for a slot).
     """
     started, attempts = time.monotonic(), 0
     while True:
@@ -127,7 +134,7 @@ def call(
         except ServerError as err:
             if err.code == ErrorCode.UNKNOWN_SESSION.value and session is not None and not session.closed:
                 session.lost = True
-            elif err.code not in RETRYABLE:
+            elif err.code not in retry:
                 raise
             failure = err
         attempts += 1
@@ -240,15 +247,21 @@ def hello_flow(patience: Patience, endpoint: str) -> Flow[ServerInfo]:
 
 
 def open_flow(
-    info: ServerInfo, session_id: str, seed: int | None, takeover: bool, patience: Patience, endpoint: str
+    info: ServerInfo,
+    session_id: str,
+    seed: int | None,
+    takeover: bool,
+    patience: Patience,
+    endpoint: str,
+    retry: frozenset[str] = RETRYABLE,
 ) -> Flow[SessionLog]:
     """Open a session; the daemon picks the seed when ``seed`` is None. The token is made here, so a retried open
-    (its reply lost) is recognised as the same owner's."""
+    (its reply lost) is recognised as the same owner's. ``retry``: as for :func:`call`."""
     fields: dict[str, Any] = {"session": session_id, "token": secrets.token_hex(16), "takeover": takeover}
     checked = check_seed(seed)
     if checked is not None:
         fields["seed"] = checked
-    result = yield from call(request("open", **fields), patience=patience, what="open", endpoint=endpoint)
+    result = yield from call(request("open", **fields), patience=patience, what="open", endpoint=endpoint, retry=retry)
     return SessionLog(session_id, str(result["token"]), int(result["seed"]), info.replay_window)
 
 
