@@ -129,7 +129,7 @@ def test_a_session_moved_mid_stream_gives_the_actions_of_an_uninterrupted_stream
         assert fleet.view_fetches == 1
     # drained top -> second in hash order; moved -> the named third; crash -> the drained top refuses, the second
     assert visited == [order[0], order[1], order[2], order[1]]
-    assert replicas.servers[order[0]].drained.is_set()  # its one session left it
+    assert replicas.servers[order[0]].drained.wait(TIMEOUT)  # its one session left it (the close is not waited for)
     for t, (g, w) in enumerate(zip(got, want)):
         assert (g is None) == (w is None), t
         if w is not None:
