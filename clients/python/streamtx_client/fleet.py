@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,6 @@ from .core import (
 from .errors import RETRYABLE, ErrorCode, RequestTimeout, ServerError
 from .placement import Replica, View
 from .protocol import request
-from .transport import frame_request
 
 __all__ = ["FleetClient", "FleetSession", "FleetError", "ViewSource", "DEFAULT_FLEET_PATIENCE"]
 
@@ -73,14 +73,6 @@ class _Connection(Client):
         super().__init__(replica.endpoint, **kwargs)
         self.replica = replica
         self.last_error: dict[str, Any] = {}
-
-    def send_only(self, command: dict[str, Any]) -> None:
-        """Send a request whose reply nobody waits for (a later round trip drops it by id)."""
-        limit = self._info.max_message_bytes if self._info is not None else None
-        try:
-            self._socket.send(frame_request(command, next(self._ids), limit), zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # its queue is full: the replica is not reading; it expires the session anyway
 
     def _roundtrip(self, command: dict[str, Any], attempt_timeout: float) -> dict[str, Any]:
         reply = super()._roundtrip(command, attempt_timeout)
@@ -317,9 +309,14 @@ def _restore(connection: _Connection, session: FleetSession) -> Flow[None]:
 
 
 def _close_quietly(connection: _Connection, log: SessionLog) -> None:
-    """Close the session on its old replica without waiting: the step goes on at the new owner at once, the close's
-    reply is dropped by id (a replica that never reads it expires the session anyway)."""
-    connection.send_only(request("close", session=log.session_id, token=log.token))
+    """Close the session on its old replica: one attempt within the replica's deadline, its failure not raised (the
+    replica expires the session anyway)."""
+    once = replace(connection.patience, retries=0)
+    message = request("close", session=log.session_id, token=log.token)
+    try:
+        connection._run(call(message, patience=once, what="close", endpoint=connection.endpoint), once)
+    except (RequestTimeout, ServerError):
+        pass
 
 
 def _unavailable(what: str, failures: list[tuple[Replica, Exception]]) -> Exception:
