@@ -194,7 +194,8 @@ def run_server(
     openpi: OpenpiEndpoint | None = None,
     metrics: tuple[str, int] | None = None,
 ) -> int:
-    """Serve ``policy`` until SIGINT or SIGTERM, then finish the requests in flight and return 0.
+    """Serve ``policy`` until SIGINT or SIGTERM, then finish the requests in flight and return 0. SIGUSR1 drains
+    the daemon (:meth:`Server.drain`: its sessions move to the other replicas of a fleet).
 
     With ``openpi``, an :class:`~streamtx_server.openpi.OpenpiBridge` in a thread serves openpi's websocket protocol
     as a client of this daemon over a private ``inproc://`` endpoint; it stops first on a signal. With ``metrics``
@@ -232,6 +233,7 @@ def run_server(
 
     thread = threading.Thread(target=run_bridge, name="openpi", daemon=True) if bridge is not None else None
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda *_: server.drain())
     try:
         if http is not None:
             http.start()

@@ -174,6 +174,12 @@ class Server:
     def waiting_opens(self) -> int:
         """Opens of new sessions waiting for a free slot."""
         return len(self._waiting)
+        # Fleet: commands from other threads (drain, rebalance), run by the loop; sessions whose next step is
+        # redirected (session id -> the replica id it moved to, None: this replica is draining).
+        self._commands: deque[Callable[[], None]] = deque()
+        self._redirects: dict[str, str | None] = {}
+        self.draining: threading.Event = threading.Event()  # set once drain() took effect: new opens are refused
+        self.drained: threading.Event = threading.Event()  # set once draining and no session is left: stop() loses nobody
 
     # -- lifecycle
 
@@ -249,7 +255,7 @@ class Server:
         while True:
             events = dict(poller.poll(self._poll_timeout_ms()))
             self.heartbeat = time.monotonic()
-            if self._wake_r.fileno() in events:  # raw sockets are reported by file descriptor
+            if self._wake_r.fileno() in events and self._woken_to_stop():  # raw sockets: by file descriptor
                 return
             if router in events:
                 self._receive(router, limit=_DRAIN_LIMIT)
@@ -258,6 +264,8 @@ class Server:
             self._expire_idle(router)
             if self._waiting:
                 self._expire_waiting(router)
+            if self._redirects or self.draining.is_set():
+                self._forget_redirects()
 
     def _poll_timeout_ms(self) -> int:
         now = time.perf_counter()
@@ -351,6 +359,8 @@ class Server:
                 "sending more; nothing was applied, resend this step later",
             )
         self._expect_next(session, request.seq)
+        if self._redirected(router, envelope, session, request.id, received):
+            return
         obs = self._checked(request.obs, "obs")
         if not session.queue:
             self._ready.append(session)
@@ -409,6 +419,7 @@ class Server:
 
     def _open(self, router: zmq.Socket[Any], request: Open) -> dict[str, Any]:
         session_id = request.session if request.session is not None else uuid.uuid4().hex
+        self._refuse_if_draining(session_id)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
         replay = None if request.replay is None else self._checked(request.replay, "replay")
         session = self.sessions.find(session_id)
@@ -764,3 +775,98 @@ class Server:
                     sessions=len(self.sessions),
                 )
         self._admit_waiting(router)
+
+    # -- fleet: drain and rebalance (make-before-break; docs/fleet.md)
+
+    def drain(self) -> None:
+        """Stop admitting sessions (``open`` of an id not held here: ``draining``) and answer each held session's
+        next step ``draining`` (nothing applied), so its client re-opens on the next replica with a replay, then
+        closes it here; a session whose client finds no other replica keeps being served here. :attr:`drained` is
+        set once no session is left. Safe from any thread and from signal handlers; idempotent."""
+        self._command(self._start_draining)
+
+    def rebalance(self, owner: Callable[[str], str | None]) -> None:
+        """After a membership change (scale-up): ``owner(session_id)`` names the replica id that now owns each held
+        session, or None where it stays. Each named session's next step is answered ``moved`` with ``replica``
+        set to that id (nothing applied): its client re-opens there with a replay, then closes it here. ``owner``
+        runs on the daemon's thread, once per held session; safe to call from any thread."""
+        self._command(lambda: self._mark_moved(owner))
+
+    def _command(self, command: Callable[[], None]) -> None:
+        self._commands.append(command)
+        try:
+            self._wake_w.send(b"c")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up byte is pending (the loop runs the command with it), or the server is gone
+
+    def _woken_to_stop(self) -> bool:
+        """Run the commands queued by other threads; True if :meth:`stop` asked the loop to finish."""
+        data = self._wake_r.recv(4096)
+        while self._commands:
+            self._commands.popleft()()
+        return b"\0" in data
+
+    def _start_draining(self) -> None:
+        if self.draining.is_set():
+            return
+        self.draining.set()
+        for session in self.sessions:
+            self._redirects[session.id] = None
+        log_event(self.log, logging.INFO, "draining", sessions=len(self.sessions))
+
+    def _mark_moved(self, owner: Callable[[str], str | None]) -> None:
+        marks: dict[str, str] = {}
+        for session in self.sessions:
+            try:
+                target = owner(session.id)
+                if target is not None and (not isinstance(target, str) or not target):
+                    raise ValueError(f"owner({session.id!r}): expected a replica id or None, got {target!r}")
+            except Exception:  # noqa: BLE001 - the deployment's bug must not take the daemon down
+                log_event(self.log, logging.ERROR, "rebalance_failed", exc_info=True, session=session.id)
+                return  # all or nothing: no session moves on a half-computed view
+            if target is not None:
+                marks[session.id] = target
+        self._redirects.update(marks)
+        log_event(self.log, logging.INFO, "rebalanced", sessions=len(self.sessions), moved=len(marks))
+
+    def _refuse_if_draining(self, session_id: str) -> None:
+        if self.draining.is_set() and self.sessions.find(session_id) is None:
+            raise ProtocolError(
+                ErrorCode.DRAINING,
+                f"this replica is draining and admits no new session ({session_id!r}); open it on the next replica",
+            )
+
+    def _redirected(
+        self, router: zmq.Socket[Any], envelope: list[bytes], session: Session, rid: int, received: float
+    ) -> bool:
+        """Answer the session's step ``moved``/``draining`` once, if it was marked; True if it was. Its later steps
+        are served here again: a client with nowhere else to go keeps its session."""
+        if session.id not in self._redirects:
+            return False
+        target = self._redirects.pop(session.id)
+        if target is None:
+            reply = error_reply(
+                rid,
+                ErrorCode.DRAINING,
+                f"this replica is draining: re-open session {session.id!r} on the next replica (replay), then close "
+                "it here; nothing was applied",
+            )
+        else:
+            reply = error_reply(
+                rid,
+                ErrorCode.MOVED,
+                f"session {session.id!r} now belongs to replica {target!r}: re-open it there (replay), then close it "
+                "here; nothing was applied",
+            )
+            reply["error"]["replica"] = target
+        self.stats.errors[reply["error"]["code"]] += 1
+        self._reply(router, envelope, reply, received)
+        return True
+
+    def _forget_redirects(self) -> None:
+        """Drop marks of sessions that closed or expired; set :attr:`drained` once draining left no session."""
+        for session_id in [s for s in self._redirects if self.sessions.find(s) is None]:
+            del self._redirects[session_id]
+        if self.draining.is_set() and not len(self.sessions) and not self.drained.is_set():
+            self.drained.set()
+            log_event(self.log, logging.INFO, "drained")

@@ -86,3 +86,13 @@ def test_view_id_depends_on_content_only():
 def test_bad_input_is_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_the_failover_order_is_the_ranking_of_the_view_without_the_failed_replica():
+    # a client that skips a dead replica locally tries exactly what a client with the directory's next view tries
+    replicas = _replicas(6)
+    full = View.of(replicas)
+    for dead in replicas:
+        survivors = View.of([r for r in replicas if r != dead])
+        for s in SESSIONS[:500]:
+            assert survivors.ranking(s) == [r for r in full.ranking(s) if r != dead]

@@ -115,7 +115,13 @@ def result_of(reply: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def call(
-    message: dict[str, Any], *, patience: Patience, what: str, endpoint: str, session: SessionLog | None = None
+    message: dict[str, Any],
+    *,
+    patience: Patience,
+    what: str,
+    endpoint: str,
+    session: SessionLog | None = None,
+    retry: frozenset[str] = RETRYABLE,
 ) -> Flow[dict[str, Any]]:
     """Send ``message`` (the user's call ``what``) and return its result, within ``patience``.
 
@@ -128,6 +134,8 @@ def call(
     Every ``open`` (the user's, or a rebuild) carries ``wait``, :meth:`Patience.admission_wait`: when every slot is
     taken the daemon holds it in its admission queue that long. An attempt that times out while it waits is resent
     with the same session id and token, so it keeps its place in the queue.
+    ``retry``: the error codes retried (a fleet client leaves out ``full``: the next replica is tried instead of
+    waiting for a slot).
     """
     started, attempts = time.monotonic(), 0
     while True:
@@ -142,7 +150,7 @@ def call(
         except ServerError as err:
             if err.code == ErrorCode.UNKNOWN_SESSION.value and session is not None and not session.closed:
                 session.lost = True
-            elif err.code not in RETRYABLE:
+            elif err.code not in retry:
                 raise
             failure = err
         attempts += 1
@@ -255,15 +263,21 @@ def hello_flow(patience: Patience, endpoint: str) -> Flow[ServerInfo]:
 
 
 def open_flow(
-    info: ServerInfo, session_id: str, seed: int | None, takeover: bool, patience: Patience, endpoint: str
+    info: ServerInfo,
+    session_id: str,
+    seed: int | None,
+    takeover: bool,
+    patience: Patience,
+    endpoint: str,
+    retry: frozenset[str] = RETRYABLE,
 ) -> Flow[SessionLog]:
     """Open a session; the daemon picks the seed when ``seed`` is None. The token is made here, so a retried open
-    (its reply lost) is recognised as the same owner's."""
+    (its reply lost) is recognised as the same owner's. ``retry``: as for :func:`call`."""
     fields: dict[str, Any] = {"session": session_id, "token": secrets.token_hex(16), "takeover": takeover}
     checked = check_seed(seed)
     if checked is not None:
         fields["seed"] = checked
-    result = yield from call(request("open", **fields), patience=patience, what="open", endpoint=endpoint)
+    result = yield from call(request("open", **fields), patience=patience, what="open", endpoint=endpoint, retry=retry)
     return SessionLog(session_id, str(result["token"]), int(result["seed"]), info.replay_window)
 
 

@@ -1,0 +1,387 @@
+"""Fleet client: the session API of :class:`~streamtx_client.Client` over many replicas (docs/fleet.md).
+
+A session is placed by rendezvous hashing of its id over the live replicas (:mod:`streamtx_client.placement`) and
+opened on the first that admits it. It then talks to that replica only: the view is fetched on connect and again
+only on membership trouble (every candidate failed, or ``moved`` names a replica the view does not hold), never per
+step. When its replica fails, the session moves to the next candidate in hash order, locally, with one request:
+the protocol's open with replay, built from the :class:`~streamtx_client.core.SessionLog` the SDK keeps anyway.
+
+* missed deadline (the per-endpoint :class:`~streamtx_client.core.Patience` gave up): break-before-make: re-open on
+  the next candidate, resend the step there (nothing is applied twice: the step carries the same sequence number,
+  and the new replica's state is rebuilt from acknowledged observations only);
+* ``draining`` / ``moved`` (a step the replica did not apply): make-before-break: re-open on the next candidate (for
+  ``moved``, the replica it names), close the session on the old one, resend there; with nowhere to go the session
+  stays where it is (the replica serves it on);
+* ``full`` / ``draining`` on open: the next candidate (bounded-load placement: a replica's slots are finite).
+
+A session stays on one model version: it fails over only to replicas serving the checkpoint it opened on, else
+:class:`FleetError` says so plainly.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .client import Client
+from .core import (
+    LEAVING,
+    Flow,
+    Patience,
+    ServerInfo,
+    SessionLog,
+    SessionView,
+    call,
+    close_flow,
+    open_flow,
+    reset_flow,
+    resync_flow,
+    step_flow,
+)
+from .errors import RETRYABLE, ErrorCode, RequestTimeout, ServerError
+from .placement import Replica, View
+from .protocol import request
+
+__all__ = ["FleetClient", "FleetSession", "FleetError", "ViewSource", "DEFAULT_FLEET_PATIENCE"]
+
+ViewSource = Callable[[], View]
+"""Where the live replica list comes from (the fleet's directory); called on connect and on membership trouble."""
+
+DEFAULT_FLEET_PATIENCE = Patience(attempt_timeout=0.25, total=0.5)
+"""Per endpoint: how long a replica may stay silent before its sessions move on (a control deadline, not the
+single daemon's 30 s, which waits out a restart)."""
+
+_OPEN_RETRY = RETRYABLE - {ErrorCode.FULL.value}  # a full replica sends a newcomer to the next candidate at once
+_MOVE_ON = frozenset({ErrorCode.FULL.value, ErrorCode.DRAINING.value})  # an open refused for these: next candidate
+
+
+class FleetError(RuntimeError):
+    """The fleet cannot serve the session without changing what it serves: no live replica of its model version,
+    or a replica of that version whose policy dimensions differ."""
+
+
+class _Connection(Client):
+    """The connection to one replica; keeps the error map of the last reply (``moved`` carries its target)."""
+
+    def __init__(self, replica: Replica, **kwargs: Any) -> None:
+        super().__init__(replica.endpoint, **kwargs)
+        self.replica = replica
+        self.last_error: dict[str, Any] = {}
+
+    def _roundtrip(self, command: dict[str, Any], attempt_timeout: float) -> dict[str, Any]:
+        reply = super()._roundtrip(command, attempt_timeout)
+        error = reply.get("error")
+        self.last_error = error if isinstance(error, dict) else {}
+        return reply
+
+
+def _compatible(a: ServerInfo, b: ServerInfo) -> bool:
+    return (a.obs_dim, a.action_dim, a.horizon, a.replay_window) == (
+        b.obs_dim,
+        b.action_dim,
+        b.horizon,
+        b.replay_window,
+    )
+
+
+class FleetClient:
+    """Blocking client of a fleet of replicas: ``open`` places each session, its session fails over by itself.
+
+    Args:
+        view_source: the live :class:`~streamtx_client.placement.View`, or a callable returning it (the fleet's
+            directory; called on connect and on membership trouble only).
+        version: the model version (checkpoint content hash) new sessions must run; None: any version of the view
+            (a session then stays on the version it opened on).
+        patience: per endpoint, how long one replica may fail to answer before the session tries the next one.
+        server_key, client_keys, context: as for :class:`~streamtx_client.Client` (one key set for the fleet's
+            data plane).
+
+    Example::
+
+        with FleetClient(directory.view) as fleet, fleet.open("robot-7", seed=0) as session:
+            chunk = session.step(obs)   # (horizon, action_dim); the replica behind it may change
+    """
+
+    def __init__(
+        self,
+        view_source: View | ViewSource,
+        *,
+        version: str | None = None,
+        patience: Patience = DEFAULT_FLEET_PATIENCE,
+        server_key: str | bytes | os.PathLike[str] | None = None,
+        client_keys: str | os.PathLike[str] | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        if isinstance(view_source, View):
+            static = view_source
+            self._source: ViewSource = lambda: static
+        elif callable(view_source):
+            self._source = view_source
+        else:
+            raise TypeError(f"view_source: expected a View or a callable returning one, got {view_source!r}")
+        if version is not None and (not isinstance(version, str) or not version):
+            raise ValueError(f"version: expected a non-empty string or None, got {version!r}")
+        self.version = version
+        self.patience = patience
+        self._connect = {"server_key": server_key, "client_keys": client_keys, "context": context}
+        self._connections: dict[str, _Connection] = {}  # replica id -> connection
+        self.view_fetches = 0  # how often the view was fetched (connect and membership trouble only)
+        self.view = self.refresh_view()
+
+    def refresh_view(self) -> View:
+        """Fetch the view from the source (what the client does by itself on membership trouble)."""
+        view = self._source()
+        if not isinstance(view, View):
+            raise TypeError(f"view_source(): expected a View, got {type(view).__name__}")
+        self.view_fetches += 1
+        self.view = view
+        return view
+
+    def open(self, session_id: str | None = None, *, seed: int | None = None, takeover: bool = False) -> FleetSession:
+        """Open a session on the first replica of its hash order that admits it (as :meth:`Client.open`)."""
+        session_id = session_id or uuid.uuid4().hex
+        failures: list[tuple[Replica, Exception]] = []
+        for fetched in (False, True):
+            if fetched:
+                self.refresh_view()  # every candidate failed: membership trouble
+            candidates = self.view.ranking(session_id, self.version)
+            if not candidates:
+                raise FleetError(
+                    f"open {session_id!r}: no live replica serves model version {self.version!r} (the view serves "
+                    f"{sorted(self.view.versions)})"
+                )
+            for replica in candidates:
+                if any(replica == tried for tried, _ in failures):
+                    continue
+                connection = self._connection(replica)
+                try:
+                    info = connection._run(_info(connection))
+                    log = connection._run(
+                        open_flow(info, session_id, seed, takeover, self.patience, replica.endpoint, retry=_OPEN_RETRY)
+                    )
+                except RequestTimeout as err:
+                    failures.append((replica, err))
+                    continue
+                except ServerError as err:
+                    if err.code not in _MOVE_ON:
+                        raise
+                    failures.append((replica, err))
+                    continue
+                return FleetSession(self, log, info, connection)
+        raise _unavailable(f"open {session_id!r}", failures)
+
+    def close(self) -> None:
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"FleetClient(view={self.view.view_id[:12]}, replicas={len(self.view.replicas)}, version={self.version!r})"
+        )
+
+    # -- placement and failover
+
+    def _connection(self, replica: Replica) -> _Connection:
+        connection = self._connections.get(replica.id)
+        if connection is not None and connection.replica.endpoint != replica.endpoint:
+            connection.close()  # the replica came back elsewhere
+            connection = None
+        if connection is None:
+            connection = _Connection(replica, patience=self.patience, **self._connect)
+            self._connections[replica.id] = connection
+        return connection
+
+    def _run(self, session: FleetSession, flow: Callable[[_Connection], Flow[Any]]) -> Any:
+        """Run a session's operation on its replica, following it through failures (bounded: each switch goes to a
+        replica not tried yet in this call)."""
+        switches = 0
+        while True:
+            connection = session._connection
+            try:
+                return connection._run(flow(connection))
+            except RequestTimeout as err:
+                # break-before-make: the replica missed its deadline; its sessions' state is rebuilt elsewhere
+                self._relocate(session, preferred=None, reason=err, keep=False)
+            except ServerError as err:
+                if err.code == ErrorCode.MOVED.value:
+                    target = connection.last_error.get("replica")
+                    self._relocate(session, preferred=target if isinstance(target, str) else None, reason=err)
+                elif err.code in (ErrorCode.DRAINING.value, ErrorCode.FULL.value):
+                    # draining: make-before-break; full: the replica lost the session and has no slot to restore it
+                    self._relocate(session, preferred=None, reason=err, keep=err.code == ErrorCode.DRAINING.value)
+                else:
+                    raise
+            switches += 1
+            if switches > len(self.view.replicas) + 1:
+                raise RequestTimeout(f"session {session.id!r}: moved {switches} times in one call; giving up")
+
+    def _relocate(self, session: FleetSession, *, preferred: str | None, reason: Exception, keep: bool = True) -> None:
+        """Re-open ``session`` on the next candidate of its version (``preferred`` first), with the replay of its
+        last acknowledged observations. ``keep``: with nowhere to go it stays on its replica (a draining or moving
+        replica serves it on); else (the replica is silent) the caller's error is raised."""
+        old = session._connection
+        if preferred is not None and all(r.id != preferred for r in self.view.replicas):
+            self.refresh_view()  # a move to a replica this view does not hold: membership changed
+        failures: list[tuple[Replica, Exception]] = [(old.replica, reason)]
+        for fetched in (False, True):
+            if fetched:
+                self.refresh_view()  # every candidate failed: membership trouble
+            candidates = self.view.ranking(session.id, session.version)
+            if not candidates:
+                raise FleetError(
+                    f"session {session.id!r}: no live replica serves its model version {session.version!r} (the view "
+                    f"serves {sorted(self.view.versions)}); it cannot continue without changing its model: open a "
+                    "new session"
+                ) from reason
+            candidates.sort(key=lambda r: r.id != preferred)  # stable: the named replica first, then hash order
+            for replica in candidates:
+                if replica.id == old.replica.id or any(replica == tried for tried, _ in failures):
+                    continue
+                connection = self._connection(replica)
+                try:
+                    connection._run(_restore(connection, session))
+                except RequestTimeout as err:
+                    failures.append((replica, err))
+                    continue
+                except ServerError as err:
+                    if err.code not in _MOVE_ON:
+                        raise
+                    failures.append((replica, err))
+                    continue
+                except FleetError as err:  # a replica of the version with other dimensions: not for this session
+                    failures.append((replica, err))
+                    continue
+                if keep:  # make-before-break: the new owner holds the session, now let the old one go
+                    _close_quietly(old, session._log)
+                session._connection = connection
+                session._log.lost = False
+                return
+        if keep:
+            return
+        if len(failures) == 1 and self.view.versions - {session.version}:
+            raise FleetError(
+                f"session {session.id!r}: replica {old.replica.id!r} failed and no other live replica serves its "
+                f"model version {session.version!r} (the view serves {sorted(self.view.versions)}); it cannot "
+                "continue without changing its model: open a new session"
+            ) from reason
+        raise _unavailable(f"session {session.id!r}", failures) from reason
+
+
+def _info(connection: _Connection) -> Flow[ServerInfo]:
+    """The replica's dimensions and limits: its ``hello``, asked once per connection."""
+    if connection._info is None:
+        result = yield from call(
+            request("hello"), patience=connection.patience, what="hello", endpoint=connection.endpoint
+        )
+        connection._info = ServerInfo.from_hello(result)
+    return connection._info
+
+
+def _restore(connection: _Connection, session: FleetSession) -> Flow[None]:
+    """Hello (once per connection: the replica's dimensions must be the session's), then the open with replay."""
+    info = yield from _info(connection)
+    if not _compatible(info, session.info):
+        raise FleetError(
+            f"replica {connection.replica.id!r} serves a policy of other dimensions than session {session.id!r} "
+            f"opened on ({info} vs {session.info}), under the same version {connection.replica.version!r}",
+        )
+    what = f"session {session.id!r}: move to {connection.replica.id!r}"
+    yield from call(
+        session._log.restore_request(),
+        patience=connection.patience,
+        what=what,
+        endpoint=connection.endpoint,
+        retry=_OPEN_RETRY,
+    )
+
+
+def _close_quietly(connection: _Connection, log: SessionLog) -> None:
+    """Close the session on its old replica: one attempt within the replica's deadline, its failure not raised (the
+    replica expires the session anyway)."""
+    once = replace(connection.patience, retries=0)
+    message = request("close", session=log.session_id, token=log.token)
+    try:
+        connection._run(call(message, patience=once, what="close", endpoint=connection.endpoint), once)
+    except (RequestTimeout, ServerError):
+        pass
+
+
+def _unavailable(what: str, failures: list[tuple[Replica, Exception]]) -> Exception:
+    """No replica took the session: a timeout if any was silent, else the refusal (``full``, ``draining``)."""
+    summary = "; ".join(f"{replica.id}: {_why(err)}" for replica, err in failures)
+    message = f"{what}: no replica admitted it ({summary})"
+    refusals = [err for _, err in failures if isinstance(err, ServerError)]
+    if len(refusals) == len(failures) and refusals:
+        return ServerError(refusals[-1].code, message)
+    return RequestTimeout(message)
+
+
+def _why(err: Exception) -> str:
+    if isinstance(err, ServerError):
+        return err.code
+    return "other policy dimensions" if isinstance(err, FleetError) else "no reply"
+
+
+class FleetSession(SessionView):
+    """One robot stream on a fleet, opened by :meth:`FleetClient.open`: the methods of
+    :class:`~streamtx_client.Session`; :attr:`replica` tells where it runs now."""
+
+    def __init__(self, fleet: FleetClient, log: SessionLog, info: ServerInfo, connection: _Connection) -> None:
+        super().__init__(log, info)
+        self._fleet = fleet
+        self._connection = connection
+        self.version = connection.replica.version  # the model version the session stays on
+
+    @property
+    def replica(self) -> Replica:
+        return self._connection.replica
+
+    def step(self, obs: Any) -> np.ndarray | None:
+        """Feed observation token(s) ``(obs_dim,)`` or ``(S, obs_dim)`` and get the action chunk
+        ``(horizon, action_dim)``."""
+        return self._fleet._run(self, lambda c: step_flow(self._log, self.info, obs, True, c.patience, c.endpoint))
+
+    def observe(self, obs: Any) -> None:
+        """Feed observation token(s) without asking for actions."""
+        self._fleet._run(self, lambda c: step_flow(self._log, self.info, obs, False, c.patience, c.endpoint))
+
+    def reset(self, seed: int | None = None) -> int:
+        """Forget this stream's past (new episode); returns the new seed."""
+        return self._fleet._run(self, lambda c: reset_flow(self._log, seed, c.patience, c.endpoint))
+
+    def resync(self) -> dict[str, Any]:
+        """What the current replica holds of this session (no failover: a diagnostic)."""
+        c = self._connection
+        return c._run(resync_flow(self._log, c.patience, c.endpoint))
+
+    def close(self) -> None:
+        c = self._connection
+        c._run(close_flow(self._log, c.patience, c.endpoint))
+
+    def __enter__(self) -> FleetSession:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self._connection._run(close_flow(self._log, LEAVING, self._connection.endpoint), LEAVING)
+        except (RequestTimeout, ServerError):
+            pass
+
+    def __repr__(self) -> str:
+        return f"FleetSession(id={self.id!r}, seed={self.seed}, replica={self.replica.id!r})"
