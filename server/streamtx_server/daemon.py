@@ -169,17 +169,18 @@ class Server:
         self.phase = "starting"  # -> "serving" (listening) -> "draining" (stop asked) -> "stopped"
         self.heartbeat = time.monotonic()  # the serve loop's last wake-up
         self._auth_lock = threading.Lock()
-
-    @property
-    def waiting_opens(self) -> int:
-        """Opens of new sessions waiting for a free slot."""
-        return len(self._waiting)
         # Fleet: commands from other threads (drain, rebalance), run by the loop; sessions whose next step is
         # redirected (session id -> the replica id it moved to, None: this replica is draining).
         self._commands: deque[Callable[[], None]] = deque()
         self._redirects: dict[str, str | None] = {}
         self.draining: threading.Event = threading.Event()  # set once drain() took effect: new opens are refused
-        self.drained: threading.Event = threading.Event()  # set once draining and no session is left: stop() loses nobody
+        # set once draining and no session is left: stop() loses nobody
+        self.drained: threading.Event = threading.Event()
+
+    @property
+    def waiting_opens(self) -> int:
+        """Opens of new sessions waiting for a free slot."""
+        return len(self._waiting)
 
     # -- lifecycle
 

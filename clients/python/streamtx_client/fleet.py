@@ -57,7 +57,7 @@ DEFAULT_FLEET_PATIENCE = Patience(attempt_timeout=0.25, total=0.5)
 """Per endpoint: how long a replica may stay silent before its sessions move on (a control deadline, not the
 single daemon's 30 s, which waits out a restart)."""
 
-_OPEN_RETRY = RETRYABLE - {ErrorCode.FULL.value}  # a full replica sends a newcomer to the next candidate at once
+_OPEN_RETRY = RETRYABLE - {ErrorCode.FULL.value, ErrorCode.DRAINING.value}  # go to the next candidate at once
 _MOVE_ON = frozenset({ErrorCode.FULL.value, ErrorCode.DRAINING.value})  # an open refused for these: next candidate
 
 
