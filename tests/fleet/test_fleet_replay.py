@@ -97,7 +97,8 @@ def _script(steps: int, seed: int) -> list[tuple[np.ndarray, bool]]:
     ]
 
 
-# slow: at load 8 it stalled after the moved hand-over in 2 of 4 runs (cause not found yet; see the report).
+# slow until it has a record: at load 8 it stalled after the moved hand-over in 2 of 4 runs while the SDK's send
+# could block forever on a DEALER without a connection; since the send is inside the attempt deadline it passed 4 of 4.
 @pytest.mark.slow
 def test_a_session_moved_mid_stream_gives_the_actions_of_an_uninterrupted_stream(policy: Any, replicas: Replicas):
     """Drain (make-before-break), a rebalance naming the new owner (``moved``), and a crash (silence,
@@ -126,7 +127,8 @@ def test_a_session_moved_mid_stream_gives_the_actions_of_an_uninterrupted_stream
             if not visited or visited[-1] != here:
                 visited.append(here)
             got.append(session.step(obs) if act else session.observe(obs))
-        visited.append(session.replica.id)
+        if visited[-1] != session.replica.id:  # a failover at the last step
+            visited.append(session.replica.id)
         session.close()
         assert fleet.view_fetches == 1
     # drained top -> second in hash order; moved -> the named third; crash -> the drained top refuses, the second
