@@ -341,7 +341,7 @@ def test_load_static_policy_and_metadata(tmp_path):
     meta = msgpack.unpackb(msgpack.packb(static.metadata()))
     assert meta["runner"] == {
         "type": "static",
-        "cuda_graph": True,
+        "cuda_graph": False,  # asked for (the default), but a CPU policy runs eagerly
         "compiled": False,
         "compile_reason": "compile=False",
         "fused_kernels": False,

@@ -21,7 +21,14 @@ def test_ctrl_c_stops_the_daemon_and_exits_130(tmp_path: Path) -> None:
     log = tmp_path / "daemon.log"
     command = [sys.executable, "-m", "streamtx", "demo", "--quiet", f"--log={log}", f"--png={tmp_path / 'demo.png'}"]
     demo = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # as from a terminal: a test run started in the background of a non-interactive shell inherits SIGINT
+        # ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert demo.stdout is not None
