@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from manual_clock import ManualClock
+from waiting import ManualClock
 
 from streamtx.apps.served_policy import TorchBatchPolicy
 from streamtx.checkpoint import load_policy, make_random_checkpoint

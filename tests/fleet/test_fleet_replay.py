@@ -3,7 +3,6 @@ drain and rebalance (the replica side of ``draining`` and ``moved``)."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import zmq
 from conftest import MAX_TOKENS
+from waiting import EventLog
 
 from streamtx.apps.served_policy import TorchBatchPolicy
 from streamtx_client import Client, FleetClient, LocalSession, Patience, ServerError
@@ -26,28 +26,6 @@ TIMEOUT = 30.0  # seconds: generous for a loaded 2-core machine, still bounded
 PATIENCE = Patience(attempt_timeout=10.0, total=10.0, retries=0)
 
 
-class Events(logging.Handler):
-    """A daemon logger's events by name; :meth:`wait` blocks until one was logged ``count`` times."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[str] = []
-        self._changed = threading.Condition()
-        self.logger = logging.getLogger(f"streamtx-fleet-test-{uuid.uuid4().hex}")
-        self.logger.setLevel(logging.INFO)
-        self.logger.propagate = False
-        self.logger.addHandler(self)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._changed:
-            self.events.append(record.getMessage())
-            self._changed.notify_all()
-
-    def wait(self, event: str, count: int = 1) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self.events.count(event) >= count, TIMEOUT)
-
-
 class Replicas:
     """``n`` daemons serving the policy in threads, on inproc endpoints of one context."""
 
@@ -56,7 +34,7 @@ class Replicas:
         tag = uuid.uuid4().hex[:8]
         self.replicas = [Replica(f"r-{i}", f"inproc://replay-{tag}-{i}", "random-0") for i in range(n)]
         self.view = View.of(self.replicas)
-        self.events = {r.id: Events() for r in self.replicas}
+        self.events = {r.id: EventLog() for r in self.replicas}
         config = ServerConfig(max_tokens_per_step=MAX_TOKENS, max_sessions=4, idle_timeout=None)
         self.servers = {
             r.id: Server(TorchBatchPolicy(policy), [r.endpoint], config, logger=self.events[r.id].logger)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,28 +63,6 @@ def start_server(
     thread.start()
     assert server.listening.wait(TIMEOUT), "the server did not start"
     return server, thread
-
-
-class EventLog(logging.Handler):
-    """A daemon logger's events by name; :meth:`wait` blocks until enough of one were logged."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[str] = []
-        self._changed = threading.Condition()
-        self.logger = logging.getLogger(f"streamtx-test-{uuid.uuid4().hex}")
-        self.logger.setLevel(logging.INFO)
-        self.logger.propagate = False
-        self.logger.addHandler(self)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._changed:
-            self.events.append(record.getMessage())
-            self._changed.notify_all()
-
-    def wait(self, event: str, count: int = 1, timeout: float = TIMEOUT) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self.events.count(event) >= count, timeout)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from manual_clock import ManualClock
 from serving_helpers import (
     MAX_TOKENS,
     TIMEOUT,
-    EventLog,
     RawPeer,
     RecordingPatience,
     assert_same_actions,
@@ -31,6 +29,7 @@ from serving_helpers import (
     start_server,
     stop_server,
 )
+from waiting import EventLog, ManualClock
 
 from streamtx_client import AsyncClient
 from streamtx_server import Server
