@@ -9,6 +9,8 @@ pytest.importorskip("gymnasium")
 pytest.importorskip("streamtx_server")
 pytest.importorskip("streamtx_client")
 
+from tiny_train_args import tiny_model_args  # noqa: E402
+
 from streamtx.apps.collect import main as collect_main  # noqa: E402
 from streamtx.apps.served_eval import SessionController, evaluate_served  # noqa: E402
 from streamtx.apps.served_policy import TorchBatchPolicy  # noqa: E402
@@ -31,18 +33,7 @@ def test_collect_train_serve_control(tmp_path, capsys):
                 "3",
                 "--batch-size",
                 "16",
-                "--dim",
-                "16",
-                "--layers",
-                "1",
-                "--cond-layers",
-                "1",
-                "--heads",
-                "1",
-                "--action-horizon",
-                "4",
-                "--sampling-steps",
-                "2",
+                *tiny_model_args(dim=16),
                 "--eval-every",
                 "2",
                 "--quiet",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tiny_train_args import tiny_model_args
 
 from streamtx.checkpoint import load_checkpoint
 from streamtx.data import Episodes, write_lerobot
@@ -36,18 +37,7 @@ def tiny_args(data: Path, out: Path, steps: int = 20) -> list[str]:
         str(steps),
         "--batch-size",
         "8",
-        "--dim",
-        "8",
-        "--layers",
-        "1",
-        "--cond-layers",
-        "1",
-        "--heads",
-        "1",
-        "--action-horizon",
-        "4",
-        "--sampling-steps",
-        "2",
+        *tiny_model_args(dim=8),
         "--warmup-steps",
         "5",
         "--eval-every",
