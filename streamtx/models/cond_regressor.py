@@ -645,8 +645,9 @@ class PlanCaches(StreamState):
 
     ``encoder``: keys/values ``(Le, H, hd)`` per token of every encoder layer (encoded at their position), holding
     the ``cond_window - 1`` newest tokens a new token can attend to (``None`` without an encoder).
-    ``memory``: raw (unencoded) keys/values ``(L, H, hd)`` per token of every decoder layer's cross-attention,
-    holding the ``cond_horizon`` newest tokens; they are moved into the queries' frame once per control step.
+    ``memory``: keys (encoded at their position, as the module path caches them) and values ``(L, H, hd)`` per
+    token of every decoder layer's cross-attention, holding the ``cond_horizon`` newest tokens; the keys are moved
+    into the queries' frame once per control step.
     """
 
     encoder: RingCache | None
@@ -676,9 +677,10 @@ class RegressorPlan:
     ``torch.compile``; built by :meth:`eCondTransformerRegressor.lower`.
 
     Per control step: :meth:`observe` embeds the new observation tokens, runs the encoder over its ring (or the
-    per-token MLP) and appends every decoder layer's raw memory keys/values with one matmul; :meth:`act` moves the
-    memory keys into the frame of the queries (all action tokens sit at ``now``, so RoPE reduces to a rotation by
-    ``key_pos - now``, an absolute table to a query offset, a relative bias to a row of the mask), builds the band
+    per-token MLP) and appends every decoder layer's memory keys/values (one matmul; keys encoded at their position,
+    as the module path caches them); :meth:`act` moves the memory keys into the frame of the queries (all action
+    tokens sit at ``now``, so RoPE reduces to a rotation by ``-now``, an absolute table to a query offset, a relative
+    bias to a row of the mask), builds the band
     mask once, then runs the sampler, each denoiser evaluation copying its precomputed step token into the memory.
     On CUDA, attention and every residual add + norm pair run as the Triton kernels of :mod:`streamtx.nn.kernels`,
     checked against the torch path on the plan's shapes when it is built.
@@ -810,7 +812,11 @@ class RegressorPlan:
             assert self.cond_mlp is not None  # a plan without an encoder has the per-token MLP
             z = self.cond_mlp(z)
         kv = self.memory_kv(z).view(b, s, self.num_layers, 2, self.num_heads, self.head_dim)
-        caches.memory.append({"k": kv[:, :, :, 0], "v": kv[:, :, :, 1]}, rows)
+        if self._shared_frame:
+            keys = self._frames[0].encode(kv[:, :, :, 0], pos)
+        else:
+            keys = torch.stack([frame.encode(kv[:, :, i, 0], pos) for i, frame in enumerate(self._frames)], dim=2)
+        caches.memory.append({"k": keys, "v": kv[:, :, :, 1]}, rows)
 
     def act(self, noise: Tensor, caches: PlanCaches, rows: Tensor, workspace: ActWorkspace) -> Tensor:
         """The action chunk ``(b, Tx, action_dim)`` of rows ``rows (b,)`` from their initial ``noise`` (both in
@@ -819,10 +825,10 @@ class RegressorPlan:
         data, key_pos = caches.memory.read(rows)  # k, v: (b, M, L, H, hd)
         m = key_pos.shape[1]
         if self._shared_frame:
-            keys = self._frames[0].frame_keys(data["k"], key_pos, now)
+            keys = self._frames[0].frame_keys(data["k"], now)
         else:
             keys = torch.stack(
-                [frame.frame_keys(data["k"][:, :, i], key_pos, now) for i, frame in enumerate(self._frames)], dim=2
+                [frame.frame_keys(data["k"][:, :, i], now) for i, frame in enumerate(self._frames)], dim=2
             )
         kv = workspace.kv
         kv[:, 0, :, :, :m] = keys.permute(2, 0, 3, 1, 4)
