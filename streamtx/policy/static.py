@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -165,6 +165,33 @@ class StaticPolicyState:
     @property
     def scratch_row(self) -> int:
         return self.num_slots
+
+    def session_state_dict(self, row: int) -> dict[str, Tensor]:
+        """Slot ``row``'s session, copied, in the layout of :meth:`PolicyState.session_state_dict
+        <streamtx.policy.streaming.PolicyState.session_state_dict>` (the plan's caches on its device, ``"seed"`` and
+        ``"steps"`` as ``()`` int64 CPU tensors): it loads into either path, on any device."""
+        row = self._check_slot(row)
+        out = self.caches.session_state_dict(row)
+        out["seed"] = torch.tensor(int(self.seed[row]))
+        out["steps"] = torch.tensor(int(self.steps[row]))
+        return out
+
+    def load_session_state_dict(self, row: int, snapshot: Mapping[str, Tensor]) -> None:
+        """Replace slot ``row`` by a session snapshot of either path (any device); other slots are untouched. Its
+        next action chunk is the one the snapshotted session would have computed (same noise)."""
+        row = self._check_slot(row)
+        missing = sorted({"seed", "steps"} - set(snapshot))
+        if missing:
+            raise ValueError(f"session state: missing keys {missing}")
+        self.caches.load_session_state_dict(row, {k: v for k, v in snapshot.items() if k not in ("seed", "steps")})
+        self.seed[row], self.steps[row] = int(snapshot["seed"]), int(snapshot["steps"])
+        self.observed[row] = int(snapshot["observed"])
+        self.next_noise[row] = step_noise(int(self.seed[row]), int(self.steps[row]), self.next_noise.shape[1:]).numpy()
+
+    def _check_slot(self, row: int) -> int:
+        if not isinstance(row, (int, np.integer)) or not 0 <= row < self.num_slots:
+            raise ValueError(f"row: expected a session slot in 0..{self.num_slots - 1}, got {row!r}")
+        return int(row)
 
     @property
     def buckets(self) -> list[int]:
