@@ -307,7 +307,7 @@ def test_eager_fallback_says_why(caplog):
     state = policy.init_state(2)
     assert not state.bucketed and not state.captured and state.programs() == {}  # exact rows, nothing to capture
     assert policy.bucketed_reason == "exact rows per call: eager (device is cpu: CUDA graphs need a CUDA device)"
-    assert "runs eagerly, on exactly the rows of each call: exact rows per call: eager (device is cpu" in caplog.text
+    assert "static policy: exact rows per call: eager (device is cpu" in caplog.text
     bucketed = StaticStreamingPolicy(policy.policy, bucketed=True).init_state(2)
     assert not bucketed.captured and len(bucketed.programs()) == 2 * 2 + 2  # buckets 1, 2 x (S = 1, 2) + act each
     reason = "device is cpu: CUDA graphs need a CUDA device"

@@ -317,7 +317,7 @@ class StaticStreamingPolicy:
         )
         self._draw_noise(state, range(batch_size))
         if not self.bucketed:
-            log.info("static policy runs eagerly, on exactly the rows of each call: %s", self.bucketed_reason)
+            log.info("static policy: %s", self.bucketed_reason)
             everything = self.plan.act_workspace(state.caches, batch_size)
             state.workspaces = {
                 b: ActWorkspace(everything.kv[:, :, :b], everything.mask[:, :b], everything.action_bias[:b])
