@@ -5,7 +5,10 @@ iterations, then the action chunk. Each sample is one step, timed on the host cl
 run (interleaved), so every ratio sees the same machine noise.
 
   module     StreamingPolicy.step (ring caches, module by module)
-  eager      StaticStreamingPolicy.step on the CPU, the static plan run eagerly (compile=False)
+  eager      StaticStreamingPolicy.step on the CPU, the static plan run eagerly (compile=False): exactly the
+             ``b`` rows asked for
+  padded     the same eager plan run as bucketed programs (``bucketed=True``, as CUDA graphs and compiled programs
+             run) in a state of the next power of two of slots: ``b`` rows computed as that bucket (try ``b = 9``)
   compiled   the same plan compiled by inductor (C++ code generation, cpp_wrapper); first build compiles
              (about a minute per program), later starts read inductor's on-disk cache
   recompute  eCondTransformerRegressor.forward on the receptive field of observations, K times (the sampler)
@@ -33,7 +36,7 @@ from streamtx.policy import StreamingPolicy
 from streamtx.policy.static import StaticStreamingPolicy
 
 REACHER = Path(__file__).resolve().parents[1] / "streamtx" / "tasks" / "reacher" / "policy.pt"
-MODES = ("module", "eager", "compiled", "recompute")
+MODES = ("module", "eager", "padded", "compiled", "recompute")
 
 
 def reference(config: str) -> StreamingPolicy:
@@ -56,6 +59,13 @@ def stepper(mode: str, policy: StreamingPolicy, batch: int, obs: torch.Tensor) -
             return policy.sampler.sample(lambda x, k: model(x, k, history), noise)
 
         return step, time.perf_counter() - t0
+    if mode == "padded":
+        padded = StaticStreamingPolicy(policy, cuda_graph=False, bucketed=True)
+        slots, rows = 1 << (batch - 1).bit_length(), list(range(batch))
+        padded_state = padded.init_state(slots)
+        padded.reset(padded_state, rows, seed=rows)
+        padded.step(padded_state, obs, rows)
+        return (lambda: padded.step(padded_state, obs, rows)), time.perf_counter() - t0
     runner: StreamingPolicy | StaticStreamingPolicy = policy
     if mode != "module":
         runner = StaticStreamingPolicy(policy, cuda_graph=False, buckets=[batch], compile=mode == "compiled")

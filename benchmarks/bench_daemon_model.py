@@ -1,7 +1,7 @@
 """The daemon's model time against the same policy in-process, for the shipped Reacher policy on the CPU.
 
 The daemon is started as the README says, ``streamtx serve --checkpoint ... --bind ...``, with its default thread
-count and ``--policy-path`` (default: the daemon's own default for the CPU, the module path). One client session
+count and ``--policy-path`` (default: the daemon's own default, the static plan, eager on the CPU). One client session
 steps it with one observation per control step and reads the daemon's own timing of each step (``timing.model_s``:
 the policy calls of the step's batch, which here holds only this session). In-process, the same checkpoint loaded
 the way the daemon loads it steps a one-row state. The two take turns in blocks (daemon, in-process, daemon, ...),
@@ -62,7 +62,8 @@ def main() -> None:
     d, m = statistics.median(daemon_ms), statistics.median(local_ms)
     load = os.getloadavg()[0]
     print(
-        f"{args.checkpoint.name}: {len(daemon_ms)} control steps each, batch 1, "
+        f"{args.checkpoint.name} as {type(local.policy.policy).__name__} (--policy-path "
+        f"{args.policy_path or 'default'}): {len(daemon_ms)} control steps each, batch 1, "
         f"load {load:.1f} on {os.cpu_count()} cores"
     )
     print(f"{'':<28} {'p50 ms':>8} {'p99 ms':>8}")

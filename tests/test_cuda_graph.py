@@ -156,7 +156,7 @@ def test_reduced_precision_within_stated_tolerance(dtype, tolerance):
 
 
 _HYPO_POLICY = make_policy("encoder", FlowMatchingSampler(2), max_tokens_per_step=3, seed=1)
-_HYPO_STATIC = StaticStreamingPolicy(_HYPO_POLICY, buckets=[2, 4])
+_HYPO_STATIC = StaticStreamingPolicy(_HYPO_POLICY, buckets=[2, 4], bucketed=True)  # padded programs, eagerly
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -216,7 +216,7 @@ HOST_READS = ("_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "
 def test_programs_are_static():
     """What a graph replays: the same op sequence on the same shapes for any rows and inputs of a bucket, and no op
     that reads a device value on the host."""
-    policy = StaticStreamingPolicy(make_policy(max_tokens_per_step=1))
+    policy = StaticStreamingPolicy(make_policy(max_tokens_per_step=1), bucketed=True)
     state = policy.init_state(SLOTS)
     policy.reset(state, seed=[1, 2, 3, 4, 5])
     gen = torch.Generator().manual_seed(0)
@@ -240,7 +240,7 @@ def test_programs_are_static():
 def test_padding_and_other_sessions_untouched():
     """A call of 3 rows runs the bucket of 4; the spare row is the scratch slot: the two idle slots keep their
     caches bit for bit, and a session's actions do not depend on who shares its call."""
-    policy = StaticStreamingPolicy(make_policy())
+    policy = StaticStreamingPolicy(make_policy(), bucketed=True)
     state = policy.init_state(SLOTS)
     policy.reset(state, seed=[7, 7, 7, 7, 7])
     obs = torch.randn(SLOTS, policy.obs_dim, dtype=torch.float64)
@@ -261,7 +261,7 @@ def test_padding_and_other_sessions_untouched():
 
 
 def test_bad_input_raises_clear_errors():
-    policy = StaticStreamingPolicy(make_policy(), buckets=[1, 2, 4])
+    policy = StaticStreamingPolicy(make_policy(), buckets=[1, 2, 4], bucketed=True)
     state = policy.init_state(SLOTS)
     obs = torch.zeros(2, policy.obs_dim, dtype=torch.float64)
     cases = [
@@ -305,10 +305,15 @@ def test_eager_fallback_says_why(caplog):
     caplog.set_level(logging.INFO, logger="streamtx.policy.static")
     policy = StaticStreamingPolicy(make_policy())
     state = policy.init_state(2)
-    assert not state.captured and len(state.programs()) == 2 * 2 + 2  # buckets 1, 2 x (S = 1, 2) + act per bucket
-    assert all(p.fallback_reason == "device is cpu: CUDA graphs need a CUDA device" for p in state.programs().values())
-    assert "runs eagerly: device is cpu" in caplog.text
-    off = StaticStreamingPolicy(policy.policy, cuda_graph=False).init_state(1)
+    assert not state.bucketed and not state.captured and state.programs() == {}  # exact rows, nothing to capture
+    assert policy.bucketed_reason == "exact rows per call: eager (device is cpu: CUDA graphs need a CUDA device)"
+    assert "static policy: exact rows per call: eager (device is cpu" in caplog.text
+    bucketed = StaticStreamingPolicy(policy.policy, bucketed=True).init_state(2)
+    assert not bucketed.captured and len(bucketed.programs()) == 2 * 2 + 2  # buckets 1, 2 x (S = 1, 2) + act each
+    reason = "device is cpu: CUDA graphs need a CUDA device"
+    assert all(p.fallback_reason == reason for p in bucketed.programs().values())
+    assert "static policy runs eagerly: device is cpu" in caplog.text
+    off = StaticStreamingPolicy(policy.policy, cuda_graph=False, bucketed=True).init_state(1)
     assert all(p.fallback_reason == "capture disabled" for p in off.programs().values())
     assert capture_unavailable("cpu") is not None
     with pytest.raises(ValueError, match="warmup: expected >= 1"):
@@ -347,6 +352,8 @@ def test_load_static_policy_and_metadata(tmp_path):
         "fused_kernels": False,
         "io_dtype": "float32",
         "buckets": [1, 2],
+        "bucketed": False,  # eager: every call computes exactly its rows
+        "bucketed_reason": "exact rows per call: eager (device is cpu: CUDA graphs need a CUDA device)",
     }
     assert meta["dtype"] == "float32" and meta["obs_dim"] == reference.obs_dim
 

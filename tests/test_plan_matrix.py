@@ -254,9 +254,11 @@ def test_lowered_positional_tables_equal_their_modules(backend):
     now = torch.randint(0, 3000, (b,), generator=gen)
     offset = table.query_offset(now)
     framed = scores(
-        q if offset is None else q + offset, table.frame_keys(k, k_pos, now), table.score_bias(now[:, None], k_pos)
+        q if offset is None else q + offset,
+        table.frame_keys(table.encode(k, k_pos), now),
+        table.score_bias(now[:, None], k_pos),
     )
     assert rel_err(framed, module_scores(now[:, None].expand(b, lq))) <= 1e-10
-    at_now = table.frame_keys(k, now[:, None].expand(b, lk), now)
+    at_now = table.frame_keys(table.encode(k, now[:, None].expand(b, lk)), now)
     assert rel_err(at_now, k if offset is None else k + offset) <= 1e-12
     assert table.has_score_bias == (backend == "relative")

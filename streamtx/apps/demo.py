@@ -82,6 +82,8 @@ def _run(args: argparse.Namespace) -> int:
     policy, meta = served.result, served.hello["policy"]["metadata"]
     client_ms = 1e3 * served.latencies
     model_ms = served.model_time_ms()
+    runner = meta.get("runner")  # the static plan describes itself; the module path has no runner
+    path = "module path" if runner is None else f"static plan, {'compiled' if runner['compiled'] else 'eager'}"
 
     print(
         f"\nReacher-v5, {args.episodes} held-out targets (seeds {seeds[0]}..{seeds[-1]}"
@@ -98,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {name:<26} {r.success_rate:>8.1%} {r.mean_final_distance:>16.4f}")
     print(
         f"  latency per chunk request: client round trip p50 {np.percentile(client_ms, 50):.2f} ms, "
-        f"p99 {np.percentile(client_ms, 99):.2f} ms; daemon model time p50 {model_ms['p50']:.2f} ms, "
+        f"p99 {np.percentile(client_ms, 99):.2f} ms; daemon model time ({path}) p50 {model_ms['p50']:.2f} ms, "
         f"p99 {model_ms['p99']:.2f} ms ({len(client_ms)} chunk requests"
         f"{'' if args.execute == 1 else '; the model time includes the observe-only steps'})"
     )

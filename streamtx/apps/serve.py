@@ -2,8 +2,9 @@
 checkpoints.
 
 The daemon (``streamtx_server``) serves any policy with its interface; this module is the one place that says which
-streamtx policy a checkpoint and a device become: the static CUDA-graph plan on a CUDA device, the module-path
-:class:`~streamtx.policy.StreamingPolicy` elsewhere. ``serve --record DIR`` wraps that policy in a
+streamtx policy a checkpoint and a device become: the static plan (CUDA graphs on a CUDA device, eager on the CPU),
+or the module-path :class:`~streamtx.policy.StreamingPolicy` for a model the plan cannot run (the reason is logged)
+or when asked for. ``serve --record DIR`` wraps that policy in a
 :class:`~streamtx.apps.recording.RecordingPolicy`; ``replay`` replays such a recording against a checkpoint.
 """
 
@@ -42,19 +43,19 @@ keygen_main = server_cli.keygen_main
 
 
 PATHS = ("module", "plan", "compiled")
-"""What ``--policy-path`` picks: the module-by-module path (every model; the CPU default), the static plan (run
-eagerly on the CPU; the default with ``--device cuda``, as CUDA graphs), or the plan compiled by inductor on the CPU
-(fastest per step; its first start compiles for minutes, later starts read the cache). The CPU default stays the
-module path because the plan pads a batch to its bucket size (9 sessions run as 16): next to a pipelining client,
-eight victims' p99 went from 1.3x to 2.5x their p99 alone (``bench_server.py --sections victims``)."""
+"""What ``--policy-path`` picks: the module-by-module path (every model), the static plan (the default on every
+device: eager on the CPU, where each batch computes exactly its sessions' rows, and CUDA graphs on a GPU; a model it
+cannot run falls back to the module path with the reason logged), or the plan compiled by inductor on the CPU
+(fastest per step; its first start compiles for minutes, later starts read the cache; it pads a batch to its bucket
+size, as compiled programs have static shapes)."""
 
 
 def load_served_policy(
     checkpoint: Path, device: str, threads: int | None, max_tokens_per_step: int, path: str | None = None
 ) -> TorchBatchPolicy:
     """The policy ``streamtx serve`` runs for ``checkpoint`` on ``device`` with ``threads`` torch threads, behind
-    the daemon's numpy interface; ``path`` is one of :data:`PATHS` (None: ``plan`` on CUDA, ``module`` on the CPU)."""
-    path = path or ("plan" if torch.device(device).type == "cuda" else "module")
+    the daemon's numpy interface; ``path`` is one of :data:`PATHS` (None: ``plan``)."""
+    path = path or "plan"
     if path not in PATHS:
         raise ValueError(f"--policy-path: expected one of {', '.join(PATHS)}, got {path!r}")
     if threads is not None:
@@ -86,9 +87,10 @@ def serve_parser() -> argparse.ArgumentParser:
         "--policy-path",
         choices=PATHS,
         default=None,
-        help="module: the module-by-module path (the CPU default); plan: the static plan, eager on the CPU and CUDA "
-        "graphs on a GPU (the CUDA default); compiled: the plan compiled by inductor on the CPU (fastest per step; "
-        "the first start compiles for minutes, later ones read the cache)",
+        help="plan (the default): the static plan, eager on the CPU and CUDA graphs on a GPU (a model it cannot run "
+        "is served by the module path, and the log says why); module: the module-by-module path; compiled: the plan "
+        "compiled by inductor on the CPU (fastest per step; the first start compiles for minutes, later ones read "
+        "the cache)",
     )
     p.add_argument(
         "--record",

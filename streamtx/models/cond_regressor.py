@@ -122,6 +122,32 @@ class RegressorConfig:
         return cls(**values)
 
 
+def _check_row(row: int, batch_size: int) -> list[int]:
+    if not isinstance(row, int) or not 0 <= row < batch_size:
+        raise ValueError(f"row: expected a row index in 0..{batch_size - 1}, got {row!r}")
+    return [row]
+
+
+def _check_session(mine: Mapping[str, Tensor], snapshot: Mapping[str, Tensor]) -> None:
+    """``snapshot`` has the keys and shapes of ``mine`` (this state's own session snapshot)."""
+    missing, unexpected = sorted(set(mine) - set(snapshot)), sorted(set(snapshot) - set(mine))
+    if missing or unexpected:
+        raise ValueError(f"session state: missing keys {missing}, unexpected keys {unexpected}")
+    for name, t in mine.items():
+        if tuple(snapshot[name].shape) != tuple(t.shape):
+            raise ValueError(
+                f"session state[{name!r}]: expected shape {tuple(t.shape)}, got {tuple(snapshot[name].shape)}"
+            )
+
+
+def _window(snapshot: Mapping[str, Tensor], name: str, layer: int | None) -> dict[str, Tensor]:
+    """One ring's :meth:`~streamtx.nn.state.RingCache.load_window` input for one row from the session layout: layer
+    ``layer``'s slice (``None``: every layer, for a ring that stacks them)."""
+    pick = slice(None) if layer is None else layer
+    window = {f: snapshot[f"{name}.{f}"][None, :, pick] for f in ("k", "v")}
+    return {**window, "next_pos": snapshot["observed"].reshape(1)}
+
+
 @dataclass
 class RegressorState(StreamState):
     """Streaming state of the regressor: the conditioning encoder's caches and, per decoder layer, the ring of
@@ -129,6 +155,43 @@ class RegressorState(StreamState):
 
     encoder: EncoderState | None
     memory: list
+
+    def session_state_dict(self, row: int) -> dict[str, Tensor]:
+        """The past of batch row ``row`` in the *session layout*, the one :class:`PlanCaches` shares (copies, on
+        this state's device and in its dtype):
+
+        * ``"encoder.k"``, ``"encoder.v"``: ``(cond_window - 1, Le, H, hd)``, every encoder layer's self-attention
+          keys (encoded at their position) and values of the newest tokens a new token attends to, oldest first
+          (absent without an encoder);
+        * ``"memory.k"``, ``"memory.v"``: ``(cond_horizon, L, H, hd)``, every decoder layer's cross-attention keys
+          (encoded at their position) and values of the memory tokens, oldest first;
+        * ``"observed"``: ``()`` int64, observation tokens since the row's reset (token ``i`` of a window of ``T``
+          is number ``observed - T + i``; slots before the first token are zeros).
+
+        Independent of the ring sizes (``max_tokens_per_step``), the batch size and the path that computes: load it
+        with :meth:`load_session_state_dict` into any row of a module-path state or of a plan's caches, on any
+        device."""
+        rows = _check_row(row, self.memory[0].cache.batch_size)
+        out: dict[str, Tensor] = {}
+        if self.encoder is not None:
+            attn = [layer.self_attn for layer in self.encoder.layers]
+            windows = [a.cache.export_window(a.window - 1, rows) for a in attn]
+            out.update({f"encoder.{f}": torch.stack([w[f][0] for w in windows], dim=1) for f in ("k", "v")})
+        windows = [m.cache.export_window(m.window, rows) for m in self.memory]
+        out.update({f"memory.{f}": torch.stack([w[f][0] for w in windows], dim=1) for f in ("k", "v")})
+        out["observed"] = windows[0]["next_pos"][0]
+        return out
+
+    def load_session_state_dict(self, row: int, snapshot: Mapping[str, Tensor]) -> None:
+        """Replace batch row ``row`` by a :meth:`session_state_dict` (of this path or a plan's, any device); other
+        rows are untouched."""
+        _check_session(self.session_state_dict(row), snapshot)
+        rows = [row]
+        if self.encoder is not None:
+            for i, layer in enumerate(self.encoder.layers):
+                layer.self_attn.cache.load_window(_window(snapshot, "encoder", i), rows)
+        for i, m in enumerate(self.memory):
+            m.cache.load_window(_window(snapshot, "memory", i), rows)
 
 
 class eCondTransformerRegressor(nn.Module):
@@ -645,12 +708,38 @@ class PlanCaches(StreamState):
 
     ``encoder``: keys/values ``(Le, H, hd)`` per token of every encoder layer (encoded at their position), holding
     the ``cond_window - 1`` newest tokens a new token can attend to (``None`` without an encoder).
-    ``memory``: raw (unencoded) keys/values ``(L, H, hd)`` per token of every decoder layer's cross-attention,
-    holding the ``cond_horizon`` newest tokens; they are moved into the queries' frame once per control step.
+    ``memory``: keys (encoded at their position, as the module path caches them) and values ``(L, H, hd)`` per
+    token of every decoder layer's cross-attention, holding the ``cond_horizon`` newest tokens; the keys are moved
+    into the queries' frame once per control step.
     """
 
     encoder: RingCache | None
     memory: RingCache
+    encoder_tokens: int
+    """Tokens of a row's past a new token attends to in the encoder (``cond_window - 1``)."""
+    memory_tokens: int
+    """Memory tokens a control step reads (``cond_horizon``)."""
+
+    def session_state_dict(self, row: int) -> dict[str, Tensor]:
+        """The past of batch row ``row`` in the session layout of :meth:`RegressorState.session_state_dict` (copies),
+        which a module-path state loads as well."""
+        rows = _check_row(row, self.memory.batch_size)
+        out: dict[str, Tensor] = {}
+        if self.encoder is not None:
+            window = self.encoder.export_window(self.encoder_tokens, rows)
+            out.update({f"encoder.{f}": window[f][0] for f in ("k", "v")})
+        window = self.memory.export_window(self.memory_tokens, rows)
+        out.update({f"memory.{f}": window[f][0] for f in ("k", "v")})
+        out["observed"] = window["next_pos"][0]
+        return out
+
+    def load_session_state_dict(self, row: int, snapshot: Mapping[str, Tensor]) -> None:
+        """Replace batch row ``row`` by a session snapshot (of this path or the module path's, any device); other
+        rows are untouched."""
+        _check_session(self.session_state_dict(row), snapshot)
+        if self.encoder is not None:
+            self.encoder.load_window(_window(snapshot, "encoder", None), [row])
+        self.memory.load_window(_window(snapshot, "memory", None), [row])
 
 
 @dataclass
@@ -676,9 +765,10 @@ class RegressorPlan:
     ``torch.compile``; built by :meth:`eCondTransformerRegressor.lower`.
 
     Per control step: :meth:`observe` embeds the new observation tokens, runs the encoder over its ring (or the
-    per-token MLP) and appends every decoder layer's raw memory keys/values with one matmul; :meth:`act` moves the
-    memory keys into the frame of the queries (all action tokens sit at ``now``, so RoPE reduces to a rotation by
-    ``key_pos - now``, an absolute table to a query offset, a relative bias to a row of the mask), builds the band
+    per-token MLP) and appends every decoder layer's memory keys/values (one matmul; keys encoded at their position,
+    as the module path caches them); :meth:`act` moves the memory keys into the frame of the queries (all action
+    tokens sit at ``now``, so RoPE reduces to a rotation by ``-now``, an absolute table to a query offset, a relative
+    bias to a row of the mask), builds the band
     mask once, then runs the sampler, each denoiser evaluation copying its precomputed step token into the memory.
     On CUDA, attention and every residual add + norm pair run as the Triton kernels of :mod:`streamtx.nn.kernels`,
     checked against the torch path on the plan's shapes when it is built.
@@ -782,7 +872,7 @@ class RegressorPlan:
                 num_rows, max(self.cond_window - 1, max_tokens_per_step), per_token(len(self.encoder.layers)), **kw
             )
         memory = RingCache(num_rows, max(self.cond_horizon, max_tokens_per_step), per_token(self.num_layers), **kw)
-        return PlanCaches(encoder, memory)
+        return PlanCaches(encoder, memory, self.cond_window - 1, self.cond_horizon)
 
     def act_workspace(self, caches: PlanCaches, batch: int) -> ActWorkspace:
         """The static buffers of :meth:`act` for ``batch`` rows of ``caches``."""
@@ -810,7 +900,11 @@ class RegressorPlan:
             assert self.cond_mlp is not None  # a plan without an encoder has the per-token MLP
             z = self.cond_mlp(z)
         kv = self.memory_kv(z).view(b, s, self.num_layers, 2, self.num_heads, self.head_dim)
-        caches.memory.append({"k": kv[:, :, :, 0], "v": kv[:, :, :, 1]}, rows)
+        if self._shared_frame:
+            keys = self._frames[0].encode(kv[:, :, :, 0], pos)
+        else:
+            keys = torch.stack([frame.encode(kv[:, :, i, 0], pos) for i, frame in enumerate(self._frames)], dim=2)
+        caches.memory.append({"k": keys, "v": kv[:, :, :, 1]}, rows)
 
     def act(self, noise: Tensor, caches: PlanCaches, rows: Tensor, workspace: ActWorkspace) -> Tensor:
         """The action chunk ``(b, Tx, action_dim)`` of rows ``rows (b,)`` from their initial ``noise`` (both in
@@ -819,10 +913,10 @@ class RegressorPlan:
         data, key_pos = caches.memory.read(rows)  # k, v: (b, M, L, H, hd)
         m = key_pos.shape[1]
         if self._shared_frame:
-            keys = self._frames[0].frame_keys(data["k"], key_pos, now)
+            keys = self._frames[0].frame_keys(data["k"], now)
         else:
             keys = torch.stack(
-                [frame.frame_keys(data["k"][:, :, i], key_pos, now) for i, frame in enumerate(self._frames)], dim=2
+                [frame.frame_keys(data["k"][:, :, i], now) for i, frame in enumerate(self._frames)], dim=2
             )
         kv = workspace.kv
         kv[:, 0, :, :, :m] = keys.permute(2, 0, 3, 1, 4)

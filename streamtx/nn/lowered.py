@@ -120,11 +120,12 @@ class Positional:
 
     * ``encode(x, pos)``: the encoding of queries and keys at ``pos (b, L)`` (every backend encodes both alike);
     * ``score_bias(q_pos, k_pos)``: an additive ``(b, H, Lq, Lk)`` term on the logits, or ``None``;
-    * queries that all sit at one position ``now (b,)`` (a decoder's action tokens) against keys cached *unencoded*:
-      ``encode(q, now) . encode(k, p) == (q + query_offset(now)) . frame_keys(k, p, now)``, so the keys are moved
-      into the queries' frame once per control step and the per-evaluation queries only get an offset (``None``
-      for every backend but the absolute table). At ``p == now``, ``frame_keys(k, now, now) == k +
-      query_offset(now)``: tokens at ``now`` (the step token, the decoder's own tokens) need only that offset.
+    * queries that all sit at one position ``now (b,)`` (a decoder's action tokens) against keys cached encoded at
+      their positions (as the module path caches them: one session state for both), ``k_p = encode(k, p)``:
+      ``encode(q, now) . k_p == (q + query_offset(now)) . frame_keys(k_p, now)``, so the keys are moved into the
+      queries' frame once per control step and the per-evaluation queries only get an offset (``None`` for every
+      backend but the absolute table). ``frame_keys(encode(k, now), now) == k + query_offset(now)``: tokens at
+      ``now`` (the step token, the decoder's own tokens) need only that offset.
     """
 
     has_score_bias: ClassVar[bool] = False
@@ -140,8 +141,9 @@ class Positional:
         """What the encoding adds to a query (or key) at ``now (b,)``: ``(b, 1, H, hd)`` or ``None``."""
         return None
 
-    def frame_keys(self, k: Tensor, key_pos: Tensor, now: Tensor) -> Tensor:
-        """Unencoded keys ``k (b, M, ..., H, hd)`` at ``key_pos (b, M)`` as seen by queries at ``now (b,)``."""
+    def frame_keys(self, k: Tensor, now: Tensor) -> Tensor:
+        """Keys ``k (b, M, ..., H, hd)`` encoded at their positions (:meth:`encode`) as seen by queries at
+        ``now (b,)``."""
         return k
 
     def equivalent(self, other: Positional) -> bool:
@@ -160,9 +162,6 @@ class AbsoluteTable(Positional):
 
     def query_offset(self, now: Tensor) -> Tensor:
         return self.table[now % self.table.shape[0]][:, None]
-
-    def frame_keys(self, k: Tensor, key_pos: Tensor, now: Tensor) -> Tensor:
-        return self.encode(k, key_pos)
 
     def equivalent(self, other: Positional) -> bool:
         return isinstance(other, AbsoluteTable) and torch.equal(other.table, self.table)
@@ -202,8 +201,9 @@ class RotaryTable(Positional):
     def encode(self, x: Tensor, pos: Tensor) -> Tensor:
         return self._rotate(x, pos)
 
-    def frame_keys(self, k: Tensor, key_pos: Tensor, now: Tensor) -> Tensor:
-        return self._rotate(k, key_pos - now[:, None])  # q . k depends only on key_pos - now
+    def frame_keys(self, k: Tensor, now: Tensor) -> Tensor:
+        # rotated by key_pos already: one more rotation by -now, and q . k depends only on key_pos - now
+        return self._rotate(k, -now[:, None])
 
     def equivalent(self, other: Positional) -> bool:
         return (

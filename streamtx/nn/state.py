@@ -140,6 +140,54 @@ class RingCache:
         self.pos[index] = -1
         self.next_pos[index] = 0
 
+    def export_window(self, last: int, rows: Rows = None) -> dict[str, Tensor]:
+        """The ``last`` newest tokens of each row in a layout that does not depend on the ring's capacity (copies):
+        ``{field: (b, last, *shape)}``, oldest first and the newest last (slots before a row's first token hold
+        zeros), and ``"next_pos": (b,)``, the tokens the row has taken since its reset. :meth:`load_window` writes it
+        into a ring of any capacity ``>= last``: the past a stream still reads moves between rings of other sizes
+        (e.g. sized for more tokens per step), rows and devices."""
+        if not 0 <= last <= self.capacity:
+            raise ValueError(f"last: expected 0..{self.capacity} tokens (the ring's capacity), got {last}")
+        rows_t = _as_rows(rows, self.device)
+        next_pos = self.positions(rows_t).clone()
+        p = next_pos[:, None] - last + torch.arange(last, device=self.device)  # (b, last) positions, oldest first
+        row_idx = (torch.arange(self.batch_size, device=self.device) if rows_t is None else rows_t)[:, None]
+        valid = p >= 0
+        out = {}
+        for name, buf in self.data.items():
+            x = buf[row_idx.expand_as(p), p % self.capacity]
+            out[name] = x.masked_fill(~valid.view(*valid.shape, *(1,) * (x.dim() - 2)), 0)
+        out["next_pos"] = next_pos
+        return out
+
+    def load_window(self, window: Mapping[str, Tensor], rows: Rows = None) -> None:
+        """Replace the given rows by an :meth:`export_window` of any ring with the same fields (on any device, in
+        any dtype: values are cast to this ring's); the pinned slots are emptied (writers refill them)."""
+        expected = {*self.data, "next_pos"}
+        if set(window) != expected:
+            raise ValueError(f"window: expected keys {sorted(expected)}, got {sorted(window)}")
+        rows_t = _as_rows(rows, self.device)
+        b = self.batch_size if rows_t is None else rows_t.numel()
+        next_pos = window["next_pos"].to(self.device, torch.long)
+        if next_pos.shape != (b,) or bool((next_pos < 0).any()):
+            raise ValueError(f"window['next_pos']: expected ({b},) token counts >= 0, got {window['next_pos']!r}")
+        last = window[next(iter(self.data))].shape[1] if self.data else 0
+        if last > self.capacity:
+            raise ValueError(f"window: {last} tokens do not fit a ring of capacity {self.capacity}")
+        for name, buf in self.data.items():
+            shape = (b, last, *buf.shape[2:])
+            if tuple(window[name].shape) != shape:
+                raise ValueError(f"window[{name!r}]: expected shape {shape}, got {tuple(window[name].shape)}")
+        self.reset(rows_t)
+        p = next_pos[:, None] - last + torch.arange(last, device=self.device)
+        row_idx = (torch.arange(self.batch_size, device=self.device) if rows_t is None else rows_t)[:, None]
+        valid = p >= 0
+        r, slots = row_idx.expand_as(p)[valid], (p % self.capacity)[valid]
+        for name, buf in self.data.items():
+            buf[r, slots] = window[name].to(buf.device, buf.dtype)[valid]
+        self.pos[r, slots] = p[valid]
+        self.next_pos[slice(None) if rows_t is None else rows_t] = next_pos
+
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor of the ring by name (``data.<field>``, ``pos``, ``next_pos``), not copied."""
         return {**{f"data.{k}": v for k, v in self.data.items()}, "pos": self.pos, "next_pos": self.next_pos}

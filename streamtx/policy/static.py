@@ -7,13 +7,16 @@ with one asynchronous copy, replays the bucket's graph, and (``act``) downloads 
 next control step is drawn on the host from its seed and step counter (exactly as ``StreamingPolicy`` draws it)
 while the GPU runs the current one. Calls of ``b`` rows run the smallest bucket ``>= b``; the spare rows point at a
 scratch slot whose results are discarded, so sessions never see each other.
+
+Where nothing is captured or compiled (the CPU's eager plan), buckets buy nothing: each call then computes exactly
+its rows (padding 9 sessions to 16 would cost the daemon's other sessions their latency).
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -153,18 +156,46 @@ class StaticPolicyState:
     moved, its graphs would still point at the original.
     """
 
-    def __init__(self, caches: PlanCaches, num_slots: int, horizon: int, action_dim: int) -> None:
-        self.caches, self.num_slots = caches, num_slots
+    def __init__(self, caches: PlanCaches, num_slots: int, horizon: int, action_dim: int, bucketed: bool) -> None:
+        self.caches, self.num_slots, self.bucketed = caches, num_slots, bucketed
         self.seed = np.zeros(num_slots, dtype=np.int64)
         self.steps = np.zeros(num_slots, dtype=np.int64)
         self.observed = np.zeros(num_slots, dtype=np.int64)
         self.next_noise = np.zeros((num_slots, horizon, action_dim), dtype=np.float32)
         self.observe_programs: dict[tuple[int, int], _Program] = {}
         self.act_programs: dict[int, _Program] = {}
+        self.workspaces: dict[int, ActWorkspace] = {}  # unbucketed: views of one workspace of every slot, by rows
 
     @property
     def scratch_row(self) -> int:
         return self.num_slots
+
+    def session_state_dict(self, row: int) -> dict[str, Tensor]:
+        """Slot ``row``'s session, copied, in the layout of :meth:`PolicyState.session_state_dict
+        <streamtx.policy.streaming.PolicyState.session_state_dict>` (the plan's caches on its device, ``"seed"`` and
+        ``"steps"`` as ``()`` int64 CPU tensors): it loads into either path, on any device."""
+        row = self._check_slot(row)
+        out = self.caches.session_state_dict(row)
+        out["seed"] = torch.tensor(int(self.seed[row]))
+        out["steps"] = torch.tensor(int(self.steps[row]))
+        return out
+
+    def load_session_state_dict(self, row: int, snapshot: Mapping[str, Tensor]) -> None:
+        """Replace slot ``row`` by a session snapshot of either path (any device); other slots are untouched. Its
+        next action chunk is the one the snapshotted session would have computed (same noise)."""
+        row = self._check_slot(row)
+        missing = sorted({"seed", "steps"} - set(snapshot))
+        if missing:
+            raise ValueError(f"session state: missing keys {missing}")
+        self.caches.load_session_state_dict(row, {k: v for k, v in snapshot.items() if k not in ("seed", "steps")})
+        self.seed[row], self.steps[row] = int(snapshot["seed"]), int(snapshot["steps"])
+        self.observed[row] = int(snapshot["observed"])
+        self.next_noise[row] = step_noise(int(self.seed[row]), int(self.steps[row]), self.next_noise.shape[1:]).numpy()
+
+    def _check_slot(self, row: int) -> int:
+        if not isinstance(row, (int, np.integer)) or not 0 <= row < self.num_slots:
+            raise ValueError(f"row: expected a session slot in 0..{self.num_slots - 1}, got {row!r}")
+        return int(row)
 
     @property
     def buckets(self) -> list[int]:
@@ -178,13 +209,14 @@ class StaticPolicyState:
 
     @property
     def captured(self) -> bool:
-        """Whether every program runs as a CUDA graph."""
-        return all(p.captured for p in self.programs().values())
+        """Whether every call replays a CUDA graph."""
+        programs = self.programs().values()
+        return bool(programs) and all(p.captured for p in programs)
 
     def __repr__(self) -> str:
         graphs = sum(p.captured for p in self.programs().values())
         return (
-            f"StaticPolicyState(num_slots={self.num_slots}, buckets={self.buckets}, "
+            f"StaticPolicyState(num_slots={self.num_slots}, bucketed={self.bucketed}, buckets={self.buckets}, "
             f"graphs={graphs}/{len(self.programs())})"
         )
 
@@ -208,6 +240,11 @@ class StaticStreamingPolicy:
         buckets: batch sizes to prepare (``None``: :func:`default_buckets` of the slot count); a call takes at most
             the largest.
         fused_kernels: use the plan's Triton kernels where they run and pass their build-time check (CUDA).
+        compile: compile the programs with inductor (CPU only).
+        bucketed: run each call as its bucket's static program, rows padded to the bucket size, as CUDA graphs and
+            compiled programs need. ``None``: only where the programs are captured or compiled; elsewhere each call
+            computes exactly its rows (``bucketed_reason`` says which and why). ``True`` also runs the programs
+            eagerly, e.g. to check on a CPU the logic that a GPU captures.
 
     Pass observations as host arrays or CPU tensors: they go through the pinned buffer. ``act`` returns a CPU tensor.
     """
@@ -221,6 +258,7 @@ class StaticStreamingPolicy:
         buckets: Sequence[int] | None = None,
         fused_kernels: bool = True,
         compile: bool = False,
+        bucketed: bool | None = None,
     ) -> None:
         if not isinstance(policy, StreamingPolicy):
             raise TypeError(f"policy: expected a StreamingPolicy, got {type(policy).__name__}")
@@ -230,6 +268,15 @@ class StaticStreamingPolicy:
         self.compiled, self.compile_reason = _compile_choice(compile, policy.device)
         self.plan = policy.model.lower(policy.sampler, dtype, fused_kernels=fused_kernels)
         self._buckets = None if buckets is None else sorted({int(b) for b in buckets})
+        unavailable = capture_unavailable(self.device) or (None if cuda_graph else "cuda_graph=False")
+        self.bucketed_reason: str
+        if bucketed is not None:
+            self.bucketed, self.bucketed_reason = bucketed, f"bucketed={bucketed}"
+        elif self.compiled or unavailable is None:
+            why = "compiled" if self.compiled else "captured as CUDA graphs"
+            self.bucketed, self.bucketed_reason = True, f"bucketed: the programs are {why}"
+        else:
+            self.bucketed, self.bucketed_reason = False, f"exact rows per call: eager ({unavailable})"
         self.obs_dim, self.action_dim = policy.obs_dim, policy.action_dim
         self.horizon, self.cond_window, self.cond_horizon = policy.horizon, policy.cond_window, policy.cond_horizon
         self.max_tokens_per_step = policy.max_tokens_per_step
@@ -262,9 +309,21 @@ class StaticStreamingPolicy:
         if buckets[-1] > batch_size:
             raise ValueError(f"buckets: expected sizes <= batch_size={batch_size}, got {buckets}")
         state = StaticPolicyState(
-            self.plan.caches(batch_size + 1, self.max_tokens_per_step), batch_size, self.horizon, self.action_dim
+            self.plan.caches(batch_size + 1, self.max_tokens_per_step),
+            batch_size,
+            self.horizon,
+            self.action_dim,
+            self.bucketed,
         )
         self._draw_noise(state, range(batch_size))
+        if not self.bucketed:
+            log.info("static policy: %s", self.bucketed_reason)
+            everything = self.plan.act_workspace(state.caches, batch_size)
+            state.workspaces = {
+                b: ActWorkspace(everything.kv[:, :, :b], everything.mask[:, :b], everything.action_bias[:b])
+                for b in range(1, batch_size + 1)
+            }
+            return state
         capture, unavailable = self.cuda_graph, capture_unavailable(self.device)
         capturing = capture and unavailable is None
         pool = torch.cuda.graph_pool_handle() if capturing else None
@@ -356,6 +415,11 @@ class StaticStreamingPolicy:
         if obs.dtype.kind != "f" or not np.isfinite(obs).all():
             raise ValueError("obs: expected finite floating-point values (got NaN/Inf or a non-float dtype)")
         s = obs.shape[1]
+        if not state.bucketed:
+            rows_t = torch.from_numpy(index).to(self.device)
+            self.plan.observe(torch.tensor(obs, dtype=self.io_dtype, device=self.device), state.caches, rows_t)
+            state.observed[index] += s
+            return
         program = state.observe_programs[self._bucket(state, b), s]
         host = program.staging.write()
         self._stage_rows(host["rows"], index, state.scratch_row)
@@ -372,6 +436,12 @@ class StaticStreamingPolicy:
                 f"rows: rows {index[empty].tolist()} have no observation since their reset; call observe first"
             )
         b = len(index)
+        if not state.bucketed:
+            noise = torch.from_numpy(state.next_noise[index]).to(self.device, self.io_dtype)
+            actions = self.plan.act(noise, state.caches, torch.from_numpy(index).to(self.device), state.workspaces[b])
+            state.steps[index] += 1
+            self._draw_noise(state, index.tolist())
+            return actions.cpu()
         program = state.act_programs[self._bucket(state, b)]
         host = program.staging.write()
         self._stage_rows(host["rows"], index, state.scratch_row)
@@ -402,7 +472,7 @@ class StaticStreamingPolicy:
                 raise ValueError(f"rows: expected indices in 0..{n - 1}, got {index.tolist()}")
             if len(set(index.tolist())) != index.size:
                 raise ValueError(f"rows: expected distinct rows, got {index.tolist()}")
-        if limit and index.size > state.buckets[-1]:
+        if limit and state.bucketed and index.size > state.buckets[-1]:
             raise ValueError(f"rows: at most {state.buckets[-1]} rows per call (the largest bucket), got {index.size}")
         return index
 
@@ -436,6 +506,8 @@ class StaticStreamingPolicy:
                 "fused_kernels": self.plan.fused,
                 "io_dtype": str(self.io_dtype).removeprefix("torch."),
                 "buckets": self._buckets,
+                "bucketed": self.bucketed,
+                "bucketed_reason": self.bucketed_reason,
             },
         )
         return meta

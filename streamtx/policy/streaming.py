@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +39,48 @@ def _index(state: PolicyState, rows: Tensor | None) -> Tensor | slice:
 
 @dataclass
 class PolicyState(StreamState):
-    """Per-row caches of the model, noise seed, and control steps taken since the row's reset."""
+    """Per-row caches of the model, noise seed, and control steps taken since the row's reset.
+
+    Every field but ``model`` is a per-row tensor (batch dimension first): :meth:`session_state_dict` carries each
+    one by its field name, so a buffer added to the state moves with a session without more code."""
 
     model: RegressorState
     seed: Tensor
     steps: Tensor
+
+    def session_state_dict(self, row: int) -> dict[str, Tensor]:
+        """One session's state (batch row ``row``), copied: the model's past in the session layout of
+        :meth:`~streamtx.models.cond_regressor.RegressorState.session_state_dict` and, by field name, every per-row
+        tensor of this state (``"seed"``, ``"steps"``: ``()`` int64). The static plan's state
+        (:meth:`~streamtx.policy.static.StaticPolicyState.session_state_dict`) has the same layout: a session moves
+        between the module path and the plan, between rows, and between devices, in either direction."""
+        out = self.model.session_state_dict(row)
+        out.update({name: value[row].clone() for name, value in self._row_tensors().items()})
+        return out
+
+    def load_session_state_dict(self, row: int, snapshot: Mapping[str, Tensor]) -> None:
+        """Replace batch row ``row`` by a :meth:`session_state_dict` (of either path, from any device); the other
+        rows are untouched. The row's next action chunk is the one the snapshotted session would have computed."""
+        own = self._row_tensors()
+        missing = sorted(set(own) - set(snapshot))
+        if missing:
+            raise ValueError(f"session state: missing keys {missing}")
+        for name, value in own.items():
+            if tuple(snapshot[name].shape) != tuple(value.shape[1:]):
+                raise ValueError(
+                    f"session state[{name!r}]: expected shape {tuple(value.shape[1:])}, "
+                    f"got {tuple(snapshot[name].shape)}"
+                )
+        self.model.load_session_state_dict(row, {k: v for k, v in snapshot.items() if k not in own})
+        for name, value in own.items():
+            value[row] = snapshot[name].to(value.device, value.dtype)
+
+    def _row_tensors(self) -> dict[str, Tensor]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "model" and isinstance(getattr(self, f.name), Tensor)
+        }
 
 
 class StreamingPolicy(nn.Module):

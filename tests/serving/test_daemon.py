@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from serving_helpers import MAX_TOKENS, assert_same_actions, make_script, reference_run
 
+from streamtx.policy.static import StaticStreamingPolicy
 from streamtx_client import AsyncClient, Client
 from streamtx_server.cli import stats_main
 
@@ -64,7 +65,8 @@ def test_hello_describes_the_policy_and_the_limits(daemon, policy) -> None:
     with Client(daemon.endpoints[1], timeout=20.0) as client:
         hello = client.hello()
     assert hello["protocol"] == 2 and hello["versions"] == [2]
-    assert hello["policy"]["metadata"] == policy.metadata()  # on the CPU `streamtx serve` runs the module path
+    # `streamtx serve` runs the static plan by default, eager on the CPU
+    assert hello["policy"]["metadata"] == StaticStreamingPolicy(policy, cuda_graph=False).metadata()
     # the random checkpoint: cond_horizon 8 + 1 encoder layer * (cond_window 8 - 1)
     assert hello["policy"]["replay_window"] == policy.receptive_field == 15
     assert hello["limits"] == {
