@@ -6,7 +6,9 @@ namespace (a later block may use what an earlier one defined), ``bash`` blocks i
 ``streamtx`` and ``python`` first on ``PATH`` (a command ending in ``&`` keeps running, e.g. a daemon, and is
 stopped at the end with the whole process group its block started). The first block holds the set-up commands
 (install, demo, tests): ``shared/tools/fresh-install-check.sh`` and CI run those, so they are not re-run here.
-Blocks of any other language (``text``, ``toml``, ...) are shown, not run.
+Blocks of any other language (``text``, ``toml``, ...) are shown, not run. The README's fixed ports (5555, 8000) are
+replaced by free ones, so that two checkouts running this test at once on one machine cannot reach each other's
+daemons.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +38,26 @@ def readme_blocks(text: str) -> list[tuple[str, str, int]]:
 def test_blocks_are_found():
     text = "x\n```bash\necho a\n```\n\n```python\nprint(1)\n```\n```text\nshown\n```\n"
     assert readme_blocks(text) == [("bash", "echo a\n", 2), ("python", "print(1)\n", 6), ("text", "shown\n", 9)]
+
+
+README_PORTS = ("5555", "8000")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def with_ports(code: str, ports: dict[str, str]) -> str:
+    """``code`` with each README port (a whole number in the text) replaced by its stand-in."""
+    return re.sub(r"\b(" + "|".join(ports) + r")\b", lambda m: ports[m.group(1)], code)
+
+
+def test_ports_are_replaced_as_whole_numbers():
+    ports = {"5555": "40001", "8000": "40002"}
+    code = "--bind tcp://127.0.0.1:5555 --openpi-port 8000 --x 55555 port=8000)"
+    assert with_ports(code, ports) == "--bind tcp://127.0.0.1:40001 --openpi-port 40002 --x 55555 port=40002)"
 
 
 def _run_python(code: str, namespace: dict[str, object], line: int) -> None:
@@ -81,8 +104,10 @@ def test_readme_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "__readme__"}
     groups: list[subprocess.Popen[bytes]] = []
+    ports = {port: str(_free_port()) for port in README_PORTS}
     try:
         for lang, code, line in blocks[1:]:
+            code = with_ports(code, ports)
             if lang == "python":
                 _run_python(textwrap.dedent(code), namespace, line)
             elif lang in ("bash", "sh", "shell"):
