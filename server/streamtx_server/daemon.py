@@ -370,9 +370,10 @@ class Server:
     def _accept_step(self, router: zmq.Socket[Any], envelope: list[bytes], request: Step, received: float) -> None:
         session = self.sessions.get(request.session, request.token)
         session.last_active = self._clock()
-        if self._repeat(router, envelope, session, request.seq, request.id, received):
+        seq = request.seq
+        if seq == session.applied_seq and self._repeat(router, envelope, session, seq, request.id, received):
             return
-        if request.seq <= session.accepted_seq:  # a retry of a step still queued: answered with it
+        if seq <= session.accepted_seq:  # a retry of a step still queued: answered with it
             for item in session.queue:
                 if item.request.seq == request.seq:
                     if len(item.also) >= self.config.max_queued_per_session:  # retries are bounded like steps
@@ -390,14 +391,15 @@ class Server:
                 f"session {session.id!r} has {len(session.queue)} steps queued (the limit); read replies before "
                 "sending more; nothing was applied, resend this step later",
             )
-        self._expect_next(session, request.seq)
-        if self._redirected(router, envelope, session, request.id, received):
+        if seq != session.accepted_seq + 1:
+            self._expect_next(session, seq)  # raises out_of_order
+        if self._redirects and self._redirected(router, envelope, session, request.id, received):
             return
         obs = self._checked(request.obs, "obs")
         if not session.queue:
             self._ready.append(session)
         session.queue.append(_Queued(envelope, request, obs, received, time.perf_counter()))
-        session.accepted_seq = request.seq
+        session.accepted_seq = seq
 
     def _repeat(
         self, router: zmq.Socket[Any], envelope: list[bytes], session: Session, seq: int, rid: int, received: float
