@@ -9,13 +9,12 @@ rows), then acts for the steps that get actions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["BatchPlan", "plan_batch"]
 
 
-@dataclass(frozen=True)
-class BatchPlan:
+class BatchPlan(NamedTuple):  # a tuple: planned once per batch, a frozen dataclass cost more to build
     observe: list[list[int]]  # groups of step indices with equal token counts, one observe call each
     act: list[int]  # step indices whose actions this round computes, one act call
 
@@ -24,6 +23,8 @@ def plan_batch(tokens: Sequence[int], act: Sequence[bool]) -> BatchPlan:
     """Plan one round of steps (of distinct sessions) given by their token counts and whether they act."""
     if len(tokens) != len(act):
         raise ValueError(f"tokens, act: expected equal lengths, got {len(tokens)}, {len(act)}")
+    if len(tokens) == 1:  # one session's step (what every step of a lone session is): the same plan, directly
+        return BatchPlan([[0]], [0] if act[0] else [])
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(tokens):
         groups.setdefault(s, []).append(i)

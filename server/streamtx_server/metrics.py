@@ -150,7 +150,7 @@ class _Collector:
 
 def _histogram(window: SlidingWindow) -> tuple[list[tuple[str, int]], float]:
     """Cumulative ``(le, count)`` buckets, ``+Inf`` last, and the sum of one series."""
-    counts, total = list(window.bucket_counts), window.sum
+    counts, total = window.histogram()  # both of one instant
     buckets, running = [], 0
     for bound, count in zip([*window.buckets, float("inf")], counts):
         running += count

@@ -1,6 +1,7 @@
 """The fast paths of serving give what the general paths give: a row-indexed policy call on a contiguous range (a
-view, no index) equals the indexed call, a batch's one finiteness test poisons exactly the rows it must, and a
-queued step's retries are bounded like steps."""
+view, no index) equals the indexed call, a batch's one finiteness test poisons exactly the rows it must, a small
+observation's magnitude check in Python accepts and refuses what the numpy check does, and a queued step's retries
+are bounded like steps."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from serving_helpers import RawPeer, error_code, start_server, stop_server
 
 from streamtx.apps.served_policy import TorchBatchPolicy
 from streamtx.nn.state import StreamState
+from streamtx_client.errors import ErrorCode, ProtocolError
+from streamtx_server.config import ServerConfig
+from streamtx_server.daemon import Server, _finite_sum
 
 ROWS = 6
 # (rows of one call): every row in order, a sorted range, an unsorted range, a scattered subset, every row permuted,
@@ -184,3 +188,68 @@ def test_rows_that_are_not_a_range_of_the_state_go_to_the_policy_which_refuses_t
     obs = np.ones((len(rows), 1, policy.obs_dim), np.float32)
     with pytest.raises(ValueError, match="rows"):
         served.observe(state, obs, np.array(rows, np.int64))
+
+
+class _NumpyPolicy:
+    """A numpy policy of ``dtype`` with nothing behind it: what :meth:`Server._checked` needs to know."""
+
+    obs_dim, action_dim, horizon, max_tokens_per_step, receptive_field = 4, 2, 3, 64, 1
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = np.dtype(dtype)
+
+    def metadata(self) -> dict[str, Any]:
+        return {}
+
+    def init_state(self, batch_size: int) -> None:
+        return None
+
+    def reset(self, state: None, rows: np.ndarray, seeds: np.ndarray, steps: np.ndarray) -> None:
+        raise AssertionError("not served")
+
+    def observe(self, state: None, obs: np.ndarray, rows: np.ndarray) -> None:
+        raise AssertionError("not served")
+
+    def act(self, state: None, rows: np.ndarray) -> np.ndarray:
+        raise AssertionError("not served")
+
+
+@pytest.mark.parametrize("model_dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("size", [4, 256])  # a step's few tokens (checked in Python) and a large replay (numpy)
+def test_the_magnitude_check_agrees_with_the_exact_rule_on_both_sides_of_the_limit(model_dtype: str, size: int) -> None:
+    limit = 1000.1  # not representable in float16/float32: the rule is the comparison in the model's dtype
+    server = Server(_NumpyPolicy(model_dtype), ["inproc://unused"], ServerConfig(max_obs_abs=limit))
+    dt = np.dtype(model_dtype)
+    below = float(dt.type(limit)) if float(dt.type(limit)) <= limit else float(np.nextafter(dt.type(limit), dt.type(0)))
+    above = float(np.nextafter(dt.type(below), dt.type(np.inf)))
+    cases = {"at the largest accepted value": below, "one step above it": above, "-inf": -np.inf, "nan": np.nan}
+    cases |= {"a float32 beyond the model dtype's range": 1e38, "negative, past the limit": -above}
+    for name, value in cases.items():
+        flat = np.full(size, 0.5, np.float32 if name.startswith("a float32") else dt)
+        flat[size // 2] = value
+        obs = flat.reshape(-1, 4)
+        with np.errstate(over="ignore"):
+            expected = bool(np.abs(obs.astype(dt)).max() <= limit)  # the exact rule
+        try:
+            server._checked(obs, "obs")
+            accepted = True
+        except ProtocolError as err:
+            assert err.code == ErrorCode.NON_FINITE and "after the cast" in err.message
+            accepted = False
+        assert accepted == expected, f"{name} ({size} values, {model_dtype})"
+    # a sum of magnitudes over the limit with every value under it is no reason to refuse: the exact test decides
+    many = np.full((1, 4), 0.9 * limit, dt)
+    assert server._checked(many, "obs") is many
+
+
+@pytest.mark.parametrize("size", [8, 512])  # summed in Python, in numpy
+def test_a_finite_sum_of_actions_is_exactly_all_finite(size: int) -> None:
+    for dtype in ("float32", "float64"):
+        chunk = np.ones(size, dtype)
+        assert _finite_sum(chunk)
+        for bad in (np.nan, np.inf, -np.inf):
+            chunk[size - 1] = bad
+            assert not _finite_sum(chunk)
+    # finite float32 values whose float32 sum overflows: a small chunk is summed in float64, no false alarm (a large
+    # one's overflow only sends the batch to the row-by-row test)
+    assert _finite_sum(np.full(8, np.finfo(np.float32).max, np.float32))
