@@ -426,7 +426,8 @@ def test_graph_replay_equals_eager_and_reference(variant, sampler):
 
 @cuda
 def test_step_never_synchronizes():
-    policy = StaticStreamingPolicy(make_policy(dtype=torch.float32, device="cuda"), cuda_graph=False)
+    # the bucketed programs, run eagerly: the bodies that CUDA graphs capture
+    policy = StaticStreamingPolicy(make_policy(dtype=torch.float32, device="cuda"), cuda_graph=False, bucketed=True)
     state = policy.init_state(SLOTS)
     policy.observe(state, torch.zeros(SLOTS, policy.obs_dim))
     policy.act(state)  # first calls: kernel compilation, lazy caches

@@ -202,7 +202,11 @@ class RotaryTable(Positional):
         return self._rotate(x, pos)
 
     def frame_keys(self, k: Tensor, now: Tensor) -> Tensor:
-        # rotated by key_pos already: one more rotation by -now, and q . k depends only on key_pos - now
+        # rotated by key_pos already: one more rotation by -now, and q . k depends only on key_pos - now. In half
+        # precision the second rotation runs in float32, so that it adds one rounding (the cast back), not the
+        # rounding of every product
+        if k.element_size() < 4:
+            return self._rotate(k.float(), -now[:, None]).to(k.dtype)
         return self._rotate(k, -now[:, None])
 
     def equivalent(self, other: Positional) -> bool:
