@@ -508,13 +508,13 @@ lowered table's have this one signature)."""
 
 
 def _per_head(t: Tensor, eye: Tensor) -> Tensor:
-    """Per-head vectors ``t (b, L, H, hd)`` as a head-block-diagonal matrix ``(b, H * hd, H * L)``: column ``(h, j)``
-    holds ``t[:, j, h]`` in the rows of head ``h``, zeros elsewhere. ``x (b, n, H * hd) @`` it is every head's dot
-    products ``(b, n, H, L)``: one matmul over the ring's contiguous features instead of a batched matmul per head
-    over a permuted copy of the ring (``L`` is a few tokens, so the ``H``-fold zeros cost less than the copy).
-    ``eye``: the ``(H, H)`` identity."""
+    """Per-head vectors ``t (b, L, H, hd)`` as a head-block-diagonal matrix ``(b, H * L, H * hd)``: row ``(h, j)``
+    holds ``t[:, j, h]`` in the columns of head ``h``, zeros elsewhere. It ``@ ring.flatten(2).mT`` gives every
+    head's dot products with a ring ``(b, n, H, hd)``, ``(b, H, L, n)``, in one matmul over the ring's contiguous
+    features (no per-head copy of the ring; ``L`` is a few tokens, so the ``H``-fold zeros cost less than the copy,
+    and a few rows times ``n`` columns is a shape BLAS runs fast). ``eye``: the ``(H, H)`` identity."""
     b, length, heads, hd = t.shape
-    return (t.permute(0, 2, 3, 1)[:, :, :, None] * eye[:, None, :, None]).reshape(b, heads * hd, heads * length)
+    return (t.transpose(1, 2)[:, :, :, None] * eye[:, None, :, None]).reshape(b, heads * length, heads * hd)
 
 
 def _exact_block(
@@ -524,15 +524,15 @@ def _exact_block(
     ring ``k, v (b, n, H, hd)`` at ``k_pos (b, n)`` (``-1``: empty): shift ``m``, denominator ``l`` ``(b, S, H)``,
     numerator ``acc (b, S, H, hd)``."""
     b, s, heads, hd = q.shape
-    logits = (k.flatten(2) @ _per_head(q, eye)).view(b, -1, heads, s) * hd**-0.5  # (b, n, H, S)
+    logits = (_per_head(q, eye) @ k.flatten(2).mT).view(b, heads, s, -1) * hd**-0.5  # (b, H, S, n)
     bias = score_bias(q_pos, k_pos)
     if bias is not None:
-        logits = logits + bias.permute(0, 3, 1, 2).to(logits.dtype)
-    logits = logits.masked_fill((k_pos < 0)[:, :, None, None], float("-inf"))
-    m = logits.amax(1, keepdim=True)
+        logits = logits + bias.to(logits.dtype)
+    logits = logits.masked_fill((k_pos < 0)[:, None, None], float("-inf"))
+    m = logits.amax(-1, keepdim=True)
     e = torch.exp(logits - m)
-    acc = (e.flatten(2).transpose(1, 2) @ v.flatten(2)).view(b, heads, s, heads, hd)  # (b, H, S, H', hd)
-    return m[:, 0].transpose(1, 2), e.sum(1).transpose(1, 2), acc.diagonal(dim1=1, dim2=3).permute(0, 1, 3, 2)
+    acc = (e.flatten(1, 2) @ v.flatten(2)).view(b, heads, s, heads, hd).diagonal(dim1=1, dim2=3)  # (b, S, hd, H)
+    return m[..., 0].transpose(1, 2), e.sum(-1).transpose(1, 2), acc.transpose(2, 3)
 
 
 def _exact_rows(
@@ -593,27 +593,29 @@ def retroactive_enter(
         data, ring_pos = cache.read(rows)
         m, l, r, acc = (t[rows] for t in (state.m, state.l, state.r, state.acc))
 
-    # Slide the survivors (rows in the window before and after this step): logits (b, n, H, 2S).
-    survivor = ((ring_pos >= 0) & (ring_pos < pos[:, :1]))[:, :, None, None]  # (b, n, 1, 1)
+    # Slide the survivors (rows in the window before and after this step), per head: logits (b, H, 2S, n).
+    survivor = ((ring_pos >= 0) & (ring_pos < pos[:, :1]))[:, None, None]  # (b, 1, 1, n)
     heads, hd = q.shape[2:]
     eye = torch.eye(heads, dtype=acc.dtype, device=acc.device)
-    logits = (data["q"].flatten(2) @ _per_head(moving_k, eye)).view(b, n, heads, 2 * s) * hd**-0.5
+    logits = (_per_head(moving_k, eye) @ data["q"].flatten(2).mT).view(b, heads, 2 * s, n) * hd**-0.5
     bias = score_bias(ring_pos, moving_pos)
     if bias is not None:
-        logits = logits + bias.permute(0, 2, 1, 3).to(logits.dtype)
-    s_old, s_new = logits[..., :s], logits[..., s:]
-    keep = survivor & (moving_pos[:, :s] >= 0)[:, None, None]  # the leaving slot held a token
-    e_old = torch.where(keep, torch.exp(s_old - m[..., None]), 0.0)  # exponents <= 0: m_i bounds its row
+        logits = logits + bias.transpose(2, 3).to(logits.dtype)
+    m, l, r = (t.transpose(1, 2)[:, :, None] for t in (m, l, r))  # (b, H, 1, n)
+    s_old, s_new = logits[:, :, :s], logits[:, :, s:]
+    keep = survivor & (moving_pos[:, :s] >= 0)[:, None, :, None]  # the leaving slot held a token
+    e_old = torch.where(keep, torch.exp(s_old - m), 0.0)  # exponents <= 0: m_i bounds its row
     s_new = torch.where(survivor, s_new, float("-inf"))  # rows that are new or empty gain nothing
-    m_new = torch.maximum(m, s_new.amax(-1))
+    m_new = torch.maximum(m, s_new.amax(2, keepdim=True))
     alpha = torch.exp(m - m_new)
-    e_new = torch.exp(s_new - m_new[..., None])
-    removed = e_old.sum(-1)
-    weights = torch.cat((e_old * -alpha[..., None], e_new), -1)  # (acc - e_old v_old) alpha + e_new v_new
-    moved = (weights.flatten(2) @ _per_head(moving_v, eye).transpose(1, 2)).view(acc.shape)
-    acc = torch.addcmul(moved, acc, alpha[..., None])
-    l, r, m = (l - removed) * alpha + e_new.sum(-1), (r + removed) * alpha, m_new
-    flagged = survivor[..., 0] & ~(recompute_threshold * l >= r)  # negated so that NaN or l <= 0 also recompute
+    e_new = torch.exp(s_new - m_new)
+    removed = e_old.sum(2, keepdim=True)
+    weights = torch.cat((e_old * -alpha, e_new), 2)  # (acc - e_old v_old) alpha + e_new v_new
+    moved = (weights.flatten(1, 2).mT @ _per_head(moving_v, eye)).view(acc.shape)
+    acc = torch.addcmul(moved, acc, alpha[:, :, 0].transpose(1, 2)[..., None])
+    l, r = (l - removed) * alpha + e_new.sum(2, keepdim=True), (r + removed) * alpha
+    m, l, r = (t[:, :, 0].transpose(1, 2) for t in (m_new, l, r))  # (b, n, H), views
+    flagged = survivor[:, 0, 0, :, None] & ~(recompute_threshold * l >= r)  # NaN or l <= 0 also recompute
 
     # The new tokens' rows, exactly, as one block; then the flagged rows (rare: O(1) per step on generic data).
     m[batch, slots], l[batch, slots], acc[batch, slots] = _exact_block(
