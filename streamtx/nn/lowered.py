@@ -259,7 +259,10 @@ class Attention:
         q, k, v = self.project_self(x, pos)
         cache.append({"k": k, "v": v}, rows)
         data, key_pos = cache.read(rows)
-        mask = band_mask(pos, key_pos, window)[:, None]  # boolean (True = attend): no additive mask to build
+        if x.shape[1] == 1 and cache.capacity == window:  # the ring holds only the window: every filled slot is seen
+            mask = (key_pos >= 0)[:, None, None]  # band_mask(pos, key_pos, window) here, in one kernel
+        else:
+            mask = band_mask(pos, key_pos, window)[:, None]  # boolean (True = attend): no additive mask to build
         bias = self.positional.score_bias(pos, key_pos)
         if bias is not None:
             mask = additive_mask(mask, q.dtype) + bias.to(q.dtype)
