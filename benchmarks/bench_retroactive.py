@@ -1,12 +1,22 @@
-"""Retroactive (full-window) streaming step vs recomputing the layer's batch forward over the last n tokens.
+"""Retroactive (full-window) streaming step vs recomputing the layer over the last n tokens, on CPU.
 
-Prints, per window n: the time of one step of :class:`eRetroactiveEncoderLayer` (all n outputs updated) and of the
-batch forward over the window, the attention part alone (the O(n d) update vs the batch self-attention module:
-projections, O(n^2 d) attention, out projection), the single-output step, the guard's exact recomputes per step and
-head (generic and peaked logits), and the last step's error against the batch forward relative to the output scale.
-Times are the best of interleaved calls, measured side by side in one run, so the ratios hold on a noisy machine.
+Per window n, measured side by side in one run (calls interleaved, so machine noise hits every column alike), wall
+time per call p50 / p99 / max in ms:
 
-    .venv/bin/python benchmarks/bench_retroactive.py [--n 64 256 1024] [--batch 1] [--threads 1]
+* recompute: the fastest exact batch forward of the layer over the window, eager: the module's ``forward`` and the
+  lowered block (``layer.lower()``: dense weights, fused q/k/v) over the same tokens; the faster p50 is the
+  reference of the ratios;
+* module path: ``forward_step`` run module by module (the layer in training mode with dropout 0: what a step costs
+  when gradients are needed);
+* step: ``forward_step`` at inference, which takes the lowered block (``why_not_fast_path() == ""``);
+* lowered: the block of ``retro.lower()`` called directly (no argument checks).
+
+Also: the guard's exact recomputes per step and head on generic and on peaked logits, and the last step's error
+against the float64 batch forward relative to the output scale. ``floor``: the part of a step that no streaming can
+avoid here, out-projection + residual + norms + feed-forward of all n outputs (every output changes each step), timed
+alone; ``recompute / floor`` bounds the ratio any step can reach.
+
+    .venv/bin/python benchmarks/bench_retroactive.py [--n 64 256 1024] [--batch 1] [--threads 1] [--repeats 40]
 """
 
 from __future__ import annotations
@@ -18,28 +28,39 @@ from collections.abc import Callable
 
 import torch
 
+from streamtx.nn.lowered import retroactive_attention
 from streamtx.nn.retroactive import RetroactiveState, eRetroactiveEncoderLayer
-from streamtx.nn.transformer import EncoderLayerState, eTransformerEncoderLayer
+from streamtx.nn.transformer import eTransformerEncoderLayer
 from streamtx.symmetry import Representation, dihedral
 
 
-def best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Fastest of ``repeats`` calls of each function, in ms, the functions interleaved call by call so that load
-    from other processes hits all of them alike (the minimum is the least disturbed run)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float, float, float]]:
+    """p50, p99 and max wall time and p50 CPU time of this thread, in ms, of each function, the functions interleaved
+    call by call (a, b, a, b, ...) after two warm-up calls each. On a loaded machine a long call is preempted more
+    often than a short one, which inflates wall-time ratios; the thread's CPU time is not inflated that way."""
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
-        fn()  # warm-up
+        fn()
+        fn()
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * min(t) for name, t in times.items()}
+            wall[name].append(1e3 * (time.perf_counter() - start))
+            cpu[name].append(1e3 * (time.thread_time() - start_cpu))
+    out = {}
+    for name, t in wall.items():
+        t.sort()
+        c = sorted(cpu[name])
+        out[name] = (t[len(t) // 2], t[min(len(t) - 1, round(0.99 * (len(t) - 1)))], t[-1], c[len(c) // 2])
+    return out
 
 
-def filled(retro: eRetroactiveEncoderLayer, x: torch.Tensor) -> RetroactiveState | EncoderLayerState:
+def filled(retro: eRetroactiveEncoderLayer, x: torch.Tensor) -> RetroactiveState:
     """A state whose window already holds the first n tokens of ``x`` (entered as one block)."""
     state = retro.init_state(x.shape[0])
+    assert isinstance(state, RetroactiveState)
     retro.forward_step(x[:, : retro.window], state)
     return state
 
@@ -54,43 +75,63 @@ def recomputes_per_step(retro: eRetroactiveEncoderLayer, x: torch.Tensor) -> flo
     return (state.recomputed.sum().item() - before) / (steps * heads * x.shape[0])
 
 
+class Stepper:
+    """Steps one stream of ``x`` through ``fn(token (b, 1, D), state)``, one new token per call."""
+
+    def __init__(self, retro: eRetroactiveEncoderLayer, x: torch.Tensor, fn: Callable) -> None:
+        self.x, self.fn, self.state, self.next = x, fn, filled(retro, x), retro.window
+
+    def __call__(self) -> None:
+        self.fn(self.x[:, self.next : self.next + 1], self.state)
+        self.next += 1
+
+
 @torch.no_grad()
 def bench(n: int, layer: eTransformerEncoderLayer, peaked: eTransformerEncoderLayer, batch: int, repeats: int) -> dict:
     d = layer.in_rep.size
-    x = torch.randn(batch, n + 2 * repeats + 4, d, generator=torch.Generator().manual_seed(n))
-    retro, single = eRetroactiveEncoderLayer(layer, n), eRetroactiveEncoderLayer(layer, n, single_output=True)
-    state, single_state = filled(retro, x), filled(single, x)
-    next_pos = n  # the steppers below continue one stream
+    x = torch.randn(batch, n + 4 * repeats + 16, d, generator=torch.Generator().manual_seed(n))
+    retro = eRetroactiveEncoderLayer(layer, n).eval()
+    block, dense = retro.lower(), layer.lower()
+    heads, hd = layer.self_attn.num_heads, layer.self_attn.head_dim
+    window, pos = x[:, :n], torch.arange(n).expand(batch, n)
+    empty = torch.zeros(batch, 0, heads, hd)
 
-    def step() -> None:
-        nonlocal next_pos
-        retro.forward_step(x[:, next_pos], state)
-        next_pos += 1
+    def module_path(token: torch.Tensor, state: RetroactiveState) -> None:
+        layer.train()  # dropout is 0: the same numbers, module by module
+        retro.forward_step(token, state)
+        layer.eval()
 
-    def attention_update() -> None:  # the attention part of a step alone (what is O(n d) instead of O(n^2 d))
-        nonlocal next_pos
-        retro._enter(x[:, next_pos][:, None], state, None)
-        next_pos += 1
+    floor_state = filled(retro, x)
 
-    window, pos = x[:, :n], torch.arange(n)
-    row = best_ms(
+    def floor() -> None:  # what every step must redo for all n outputs
+        att, xs, _ = retroactive_attention(floor_state, None)
+        y = dense.norm1(xs + dense.attn.out(att))
+        dense.norm2(y + dense.ff(y))
+
+    assert retro.why_not_fast_path() == ""
+    row = timed(
         {
-            "batch": lambda: layer(window, src_pos=pos),
-            "step": step,
-            "batch_attn": lambda: layer.self_attn(window, window, window, need_weights=False),
-            "step_attn": attention_update,
-            "single": lambda: single.forward_step(x[:, n], single_state),
+            "module batch": lambda: layer(window, src_pos=pos),
+            "lowered batch": lambda: dense(window, pos, empty, empty, pos, None),  # type: ignore[arg-type]
+            "module path": Stepper(retro, x, module_path),
+            "step": Stepper(retro, x, lambda t, s: retro.forward_step(t, s)),
+            "lowered": Stepper(retro, x, block.step),
+            "floor": floor,
         },
         repeats,
     )
-    # Accuracy after all those steps (float32): the last step against the batch forward over its window.
-    y, _ = retro.forward_step(x[:, next_pos], state)
-    lo = next_pos - n + 1
-    ref = layer(x[:, lo : next_pos + 1], src_pos=torch.arange(lo, next_pos + 1))
-    row["error"] = ((y - ref).abs().max() / ref.abs().max()).item()
-    row["recompute"] = recomputes_per_step(retro, x)
-    row["recompute_peaked"] = recomputes_per_step(eRetroactiveEncoderLayer(peaked, n), x)
-    return row
+    # Accuracy after a long stream (float32): the last step against the float64 forward over its window.
+    state = filled(retro, x)
+    end = x.shape[1]
+    y = block.step(x[:, n:end], state)  # the rest of the stream, n tokens at a time
+    reference = copy.deepcopy(layer).double()
+    ref = reference(x[:, end - n : end].double(), src_pos=torch.arange(end - n, end))
+    return {
+        **row,
+        "error": ((y.double() - ref).abs().max() / ref.abs().max()).item(),
+        "recompute": recomputes_per_step(retro, x[:, : n + 2 * n // 4 + 8]),
+        "recompute_peaked": recomputes_per_step(eRetroactiveEncoderLayer(peaked, n).eval(), x[:, : n + n // 2 + 8]),
+    }
 
 
 def main() -> None:
@@ -99,7 +140,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8, help="regular copies of D4 (D = 8 * copies)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1, help="independent streams stepped together")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per measurement (best of)")
+    parser.add_argument("--repeats", type=int, default=40, help="timed calls per column")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,23 +152,33 @@ def main() -> None:
         peaked.self_attn.q_proj.weight.mul_(60.0)  # logits of ~100: rows dominated by one key
     print(
         f"eRetroactiveEncoderLayer, D4 x {args.copies} copies (D = {rep.size}), {args.heads} heads, "
-        f"ff = {4 * rep.size}, batch {args.batch}, float32, {args.threads} thread(s), "
-        f"best of {args.repeats} interleaved calls"
+        f"ff = {4 * rep.size}, batch {args.batch}, float32, {args.threads} thread(s), torch {torch.__version__}, "
+        f"{args.repeats} interleaved calls per column; ms p50 / p99 / max"
     )
-    print("times in ms; 'attn': attention part only; recomputes: guard's exact rows per step and head")
-    header = (
-        f"{'n':>5} | {'batch':>7} | {'step':>7} | {'ratio':>6} | {'batch attn':>10} | {'step attn':>9} | "
-        f"{'ratio':>6} | {'single':>7} | {'recomp':>6} | {'peaked':>6} | {'rel err':>8}"
-    )
+    columns = ["module batch", "lowered batch", "module path", "step", "lowered", "floor"]
+    header = f"{'n':>5} | " + " | ".join(f"{c:>18}" for c in columns)
+    header += " | step x | lowered x | ceiling | cpu: step x | lowered x | ceiling | recomp | peaked | rel err"
     print(header)
     print("-" * len(header))
     for n in args.n:
         r = bench(n, layer, peaked, args.batch, args.repeats)
+        cells = " | ".join(f"{r[c][0]:.3g} / {r[c][1]:.3g} / {r[c][2]:.3g}".rjust(18) for c in columns)
+        ratios = []
+        for k in (0, 3):  # wall p50, CPU p50
+            recompute = min(r["module batch"][k], r["lowered batch"][k])
+            ratios.append(
+                f"{recompute / r['step'][k]:5.2f}x | {recompute / r['lowered'][k]:8.2f}x | "
+                f"{recompute / r['floor'][k]:6.2f}x"
+            )
         print(
-            f"{n:>5} | {r['batch']:7.3f} | {r['step']:7.3f} | {r['batch'] / r['step']:5.1f}x | "
-            f"{r['batch_attn']:10.3f} | {r['step_attn']:9.3f} | {r['batch_attn'] / r['step_attn']:5.1f}x | "
-            f"{r['single']:7.3f} | {r['recompute']:6.2f} | {r['recompute_peaked']:6.2f} | {r['error']:8.1e}"
+            f"{n:>5} | {cells} | {ratios[0]} | {ratios[1]:>30} | {r['recompute']:6.2f} | "
+            f"{r['recompute_peaked']:6.2f} | {r['error']:7.1e}"
         )
+    print(
+        "step x / lowered x: the faster recompute's p50 over the step's p50 (wall time, then the thread's CPU time); "
+        "ceiling: over the floor's p50 (the most any full-window step can gain here); recomp / peaked: guard "
+        "recomputes per step and head"
+    )
 
 
 if __name__ == "__main__":

@@ -1,38 +1,91 @@
 """Streaming vs recomputing, on CPU, measured side by side in one run.
 
-(1) Per-token cost: ``forward_step`` of one new token against the ring cache vs the batch forward over the whole window
-    (what a non-streaming model recomputes for each new token), for W = 64, 256, 1024, one layer and a 4-layer stack.
+(1) Per-token cost: one new token per stream against the ring cache vs the batch forward over the whole window (what a
+    non-streaming model recomputes for each new token), for W = 64, 256, 1024, one layer and a 4-layer stack. Steps:
+    the module's ``forward_step`` and the lowered layers' ``EncoderLayer.step`` over the same ring (dense weights,
+    fused q/k/v, no module dispatch); recompute: the faster (by p50) of the module's batch forward and the lowered
+    stack over the window, both with the band-causal mask. ms per call p50 / p99 / max, calls interleaved.
 (2) Control step (new observation -> action chunk, K = 10 Euler steps) of ``StreamingPolicy`` vs recomputing the batch
     ``eCondTransformerRegressor`` (encoder over the window + decoder) for every denoising step, robot-sized config:
     D4, embedding 128, 4 decoder + 2 encoder layers, Tx = 16, 32 observation tokens.
-Usage: python benchmarks/bench_streaming.py [--threads 1] [--repeats 20]
+Usage: python benchmarks/bench_streaming.py [--threads 1] [--repeats 20] [--streams 1 8] [--layers 1 4]
+       [--windows 64 256 1024] [--no-control]
 """
 
 from __future__ import annotations
 
+import argparse
+import time
+from collections.abc import Callable
+
 import torch
-from timing import median_ms, setup
+from timing import median_ms
 
 from streamtx.models import eCondTransformerRegressor
 from streamtx.nn import causal_window_mask, eTransformerEncoder, eTransformerEncoderLayer
 from streamtx.policy import FlowMatchingSampler, StreamingPolicy
 from streamtx.symmetry import Representation, dihedral
 
+Times = tuple[float, float, float, float]  # wall p50, p99, max; CPU p50 (ms)
 
-def per_token(rep: Representation, depth: int, window: int, repeats: int, batch: int) -> tuple[float, float]:
+
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, Times]:
+    """p50, p99 and max wall time and p50 CPU time of this thread, in ms, of each function, interleaved call by call
+    after three warm-up calls (CPU time: a loaded machine preempts long calls more often than short ones, which
+    inflates wall-time ratios, not CPU-time ones)."""
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            fn()
+            wall[name].append(1e3 * (time.perf_counter() - start))
+            cpu[name].append(1e3 * (time.thread_time() - start_cpu))
+    out = {}
+    for name, t in wall.items():
+        t.sort()
+        c = sorted(cpu[name])
+        out[name] = (t[len(t) // 2], t[min(len(t) - 1, round(0.99 * (len(t) - 1)))], t[-1], c[len(c) // 2])
+    return out
+
+
+def per_token(rep: Representation, depth: int, window: int, repeats: int, batch: int) -> dict[str, Times]:
     layer = eTransformerEncoderLayer(
         rep, 4, 4 * rep.size, dropout=0.0, batch_first=True, norm_first=True, positional="rope"
     )
     enc = eTransformerEncoder(layer, depth).eval()
+    blocks = [layer.lower() for layer in enc.layer_list]
+    stack = enc.lower(window=window)
+    heads, hd = layer.self_attn.num_heads, layer.self_attn.head_dim
     x = torch.randn(batch, window, rep.size)
     mask = causal_window_mask(window, window)
-    state = enc.init_state(batch, window=window)
+    pos = torch.arange(window).expand(batch, window)
+    empty = torch.zeros(batch, 0, depth, heads, hd)
+    state, lowered_state = enc.init_state(batch, window=window), enc.init_state(batch, window=window)
+    caches = [s.self_attn.cache for s in lowered_state.layers]
+
+    def lowered_step(token: torch.Tensor) -> torch.Tensor:
+        for block, cache in zip(blocks, caches):
+            token = block.step(token, cache, window)
+        return token
+
     with torch.no_grad():
         for t in range(window):  # a full ring: every step attends to W cached tokens
             enc.forward_step(x[:, t], state)
+        lowered_step(x)
         token = x[:, -1]
-        t = median_ms({"step": lambda: enc.forward_step(token, state), "recompute": lambda: enc(x, mask=mask)}, repeats)
-    return t["step"], t["recompute"]
+        return timed(
+            {
+                "step": lambda: enc.forward_step(token, state),
+                "lowered": lambda: lowered_step(token[:, None]),
+                "module batch": lambda: enc(x, mask=mask),
+                "lowered batch": lambda: stack(x, pos, empty, empty, empty[:, :, 0, 0, 0].long()),
+            },
+            repeats,
+        )
 
 
 def control_step(repeats: int) -> tuple[float, float, int]:
@@ -72,19 +125,49 @@ def control_step(repeats: int) -> tuple[float, float, int]:
     return t["stream"], t["recompute"], sampler.num_evaluations
 
 
+def fmt(t: Times) -> str:
+    return f"{t[0]:.3g} / {t[1]:.3g} / {t[2]:.3g}"
+
+
 def main() -> None:
-    args = setup(__doc__, repeats=20)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--windows", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--no-control", action="store_true", help="skip (2), the control step")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
     rep = Representation.regular(dihedral(4), 16)  # D = 128
-    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU, D4, D=128, median of {args.repeats} runs")
-    print("(1) one new token per stream: forward_step vs recomputing the window")
-    print(f"{'streams':>7} {'layers':>6} {'W':>5} {'step ms':>9} {'recompute ms':>13} {'speed-up':>9}")
-    for batch in (1, 8):
-        for depth in (1, 4):
-            for window in (64, 256, 1024):
-                step, full = per_token(rep, depth, window, args.repeats, batch)
-                print(f"{batch:>7} {depth:>6} {window:>5} {step:>9.3f} {full:>13.3f} {full / step:>8.1f}x")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU, D4, D=128, {args.repeats} interleaved calls")
+    print("(1) one new token per stream vs recomputing the window; ms p50 / p99 / max; speed-ups of p50s")
+    header = (
+        f"{'streams':>7} {'layers':>6} {'W':>5} {'step':>20} {'lowered step':>20} {'recompute':>22} "
+        f"{'step x':>7} {'lowered x':>9} {'cpu: step x':>11} {'lowered x':>9}"
+    )
+    print(header)
+    for batch in args.streams:
+        for depth in args.layers:
+            for window in args.windows:
+                t = per_token(rep, depth, window, args.repeats, batch)
+                which = min(("module batch", "lowered batch"), key=lambda k: t[k][0])
+                full, cpu = t[which][0], min(t["module batch"][3], t["lowered batch"][3])
+                print(
+                    f"{batch:>7} {depth:>6} {window:>5} {fmt(t['step']):>20} {fmt(t['lowered']):>20} "
+                    f"{fmt(t[which]) + (' m' if which == 'module batch' else ' l'):>22} "
+                    f"{full / t['step'][0]:>6.1f}x {full / t['lowered'][0]:>8.1f}x "
+                    f"{cpu / t['step'][3]:>10.1f}x {cpu / t['lowered'][3]:>8.1f}x"
+                )
+    print(
+        "recompute: m = the module's batch forward, l = the lowered stack, whichever has the lower p50; "
+        "cpu: the same ratios of the thread's CPU-time p50s"
+    )
+    if args.no_control:
+        return
     stream, full, evals = control_step(args.repeats)
-    print(f"(2) control step, robot config, K = {evals} denoiser evaluations")
+    print(f"(2) control step, robot config, K = {evals} denoiser evaluations (medians)")
     print(f"{'StreamingPolicy ms':>19} {'recompute ms':>13} {'speed-up':>9}")
     print(f"{stream:>19.2f} {full:>13.2f} {full / stream:>8.1f}x")
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import add_norm, attention, norm
-from .state import additive_mask, band_mask
+from .state import RingCache, Rows, StreamState, additive_mask, band_mask
 
 __all__ = [
     "Affine",
@@ -36,6 +36,11 @@ __all__ = [
     "Attention",
     "EncoderLayer",
     "Encoder",
+    "RetroactiveEncoderLayer",
+    "RetroactiveState",
+    "retroactive_enter",
+    "retroactive_attention",
+    "window_order",
     "DecoderLayer",
     "Decoder",
     "lowered",
@@ -241,6 +246,32 @@ class Attention:
             raise NotImplementedError("Attention: self-attention needs key_rep and value_rep equal to in_rep")
         return self._split(self.qkv(x), 3)
 
+    def project_self(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Encoded per-head queries, keys and values ``(b, S, H, hd)`` of tokens ``x (b, S, D)`` at ``pos (b, S)``
+        (one fused matmul; queries and keys encoded in one call)."""
+        qkv = self._fused(x)
+        qk = self.positional.encode(qkv[:, :, :2], pos)
+        return qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+
+    def over_cache(self, x: Tensor, cache: RingCache, window: int, rows: Tensor | None = None) -> Tensor:
+        """One streaming step of self-attention for new tokens ``x (b, S, D)`` of rows ``rows`` over the ring of
+        an ``eMultiheadAttention``'s state (``cache.data`` ``k, v (B, C, H, hd)``, encoded): the tokens' keys and
+        values enter the ring (in place), then each token attends to the keys that ``band_mask(pos, key_pos,
+        window)`` allows, itself included. Returns ``(b, S, D)``; the ring must take the ``S`` tokens, ``S <=
+        cache.capacity - (window - 1)``."""
+        pos = cache.positions(rows)[:, None] + torch.arange(x.shape[1], device=x.device)
+        q, k, v = self.project_self(x, pos)
+        cache.append({"k": k, "v": v}, rows)
+        data, key_pos = cache.read(rows)
+        if x.shape[1] == 1 and cache.capacity == window:  # the ring holds only the window: every filled slot is seen
+            mask = (key_pos >= 0)[:, None, None]  # band_mask(pos, key_pos, window) here, in one kernel
+        else:
+            mask = band_mask(pos, key_pos, window)[:, None]  # boolean (True = attend): no additive mask to build
+        bias = self.positional.score_bias(pos, key_pos)
+        if bias is not None:
+            mask = additive_mask(mask, q.dtype) + bias.to(q.dtype)
+        return self.out(attention(q.transpose(1, 2), data["k"].transpose(1, 2), data["v"].transpose(1, 2), mask))
+
     def over_ring(
         self, x: Tensor, pos: Tensor, ring_k: Tensor, ring_v: Tensor, key_pos: Tensor, mask: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -305,6 +336,22 @@ class EncoderLayer:
         a, k, v = self.attn.over_ring(x, pos, ring_k, ring_v, key_pos, mask)
         x = self.norm1(x + a)
         return self.norm2(x + self.ff(x)), k, v
+
+    def step(self, x: Tensor, cache: RingCache, window: int, rows: Tensor | None = None) -> Tensor:
+        """Causal-window streaming over the ring of an ``eTransformerEncoderLayer``'s state
+        (``EncoderLayerState.self_attn.cache``, updated in place): new tokens ``x (b, S, D)`` of rows ``rows``
+        (``None``: all) -> their outputs ``(b, S, D)``, what the module's ``forward_step`` returns (steps of more
+        tokens than the ring takes at once run in chunks, as there)."""
+        chunk = cache.capacity - (window - 1)
+        if x.shape[1] > chunk:
+            return torch.cat(
+                [self.step(x[:, i : i + chunk], cache, window, rows) for i in range(0, x.shape[1], chunk)], 1
+            )
+        if self.norm_first:
+            x = x + self.attn.over_cache(self.norm1(x), cache, window, rows)
+            return x + self.ff(self.norm2(x))
+        x = self.norm1(x + self.attn.over_cache(x, cache, window, rows))
+        return self.norm2(x + self.ff(x))
 
 
 @dataclass(frozen=True, eq=False)
@@ -424,3 +471,228 @@ class Decoder:
                 x, h, memory_k[i], memory_v[i], memory_masks[i], self_offsets[i], cross_offsets[i], thens[i], fused
             )
         return h
+
+
+# ---------------------------------------------------------------------------------------------------- full window
+def window_slots(cache: RingCache, rows: Rows = None) -> Tensor:
+    """Ring slots of a full window, oldest token first: ``(b, n)``. The slot of output ``j`` holds position
+    ``next_pos - n + j``; before the window is full those slots are still empty, which gives left padding."""
+    n = cache.capacity
+    return (cache.positions(rows)[:, None] + torch.arange(n, device=cache.device)) % n
+
+
+@dataclass
+class RetroactiveState(StreamState):
+    """Streaming state of ``eRetroactiveEncoderLayer`` and of its lowered :class:`RetroactiveEncoderLayer` (one
+    layout: a session moves between the two), batch first, in the accumulator dtype (float32 for half precision).
+
+    ``cache``: ring of ``n`` slots holding each window token's layer input ``x (D,)`` and encoded ``q, k, v (H, hd)``.
+    Per slot, the softmax bookkeeping of that token's query row: shift ``m``, shifted denominator ``l`` and removed
+    mass ``r`` ``(B, n, H)``, shifted numerator ``acc (B, n, H, hd)``. ``recomputed (B,)`` counts the (query row,
+    head) pairs the cancellation guard recomputed exactly since the last reset (new tokens' rows not counted).
+    """
+
+    cache: RingCache
+    m: Tensor
+    l: Tensor
+    r: Tensor
+    acc: Tensor
+    recomputed: Tensor
+
+    @property
+    def window(self) -> int:
+        return self.cache.capacity
+
+    def window_positions(self, rows: Rows = None) -> Tensor:
+        """Stream positions of the tokens whose outputs the last step returned, oldest first, ``(b, n)``; ``-1``
+        marks the padding before the window is full."""
+        return self.cache.read(rows)[1].gather(1, window_slots(self.cache, rows))
+
+
+ScoreBias = Callable[[Tensor, Tensor], Tensor | None]
+"""A positional backend's ``score_bias(q_pos (b, Lq), k_pos (b, Lk)) -> (b, H, Lq, Lk) | None`` (the module's and the
+lowered table's have this one signature)."""
+
+
+def _per_head(t: Tensor, eye: Tensor) -> Tensor:
+    """Per-head vectors ``t (b, L, H, hd)`` as a head-block-diagonal matrix ``(b, H * L, H * hd)``: row ``(h, j)``
+    holds ``t[:, j, h]`` in the columns of head ``h``, zeros elsewhere. It ``@ ring.flatten(2).mT`` gives every
+    head's dot products with a ring ``(b, n, H, hd)``, ``(b, H, L, n)``, in one matmul over the ring's contiguous
+    features (no per-head copy of the ring; ``L`` is a few tokens, so the ``H``-fold zeros cost less than the copy,
+    and a few rows times ``n`` columns is a shape BLAS runs fast). ``eye``: the ``(H, H)`` identity."""
+    b, length, heads, hd = t.shape
+    return (t.transpose(1, 2)[:, :, :, None] * eye[:, None, :, None]).reshape(b, heads * length, heads * hd)
+
+
+def _exact_block(
+    q: Tensor, q_pos: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, score_bias: ScoreBias, eye: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact softmax bookkeeping of a few queries ``q (b, S, H, hd)`` at ``q_pos (b, S)`` over every filled slot of a
+    ring ``k, v (b, n, H, hd)`` at ``k_pos (b, n)`` (``-1``: empty): shift ``m``, denominator ``l`` ``(b, S, H)``,
+    numerator ``acc (b, S, H, hd)``."""
+    b, s, heads, hd = q.shape
+    logits = (_per_head(q, eye) @ k.flatten(2).mT).view(b, heads, s, -1) * hd**-0.5  # (b, H, S, n)
+    bias = score_bias(q_pos, k_pos)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    logits = logits.masked_fill((k_pos < 0)[:, None, None], float("-inf"))
+    m = logits.amax(-1, keepdim=True)
+    e = torch.exp(logits - m)
+    acc = (e.flatten(1, 2) @ v.flatten(2)).view(b, heads, s, heads, hd).diagonal(dim1=1, dim2=3)  # (b, S, hd, H)
+    return m[..., 0].transpose(1, 2), e.sum(-1).transpose(1, 2), acc.transpose(2, 3)
+
+
+def _exact_rows(
+    data: dict[str, Tensor],
+    pos: Tensor,
+    which: tuple[Tensor, Tensor, Tensor],
+    stats: tuple[Tensor, Tensor, Tensor, Tensor],
+    score_bias: ScoreBias,
+) -> None:
+    """Recompute exactly, in place in ``stats = (m, l, r, acc)``, the (batch, slot, head) rows ``which`` over every
+    key in the window."""
+    bi, ni, hi = which
+    m, l, r, acc = stats
+    q = data["q"][bi, ni, hi]  # (R, hd)
+    s = (q[:, None] * data["k"][bi, :, hi]).sum(-1) * q.shape[-1] ** -0.5  # (R, n)
+    bias = score_bias(pos[bi, ni][:, None], pos[bi])  # (R, H, 1, n): every head, keep each row's own
+    if bias is not None:
+        s = s + bias[torch.arange(bi.numel(), device=s.device), hi, 0].to(s.dtype)
+    s = s.masked_fill(pos[bi] < 0, float("-inf"))  # empty slots (warm-up)
+    m_row = s.amax(-1)
+    e = torch.exp(s - m_row[:, None])
+    m[bi, ni, hi], l[bi, ni, hi], r[bi, ni, hi] = m_row, e.sum(-1), 0.0
+    acc[bi, ni, hi] = (e[..., None] * data["v"][bi, :, hi]).sum(1)
+
+
+def retroactive_enter(
+    state: RetroactiveState,
+    x: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    rows: Tensor | None,
+    score_bias: ScoreBias,
+    recompute_threshold: float,
+) -> None:
+    """Enter ``S <= n`` tokens into a full window, in place: layer inputs ``x (b, S, D)``, encoded ``q, k, v (b, S,
+    H, hd)`` at positions ``pos (b, S)`` (the rows' next ones) of rows ``rows`` (``None``: all). The one
+    implementation of the retroactive update (``streamtx.nn.retroactive`` states its invariants): the surviving query
+    rows slide (``S`` keys leave in the row's frame, ``S`` arrive with the online-softmax rescale), then the new
+    tokens' rows and the rows the cancellation guard flags are computed exactly.
+
+    Written for few kernels over contiguous memory (a step costs kernel launches and memory passes, not flops):
+    every product with the ring is one matmul over its features (:func:`_per_head`)."""
+    cache, n = state.cache, state.window
+    b, s = pos.shape
+    slots = pos % n
+    data, ring_pos = cache.read(rows)
+    batch = torch.arange(b, device=pos.device)[:, None]
+    k, v = k.to(data["k"].dtype), v.to(data["v"].dtype)
+    moving_k = torch.cat((data["k"][batch, slots], k), 1)  # S leave, S arrive: (b, 2S, H, hd)
+    moving_v = torch.cat((data["v"][batch, slots], v), 1)
+    moving_pos = torch.cat((ring_pos[batch, slots], pos), 1)
+    cache.append({"x": x, "q": q, "k": k, "v": v}, rows)
+    if rows is None:  # all rows: views that see the append
+        m, l, r, acc = state.m, state.l, state.r, state.acc
+    else:  # read() copied the rows
+        data, ring_pos = cache.read(rows)
+        m, l, r, acc = (t[rows] for t in (state.m, state.l, state.r, state.acc))
+
+    # Slide the survivors (rows in the window before and after this step), per head: logits (b, H, 2S, n).
+    survivor = ((ring_pos >= 0) & (ring_pos < pos[:, :1]))[:, None, None]  # (b, 1, 1, n)
+    heads, hd = q.shape[2:]
+    eye = torch.eye(heads, dtype=acc.dtype, device=acc.device)
+    logits = (_per_head(moving_k, eye) @ data["q"].flatten(2).mT).view(b, heads, 2 * s, n) * hd**-0.5
+    bias = score_bias(ring_pos, moving_pos)
+    if bias is not None:
+        logits = logits + bias.transpose(2, 3).to(logits.dtype)
+    m, l, r = (t.transpose(1, 2)[:, :, None] for t in (m, l, r))  # (b, H, 1, n)
+    s_old, s_new = logits[:, :, :s], logits[:, :, s:]
+    keep = survivor & (moving_pos[:, :s] >= 0)[:, None, :, None]  # the leaving slot held a token
+    e_old = torch.where(keep, torch.exp(s_old - m), 0.0)  # exponents <= 0: m_i bounds its row
+    s_new = torch.where(survivor, s_new, float("-inf"))  # rows that are new or empty gain nothing
+    m_new = torch.maximum(m, s_new.amax(2, keepdim=True))
+    alpha = torch.exp(m - m_new)
+    e_new = torch.exp(s_new - m_new)
+    removed = e_old.sum(2, keepdim=True)
+    weights = torch.cat((e_old * -alpha, e_new), 2)  # (acc - e_old v_old) alpha + e_new v_new
+    moved = (weights.flatten(1, 2).mT @ _per_head(moving_v, eye)).view(acc.shape)
+    acc = torch.addcmul(moved, acc, alpha[:, :, 0].transpose(1, 2)[..., None])
+    l, r = (l - removed) * alpha + e_new.sum(2, keepdim=True), (r + removed) * alpha
+    m, l, r = (t[:, :, 0].transpose(1, 2) for t in (m_new, l, r))  # (b, n, H), views
+    flagged = survivor[:, 0, 0, :, None] & ~(recompute_threshold * l >= r)  # NaN or l <= 0 also recompute
+
+    # The new tokens' rows, exactly, as one block; then the flagged rows (rare: O(1) per step on generic data).
+    m[batch, slots], l[batch, slots], acc[batch, slots] = _exact_block(
+        q.to(acc.dtype), pos, data["k"], data["v"], ring_pos, score_bias, eye
+    )
+    r[batch, slots] = 0.0
+    if bool(flagged.any()):
+        bi, ni, hi = flagged.nonzero(as_tuple=True)
+        _exact_rows(data, ring_pos, (bi, ni, hi), (m, l, r, acc), score_bias)
+
+    if rows is None:  # new tensors: no copy back
+        state.m, state.l, state.r, state.acc = m, l, r, acc
+        state.recomputed += flagged.sum((1, 2))
+    else:
+        for target, value in zip((state.m, state.l, state.r, state.acc), (m, l, r, acc)):
+            target[rows] = value
+        state.recomputed[rows] += flagged.sum((1, 2))
+
+
+def retroactive_attention(state: RetroactiveState, rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The window's attention outputs ``acc / l`` with heads merged ``(b, n, H * hd)``, the layer inputs ``x (b, n,
+    D)`` and the empty slots ``(b, n, 1)``, all in slot order (zeros, not ``0 / 0``, where no token is yet)."""
+    data, pos = state.cache.read(rows)
+    index = slice(None) if rows is None else rows
+    empty = (pos < 0)[..., None]
+    att = state.acc[index] / state.l[index].masked_fill(empty, 1.0)[..., None]
+    return att.flatten(2), data["x"], empty
+
+
+def window_order(y: Tensor, state: RetroactiveState, rows: Tensor | None) -> Tensor:
+    """Per-slot outputs ``y (b, n, D)`` as the window, oldest first, zeros where no token is yet."""
+    y = y.masked_fill(state.cache.read(rows)[1][..., None] < 0, 0)
+    return y.gather(1, window_slots(state.cache, rows)[..., None].expand(-1, -1, y.shape[-1]))
+
+
+@dataclass(frozen=True, eq=False)
+class RetroactiveEncoderLayer:
+    """Full-window (retroactive) streaming of a lowered :class:`EncoderLayer` over the module's
+    :class:`RetroactiveState`: every token of the last ``window`` attends to all of them, a step returns all their
+    outputs. Dense weights, one fused q/k/v matmul per step; the update is :func:`retroactive_enter`."""
+
+    layer: EncoderLayer
+    window: int
+    recompute_threshold: float
+
+    def enter(self, x: Tensor, state: RetroactiveState, rows: Tensor | None = None) -> None:
+        """Enter ``S <= window`` tokens ``x (b, S, D)`` of rows ``rows`` (``None``: all), in place."""
+        attn = self.layer.attn
+        pos = state.cache.positions(rows)[:, None] + torch.arange(x.shape[1], device=x.device)
+        h = self.layer.norm1(x) if self.layer.norm_first else x  # the attention block's input
+        q, k, v = attn.project_self(h, pos)
+        retroactive_enter(state, x, q, k, v, pos, rows, attn.positional.score_bias, self.recompute_threshold)
+
+    def outputs(self, state: RetroactiveState, rows: Tensor | None = None) -> Tensor:
+        """The layer's outputs over the window, oldest first ``(b, n, D)``."""
+        att, x, _ = retroactive_attention(state, rows)
+        layer = self.layer
+        dtype = layer.attn.out.weight.dtype
+        a, x = layer.attn.out(att.to(dtype)), x.to(dtype)
+        if layer.norm_first:
+            y = x + a
+            y = y + layer.ff(layer.norm2(y))
+        else:
+            y = layer.norm1(x + a)
+            y = layer.norm2(y + layer.ff(y))
+        return window_order(y, state, rows)
+
+    def step(self, x: Tensor, state: RetroactiveState, rows: Tensor | None = None) -> Tensor:
+        """New tokens ``x (b, S, D)`` (any ``S``: entered ``window`` at a time) -> the window's outputs ``(b, n,
+        D)``: what ``eRetroactiveEncoderLayer.forward_step`` returns."""
+        for start in range(0, x.shape[1], self.window):
+            self.enter(x[:, start : start + self.window], state, rows)
+        return self.outputs(state, rows)

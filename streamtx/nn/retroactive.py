@@ -21,14 +21,20 @@ that of a sum without cancellation.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from .state import RingCache, Rows, StreamState
+from .linear import WeightCache
+from .lowered import (
+    RetroactiveEncoderLayer,
+    RetroactiveState,
+    retroactive_attention,
+    retroactive_enter,
+    window_order,
+)
+from .state import RingCache, Rows
 from .transformer import EncoderLayerState, eTransformerEncoderLayer
 
 __all__ = ["eRetroactiveEncoderLayer", "RetroactiveState", "accumulator_dtype"]
@@ -39,40 +45,6 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     sums take up to ``2n`` additions and subtractions; in 8 or 11 mantissa bits they would drift by percents, as in
     flash attention, softmax statistics are kept in float32), else ``dtype`` itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _window_slots(cache: RingCache, rows: Rows) -> Tensor:
-    """Ring slots of the window, oldest token first: ``(b, n)``. Slot of output ``j`` holds position
-    ``next_pos - n + j``; before the window is full those slots are still empty, which gives left padding."""
-    n = cache.capacity
-    return (cache.positions(rows)[:, None] + torch.arange(n, device=cache.device)) % n
-
-
-@dataclass
-class RetroactiveState(StreamState):
-    """Streaming state of :class:`eRetroactiveEncoderLayer`, batch first, in :func:`accumulator_dtype`.
-
-    ``cache``: ring of ``n`` slots holding each window token's layer input ``x (D,)`` and encoded ``q, k, v (H, hd)``.
-    Per slot, the softmax bookkeeping of that token's query row: shift ``m``, shifted denominator ``l`` and removed
-    mass ``r`` ``(B, n, H)``, shifted numerator ``acc (B, n, H, hd)``. ``recomputed (B,)`` counts the (query row,
-    head) pairs the cancellation guard recomputed exactly since the last reset (new tokens' rows not counted).
-    """
-
-    cache: RingCache
-    m: Tensor
-    l: Tensor
-    r: Tensor
-    acc: Tensor
-    recomputed: Tensor
-
-    @property
-    def window(self) -> int:
-        return self.cache.capacity
-
-    def window_positions(self, rows: Rows = None) -> Tensor:
-        """Stream positions of the tokens whose outputs the last step returned, oldest first, ``(b, n)``; ``-1``
-        marks the padding before the window is full."""
-        return self.cache.read(rows)[1].gather(1, _window_slots(self.cache, rows))
 
 
 class eRetroactiveEncoderLayer(nn.Module):
@@ -97,6 +69,11 @@ class eRetroactiveEncoderLayer(nn.Module):
     residual, norms and feed-forward depend on the updated attention of every token, so they run on all ``n`` outputs
     each step (O(n d^2), as in continual-inference). Only a first layer can stream this way: a deeper layer's inputs
     all change every step, so it needs a recompute.
+
+    Fast path: at inference (the layer in ``eval()``, no gradient needed) a step runs through the lowered block of
+    :meth:`lower` (dense weights, one fused q/k/v matmul, no module dispatch; rebuilt when a parameter changes), over
+    the same state; :meth:`why_not_fast_path` says why not otherwise. Both run one update,
+    :func:`~streamtx.nn.lowered.retroactive_enter`.
 
     ``single_output=True``: a step returns only the new tokens' outputs ``(B, D)``, which equal the last row of the
     full-window output, and are exactly the causal-window streaming of :meth:`eTransformerEncoderLayer.forward_step`
@@ -131,6 +108,8 @@ class eRetroactiveEncoderLayer(nn.Module):
             )
         self.layer, self.window = layer, window
         self.single_output, self.recompute_threshold = bool(single_output), float(recompute_threshold)
+        self._layer_modules = tuple(layer.modules())  # what the lowered block is built from (fixed structure)
+        self._lowered = WeightCache()
 
     def forward(self, src: Tensor, src_pos: Tensor | None = None) -> Tensor:
         """The batch reference: the layer's forward with full attention over ``src`` (the layer's batch convention).
@@ -180,9 +159,13 @@ class eRetroactiveEncoderLayer(nn.Module):
                 "forward_step: the retroactive update never forms attention weights, so attention "
                 "dropout cannot be applied; call .eval() (or use dropout=0)"
             )
+        index = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=state.m.device)
+        if not self.why_not_fast_path():
+            block = cast(RetroactiveEncoderLayer, self._lowered.get(self._layer_modules, lambda: (self.lower(),))[0])
+            return block.step(xs, state, index), state
         for start in range(0, xs.shape[1], self.window):
-            self._enter(xs[:, start : start + self.window], state, rows)
-        return self._window_outputs(state, rows), state
+            self._enter(xs[:, start : start + self.window], state, index)
+        return self._window_outputs(state, index), state
 
     def forward_steps(
         self, x: Tensor, state: RetroactiveState | EncoderLayerState, /, *, rows: Rows = None
@@ -223,118 +206,44 @@ class eRetroactiveEncoderLayer(nn.Module):
                 raise TypeError(f"state: expected dtype {accumulator_dtype(x.dtype)} for {x.dtype} inputs, got {acc}")
         return x[:, None] if x.dim() == 2 else x
 
-    def _logits(self, q: Tensor, k: Tensor, equation: str) -> Tensor:
-        return torch.einsum(equation, q, k) * (1.0 / math.sqrt(self.layer.self_attn.head_dim))
-
-    def _bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
-        """The positional backend's logit bias as ``(b, Lq, H, Lk)``, or ``None``."""
-        bias = self.layer.self_attn.positional.score_bias(q_pos, k_pos)
-        return None if bias is None else bias.transpose(1, 2)
-
-    def _enter(self, x: Tensor, state: RetroactiveState, rows: Rows) -> None:
-        """Enter ``S <= n`` tokens ``x (b, S, D)``: slide the surviving query rows (``S`` keys leave, ``S`` arrive),
-        then compute exactly the new rows and the rows the guard flags."""
-        cache, attn, n = state.cache, self.layer.self_attn, self.window
-        b, s, _ = x.shape
-        start = cache.positions(rows).clone()  # append advances it in place
-        new_pos = start[:, None] + torch.arange(s, device=x.device)
-        new_slots = new_pos % n
+    def _enter(self, x: Tensor, state: RetroactiveState, rows: Tensor | None) -> None:
+        """Enter ``S <= n`` tokens ``x (b, S, D)`` through the module's own projections (differentiable)."""
+        attn = self.layer.self_attn
+        pos = state.cache.positions(rows)[:, None] + torch.arange(x.shape[1], device=x.device)
         h = cast(nn.Module, self.layer.norm1)(x) if self.layer.norm_first else x  # the attention block's input
-        q = attn.project_query(h, new_pos).transpose(1, 2)
-        k, v = (t.transpose(1, 2) for t in attn.project_kv(h, h, new_pos))  # (b, S, H, hd)
+        q = attn.project_query(h, pos).transpose(1, 2)
+        k, v = (t.transpose(1, 2) for t in attn.project_kv(h, h, pos))  # (b, S, H, hd)
+        retroactive_enter(state, x, q, k, v, pos, rows, attn.positional.score_bias, self.recompute_threshold)
 
-        data, pos = cache.read(rows)
-        batch = torch.arange(b, device=x.device)[:, None]
-        moving = {
-            "k": torch.cat([data["k"][batch, new_slots], k.to(data["k"].dtype)], 1),  # S leave, S arrive
-            "v": torch.cat([data["v"][batch, new_slots], v.to(data["v"].dtype)], 1),
-            "pos": torch.cat([pos[batch, new_slots], new_pos], 1),
-        }
-        cache.append({"x": x, "q": q, "k": k, "v": v}, rows)
-        data, pos = cache.read(rows)
-
-        index = slice(None) if rows is None else torch.as_tensor(rows, device=x.device)
-        stats = [t[index] for t in (state.m, state.l, state.r, state.acc)]
-        survivor = ((pos >= 0) & (pos < start[:, None]))[..., None]  # in the window before and after: (b, n, 1)
-        m, l, r, acc = self._slide(data["q"], pos, survivor, moving, *stats)
-        flagged = survivor & ~(self.recompute_threshold * l >= r)  # negated so that NaN or l <= 0 also recompute
-        exact = flagged.clone()
-        exact[batch, new_slots] = True
-        bi, ni, hi = exact.nonzero(as_tuple=True)  # exact is (b, n, H)
-        self._exact_rows(data, pos, (bi, ni, hi), m, l, r, acc)
-
-        if rows is None:  # new tensors: no copy back
-            state.m, state.l, state.r, state.acc = m, l, r, acc
-        else:
-            for target, value in zip((state.m, state.l, state.r, state.acc), (m, l, r, acc)):
-                target[index] = value
-        state.recomputed[index] += flagged.sum((1, 2))
-
-    def _slide(
-        self,
-        q: Tensor,
-        pos: Tensor,
-        survivor: Tensor,
-        moving: dict[str, Tensor],
-        m: Tensor,
-        l: Tensor,
-        r: Tensor,
-        acc: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Bookkeeping ``m, l, r (b, n, H)``, ``acc (b, n, H, hd)`` of the surviving rows after subtracting the
-        leaving keys (in the row's frame) and adding the arriving ones (online-softmax rescale); other rows are left
-        as they are. ``moving``: ``k, v (b, 2S, H, hd)``, ``pos (b, 2S)``, the ``S`` leaving keys (``pos = -1``: the
-        slot was empty) then the ``S`` arriving ones."""
-        s = self._logits(q, moving["k"], "bnhd,bshd->bnhs")
-        bias = self._bias(pos, moving["pos"])
-        if bias is not None:
-            s = s + bias.to(s.dtype)
-        s_old, s_new = s.chunk(2, dim=-1)
-        keep = survivor[..., None] & (moving["pos"].chunk(2, dim=-1)[0] >= 0)[:, None, None, :]
-        e_old = torch.exp(s_old - m[..., None]).masked_fill(~keep, 0)  # exponents <= 0: m_i bounds its row
-        s_new = s_new.masked_fill(~survivor[..., None], float("-inf"))  # rows that are new or empty gain nothing
-        m_new = torch.maximum(m, s_new.amax(-1))
-        alpha = torch.exp(m - m_new)
-        e_new = torch.exp(s_new - m_new[..., None])
-        removed = e_old.sum(-1)
-        weights = torch.cat([-e_old * alpha[..., None], e_new], dim=-1)  # (acc - e_old v_old) alpha + e_new v_new
-        acc = torch.einsum("bnhs,bshd->bnhd", weights, moving["v"]).addcmul_(acc, alpha[..., None])
-        return m_new, (l - removed) * alpha + e_new.sum(-1), (r + removed) * alpha, acc
-
-    def _exact_rows(
-        self,
-        data: dict[str, Tensor],
-        pos: Tensor,
-        which: tuple[Tensor, Tensor, Tensor],
-        m: Tensor,
-        l: Tensor,
-        r: Tensor,
-        acc: Tensor,
-    ) -> None:
-        """Compute the (batch, slot, head) rows ``which`` exactly over every key in the window, in place."""
-        bi, ni, hi = which
-        keys, values = data["k"].transpose(1, 2), data["v"].transpose(1, 2)  # (b, H, n, hd)
-        s = self._logits(data["q"][bi, ni, hi], keys[bi, hi], "rd,rnd->rn")
-        bias = self._bias(pos[bi, ni][:, None], pos[bi])  # (R, 1, H, n): every head, keep each row's own
-        if bias is not None:
-            s = s + bias[torch.arange(bi.numel(), device=s.device), 0, hi].to(s.dtype)
-        s = s.masked_fill(pos[bi] < 0, float("-inf"))  # empty slots (warm-up)
-        m_row = s.amax(-1)
-        e = torch.exp(s - m_row[:, None])
-        m[bi, ni, hi], l[bi, ni, hi], r[bi, ni, hi] = m_row, e.sum(-1), 0.0
-        acc[bi, ni, hi] = torch.einsum("rn,rnd->rd", e, values[bi, hi])
-
-    def _window_outputs(self, state: RetroactiveState, rows: Rows) -> Tensor:
+    def _window_outputs(self, state: RetroactiveState, rows: Tensor | None) -> Tensor:
         """Layer outputs of the window, oldest first ``(b, n, D)``, zeros where no token is yet."""
         layer, dtype = self.layer, self.layer.linear1.weight.dtype
-        data, pos = state.cache.read(rows)
-        index = slice(None) if rows is None else torch.as_tensor(rows, device=pos.device)
-        empty = (pos < 0)[..., None]  # (b, n, 1), in slot order like everything below
-        att = state.acc[index] / state.l[index].masked_fill(empty, 1.0)[..., None]  # empty slots: 0 / 1, not 0 / 0
-        att = layer.self_attn.out_proj(att.flatten(2).to(dtype))
+        att, x, _ = retroactive_attention(state, rows)
+        att = layer.self_attn.out_proj(att.to(dtype))
         # The attention block's input (x or norm1(x)) was used when each token arrived; plug in its output here.
-        y = layer.residual(data["x"].to(dtype), [lambda _: att, layer.feed_forward]).masked_fill(empty, 0)
-        return y.gather(1, _window_slots(state.cache, rows)[..., None].expand(-1, -1, y.shape[-1]))
+        return window_order(layer.residual(x.to(dtype), [lambda _: att, layer.feed_forward]), state, rows)
+
+    # ---------------------------------------------------------------- fast path and lowering
+    def why_not_fast_path(self) -> str:
+        """Why :meth:`forward_step` runs module by module rather than through the lowered block (:meth:`lower`,
+        built once and rebuilt when a parameter changes); ``""``: it takes the lowered block. The two compute the
+        same update (:func:`~streamtx.nn.lowered.retroactive_enter`); only the module path differentiates."""
+        if self.layer.training:
+            return "the layer is in training mode (the lowered block is for inference: call .eval())"
+        if torch.is_grad_enabled() and any(
+            p is not None and p.requires_grad for m in self._layer_modules for p in m._parameters.values()
+        ):
+            return "gradients are enabled and the layer's parameters require them (use torch.no_grad())"
+        return ""
+
+    @torch.no_grad()
+    def lower(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> RetroactiveEncoderLayer:
+        """The full-window step as a lowered block over the same :class:`RetroactiveState` (dense weights, one fused
+        q/k/v matmul), for inference; its ``step(x (b, S, D), state, rows)`` returns what :meth:`forward_step`
+        does."""
+        return RetroactiveEncoderLayer(self.layer.lower(dtype, device), self.window, self.recompute_threshold)
 
     def extra_repr(self) -> str:
         return (
