@@ -8,7 +8,8 @@
 Both give the newest token's output; the table checks they agree (``max |diff|``) and prints ``recompute / step``,
 measured side by side in one run. A second table does the same for cross-attention (a query token against a memory
 of N key/value tokens with their own layout, ``L_kv = 1``, ``F_kv = F / 2``): ``recompute`` is the batch forward
-of one query against the N keys, ``step`` is ``memory_step`` appending one key to a full ring of N and attending.
+of one query against the N keys, ``step`` is ``forward_step`` with a ``memory_window = N`` state, appending one key
+to a full ring of N and attending.
 Times are the best of repeated calls under ``torch.inference_mode`` (on a shared
 machine the minimum is the measurement least disturbed by other processes).
 
@@ -72,9 +73,11 @@ def main() -> None:
         pos = (0.5 * torch.randn(1, n + 64, 3, dtype=dtype)).cumsum(1)  # a drifting trajectory
         t = torch.arange(n)
         with torch.inference_mode():
-            state = attn.init_state(1, n)
-            attn.forward_steps(x[:, : n - 1], pos[:, : n - 1], state)  # the ring holds the previous N - 1 tokens
-            newest, _ = attn.forward_step(x[:, n - 1], pos[:, n - 1], state.clone())
+            state = attn.init_state(1, window=n)
+            attn.forward_steps(
+                x[:, : n - 1], state, positions=pos[:, : n - 1]
+            )  # the ring holds the previous N - 1 tokens
+            newest, _ = attn.forward_step(x[:, n - 1], state.clone(), positions=pos[:, n - 1])
             reference = attn(x[:, :n], pos[:, :n], band_mask(t, t, n))[:, -1]
             diff = (newest - reference).abs().max().item()
             recompute = best_time(lambda: attn(x[:, :n], pos[:, :n], band_mask(t, t, n)), 1.0, 20)
@@ -82,7 +85,7 @@ def main() -> None:
 
             def step() -> None:
                 i = next(tokens)  # each call streams the next token; the ring stays full, so each costs the same
-                attn.forward_step(x[:, i], pos[:, i], state)
+                attn.forward_step(x[:, i], state, positions=pos[:, i])
 
             stepped = best_time(step, 0.5, 60)
         print(f"{n:>6} {recompute * 1e3:>13.2f} {stepped * 1e3:>9.3f} {recompute / stepped:>15.1f} {diff:>11.2e}")
@@ -90,7 +93,7 @@ def main() -> None:
 
 
 def bench_memory(args: argparse.Namespace, dtype: torch.dtype) -> None:
-    """Cross-attention: one query token against a memory of N key/value tokens, recomputed vs ``memory_step``."""
+    """Cross-attention: one query token against a memory of N key/value tokens, recomputed vs ``forward_step``."""
     torch.manual_seed(1)
     kv_features = max(1, args.features // 2)
     attn = O3MultiheadAttention(
@@ -113,9 +116,9 @@ def bench_memory(args: argparse.Namespace, dtype: torch.dtype) -> None:
         x = torch.randn(1, 1, *attn.layout.shape(args.features), dtype=dtype)
         px = pz[:, n - 1 : n] + 0.1
         with torch.inference_mode():
-            state = attn.init_memory(1, n)
-            attn.append_memory(state, kv=z[:, : n - 1], kv_positions=pz[:, : n - 1])
-            newest, _ = attn.memory_step(x, state.clone(), positions=px, kv=z[:, n - 1], kv_positions=pz[:, n - 1])
+            state = attn.init_state(1, memory_window=n)
+            attn.append_memory(z[:, : n - 1], state, kv_positions=pz[:, : n - 1])
+            newest, _ = attn.forward_step(x, state.clone(), positions=px, kv=z[:, n - 1], kv_positions=pz[:, n - 1])
             reference = attn(x, px, kv=z[:, :n], kv_positions=pz[:, :n])
             diff = (newest - reference).abs().max().item()
             recompute = best_time(lambda: attn(x, px, kv=z[:, :n], kv_positions=pz[:, :n]), 1.0, 20)
@@ -123,7 +126,7 @@ def bench_memory(args: argparse.Namespace, dtype: torch.dtype) -> None:
 
             def step() -> None:
                 i = next(tokens)  # one new key per call; the ring stays full, so each costs the same
-                attn.memory_step(x, state, positions=px, kv=z[:, i], kv_positions=pz[:, i])
+                attn.forward_step(x, state, positions=px, kv=z[:, i], kv_positions=pz[:, i])
 
             stepped = best_time(step, 0.5, 60)
         print(f"{n:>6} {recompute * 1e3:>13.2f} {stepped * 1e3:>9.3f} {recompute / stepped:>15.1f} {diff:>11.2e}")

@@ -9,11 +9,24 @@ import torch
 from torch import Tensor, nn
 
 from ..state import Rows, StreamState
-from .attention import O3AttentionState, O3MultiheadAttention, StreamSteps
+from .attention import O3AttentionState, O3MultiheadAttention, check_token_stream
 from .mlp import GatedMLP
 from .norm import O3LayerNorm
 
 __all__ = ["O3TransformerBlock", "O3TransformerEncoder", "O3EncoderState"]
+
+
+class StreamSteps:
+    """``forward_steps`` of the blocks and stacks of this module (they define ``forward_step``): ``T`` steps of one
+    token each are one step of ``T`` tokens (self-attention over a causal window; the same numbers)."""
+
+    def forward_steps(
+        self, x: Tensor, state: Any, /, *, rows: Rows = None, positions: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
+        """Stream ``x (b, T, P, C, F)`` at ``positions (b, T, 3)`` -> ``(b, T, P, C, F)``, equal to ``T``
+        single-token :meth:`forward_step` calls."""
+        check_token_stream(x)
+        return self.forward_step(x, state, rows=rows, positions=positions)  # type: ignore[attr-defined]
 
 
 class O3TransformerBlock(StreamSteps, nn.Module):
@@ -81,20 +94,26 @@ class O3TransformerBlock(StreamSteps, nn.Module):
     def init_state(
         self,
         batch_size: int,
+        /,
+        *,
         window: int,
         max_tokens_per_step: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> O3AttentionState:
         """The attention's ring cache (norms and MLP act per token and need no state)."""
-        return self.attn.init_state(batch_size, window, max_tokens_per_step, dtype, device)
+        return self.attn.init_state(
+            batch_size, window=window, max_tokens_per_step=max_tokens_per_step, dtype=dtype, device=device
+        )
 
     def forward_step(
-        self, x: Tensor, positions: Tensor, state: O3AttentionState, rows: Rows = None
+        self, x: Tensor, state: O3AttentionState, /, *, rows: Rows = None, positions: Tensor | None = None
     ) -> tuple[Tensor, O3AttentionState]:
-        """New tokens ``(b, P, C, F)`` / ``(b, S, P, C, F)`` at ``(b, 3)`` / ``(b, S, 3)``; equal to :meth:`forward`
-        on the whole stream with ``mask=band_mask(t, t, window)``."""
-        h, state = self.attn.forward_step(self.norm1(x), positions, state, rows)
+        """New tokens ``(b, P, C, F)`` / ``(b, S, P, C, F)`` at ``positions (b, 3)`` / ``(b, S, 3)``; equal to
+        :meth:`forward` on the whole stream with ``mask=band_mask(t, t, window)``."""
+        if not isinstance(state, O3AttentionState):
+            raise TypeError(f"state: expected an O3AttentionState (see init_state), got {type(state).__name__}")
+        h, _ = self.attn.forward_step(self.norm1(x), state, rows=rows, positions=positions)
         x = x + h
         return x + self.mlp(self.norm2(x)), state
 
@@ -151,17 +170,25 @@ class O3TransformerEncoder(StreamSteps, nn.Module):
     def init_state(
         self,
         batch_size: int,
+        /,
+        *,
         window: int,
         max_tokens_per_step: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> O3EncoderState:
+        """One ring per block, each with the causal ``window``."""
         return O3EncoderState(
-            [layer.init_state(batch_size, window, max_tokens_per_step, dtype, device) for layer in self._blocks()]
+            [
+                layer.init_state(
+                    batch_size, window=window, max_tokens_per_step=max_tokens_per_step, dtype=dtype, device=device
+                )
+                for layer in self._blocks()
+            ]
         )
 
     def forward_step(
-        self, x: Tensor, positions: Tensor, state: O3EncoderState, rows: Rows = None
+        self, x: Tensor, state: O3EncoderState, /, *, rows: Rows = None, positions: Tensor | None = None
     ) -> tuple[Tensor, O3EncoderState]:
         """New tokens through every block in turn; equal to :meth:`forward` with ``mask=band_mask(t, t, window)``."""
         if not isinstance(state, O3EncoderState) or len(state.layers) != len(self.layers):
@@ -169,5 +196,5 @@ class O3TransformerEncoder(StreamSteps, nn.Module):
                 f"state: expected the O3EncoderState of this encoder's init_state, got {type(state).__name__}"
             )
         for layer, layer_state in zip(self._blocks(), state.layers):
-            x, _ = layer.forward_step(x, positions, layer_state, rows)
+            x, _ = layer.forward_step(x, layer_state, rows=rows, positions=positions)
         return self.norm(x), state
