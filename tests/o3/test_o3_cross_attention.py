@@ -117,6 +117,66 @@ def test_cross_attention_permutations_of_keys_and_queries() -> None:
     assert_close(attn(x[:, pi], px[:, pi], mask[:, pi], kv=z, kv_positions=pz), y[:, pi], torch.float64)
 
 
+def _bernstein_basis(r: torch.Tensor, max_degree: int, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A basis from another radial function than the layer's (Bernstein polynomials of ``exp(-|r|)``, as e3x's
+    ``reciprocal_bernstein`` family) and cutoff values ``exp(-|r|^2)``: ``(..., 1, C_b, K)``, ``(...)``."""
+    d = r.norm(dim=-1)
+    u = torch.exp(-d)[..., None]
+    k = torch.arange(num, dtype=r.dtype)
+    binom = torch.exp(torch.lgamma(torch.tensor(num, dtype=r.dtype)) - torch.lgamma(k + 1) - torch.lgamma(num - k))
+    radial = binom * u**k * (1 - u) ** (num - 1 - k)
+    y = spherical_harmonics(r, max_degree)
+    return (y[..., :, None] * radial[..., None, :])[..., None, :, :], torch.exp(-(d**2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layouts", [LAYOUTS[1], LAYOUTS[2]], ids=[IDS[1], IDS[2]])
+def test_given_basis_through_index_lists_is_o3_equivariant(layouts, dtype: torch.dtype) -> None:
+    """A basis computed elsewhere (another radial function), passed with dense index lists (``adj_idx``, ``where``)
+    and with sparse lists: rotating and reflecting the scene (the basis recomputed from the transformed relative
+    vectors, a translation cancelling in them) transforms the output; permuting the entries of each query's list
+    changes nothing."""
+    attn = _cross(layouts, dtype)
+    x, px, z, pz, _, gen = _inputs(attn, dtype, seed=9)
+    adj = torch.stack([torch.randperm(M, generator=gen)[:5] for _ in range(B * N)]).view(B, N, 5)
+    adj = torch.cat([adj, torch.full((B, N, 1), M)], dim=-1)  # one padding entry per query
+    where = (torch.rand(B, N, 6, generator=gen) < 0.8) & (adj < M)
+    where[..., 0] = True
+    rows = torch.arange(B)[:, None, None]
+    dst, src = torch.arange(N).repeat_interleave(6).expand(B, -1), torch.where(where, adj, M).flatten(1)
+    t = torch.randn(3, generator=gen, dtype=torch.float64)
+
+    def outputs(x, px, z, pz):
+        r = pz[rows, adj.clamp(max=M - 1)] - px[:, :, None]  # (B, N, A, 3)
+        basis, cut = _bernstein_basis(r, attn.basis_layout.max_degree, attn.radial.num_basis)
+        dense = attn(x, kv=z, basis=basis, cutoff_value=cut, adj_idx=adj, where=where)
+        sparse = attn(x, kv=z, basis=basis.flatten(1, 2), cutoff_value=cut.flatten(1, 2), dst_idx=dst, src_idx=src)
+        perm = torch.randperm(6, generator=gen)
+        shuffled = attn(
+            x,
+            kv=z,
+            basis=basis[:, :, perm],
+            cutoff_value=cut[:, :, perm],
+            adj_idx=adj[..., perm],
+            where=where[..., perm],
+        )
+        return dense, sparse, shuffled
+
+    dense, sparse, shuffled = outputs(x, px, z, pz)
+    assert_close(sparse, dense, dtype)
+    assert_close(shuffled, dense, dtype)
+    for improper in (False, True):
+        g = o3_element(gen, improper)
+        moved = outputs(
+            act_on_features(g, x, attn.layout),
+            act_on_positions(g, t, px),
+            act_on_features(g, z, attn.kv_layout),
+            act_on_positions(g, t, pz),
+        )
+        for y_g in moved:
+            assert_close(y_g, act_on_features(g, dense, attn.out_layout), dtype)
+
+
 def _own_basis(attn: O3MultiheadAttention, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's basis and cutoff written out from the public pieces: ``Y(r) R(|r|)`` as ``(..., 1, C_b, K)``."""
     d = r.norm(dim=-1)
