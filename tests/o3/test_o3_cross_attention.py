@@ -267,6 +267,8 @@ def test_cross_attention_rejects_bad_input() -> None:
             lambda: _cross(((1, False), (1, False), (3, False)), torch.float64, basis_max_degree=1),
         ),
         (ValueError, "dropout", lambda: _cross(LAYOUTS[0], torch.float64, dropout=1.0)),
+        (ValueError, "cartesian_order: only True", lambda: _cross(LAYOUTS[0], torch.float64, cartesian_order=False)),
+        (ValueError, "use_fused_tensor: only False", lambda: _cross(LAYOUTS[0], torch.float64, use_fused_tensor=True)),
         (ValueError, "window: self-attention streaming needs", lambda: attn.init_state(B, window=4)),
     ]
     for error, message, call in cases:

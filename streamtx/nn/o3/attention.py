@@ -142,12 +142,15 @@ class O3MultiheadAttention(nn.Module):
             outputs zero attention, the output bias only).
         dropout: probability of zeroing an attention weight in training (``torch.nn.MultiheadAttention``'s
             ``dropout``; e3x has none). Zero in ``eval()``.
+        cartesian_order: e3x's flag, accepted only as ``True``: components are always in Cartesian order (see
+            :mod:`.irreps`); ``False`` raises.
+        use_fused_tensor: e3x's flag, accepted only as ``False``: ``FusedTensor`` is a different, lower-rank
+            parametrization of the value coupling and this layer is the ``Tensor`` one; ``True`` raises.
 
-    e3x's module attributes not offered: ``cartesian_order=False`` (components are always in Cartesian order, see
-    :mod:`.irreps`); ``use_fused_tensor`` (a different, lower-rank parametrization of the value coupling; this layer
-    is the ``Tensor`` one); the ``*_kernel_init``/``*_bias_init`` functions (``reset_parameters`` initializes like
-    ``torch.nn``; copy e3x's parameters with :meth:`load_e3x_`); ``dtype``/``param_dtype``/``precision`` (torch's
-    ``dtype``; matmul precision is torch's global setting). The arguments of e3x's ``__call__`` map to :meth:`forward`.
+    e3x's module attributes not offered: the ``*_kernel_init``/``*_bias_init`` functions (``reset_parameters``
+    initializes like ``torch.nn``; copy e3x's parameters with :meth:`load_e3x_`); ``dtype``/``param_dtype``/
+    ``precision`` (torch's ``dtype``; matmul precision is torch's global setting). The arguments of e3x's
+    ``__call__`` map to :meth:`forward` (``inputs_q`` -> ``x``, ``inputs_kv`` -> ``kv``, the rest by name).
 
     Shapes: ``x (B, N, P_q, (L_q+1)**2, F_q)``, ``kv (B, M, P_kv, (L_kv+1)**2, F_kv)`` ->
     ``(B, N, P_out, (L_out+1)**2, F_out)``.
@@ -189,10 +192,22 @@ class O3MultiheadAttention(nn.Module):
         output_use_bias: bool = True,
         softmax_cutoff: bool = False,
         dropout: float = 0.0,
+        cartesian_order: bool = True,
+        use_fused_tensor: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if cartesian_order is not True:
+            raise ValueError(
+                f"cartesian_order: only True is supported (components are always in Cartesian order, see "
+                f"streamtx.nn.o3.irreps), got {cartesian_order!r}"
+            )
+        if use_fused_tensor is not False:
+            raise ValueError(
+                f"use_fused_tensor: only False is supported (this layer couples values with e3x's Tensor "
+                f"parametrization, not FusedTensor), got {use_fused_tensor!r}"
+            )
         qkv_features = features if qkv_features is None else qkv_features
         out_features = features if out_features is None else out_features
         kv_features = features if kv_features is None else kv_features
