@@ -803,8 +803,9 @@ class O3MultiheadAttention(nn.Module):
         """A stream of ``T`` steps of one query token each, ``x (b, T, P_q, C_q, F_q)`` at ``positions (b, T, 3)``
         -> ``(b, T, P_out, C_out, F_out)``, equal to ``T`` calls of :meth:`forward_step`. With a cross-attention
         state, step ``t`` brings key/value token ``t`` of ``kv (b, T, P_kv, C_kv, F_kv)`` at ``kv_positions
-        (b, T, 3)`` if given. Computed as one step of ``T`` tokens: query ``t`` sees the memory as it was after its
-        step (the ring's tokens and the new keys up to ``t``, by their ids), then the new keys join the ring."""
+        (b, T, 3)`` if given. Computed in steps of up to ``memory_window`` tokens: query ``t`` sees the memory as it
+        was after its step (the ring's tokens and the new keys up to ``t``, by their ids), then the new keys join the
+        ring."""
         check_token_stream(x)
         if not isinstance(state, O3MemoryState) or kv is None:
             return self.forward_step(x, state, rows=rows, positions=positions, kv=kv, kv_positions=kv_positions)
@@ -817,11 +818,19 @@ class O3MultiheadAttention(nn.Module):
                 f"kv: expected one key/value token per step, {tuple(xs.shape[:2])} + (P, C, F), got {tuple(kv.shape)}"
             )
         k, v = self._project_kv(zs)
-        new_ids = state.cache.positions(rows)[:, None] + torch.arange(zs.shape[1], device=zs.device)
-        new = {"k": k, "v": v, "xyz": _ring_positions(pzs, zs)}
-        out = self._attend_memory(xs, ps, state, rows, new_ids, new, new_ids)
-        self._append_projected(state, new, rows)
-        return out, state
+        projected = {"k": k, "v": v, "xyz": _ring_positions(pzs, zs)}
+        cap, outs = state.cache.capacity, []
+        for start in range(0, zs.shape[1], cap):  # chunks of the ring's size: each query reads at most 2 C keys
+            new = {name: t[:, start : start + cap] for name, t in projected.items()}
+            new_ids = state.cache.positions(rows)[:, None] + torch.arange(new["k"].shape[1], device=zs.device)
+            part = slice(start, start + cap)
+            outs.append(
+                self._attend_memory(
+                    xs[:, part], None if ps is None else ps[:, part], state, rows, new_ids, new, new_ids
+                )
+            )
+            state.cache.append(new, rows)
+        return torch.cat(outs, dim=1), state
 
     def append_memory(
         self, kv: Tensor, state: O3MemoryState, /, *, rows: Rows = None, kv_positions: Tensor | None = None
