@@ -371,9 +371,15 @@ def test_memory_single_tokens_rows_float32_and_bad_input() -> None:
         (ValueError, "init_state: give either window", lambda: attn.init_state(B)),
         (ValueError, "init_state: give either window", lambda: attn.init_state(B, window=4, memory_window=4)),
     ]
+    before = state.state_dict()
     for error, message, call in cases:
         with pytest.raises(error, match=message):
             call()
+    bad_query = xq[:, 0].double()  # a rejected step leaves the memory untouched, its key/value tokens included
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        attn.forward_step(bad_query, state, positions=pq[:, 0], kv=xkv[:, 0], kv_positions=pkv[:, 0])
+    after = state.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_memory_state_reset_clone_and_snapshot() -> None:

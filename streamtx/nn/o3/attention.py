@@ -757,11 +757,11 @@ class O3MultiheadAttention(nn.Module):
           the query's step (a query with an empty memory outputs the output bias only).
         """
         if isinstance(state, O3MemoryState):
-            if kv is not None:
-                self.append_memory(kv, state, rows=rows, kv_positions=kv_positions)
-            elif kv_positions is not None:
+            if kv is None and kv_positions is not None:
                 raise ValueError("kv_positions: given without kv")
             xs, ps, single = self._step_tokens(x, positions, state.cache, "x", "positions", self.layout, self.features)
+            if kv is not None:  # checked queries first: a bad call leaves the memory as it was
+                self.append_memory(kv, state, rows=rows, kv_positions=kv_positions)
             newest = state.cache.positions(rows) - 1  # id of the newest key per row (-1: empty memory)
             out = self._attend_memory(xs, ps, state, rows, newest[:, None].expand(-1, xs.shape[1]))
             return (out[:, 0] if single else out), state
