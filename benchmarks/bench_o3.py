@@ -98,10 +98,10 @@ def main() -> None:
         with torch.inference_mode():
             state = attn.init_state(1, window=n)
             attn.forward_steps(x[:, : n - 1], state, positions=pos[:, : n - 1])  # the ring holds N - 1 tokens
-            newest, _ = attn.forward_step(x[:, n - 1], state.clone(), positions=pos[:, n - 1])
+            newest, _ = attn.forward_step(x[:, n - 1], state, positions=pos[:, n - 1])
             reference = attn(x[:, :n], pos[:, :n], band_mask(t, t, n))[:, -1]
             diff = (newest - reference).abs().max().item()
-            tokens = iter(range(n - 1, n + extra))
+            tokens = iter(range(n, n + extra))
 
             def step() -> None:
                 i = next(tokens)  # each call streams the next token; the ring stays full, so each costs the same
@@ -140,10 +140,10 @@ def bench_memory(args: argparse.Namespace, dtype: torch.dtype, extra: int) -> No
         with torch.inference_mode():
             state = attn.init_state(1, memory_window=n)
             attn.append_memory(z[:, : n - 1], state, kv_positions=pz[:, : n - 1])
-            newest, _ = attn.forward_step(x, state.clone(), positions=px, kv=z[:, n - 1], kv_positions=pz[:, n - 1])
+            newest, _ = attn.forward_step(x, state, positions=px, kv=z[:, n - 1], kv_positions=pz[:, n - 1])
             reference = attn(x, px, kv=z[:, :n], kv_positions=pz[:, :n])
             diff = (newest - reference).abs().max().item()
-            tokens = iter(range(n - 1, n + extra))
+            tokens = iter(range(n, n + extra))
 
             def step() -> None:
                 i = next(tokens)  # one new key per call; the ring stays full, so each costs the same
