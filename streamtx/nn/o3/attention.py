@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,10 @@ class O3MemoryState(StreamState):
     key/value tokens (their projected keys, values and positions, laid out as in :class:`O3AttentionState`)."""
 
     cache: RingCache
+
+
+_State = TypeVar("_State", O3AttentionState, O3MemoryState)
+"""The streaming state a call takes and returns (self- or cross-attention)."""
 
 
 class O3MultiheadAttention(nn.Module):
@@ -735,14 +739,14 @@ class O3MultiheadAttention(nn.Module):
     def forward_step(
         self,
         x: Tensor,
-        state: O3AttentionState | O3MemoryState,
+        state: _State,
         /,
         *,
         rows: Rows = None,
         positions: Tensor | None = None,
         kv: Tensor | None = None,
         kv_positions: Tensor | None = None,
-    ) -> tuple[Tensor, O3AttentionState | O3MemoryState]:
+    ) -> tuple[Tensor, _State]:
         """One control step of ``b`` rows of the state (all, or ``rows``): new query tokens ``x (b, P_q, C_q, F_q)``
         or ``(b, S, P_q, C_q, F_q)`` at ``positions (b, 3)`` / ``(b, S, 3)`` (needed when the layer computes a basis
         or cutoff from positions) -> their outputs ``(b, [S,] P_out, C_out, F_out)``.
@@ -792,14 +796,14 @@ class O3MultiheadAttention(nn.Module):
     def forward_steps(
         self,
         x: Tensor,
-        state: O3AttentionState | O3MemoryState,
+        state: _State,
         /,
         *,
         rows: Rows = None,
         positions: Tensor | None = None,
         kv: Tensor | None = None,
         kv_positions: Tensor | None = None,
-    ) -> tuple[Tensor, O3AttentionState | O3MemoryState]:
+    ) -> tuple[Tensor, _State]:
         """A stream of ``T`` steps of one query token each, ``x (b, T, P_q, C_q, F_q)`` at ``positions (b, T, 3)``
         -> ``(b, T, P_out, C_out, F_out)``, equal to ``T`` calls of :meth:`forward_step`. With a cross-attention
         state, step ``t`` brings key/value token ``t`` of ``kv (b, T, P_kv, C_kv, F_kv)`` at ``kv_positions
