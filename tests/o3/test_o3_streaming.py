@@ -97,6 +97,33 @@ def test_block_and_stack_steps_equal_the_batch_forward() -> None:
         assert_close(torch.stack(outs, 1), expected, torch.float64)
 
 
+def test_whole_step_streaming_of_block_and_stack_equals_the_step_masked_batch_forward() -> None:
+    """``init_state(memory_window=W E)``: a step's ``E`` tokens see each other and the ``W - 1`` steps before (a set
+    per step, no order inside it), over 60 steps (the rings wrap 15 times); ``forward_steps`` runs token by token."""
+    torch.manual_seed(4)
+    kw = {"num_basis": 4, "cutoff": 2.0, "dtype": torch.float64}
+    e, w, steps = 3, 4, 60
+    block = O3TransformerBlock(F, 1, 2, **kw)
+    encoder = O3TransformerEncoder(2, F, 1, 2, **kw)
+    x, pos = _stream(block.attn.layout, 2, steps * e, torch.float64, seed=4)
+    step = torch.arange(steps).repeat_interleave(e)
+    lag = step[:, None] - step[None, :]
+    for module in (block, encoder):
+        expected = module(x, pos, (lag >= 0) & (lag < w))
+        state = module.init_state(2, memory_window=w * e)
+        outs = [module.forward_step(x[:, s], state, positions=pos[:, s])[0] for s in torch.arange(steps * e).split(e)]
+        assert_close(torch.cat(outs, 1), expected, torch.float64)
+        one_by_one = module.init_state(2, memory_window=w)
+        t = torch.arange(steps * e)
+        assert_close(
+            module.forward_steps(x, one_by_one, positions=pos)[0], module(x, pos, band_mask(t, t, w)), torch.float64
+        )
+    with pytest.raises(ValueError, match="init_state: give either window or memory_window"):
+        encoder.init_state(2, window=4, memory_window=4)
+    with pytest.raises(ValueError, match="init_state: give window"):
+        block.init_state(2)
+
+
 def test_state_rows_reset_clone_and_snapshot() -> None:
     """Rows step independently; reset forgets one row; a clone and a restored snapshot continue identically."""
     attn = _attention(1, True, torch.float64)

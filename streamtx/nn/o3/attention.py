@@ -55,7 +55,7 @@ from .radial import RadialBasis, RadialKind, smooth_cutoff
 from .spherical_harmonics import safe_norm, spherical_harmonics
 from .tensor_product import TensorProduct
 
-__all__ = ["O3MultiheadAttention", "O3AttentionState", "O3MemoryState", "layout_index"]
+__all__ = ["O3MultiheadAttention", "O3AttentionState", "O3MemoryState", "layout_index", "change_layout"]
 
 _PAIR_BUDGET = 1 << 24
 """Elements of the largest per-pair intermediate computed at once; the dense path runs over chunks of queries (exact:
@@ -79,8 +79,9 @@ def layout_index(source: IrrepsLayout, target: IrrepsLayout) -> Tensor:
     return torch.tensor(index, dtype=torch.long)
 
 
-def _change_layout(t: Tensor, index: Tensor | None, target: IrrepsLayout) -> Tensor:
-    """``t (..., P_s, C_s, F)`` in the layout ``index`` maps from -> ``(..., P_t, C_t, F)`` (``None``: unchanged)."""
+def change_layout(t: Tensor, index: Tensor | None, target: IrrepsLayout) -> Tensor:
+    """``t (..., P_s, C_s, F)`` in the layout ``index`` maps from -> ``(..., P_t, C_t, F)`` (``None``: unchanged);
+    ``index`` is :func:`layout_index` ``(source, target)``."""
     if index is None:
         return t
     flat = t.flatten(-3, -2)
@@ -313,13 +314,13 @@ class O3MultiheadAttention(nn.Module):
     def _project_queries(self, x: Tensor) -> Tensor:
         """Queries ``(b, n, H, P_qk C_qk d)``, scaled by ``1/sqrt(P_qk C_qk d)``."""
         depth = self.qk_layout.num_parities * self.qk_layout.num_components * self.head_dim
-        q = self.query(_change_layout(x, self.qk_index, self.qk_layout))
+        q = self.query(change_layout(x, self.qk_index, self.qk_layout))
         return self._head_major(q) * (1.0 / math.sqrt(depth))
 
     def _project_kv(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Keys ``(b, m, H, P_qk C_qk d)``; values ``(b, m, Q, P_kv C_kv)`` with the relative basis in the values,
         else ``(b, m, H, P_kv C_kv d)``."""
-        k = self._head_major(self.key(_change_layout(z, self.kv_qk_index, self.qk_layout)))
+        k = self._head_major(self.key(change_layout(z, self.kv_qk_index, self.qk_layout)))
         v = self.value(z)
         return k, (v.flatten(-3, -2).transpose(-1, -2) if self.value_product is not None else self._head_major(v))
 
@@ -651,7 +652,7 @@ class O3MultiheadAttention(nn.Module):
             if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
                 raise ValueError(f"num_segments: expected an integer >= 1, got {num_segments!r}")
             out = self._attend_sparse(q, k, v, dst, src, num_segments, positions, kv_positions, basis, cutoff_value)
-        return self.out(_change_layout(out, self.out_index, self.out_layout))
+        return self.out(change_layout(out, self.out_index, self.out_layout))
 
     # ---------------------------------------------------------------- streaming
     def _ring(
@@ -790,7 +791,7 @@ class O3MultiheadAttention(nn.Module):
             data, key_ids = state.cache.read(rows)
             visible = band_mask(ids, key_ids, state.window)
             outs.append(self._attend_dense(q, data["k"], data["v"], visible, xyz, None if xyz is None else data["xyz"]))
-        out = self.out(_change_layout(torch.cat(outs, dim=1), self.out_index, self.out_layout))
+        out = self.out(change_layout(torch.cat(outs, dim=1), self.out_index, self.out_layout))
         return (out[:, 0] if single else out), state
 
     def forward_steps(
@@ -881,7 +882,7 @@ class O3MultiheadAttention(nn.Module):
         out = self._attend_dense(
             self._project_queries(xs), data["k"], data["v"], visible, ps, None if ps is None else data["xyz"]
         )
-        return self.out(_change_layout(out, self.out_index, self.out_layout))
+        return self.out(change_layout(out, self.out_index, self.out_layout))
 
     def _step_tokens(
         self,
