@@ -248,7 +248,8 @@ class O3CondDenoiser(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(f, 4 * f, **fk), nn.Mish(), nn.Linear(4 * f, f, **fk))
         if c.gravity is not None:
             g = torch.as_tensor(c.gravity, dtype=torch.float64)
-            self.register_buffer("gravity", (g / g.norm()).to(device=device, dtype=dtype), persistent=False)
+            unit = (g / g.norm()).to(device=device, dtype=dtype or torch.get_default_dtype())  # the weights' dtype
+            self.register_buffer("gravity", unit, persistent=False)
             self.gravity_emb: Dense | None = Dense(layout, 1, f, **fk)  # its 0+ bias marks the token's kind
         else:
             self.register_buffer("gravity", None, persistent=False)

@@ -87,7 +87,7 @@ def test_denoiser_is_o3_equivariant_and_translation_invariant(pseudo, obs_degree
     # the check can fail: a polar vector moved as an axial one under a reflection (not moved) breaks it
     x, k, z, p = inputs
     y_g = model(x @ mirror.T.to(dtype), k, z, positions=p @ mirror.T.to(dtype))
-    assert float((y_g - model(x, k, z, positions=p) @ mirror.T.to(dtype)).abs().max()) > 1e-3
+    assert float((y_g - model(x, k, z, positions=p) @ mirror.T.to(dtype)).abs().max().detach()) > 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -258,3 +258,15 @@ def test_bad_input_is_refused_naming_the_argument() -> None:
         with pytest.raises(error, match=message):
             call()
     assert int(model.num_observed(state).max()) == 0  # no refused call wrote to the state
+
+
+def test_gravity_token_follows_the_weights_dtype() -> None:
+    """Built in the default dtype, then moved with ``.double()``: the gravity direction is a buffer of the weights'
+    dtype both times (a float64 buffer next to float32 weights was refused by the embedding)."""
+    torch.manual_seed(0)
+    model = O3CondDenoiser(O3DenoiserConfig(**{**BASE, "gravity": (0.0, 0.0, -1.0)}))
+    for dtype in (torch.float32, torch.float64):
+        model = model if dtype == torch.float32 else model.to(dtype)
+        x, k, z, p = _inputs(model, 3, dtype)
+        with torch.no_grad():
+            assert model(x, k, z, positions=p).dtype == dtype
