@@ -91,6 +91,7 @@ def test_denoiser_is_o3_equivariant_and_translation_invariant(pseudo, obs_degree
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@torch.no_grad()
 def test_entities_are_a_set_and_action_tokens_are_ordered(dtype) -> None:
     """Permuting the entities (the same way at every step) leaves the output unchanged, for the centroid reference
     with gravity too; permuting the action tokens does not permute the output (each index has its embedding)."""
@@ -105,6 +106,7 @@ def test_entities_are_a_set_and_action_tokens_are_ordered(dtype) -> None:
     assert float((y_perm - y[:, order]).abs().max() / y.abs().max()) > 1e-4
 
 
+@torch.no_grad()
 def test_reference_entity_makes_the_base_distinct_and_keeps_translation_invariance() -> None:
     """With ``reference_entity=0`` (the robot base) a permutation moving the base changes the output; permuting the
     other entities and translating do not."""
