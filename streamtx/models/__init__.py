@@ -8,6 +8,7 @@ from .cond_regressor import (
     eCondTransformerRegressor,
     get_optim_groups,
 )
+from .o3_denoiser import O3CondDenoiser, O3DenoiserConfig, O3DenoiserState
 
 __all__ = [
     "eCondTransformerRegressor",
@@ -16,4 +17,7 @@ __all__ = [
     "RegressorPlan",
     "RegressorState",
     "get_optim_groups",
+    "O3CondDenoiser",
+    "O3DenoiserConfig",
+    "O3DenoiserState",
 ]

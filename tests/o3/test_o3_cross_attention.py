@@ -1,7 +1,7 @@
 """Cross-attention of ``O3MultiheadAttention`` (query and key/value tokens with their own channels, degrees and
 parities): O(3), translation and permutation equivariance, the e3x-style inputs (given basis and cutoff values, dense
-index lists, segments) against the positions/mask forms, dropout, bad input, and streaming (``memory_step``) against
-the batch forward."""
+index lists, segments) against the positions/mask forms, dropout, bad input, and streaming
+(``init_state(memory_window=...)``, ``forward_step``/``forward_steps`` with ``kv``) against the batch forward."""
 
 import pytest
 import torch
@@ -117,6 +117,66 @@ def test_cross_attention_permutations_of_keys_and_queries() -> None:
     assert_close(attn(x[:, pi], px[:, pi], mask[:, pi], kv=z, kv_positions=pz), y[:, pi], torch.float64)
 
 
+def _bernstein_basis(r: torch.Tensor, max_degree: int, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A basis from another radial function than the layer's (Bernstein polynomials of ``exp(-|r|)``, as e3x's
+    ``reciprocal_bernstein`` family) and cutoff values ``exp(-|r|^2)``: ``(..., 1, C_b, K)``, ``(...)``."""
+    d = r.norm(dim=-1)
+    u = torch.exp(-d)[..., None]
+    k = torch.arange(num, dtype=r.dtype)
+    binom = torch.exp(torch.lgamma(torch.tensor(num, dtype=r.dtype)) - torch.lgamma(k + 1) - torch.lgamma(num - k))
+    radial = binom * u**k * (1 - u) ** (num - 1 - k)
+    y = spherical_harmonics(r, max_degree)
+    return (y[..., :, None] * radial[..., None, :])[..., None, :, :], torch.exp(-(d**2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layouts", [LAYOUTS[1], LAYOUTS[2]], ids=[IDS[1], IDS[2]])
+def test_given_basis_through_index_lists_is_o3_equivariant(layouts, dtype: torch.dtype) -> None:
+    """A basis computed elsewhere (another radial function), passed with dense index lists (``adj_idx``, ``where``)
+    and with sparse lists: rotating and reflecting the scene (the basis recomputed from the transformed relative
+    vectors, a translation cancelling in them) transforms the output; permuting the entries of each query's list
+    changes nothing."""
+    attn = _cross(layouts, dtype)
+    x, px, z, pz, _, gen = _inputs(attn, dtype, seed=9)
+    adj = torch.stack([torch.randperm(M, generator=gen)[:5] for _ in range(B * N)]).view(B, N, 5)
+    adj = torch.cat([adj, torch.full((B, N, 1), M)], dim=-1)  # one padding entry per query
+    where = (torch.rand(B, N, 6, generator=gen) < 0.8) & (adj < M)
+    where[..., 0] = True
+    rows = torch.arange(B)[:, None, None]
+    dst, src = torch.arange(N).repeat_interleave(6).expand(B, -1), torch.where(where, adj, M).flatten(1)
+    t = torch.randn(3, generator=gen, dtype=torch.float64)
+
+    def outputs(x, px, z, pz):
+        r = pz[rows, adj.clamp(max=M - 1)] - px[:, :, None]  # (B, N, A, 3)
+        basis, cut = _bernstein_basis(r, attn.basis_layout.max_degree, attn.radial.num_basis)
+        dense = attn(x, kv=z, basis=basis, cutoff_value=cut, adj_idx=adj, where=where)
+        sparse = attn(x, kv=z, basis=basis.flatten(1, 2), cutoff_value=cut.flatten(1, 2), dst_idx=dst, src_idx=src)
+        perm = torch.randperm(6, generator=gen)
+        shuffled = attn(
+            x,
+            kv=z,
+            basis=basis[:, :, perm],
+            cutoff_value=cut[:, :, perm],
+            adj_idx=adj[..., perm],
+            where=where[..., perm],
+        )
+        return dense, sparse, shuffled
+
+    dense, sparse, shuffled = outputs(x, px, z, pz)
+    assert_close(sparse, dense, dtype)
+    assert_close(shuffled, dense, dtype)
+    for improper in (False, True):
+        g = o3_element(gen, improper)
+        moved = outputs(
+            act_on_features(g, x, attn.layout),
+            act_on_positions(g, t, px),
+            act_on_features(g, z, attn.kv_layout),
+            act_on_positions(g, t, pz),
+        )
+        for y_g in moved:
+            assert_close(y_g, act_on_features(g, dense, attn.out_layout), dtype)
+
+
 def _own_basis(attn: O3MultiheadAttention, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's basis and cutoff written out from the public pieces: ``Y(r) R(|r|)`` as ``(..., 1, C_b, K)``."""
     d = r.norm(dim=-1)
@@ -207,7 +267,9 @@ def test_cross_attention_rejects_bad_input() -> None:
             lambda: _cross(((1, False), (1, False), (3, False)), torch.float64, basis_max_degree=1),
         ),
         (ValueError, "dropout", lambda: _cross(LAYOUTS[0], torch.float64, dropout=1.0)),
-        (ValueError, "init_state: self-attention streaming", lambda: attn.init_state(B, 4)),
+        (ValueError, "cartesian_order: only True", lambda: _cross(LAYOUTS[0], torch.float64, cartesian_order=False)),
+        (ValueError, "use_fused_tensor: only False", lambda: _cross(LAYOUTS[0], torch.float64, use_fused_tensor=True)),
+        (ValueError, "window: self-attention streaming needs", lambda: attn.init_state(B, window=4)),
     ]
     for error, message, call in cases:
         with pytest.raises(error, match=message):
@@ -215,7 +277,7 @@ def test_cross_attention_rejects_bad_input() -> None:
 
 
 # ---------------------------------------------------------------- streaming
-T, CAPACITY = 203, 16
+T, CAPACITY = 203, 16  # CAPACITY: the memory_window
 
 
 def _memory_reference(attn, xq, pq, xkv, pkv, seen: torch.Tensor) -> torch.Tensor:
@@ -237,18 +299,18 @@ def test_memory_steps_equal_the_batch_forward(layouts) -> None:
     xq = torch.randn(B, tq, *attn.layout.shape(FQ), generator=gen, dtype=torch.float64)
     pkv = (0.3 * torch.randn(B, tk, 3, generator=gen, dtype=torch.float64)).cumsum(1)  # a drifting scene
     pq = pkv[:, torch.linspace(0, tk - 1, tq).long()] + 0.5 * torch.randn(B, tq, 3, generator=gen, dtype=torch.float64)
-    state = attn.init_memory(B, CAPACITY)
+    state = attn.init_state(B, memory_window=CAPACITY)
     outs, seen, k0, q0 = [], [], 0, 0
     for t in range(T):
         nk, nq = int(keys_per_step[t]), int(queries_per_step[t])
         kv, kv_pos = (xkv[:, k0 : k0 + nk], pkv[:, k0 : k0 + nk]) if nk else (None, None)
         if t % 2 or kv is None:  # keys with the step, or appended on their own first
-            y, state = attn.memory_step(
+            y, state = attn.forward_step(
                 xq[:, q0 : q0 + nq], state, positions=pq[:, q0 : q0 + nq], kv=kv, kv_positions=kv_pos
             )
         else:
-            attn.append_memory(state, kv=kv, kv_positions=kv_pos)
-            y, state = attn.memory_step(xq[:, q0 : q0 + nq], state, positions=pq[:, q0 : q0 + nq])
+            attn.append_memory(kv, state, kv_positions=kv_pos)
+            y, state = attn.forward_step(xq[:, q0 : q0 + nq], state, positions=pq[:, q0 : q0 + nq])
         k0, q0 = k0 + nk, q0 + nq
         outs.append(y)
         seen += [k0] * nq
@@ -265,18 +327,18 @@ def test_memory_single_tokens_rows_float32_and_bad_input() -> None:
     xkv = torch.randn(B, steps, *attn.kv_layout.shape(FKV), generator=gen)
     xq = torch.randn(B, steps, *attn.layout.shape(FQ), generator=gen)
     pkv, pq = torch.randn(B, steps, 3, generator=gen), torch.randn(B, steps, 3, generator=gen)
-    state = attn.init_memory(B, CAPACITY)
-    y0, _ = attn.memory_step(xq[:, 0], state, positions=pq[:, 0])
+    state = attn.init_state(B, memory_window=CAPACITY)
+    y0, _ = attn.forward_step(xq[:, 0], state, positions=pq[:, 0])
     bias_only = torch.zeros_like(y0)
     bias_only[..., 0, 0, :] = attn.out.bias.detach()
     assert torch.equal(y0, bias_only)
     outs = []
     for t in range(steps):
         for row in range(B):
-            y, _ = attn.memory_step(
+            y, _ = attn.forward_step(
                 xq[row : row + 1, t],
                 state,
-                [row],
+                rows=[row],
                 positions=pq[row : row + 1, t],
                 kv=xkv[row : row + 1, t],
                 kv_positions=pkv[row : row + 1, t],
@@ -286,24 +348,38 @@ def test_memory_single_tokens_rows_float32_and_bad_input() -> None:
     expected = _memory_reference(attn, xq, pq, xkv, pkv, torch.arange(1, steps + 1))
     assert_close(got, expected, torch.float32)
     cases = [
-        (TypeError, "state: expected an O3MemoryState", lambda: attn.memory_step(xq[:, 0], {}, positions=pq[:, 0])),
-        (ValueError, "positions: required", lambda: attn.memory_step(xq[:, 0], state)),
-        (ValueError, "kv_positions: required", lambda: attn.append_memory(state, kv=xkv[:, 0])),
+        (TypeError, "state: expected an O3AttentionState or", lambda: attn.forward_step(xq[:, 0], {})),
+        (TypeError, "state: expected an O3MemoryState", lambda: attn.append_memory(xkv[:, 0], {})),
+        (ValueError, "positions: required", lambda: attn.forward_step(xq[:, 0], state)),
+        (ValueError, "kv_positions: required", lambda: attn.append_memory(xkv[:, 0], state)),
         (
             ValueError,
             "kv_positions: given without kv",
-            lambda: attn.memory_step(xq[:, 0], state, positions=pq[:, 0], kv_positions=pkv[:, 0]),
+            lambda: attn.forward_step(xq[:, 0], state, positions=pq[:, 0], kv_positions=pkv[:, 0]),
         ),
         (
             TypeError,
             "kv: expected dtype",
-            lambda: attn.append_memory(state, kv=xkv[:, 0].double(), kv_positions=pkv[:, 0]),
+            lambda: attn.append_memory(xkv[:, 0].double(), state, kv_positions=pkv[:, 0]),
         ),
-        (ValueError, "capacity", lambda: attn.init_memory(B, 0)),
+        (
+            ValueError,
+            "kv: expected one key/value token per step",
+            lambda: attn.forward_steps(xq[:, :3], state, positions=pq[:, :3], kv=xkv[:, :2], kv_positions=pkv[:, :2]),
+        ),
+        (ValueError, "memory_window: expected a positive", lambda: attn.init_state(B, memory_window=0)),
+        (ValueError, "init_state: give either window", lambda: attn.init_state(B)),
+        (ValueError, "init_state: give either window", lambda: attn.init_state(B, window=4, memory_window=4)),
     ]
+    before = state.state_dict()
     for error, message, call in cases:
         with pytest.raises(error, match=message):
             call()
+    bad_query = xq[:, 0].double()  # a rejected step leaves the memory untouched, its key/value tokens included
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        attn.forward_step(bad_query, state, positions=pq[:, 0], kv=xkv[:, 0], kv_positions=pkv[:, 0])
+    after = state.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_memory_state_reset_clone_and_snapshot() -> None:
@@ -314,17 +390,46 @@ def test_memory_state_reset_clone_and_snapshot() -> None:
     pz = torch.randn(B, 30, 3, generator=gen, dtype=torch.float64)
     x = torch.randn(B, 2, *attn.layout.shape(FQ), generator=gen, dtype=torch.float64)
     px = torch.randn(B, 2, 3, generator=gen, dtype=torch.float64)
-    state = attn.append_memory(attn.init_memory(B, 8), kv=z[:, :20], kv_positions=pz[:, :20])
+    state = attn.append_memory(z[:, :20], attn.init_state(B, memory_window=8), kv_positions=pz[:, :20])
     state.reset([1])
-    attn.append_memory(state, kv=z[:, 20:25], kv_positions=pz[:, 20:25])
-    fresh = attn.append_memory(attn.init_memory(1, 8), kv=z[1:, 20:25], kv_positions=pz[1:, 20:25])
-    y, _ = attn.memory_step(x, state, positions=px)
-    y_fresh, _ = attn.memory_step(x[1:], fresh, positions=px[1:])
+    attn.append_memory(z[:, 20:25], state, kv_positions=pz[:, 20:25])
+    fresh = attn.append_memory(z[1:, 20:25], attn.init_state(1, memory_window=8), kv_positions=pz[1:, 20:25])
+    y, _ = attn.forward_step(x, state, positions=px)
+    y_fresh, _ = attn.forward_step(x[1:], fresh, positions=px[1:])
     assert_close(y[1:], y_fresh, torch.float64)
     snapshot, twin = state.state_dict(), state.clone()
-    restored = attn.init_memory(B, 8)
+    restored = attn.init_state(B, memory_window=8)
     restored.load_state_dict(snapshot)
     outs = [
-        attn.memory_step(x, s, positions=px, kv=z[:, 25:], kv_positions=pz[:, 25:])[0] for s in (state, twin, restored)
+        attn.forward_step(x, s, positions=px, kv=z[:, 25:], kv_positions=pz[:, 25:])[0] for s in (state, twin, restored)
     ]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("layouts", [LAYOUTS[1], LAYOUTS[3]], ids=[IDS[1], IDS[3]])
+def test_memory_forward_steps_equal_the_batch_forward_and_single_steps(layouts) -> None:
+    """``forward_steps`` over 203 steps, each bringing one query and one key/value token (the ring of 16 wraps ~12
+    times), in three calls: equal to the batch forward (query ``t`` sees keys ``t - 15 .. t``) and to single-token
+    ``forward_step`` calls."""
+    attn = _cross(layouts, torch.float64, softmax_cutoff=True, cutoff=2.0)
+    gen = torch.Generator().manual_seed(8)
+    xkv = torch.randn(B, T, *attn.kv_layout.shape(FKV), generator=gen, dtype=torch.float64)
+    xq = torch.randn(B, T, *attn.layout.shape(FQ), generator=gen, dtype=torch.float64)
+    pkv = (0.3 * torch.randn(B, T, 3, generator=gen, dtype=torch.float64)).cumsum(1)
+    pq = pkv + 0.5 * torch.randn(B, T, 3, generator=gen, dtype=torch.float64)
+    expected = _memory_reference(attn, xq, pq, xkv, pkv, torch.arange(1, T + 1))
+    state, outs = attn.init_state(B, memory_window=CAPACITY), []
+    for part in (slice(0, 5), slice(5, 150), slice(150, T)):  # a short call, then calls longer than the ring
+        y, state = attn.forward_steps(
+            xq[:, part], state, positions=pq[:, part], kv=xkv[:, part], kv_positions=pkv[:, part]
+        )
+        outs.append(y)
+    assert_close(torch.cat(outs, 1), expected, torch.float64)
+    state = attn.init_state(B, memory_window=CAPACITY)
+    steps = [
+        attn.forward_step(xq[:, t], state, positions=pq[:, t], kv=xkv[:, t], kv_positions=pkv[:, t])[0]
+        for t in range(T)
+    ]
+    assert_close(torch.stack(steps, 1), expected, torch.float64)
+    y, _ = attn.forward_steps(xq[:, :7], state, positions=pq[:, :7])  # no new keys: all queries see the last ring
+    assert_close(y, _memory_reference(attn, xq[:, :7], pq[:, :7], xkv, pkv, torch.full((7,), T)), torch.float64)

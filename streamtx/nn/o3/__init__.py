@@ -3,7 +3,7 @@
 Features use e3x's layout ``(..., P, (L+1)**2, F)`` (see :mod:`.irreps`); positions are ``(..., 3)`` coordinates.
 """
 
-from .attention import O3AttentionState, O3MemoryState, O3MultiheadAttention, layout_index
+from .attention import O3AttentionState, O3MemoryState, O3MultiheadAttention, change_layout, layout_index
 from .block import O3EncoderState, O3TransformerBlock, O3TransformerEncoder
 from .clebsch_gordan import clebsch_gordan
 from .dense import Dense
@@ -30,6 +30,7 @@ __all__ = [
     "O3AttentionState",
     "O3MemoryState",
     "layout_index",
+    "change_layout",
     "O3TransformerBlock",
     "O3TransformerEncoder",
     "O3EncoderState",

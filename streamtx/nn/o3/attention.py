@@ -25,10 +25,11 @@ in O(3), translation ``t`` and permutations ``pi`` (queries) and ``sigma`` (keys
 
 The pairs are given as a dense boolean ``mask`` ``(B, N, M)`` (True = attend; ``None``: all pairs), as e3x's dense
 index lists ``adj_idx (B, N, A)`` with ``where``, or as sparse index lists ``dst_idx``/``src_idx`` (query/key token
-of each pair, softmax per destination segment). Streaming: :meth:`~O3MultiheadAttention.forward_step` (causal-window
-self-attention over a ring of keys, values and positions; equals the batch forward with ``band_mask``) and
-:meth:`~O3MultiheadAttention.memory_step` (cross-attention of new query tokens to a ring of key/value tokens that new
-key tokens are appended to).
+of each pair, softmax per destination segment). Streaming follows the contract of :mod:`streamtx.nn.streaming`
+(``init_state`` / ``forward_step`` / ``forward_steps``) in two kinds: causal-window self-attention over a ring of keys,
+values and positions (``init_state(b, window=W)``; equals the batch forward with ``band_mask``), and cross-attention
+of new query tokens to a ring of key/value tokens that new key tokens are appended to (``init_state(b,
+memory_window=C)``, ``forward_step(x, state, positions=..., kv=..., kv_positions=...)``).
 
 Costs per pair: ``(K + 1) P_qk (L_qk+1)^2 Q`` for the relative query-key encoding (as one matrix product per head)
 and ``(L_b+1)^2 P_kv (L_kv+1)^2 Q`` for the relative values (a filter per pair coupled to the value of the key),
@@ -40,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ from .radial import RadialBasis, RadialKind, smooth_cutoff
 from .spherical_harmonics import safe_norm, spherical_harmonics
 from .tensor_product import TensorProduct
 
-__all__ = ["O3MultiheadAttention", "O3AttentionState", "O3MemoryState", "layout_index"]
+__all__ = ["O3MultiheadAttention", "O3AttentionState", "O3MemoryState", "layout_index", "change_layout"]
 
 _PAIR_BUDGET = 1 << 24
 """Elements of the largest per-pair intermediate computed at once; the dense path runs over chunks of queries (exact:
@@ -78,27 +79,14 @@ def layout_index(source: IrrepsLayout, target: IrrepsLayout) -> Tensor:
     return torch.tensor(index, dtype=torch.long)
 
 
-def _change_layout(t: Tensor, index: Tensor | None, target: IrrepsLayout) -> Tensor:
-    """``t (..., P_s, C_s, F)`` in the layout ``index`` maps from -> ``(..., P_t, C_t, F)`` (``None``: unchanged)."""
+def change_layout(t: Tensor, index: Tensor | None, target: IrrepsLayout) -> Tensor:
+    """``t (..., P_s, C_s, F)`` in the layout ``index`` maps from -> ``(..., P_t, C_t, F)`` (``None``: unchanged);
+    ``index`` is :func:`layout_index` ``(source, target)``."""
     if index is None:
         return t
     flat = t.flatten(-3, -2)
     flat = torch.cat([flat, torch.zeros_like(flat[..., :1, :])], dim=-2)
     return flat[..., index, :].unflatten(-2, (target.num_parities, target.num_components))
-
-
-class StreamSteps:
-    """``forward_steps`` for the streaming modules of this package (they define ``forward_step``)."""
-
-    def forward_steps(self, x: Tensor, positions: Tensor, state: Any, rows: Rows = None) -> tuple[Tensor, Any]:
-        """Stream ``x (b, T, P, C, F)`` at ``positions (b, T, 3)``: one :meth:`forward_step` of ``T`` tokens (run in
-        chunks of the ring's step size), equal to ``T`` single-token steps."""
-        if not isinstance(x, Tensor) or x.dim() != 5:
-            raise ValueError(
-                f"x: expected a stream (b, T, P, C, F), got "
-                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
-            )
-        return self.forward_step(x, positions, state, rows)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -113,13 +101,17 @@ class O3AttentionState(StreamState):
 
 @dataclass
 class O3MemoryState(StreamState):
-    """Streaming state of a cross-attention :class:`O3MultiheadAttention`: the ring of the ``capacity`` newest
+    """Streaming state of a cross-attention :class:`O3MultiheadAttention`: the ring of the ``memory_window`` newest
     key/value tokens (their projected keys, values and positions, laid out as in :class:`O3AttentionState`)."""
 
     cache: RingCache
 
 
-class O3MultiheadAttention(StreamSteps, nn.Module):
+_State = TypeVar("_State", O3AttentionState, O3MemoryState)
+"""The streaming state a call takes and returns (self- or cross-attention)."""
+
+
+class O3MultiheadAttention(nn.Module):
     r"""O(3)-equivariant multi-head attention over tokens with 3-D positions (see the module docstring): self-attention
     of ``N`` tokens, or cross-attention of ``N`` query tokens to ``M`` key/value tokens with their own channels,
     degrees and parities.
@@ -155,12 +147,15 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             outputs zero attention, the output bias only).
         dropout: probability of zeroing an attention weight in training (``torch.nn.MultiheadAttention``'s
             ``dropout``; e3x has none). Zero in ``eval()``.
+        cartesian_order: e3x's flag, accepted only as ``True``: components are always in Cartesian order (see
+            :mod:`.irreps`); ``False`` raises.
+        use_fused_tensor: e3x's flag, accepted only as ``False``: ``FusedTensor`` is a different, lower-rank
+            parametrization of the value coupling and this layer is the ``Tensor`` one; ``True`` raises.
 
-    e3x's module attributes not offered: ``cartesian_order=False`` (components are always in Cartesian order, see
-    :mod:`.irreps`); ``use_fused_tensor`` (a different, lower-rank parametrization of the value coupling; this layer
-    is the ``Tensor`` one); the ``*_kernel_init``/``*_bias_init`` functions (``reset_parameters`` initializes like
-    ``torch.nn``; copy e3x's parameters with :meth:`load_e3x_`); ``dtype``/``param_dtype``/``precision`` (torch's
-    ``dtype``; matmul precision is torch's global setting). The arguments of e3x's ``__call__`` map to :meth:`forward`.
+    e3x's module attributes not offered: the ``*_kernel_init``/``*_bias_init`` functions (``reset_parameters``
+    initializes like ``torch.nn``; copy e3x's parameters with :meth:`load_e3x_`); ``dtype``/``param_dtype``/
+    ``precision`` (torch's ``dtype``; matmul precision is torch's global setting). The arguments of e3x's
+    ``__call__`` map to :meth:`forward` (``inputs_q`` -> ``x``, ``inputs_kv`` -> ``kv``, the rest by name).
 
     Shapes: ``x (B, N, P_q, (L_q+1)**2, F_q)``, ``kv (B, M, P_kv, (L_kv+1)**2, F_kv)`` ->
     ``(B, N, P_out, (L_out+1)**2, F_out)``.
@@ -202,10 +197,22 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         output_use_bias: bool = True,
         softmax_cutoff: bool = False,
         dropout: float = 0.0,
+        cartesian_order: bool = True,
+        use_fused_tensor: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if cartesian_order is not True:
+            raise ValueError(
+                f"cartesian_order: only True is supported (components are always in Cartesian order, see "
+                f"streamtx.nn.o3.irreps), got {cartesian_order!r}"
+            )
+        if use_fused_tensor is not False:
+            raise ValueError(
+                f"use_fused_tensor: only False is supported (this layer couples values with e3x's Tensor "
+                f"parametrization, not FusedTensor), got {use_fused_tensor!r}"
+            )
         qkv_features = features if qkv_features is None else qkv_features
         out_features = features if out_features is None else out_features
         kv_features = features if kv_features is None else kv_features
@@ -307,13 +314,13 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
     def _project_queries(self, x: Tensor) -> Tensor:
         """Queries ``(b, n, H, P_qk C_qk d)``, scaled by ``1/sqrt(P_qk C_qk d)``."""
         depth = self.qk_layout.num_parities * self.qk_layout.num_components * self.head_dim
-        q = self.query(_change_layout(x, self.qk_index, self.qk_layout))
+        q = self.query(change_layout(x, self.qk_index, self.qk_layout))
         return self._head_major(q) * (1.0 / math.sqrt(depth))
 
     def _project_kv(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Keys ``(b, m, H, P_qk C_qk d)``; values ``(b, m, Q, P_kv C_kv)`` with the relative basis in the values,
         else ``(b, m, H, P_kv C_kv d)``."""
-        k = self._head_major(self.key(_change_layout(z, self.kv_qk_index, self.qk_layout)))
+        k = self._head_major(self.key(change_layout(z, self.kv_qk_index, self.qk_layout)))
         v = self.value(z)
         return k, (v.flatten(-3, -2).transpose(-1, -2) if self.value_product is not None else self._head_major(v))
 
@@ -645,7 +652,7 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
                 raise ValueError(f"num_segments: expected an integer >= 1, got {num_segments!r}")
             out = self._attend_sparse(q, k, v, dst, src, num_segments, positions, kv_positions, basis, cutoff_value)
-        return self.out(_change_layout(out, self.out_index, self.out_layout))
+        return self.out(change_layout(out, self.out_index, self.out_layout))
 
     # ---------------------------------------------------------------- streaming
     def _ring(
@@ -669,18 +676,61 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             device=device or ref.device,
         )
 
+    @overload
     def init_state(
         self,
         batch_size: int,
+        /,
+        *,
         window: int,
         max_tokens_per_step: int = 1,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-    ) -> O3AttentionState:
-        """An empty cache for causal-window self-attention streaming: each new token attends to the ``window`` newest
-        tokens (itself included). The ring holds ``window - 1 + max_tokens_per_step`` slots."""
+    ) -> O3AttentionState: ...
+
+    @overload
+    def init_state(
+        self,
+        batch_size: int,
+        /,
+        *,
+        memory_window: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> O3MemoryState: ...
+
+    def init_state(
+        self,
+        batch_size: int,
+        /,
+        *,
+        window: int | None = None,
+        max_tokens_per_step: int = 1,
+        memory_window: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> O3AttentionState | O3MemoryState:
+        """An empty streaming state for ``batch_size`` rows, of one of two kinds:
+
+        * ``window``: causal-window self-attention; each new token attends to the ``window`` newest tokens (itself
+          included). The ring holds ``window - 1 + max_tokens_per_step`` slots.
+        * ``memory_window``: cross-attention to a key/value set that grows by a ring of its ``memory_window`` newest
+          tokens (older ones drop out as new ones are appended); the new queries of a step attend to all of them.
+        """
+        if (window is None) == (memory_window is None):
+            raise ValueError(
+                "init_state: give either window (self-attention streaming) or memory_window (cross-attention to a "
+                f"ring of key/value tokens), got window={window!r}, memory_window={memory_window!r}"
+            )
+        if memory_window is not None:
+            if isinstance(memory_window, bool) or not isinstance(memory_window, int) or memory_window < 1:
+                raise ValueError(f"memory_window: expected a positive number of tokens, got {memory_window!r}")
+            return O3MemoryState(self._ring(batch_size, memory_window, dtype, device))
         if self.kv_layout != self.layout or self.kv_features != self.features:
-            raise ValueError("init_state: self-attention streaming needs kv tokens like the queries; use init_memory")
+            raise ValueError(
+                "window: self-attention streaming needs key/value tokens like the queries; this layer attends to "
+                "other tokens, use init_state(memory_window=...)"
+            )
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window: expected a positive number of tokens, got {window!r}")
         if isinstance(max_tokens_per_step, bool) or not isinstance(max_tokens_per_step, int) or max_tokens_per_step < 1:
@@ -688,91 +738,151 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         return O3AttentionState(self._ring(batch_size, window - 1 + max_tokens_per_step, dtype, device), window)
 
     def forward_step(
-        self, x: Tensor, positions: Tensor, state: O3AttentionState, rows: Rows = None
-    ) -> tuple[Tensor, O3AttentionState]:
-        """New tokens ``x (b, P, C, F)`` at ``positions (b, 3)``, or ``S`` tokens ``(b, S, P, C, F)`` at
-        ``(b, S, 3)``, attend to themselves and the cached tokens of their window; ``b`` rows of the state (all, or
-        ``rows``). Equal to :meth:`forward` on the whole stream with ``mask=band_mask(t, t, window)``. Steps of more
-        tokens than the ring was sized for run in chunks."""
-        if not isinstance(state, O3AttentionState):
-            raise TypeError(f"state: expected an O3AttentionState (see init_state), got {type(state).__name__}")
-        xs, ps, single = self._step_tokens(x, positions, state.cache, "x", "positions", self.layout, self.features)
-        assert ps is not None  # self-attention streaming always takes positions
-        chunk = state.cache.capacity - (state.window - 1)
-        outs = []
-        for start in range(0, xs.shape[1], chunk):
-            part, xyz = xs[:, start : start + chunk], ps[:, start : start + chunk]
-            q = self._project_queries(part)
-            k, v = self._project_kv(part)
-            ids = state.cache.append({"k": k, "v": v, "xyz": xyz}, rows)
-            data, key_ids = state.cache.read(rows)
-            visible = band_mask(ids, key_ids, state.window)
-            outs.append(self._attend_dense(q, data["k"], data["v"], visible, xyz, data["xyz"]))
-        out = self.out(_change_layout(torch.cat(outs, dim=1), self.out_index, self.out_layout))
-        return (out[:, 0] if single else out), state
-
-    def init_memory(
-        self,
-        batch_size: int,
-        capacity: int,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> O3MemoryState:
-        """An empty key/value memory for cross-attention streaming: a ring of the ``capacity`` newest key/value
-        tokens (older ones drop out as new ones are appended)."""
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity: expected a positive number of tokens, got {capacity!r}")
-        return O3MemoryState(self._ring(batch_size, capacity, dtype, device))
-
-    def append_memory(
-        self, state: O3MemoryState, rows: Rows = None, *, kv: Tensor, kv_positions: Tensor | None = None
-    ) -> O3MemoryState:
-        """Append key/value tokens ``kv (b, P_kv, C_kv, F_kv)`` or ``(b, S, ...)`` at ``kv_positions (b, 3)`` /
-        ``(b, S, 3)`` (needed when the layer computes a basis or cutoff from positions) to the memory of ``b`` rows;
-        each token is projected once, when it arrives."""
-        if not isinstance(state, O3MemoryState):
-            raise TypeError(f"state: expected an O3MemoryState (see init_memory), got {type(state).__name__}")
-        zs, ps, _ = self._step_tokens(
-            kv, kv_positions, state.cache, "kv", "kv_positions", self.kv_layout, self.kv_features
-        )
-        if ps is None:
-            ps = torch.zeros(*zs.shape[:2], 3, dtype=zs.dtype, device=zs.device)  # unused: no pair term reads them
-        k, v = self._project_kv(zs)
-        cap = state.cache.capacity
-        for start in range(0, zs.shape[1], cap):
-            part = slice(start, start + cap)
-            state.cache.append({"k": k[:, part], "v": v[:, part], "xyz": ps[:, part]}, rows)
-        return state
-
-    def memory_step(
         self,
         x: Tensor,
-        state: O3MemoryState,
-        rows: Rows = None,
+        state: _State,
+        /,
         *,
+        rows: Rows = None,
         positions: Tensor | None = None,
         kv: Tensor | None = None,
         kv_positions: Tensor | None = None,
-    ) -> tuple[Tensor, O3MemoryState]:
-        """Cross-attention streaming: first append the new key/value tokens ``kv`` (if any, see
-        :meth:`append_memory`), then new query tokens ``x (b, P_q, C_q, F_q)`` or ``(b, S, ...)`` at ``positions``
-        attend to every token in the memory. Equal to :meth:`forward` with ``kv`` the whole key stream and
-        ``mask = band_mask(n_q - 1, arange(M), capacity)``, ``n_q`` the number of keys appended before query
-        ``q`` (a query with an empty memory outputs the output bias only)."""
-        if not isinstance(state, O3MemoryState):
-            raise TypeError(f"state: expected an O3MemoryState (see init_memory), got {type(state).__name__}")
-        if kv is not None:
-            self.append_memory(state, rows, kv=kv, kv_positions=kv_positions)
-        elif kv_positions is not None:
-            raise ValueError("kv_positions: given without kv")
+    ) -> tuple[Tensor, _State]:
+        """One control step of ``b`` rows of the state (all, or ``rows``): new query tokens ``x (b, P_q, C_q, F_q)``
+        or ``(b, S, P_q, C_q, F_q)`` at ``positions (b, 3)`` / ``(b, S, 3)`` (needed when the layer computes a basis
+        or cutoff from positions) -> their outputs ``(b, [S,] P_out, C_out, F_out)``.
+
+        * Self-attention state (``init_state(window=...)``): the new tokens attend to themselves and the cached
+          tokens of their window. Equal to :meth:`forward` on the whole stream with ``mask=band_mask(t, t, window)``.
+          Steps of more tokens than the ring was sized for run in chunks.
+        * Cross-attention state (``init_state(memory_window=...)``): the step's new key/value tokens ``kv (b, P_kv,
+          C_kv, F_kv)`` or ``(b, S', ...)`` at ``kv_positions`` (if any) join the ring first, then the queries attend
+          to every token in it. Equal to :meth:`forward` with ``kv`` the whole key/value stream and
+          ``mask = band_mask(n - 1, arange(M), memory_window)``, ``n`` the number of key/value tokens appended up to
+          the query's step (a query with an empty memory outputs the output bias only).
+        """
+        if isinstance(state, O3MemoryState):
+            if kv is None and kv_positions is not None:
+                raise ValueError("kv_positions: given without kv")
+            xs, ps, single = self._step_tokens(x, positions, state.cache, "x", "positions", self.layout, self.features)
+            if kv is not None:  # checked queries first: a bad call leaves the memory as it was
+                self.append_memory(kv, state, rows=rows, kv_positions=kv_positions)
+            newest = state.cache.positions(rows) - 1  # id of the newest key per row (-1: empty memory)
+            out = self._attend_memory(xs, ps, state, rows, newest[:, None].expand(-1, xs.shape[1]))
+            return (out[:, 0] if single else out), state
+        if not isinstance(state, O3AttentionState):
+            raise TypeError(
+                f"state: expected an O3AttentionState or O3MemoryState (see init_state), got {type(state).__name__}"
+            )
+        if kv is not None or kv_positions is not None:
+            raise ValueError(
+                "kv: a self-attention state (init_state(window=...)) takes no key/value tokens; stream cross-attention "
+                "with init_state(memory_window=...)"
+            )
         xs, ps, single = self._step_tokens(x, positions, state.cache, "x", "positions", self.layout, self.features)
-        data, key_ids = state.cache.read(rows)
-        newest = state.cache.positions(rows) - 1  # id of the newest key per row (-1: empty memory)
-        visible = band_mask(newest[:, None].expand(-1, xs.shape[1]), key_ids, state.cache.capacity)
-        q = self._project_queries(xs)
-        out = self._attend_dense(q, data["k"], data["v"], visible, ps, data["xyz"] if ps is not None else None)
-        out = self.out(_change_layout(out, self.out_index, self.out_layout))
+        chunk = state.cache.capacity - (state.window - 1)
+        outs = []
+        for start in range(0, xs.shape[1], chunk):
+            part = xs[:, start : start + chunk]
+            xyz = None if ps is None else ps[:, start : start + chunk]
+            q = self._project_queries(part)
+            k, v = self._project_kv(part)
+            ids = state.cache.append({"k": k, "v": v, "xyz": _ring_positions(xyz, part)}, rows)
+            data, key_ids = state.cache.read(rows)
+            visible = band_mask(ids, key_ids, state.window)
+            outs.append(self._attend_dense(q, data["k"], data["v"], visible, xyz, None if xyz is None else data["xyz"]))
+        out = self.out(change_layout(torch.cat(outs, dim=1), self.out_index, self.out_layout))
         return (out[:, 0] if single else out), state
+
+    def forward_steps(
+        self,
+        x: Tensor,
+        state: _State,
+        /,
+        *,
+        rows: Rows = None,
+        positions: Tensor | None = None,
+        kv: Tensor | None = None,
+        kv_positions: Tensor | None = None,
+    ) -> tuple[Tensor, _State]:
+        """A stream of ``T`` steps of one query token each, ``x (b, T, P_q, C_q, F_q)`` at ``positions (b, T, 3)``
+        -> ``(b, T, P_out, C_out, F_out)``, equal to ``T`` calls of :meth:`forward_step`. With a cross-attention
+        state, step ``t`` brings key/value token ``t`` of ``kv (b, T, P_kv, C_kv, F_kv)`` at ``kv_positions
+        (b, T, 3)`` if given. Computed in steps of up to ``memory_window`` tokens: query ``t`` sees the memory as it
+        was after its step (the ring's tokens and the new keys up to ``t``, by their ids), then the new keys join the
+        ring."""
+        check_token_stream(x)
+        if not isinstance(state, O3MemoryState) or kv is None:
+            return self.forward_step(x, state, rows=rows, positions=positions, kv=kv, kv_positions=kv_positions)
+        xs, ps, _ = self._step_tokens(x, positions, state.cache, "x", "positions", self.layout, self.features)
+        zs, pzs, _ = self._step_tokens(
+            kv, kv_positions, state.cache, "kv", "kv_positions", self.kv_layout, self.kv_features
+        )
+        if zs.shape[:2] != xs.shape[:2]:
+            raise ValueError(
+                f"kv: expected one key/value token per step, {tuple(xs.shape[:2])} + (P, C, F), got {tuple(kv.shape)}"
+            )
+        k, v = self._project_kv(zs)
+        projected = {"k": k, "v": v, "xyz": _ring_positions(pzs, zs)}
+        cap, outs = state.cache.capacity, []
+        for start in range(0, zs.shape[1], cap):  # chunks of the ring's size: each query reads at most 2 C keys
+            new = {name: t[:, start : start + cap] for name, t in projected.items()}
+            new_ids = state.cache.positions(rows)[:, None] + torch.arange(new["k"].shape[1], device=zs.device)
+            part = slice(start, start + cap)
+            outs.append(
+                self._attend_memory(
+                    xs[:, part], None if ps is None else ps[:, part], state, rows, new_ids, new, new_ids
+                )
+            )
+            state.cache.append(new, rows)
+        return torch.cat(outs, dim=1), state
+
+    def append_memory(
+        self, kv: Tensor, state: O3MemoryState, /, *, rows: Rows = None, kv_positions: Tensor | None = None
+    ) -> O3MemoryState:
+        """Append key/value tokens ``kv (b, P_kv, C_kv, F_kv)`` or ``(b, S, ...)`` at ``kv_positions (b, 3)`` /
+        ``(b, S, 3)`` (needed when the layer computes a basis or cutoff from positions) to the memory of ``b`` rows
+        without querying it; each token is projected once, when it arrives."""
+        if not isinstance(state, O3MemoryState):
+            raise TypeError(
+                f"state: expected an O3MemoryState (see init_state(memory_window=...)), got {type(state).__name__}"
+            )
+        zs, ps, _ = self._step_tokens(
+            kv, kv_positions, state.cache, "kv", "kv_positions", self.kv_layout, self.kv_features
+        )
+        k, v = self._project_kv(zs)
+        self._append_projected(state, {"k": k, "v": v, "xyz": _ring_positions(ps, zs)}, rows)
+        return state
+
+    @staticmethod
+    def _append_projected(state: O3MemoryState, new: dict[str, Tensor], rows: Rows) -> None:
+        """Write projected tokens ``(b, S, ...)`` into the memory ring, in chunks of its capacity."""
+        cap = state.cache.capacity
+        for start in range(0, new["k"].shape[1], cap):
+            state.cache.append({name: t[:, start : start + cap] for name, t in new.items()}, rows)
+
+    def _attend_memory(
+        self,
+        xs: Tensor,
+        ps: Tensor | None,
+        state: O3MemoryState,
+        rows: Rows,
+        newest: Tensor,
+        new: dict[str, Tensor] | None = None,
+        new_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Queries ``xs (b, S, ...)`` attend to the memory ring, plus the projected tokens ``new`` (ids ``new_ids
+        (b, S')``, not yet in the ring) if given; query ``s`` sees the ``memory_window`` key/value tokens up to the id
+        ``newest[:, s]``."""
+        data, key_ids = state.cache.read(rows)
+        if new is not None and new_ids is not None:
+            data = {name: torch.cat([data[name], new[name]], dim=1) for name in data}
+            key_ids = torch.cat([key_ids, new_ids], dim=1)
+        visible = band_mask(newest, key_ids, state.cache.capacity)
+        out = self._attend_dense(
+            self._project_queries(xs), data["k"], data["v"], visible, ps, None if ps is None else data["xyz"]
+        )
+        return self.out(change_layout(out, self.out_index, self.out_layout))
 
     def _step_tokens(
         self,
@@ -785,7 +895,7 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
         features: int,
     ) -> tuple[Tensor, Tensor | None, bool]:
         """Checked tokens of a step as ``(b, S, P, C, F)``, their positions ``(b, S, 3)`` (``None`` when the layer
-        reads none and none were given) and whether a single token ``(b, P, C, F)`` came."""
+        reads none) and whether a single token ``(b, P, C, F)`` came."""
         layout.check(x, features, name)
         single = x.dim() == 4
         xs = x[:, None] if single else x
@@ -793,12 +903,15 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             raise ValueError(f"{name}: expected (b, P, C, F) or (b, S, P, C, F), got {tuple(x.shape)}")
         if xs.dtype != cache.data["k"].dtype:
             raise TypeError(f"{name}: expected dtype {cache.data['k'].dtype} (the state's), got {xs.dtype}")
+        needed = self._needs_positions(None, None)
         if positions is None:
-            if self._needs_positions(None, None):
-                raise ValueError(f"{pos_name}: required (the layer computes its relative basis from positions)")
+            if needed:
+                raise ValueError(
+                    f"{pos_name}: required (the layer computes its relative basis or cutoff from positions)"
+                )
             return xs, None, single
         ps = _check_positions(positions, tuple(x.shape[:-3]), xs, pos_name)
-        return xs, (ps[:, None] if single else ps), single
+        return xs, ((ps[:, None] if single else ps) if needed else None), single
 
     # ---------------------------------------------------------------- conversion
     @torch.no_grad()
@@ -870,6 +983,20 @@ class O3MultiheadAttention(StreamSteps, nn.Module):
             f"relative_qk={self.qk_encoding is not None}, relative_v={self.value_product is not None}, "
             f"softmax_cutoff={self.softmax_cutoff}, dropout={self.dropout}"
         )
+
+
+def check_token_stream(x: Tensor) -> None:
+    """Raise unless ``x`` is a stream of irreps tokens ``(b, T, P, C, F)``, the input of ``forward_steps``."""
+    if not isinstance(x, Tensor) or x.dim() != 5:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a stream (b, T, P, C, F) for forward_steps, got {shape}")
+
+
+def _ring_positions(positions: Tensor | None, tokens: Tensor) -> Tensor:
+    """Positions ``(b, S, 3)`` to store in a ring with tokens ``(b, S, ...)``: zeros where the layer reads none."""
+    if positions is not None:
+        return positions
+    return torch.zeros(*tokens.shape[:2], 3, dtype=tokens.dtype, device=tokens.device)
 
 
 def _check_positions(positions: Tensor, lead: tuple[int, ...], x: Tensor, name: str = "positions") -> Tensor:
