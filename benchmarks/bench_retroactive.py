@@ -23,38 +23,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from collections.abc import Callable
 
 import torch
+from timing import timed
 
 from streamtx.nn.lowered import retroactive_attention
 from streamtx.nn.retroactive import RetroactiveState, eRetroactiveEncoderLayer
 from streamtx.nn.transformer import eTransformerEncoderLayer
 from streamtx.symmetry import Representation, dihedral
-
-
-def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float, float, float]]:
-    """p50, p99 and max wall time and p50 CPU time of this thread, in ms, of each function, the functions interleaved
-    call by call (a, b, a, b, ...) after two warm-up calls each. On a loaded machine a long call is preempted more
-    often than a short one, which inflates wall-time ratios; the thread's CPU time is not inflated that way."""
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            fn()
-            wall[name].append(1e3 * (time.perf_counter() - start))
-            cpu[name].append(1e3 * (time.thread_time() - start_cpu))
-    out = {}
-    for name, t in wall.items():
-        t.sort()
-        c = sorted(cpu[name])
-        out[name] = (t[len(t) // 2], t[min(len(t) - 1, round(0.99 * (len(t) - 1)))], t[-1], c[len(c) // 2])
-    return out
 
 
 def filled(retro: eRetroactiveEncoderLayer, x: torch.Tensor) -> RetroactiveState:

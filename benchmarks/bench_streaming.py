@@ -15,41 +15,14 @@ Usage: python benchmarks/bench_streaming.py [--threads 1] [--repeats 20] [--stre
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
-from timing import median_ms
+from timing import Times, median_ms, timed
 
 from streamtx.models import eCondTransformerRegressor
 from streamtx.nn import causal_window_mask, eTransformerEncoder, eTransformerEncoderLayer
 from streamtx.policy import FlowMatchingSampler, StreamingPolicy
 from streamtx.symmetry import Representation, dihedral
-
-Times = tuple[float, float, float, float]  # wall p50, p99, max; CPU p50 (ms)
-
-
-def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, Times]:
-    """p50, p99 and max wall time and p50 CPU time of this thread, in ms, of each function, interleaved call by call
-    after three warm-up calls (CPU time: a loaded machine preempts long calls more often than short ones, which
-    inflates wall-time ratios, not CPU-time ones)."""
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start, start_cpu = time.perf_counter(), time.thread_time()
-            fn()
-            wall[name].append(1e3 * (time.perf_counter() - start))
-            cpu[name].append(1e3 * (time.thread_time() - start_cpu))
-    out = {}
-    for name, t in wall.items():
-        t.sort()
-        c = sorted(cpu[name])
-        out[name] = (t[len(t) // 2], t[min(len(t) - 1, round(0.99 * (len(t) - 1)))], t[-1], c[len(c) // 2])
-    return out
 
 
 def per_token(rep: Representation, depth: int, window: int, repeats: int, batch: int) -> dict[str, Times]:

@@ -102,10 +102,6 @@ def _torch_keys(state_dict: dict[str, Any], prefix: str) -> dict[str, str]:
 _State = RetroactiveState | EncoderLayerState
 
 
-def _clone(state: _State) -> _State:
-    return cast(_State, state.clone())
-
-
 def _batch_size(state: StreamState) -> int:
     return next(t for _, t in state.state_dict().items()).shape[0]
 
@@ -180,7 +176,7 @@ class _ContinualLayer(nn.Module):
 
     def snapshot(self) -> tuple[_State | None, int]:
         """A copy of the stream, for ``forward_steps(update_state=False)``."""
-        return (None if self._state is None else _clone(self._state)), self._seen
+        return (None if self._state is None else self._state.clone()), self._seen
 
     def restore(self, saved: tuple[_State | None, int]) -> None:
         """Set the stream back to what :meth:`snapshot` returned."""
@@ -205,7 +201,7 @@ class _ContinualLayer(nn.Module):
         if state is None:
             state = self.stream.init_state(input.shape[0], dtype=input.dtype, device=input.device)
         elif not update_state:
-            state = _clone(state)
+            state = state.clone()
         y, state = self.stream.forward_step(input, state)
         seen = self._seen + 1
         if update_state:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import Self  # typing.Self is 3.11+; torch depends on typing_extensions
 
 __all__ = ["RingCache", "StreamState", "Rows", "band_mask", "additive_mask"]
 
@@ -239,11 +240,11 @@ class StreamState:
         for _, value in _fields(self):
             _reset(value, rows)
 
-    def clone(self) -> StreamState:
+    def clone(self) -> Self:
         """A deep copy: stepping the clone leaves this state unchanged."""
         return _map(self, lambda t: t.clone())
 
-    def to(self, *args: Any, **kwargs: Any) -> StreamState:
+    def to(self, *args: Any, **kwargs: Any) -> Self:
         """Like ``Tensor.to``; floating tensors change dtype, integer positions keep theirs."""
 
         def move(t: Tensor) -> Tensor:
@@ -254,7 +255,7 @@ class StreamState:
 
         return _map(self, move)
 
-    def apply(self, fn: Callable[[Tensor], Tensor]) -> StreamState:
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> Self:
         """A state of the same structure whose tensors are ``fn`` of these (e.g. a view of a range of rows:
         ``state.apply(lambda t: t[a:b])``, which steps rows ``a..b-1`` in place)."""
         return _map(self, fn)
