@@ -202,6 +202,7 @@ assert set(_FIELDS) == set(KINDS)
 _ENVELOPE = frozenset({"v", "id", "kind"})
 _ALLOWED = {kind: _ENVELOPE | spec.keys() for kind, spec in _FIELDS.items()}  # every field a kind may carry
 _STEP_REQUIRED = frozenset(name for name, default in _FIELDS["step"].items() if default is _REQUIRED)
+_STEP_ACT = _FIELDS["step"]["act"]  # the default, read once for the hot path
 
 
 def _fields(kind: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -236,7 +237,9 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
     if kind == "step" and message.keys() >= _STEP_REQUIRED:  # first, its fields read directly: the hot path
         session, token = _session(message["session"]), _token(message["token"])
         obs = _observations(message["obs"], obs_dim, max_tokens)
-        return Step(rid, session, token, _count(message["seq"], "seq"), obs, _flag(message.get("act", True), "act"))
+        return Step(
+            rid, session, token, _count(message["seq"], "seq"), obs, _flag(message.get("act", _STEP_ACT), "act")
+        )
     fields = _fields(kind, message)  # a step missing a field is refused here
     if kind == "hello":
         return Hello(rid)
