@@ -106,9 +106,29 @@ def test_a_model_without_the_option_refuses_per_token_levels():
         model(x, k, z)
 
 
+def test_anticausal_action_attention_is_equivariant_and_sees_only_later_actions():
+    group = dihedral(4)
+    model = small(faithful_rep(group), faithful_rep(group), faithful_rep(group), anticausal_attn=True)
+    assert model.check_equivariance(generator=torch.Generator().manual_seed(2)) <= 1e-10
+    model, x, z, k = _model_and_inputs(anticausal_attn=True)
+    with torch.no_grad():
+        v = model(x, k, z)
+        later = x.clone()
+        later[:, 2:] += 1.0
+        w = model(later, k, z)
+    assert not torch.allclose(v[:, :2], w[:, :2])  # earlier actions read the later ones
+    earlier = x.clone()
+    earlier[:, :2] += 1.0
+    with torch.no_grad():
+        assert torch.equal(model(earlier, k, z)[:, 2:], v[:, 2:])  # later ones never read earlier ones
+    with pytest.raises(ValueError, match="at most one of them"):
+        small(faithful_rep(group), faithful_rep(group), faithful_rep(group), causal_attn=True, anticausal_attn=True)
+
+
+@pytest.mark.parametrize("anticausal", [False, True])
 @torch.no_grad()
-def test_streaming_denoise_with_per_token_levels_equals_the_batch_forward():
-    model, x, z, k = _model_and_inputs()
+def test_streaming_denoise_with_per_token_levels_equals_the_batch_forward(anticausal):
+    model, x, z, k = _model_and_inputs(anticausal_attn=anticausal)
     state = model.init_state(3, dtype=torch.float64)
     for t in range(z.shape[1]):
         model.observe(z[:, t : t + 1], state)

@@ -90,7 +90,9 @@ class RegressorConfig:
     (``cross_positional``). ``token_levels``: each action token also gets an invariant embedding of its own noise
     level (``opt_step (B, Tx)``), beside the shared step token, which then carries the mean level: what a streaming
     sampler whose buffer holds actions at levels increasing along the horizon needs (off: the shared step token
-    alone, the architecture of checkpoints that predate the option).
+    alone, the architecture of checkpoints that predate the option). ``anticausal_attn``: each action token
+    self-attends to itself and the *later* ones only, so a streaming buffer's chunk never reads an older chunk and
+    the buffer depends on its last few control steps only (an exact finite replay).
     """
 
     in_horizon: int
@@ -111,6 +113,7 @@ class RegressorConfig:
     self_positional: str | None = None
     cross_positional: str | None = "rope"
     token_levels: bool = False
+    anticausal_attn: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (what a checkpoint stores)."""
@@ -184,6 +187,7 @@ class eCondTransformerRegressor(nn.Module):
         self_positional: str | None = None,
         cross_positional: str | None = "rope",
         token_levels: bool = False,
+        anticausal_attn: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -204,6 +208,8 @@ class eCondTransformerRegressor(nn.Module):
                 raise ValueError(f"{name}: expected >= 1, got {value}")
         if num_cond_layers < 0:
             raise ValueError(f"num_cond_layers: expected >= 0, got {num_cond_layers}")
+        if causal_attn and anticausal_attn:
+            raise ValueError("causal_attn, anticausal_attn: expected at most one of them")
         self.config = RegressorConfig(
             in_horizon=in_horizon,
             cond_horizon=cond_horizon,
@@ -223,6 +229,7 @@ class eCondTransformerRegressor(nn.Module):
             self_positional=self_positional,
             cross_positional=cross_positional,
             token_levels=token_levels,
+            anticausal_attn=anticausal_attn,
         )
         self.in_rep, self.cond_rep, self.out_rep = in_rep, cond_rep, out_rep
         self.in_horizon, self.cond_horizon = in_horizon, cond_horizon
@@ -345,6 +352,8 @@ class eCondTransformerRegressor(nn.Module):
         return self.drop(h if levels is None else h + levels)
 
     def _tgt_mask(self, tx: int, ref: Tensor) -> Tensor | None:
+        if self.config.anticausal_attn:  # token i sees i .. tx - 1
+            return causal_window_mask(tx, None, device=ref.device, dtype=ref.dtype).T.contiguous()
         return causal_window_mask(tx, None, device=ref.device, dtype=ref.dtype) if self.causal_attn else None
 
     def _check(self, name: str, t: Tensor, rep: Representation, max_len: int | None = None) -> None:
@@ -528,6 +537,8 @@ class eCondTransformerRegressor(nn.Module):
                 "token_levels: the per-action-token level embedding (level_mlp), and so the streaming denoising "
                 "sampler (streamtx.policy.streaming_denoise) that needs it, has no lowering into the plan yet"
             )
+        if self.config.anticausal_attn:
+            raise NotImplementedError("anticausal_attn: the plan's decoder self-attention is full or causal only")
         ref = self.input_emb.weight
         dtype = dtype or ref.dtype
         if dtype not in COMPUTE_DTYPES:
