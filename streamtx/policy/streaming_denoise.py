@@ -137,6 +137,15 @@ class StreamingDenoisePolicy(StreamingPolicy):
             )
         self.schedule = BufferSchedule(model.in_horizon, execute or sampler.noise_chunk or 1, substeps)
         self.execute, self.substeps = self.schedule.execute, substeps
+        # (start, end, denoiser step) of every evaluation, data-independent: computed once, not per control step
+        num_levels = self.schedule.num_levels
+        self._evaluations = {
+            initialise: [
+                (start, end, sampler.level_input(start, num_levels))
+                for start, end in map(self.schedule.levels, self.schedule.offsets(initialise))
+            ]
+            for initialise in (True, False)
+        }
 
     @property
     def receptive_field(self) -> int:
@@ -176,9 +185,8 @@ class StreamingDenoisePolicy(StreamingPolicy):
         """The evaluations of one control step on a whole buffer ``x (b, Tx, A)`` (tail chunk at pure noise; all
         noise to initialise): ``(x, the clean estimate)`` after them, the head chunk clean in both."""
         estimate = x
-        for offset in self.schedule.offsets(initialise):
-            start, end = (t.to(x.device) for t in self.schedule.levels(offset))
-            k = self.sampler.level_input(start, self.schedule.num_levels).expand(x.shape[0], -1)
+        for start, end, k in self._evaluations[initialise]:
+            start, end, k = start.to(x.device), end.to(x.device), k.to(x.device).expand(x.shape[0], -1)
             x, estimate = self.sampler.level_step(x, denoise(x, k), start, end, self.schedule.num_levels)
         return x, estimate
 
