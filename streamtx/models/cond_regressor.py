@@ -87,7 +87,12 @@ class RegressorConfig:
     ``norm_first``: pre-norm (default) or post-norm layers. Positional backends (``None``, ``"absolute"``: recycling
     ids ``pos mod M``, ``"relative"``, ``"rope"``) of the encoder's self-attention (``cond_positional``), the
     decoder's self-attention over the action tokens (``self_positional``) and its cross-attention to the memory
-    (``cross_positional``).
+    (``cross_positional``). ``token_levels``: each action token also gets an invariant embedding of its own noise
+    level (``opt_step (B, Tx)``), beside the shared step token, which then carries the mean level: what a streaming
+    sampler whose buffer holds actions at levels increasing along the horizon needs (off: the shared step token
+    alone, the architecture of checkpoints that predate the option). ``anticausal_attn``: each action token
+    self-attends to itself and the *later* ones only, so a streaming buffer's chunk never reads an older chunk and
+    the buffer depends on its last few control steps only (an exact finite replay).
     """
 
     in_horizon: int
@@ -107,6 +112,8 @@ class RegressorConfig:
     cond_positional: str | None = "rope"
     self_positional: str | None = None
     cross_positional: str | None = "rope"
+    token_levels: bool = False
+    anticausal_attn: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (what a checkpoint stores)."""
@@ -202,7 +209,9 @@ class eCondTransformerRegressor(nn.Module):
     Architecture (designed for streaming, DESIGN.md section 3):
 
     * tokens are lifted to ``m = embedding_dim / |G|`` regular copies; action tokens get a learned invariant position
-      table; the step ``k`` is an invariant sinusoidal embedding through a small equivariant MLP;
+      table; the step ``k`` is an invariant sinusoidal embedding through a small equivariant MLP; with
+      ``token_levels``, ``k (B, Tx)`` gives each action token its own level, embedded alike and added to the token
+      (equivariant: the embedding is invariant), and the step token gets the mean level;
     * the conditioning encoder (``num_cond_layers`` encoder layers, or a per-token equivariant MLP when 0) runs
       *causally* over a window of ``cond_window`` tokens, by default with equivariant RoPE, so each new observation
       token costs one ``forward_step`` and outputs never depend on the absolute time;
@@ -240,6 +249,8 @@ class eCondTransformerRegressor(nn.Module):
         cond_positional: str | None = "rope",
         self_positional: str | None = None,
         cross_positional: str | None = "rope",
+        token_levels: bool = False,
+        anticausal_attn: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -260,6 +271,8 @@ class eCondTransformerRegressor(nn.Module):
                 raise ValueError(f"{name}: expected >= 1, got {value}")
         if num_cond_layers < 0:
             raise ValueError(f"num_cond_layers: expected >= 0, got {num_cond_layers}")
+        if causal_attn and anticausal_attn:
+            raise ValueError("causal_attn, anticausal_attn: expected at most one of them")
         self.config = RegressorConfig(
             in_horizon=in_horizon,
             cond_horizon=cond_horizon,
@@ -278,6 +291,8 @@ class eCondTransformerRegressor(nn.Module):
             cond_positional=cond_positional,
             self_positional=self_positional,
             cross_positional=cross_positional,
+            token_levels=token_levels,
+            anticausal_attn=anticausal_attn,
         )
         self.in_rep, self.cond_rep, self.out_rep = in_rep, cond_rep, out_rep
         self.in_horizon, self.cond_horizon = in_horizon, cond_horizon
@@ -337,6 +352,12 @@ class eCondTransformerRegressor(nn.Module):
         self.ln_f = make_norm(norm_module, hidden, 1e-5, **fk)
         self.head = eLinear(hidden, out_rep, **fk)
         self.reset_parameters()
+        # made last, so that the other weights of a seeded model do not depend on the option
+        self.level_mlp: nn.Sequential | None = None
+        if token_levels:
+            self.level_mlp = nn.Sequential(
+                eLinear(hidden, wide, **fk), ePointwise(wide, "mish"), eLinear(wide, hidden, **fk)
+            )
 
     @classmethod
     def from_config(
@@ -366,12 +387,36 @@ class eCondTransformerRegressor(nn.Module):
         )  # one invariant value per copy
         return self.time_mlp(emb.repeat_interleave(self.in_rep.group.order, dim=-1))[:, None]  # (B, 1, D)
 
-    def _action_tokens(self, x: Tensor) -> Tensor:
+    def _levels(self, k: Tensor | float, batch: int, horizon: int, ref: Tensor) -> tuple[Tensor | float, Tensor | None]:
+        """The shared step token's step, and with ``token_levels`` the per-action-token level embedding
+        ``(B, Tx, D)`` (invariant: one value per copy) of steps ``k`` (scalar, ``(B,)`` or ``(B, Tx)``); a step
+        shared by the chunk is every token's level."""
+        k = torch.as_tensor(k, device=ref.device)
+        if self.level_mlp is None:
+            if k.dim() > 1:
+                raise ValueError(
+                    f"opt_step: per-token steps {tuple(k.shape)} need a model with token_levels=True (this one has "
+                    "one step token shared by the chunk); pass a scalar or shape (B,)"
+                )
+            return k, None
+        k = k.to(torch.float64)
+        if k.dim() < 2:
+            k = (k.expand(batch) if k.dim() == 0 else k)[:, None].expand(-1, horizon)
+        if k.shape != (batch, horizon):
+            raise ValueError(f"opt_step: expected a scalar, ({batch},) or ({batch}, {horizon}), got {tuple(k.shape)}")
+        n = self.in_rep.group.order
+        emb = _sinusoidal(k.reshape(-1), self.hidden_rep.size // n).to(ref.dtype).repeat_interleave(n, dim=-1)
+        return k.mean(dim=1), self.level_mlp(emb).view(batch, horizon, -1)
+
+    def _action_tokens(self, x: Tensor, levels: Tensor | None = None) -> Tensor:
         tx = x.shape[1]
         pos = self.pos_emb[:tx].repeat_interleave(self.in_rep.group.order, dim=-1)
-        return self.drop(self.input_emb(x) + pos)
+        h = self.input_emb(x) + pos
+        return self.drop(h if levels is None else h + levels)
 
     def _tgt_mask(self, tx: int, ref: Tensor) -> Tensor | None:
+        if self.config.anticausal_attn:  # token i sees i .. tx - 1
+            return causal_window_mask(tx, None, device=ref.device, dtype=ref.dtype).T.contiguous()
         return causal_window_mask(tx, None, device=ref.device, dtype=ref.dtype) if self.causal_attn else None
 
     def _check(self, name: str, t: Tensor, rep: Representation, max_len: int | None = None) -> None:
@@ -381,8 +426,9 @@ class eCondTransformerRegressor(nn.Module):
 
     # ---------------------------------------------------------------- batch forward
     def forward(self, X: Tensor, opt_step: Tensor | float, Z: Tensor, *, cond_lengths: Tensor | None = None) -> Tensor:
-        """``V (B, Tx, out)`` for noisy actions ``X (B, Tx, in)`` at denoising step ``opt_step`` (scalar or ``(B,)``)
-        given the observation window ``Z (B, Tz, cond)``, oldest first, its last token the newest.
+        """``V (B, Tx, out)`` for noisy actions ``X (B, Tx, in)`` at denoising step ``opt_step`` (scalar, ``(B,)``,
+        or ``(B, Tx)`` per action token with ``token_levels``) given the observation window ``Z (B, Tz, cond)``,
+        oldest first, its last token the newest.
 
         ``cond_lengths (B,)``: example ``b``'s window is only its last ``cond_lengths[b]`` tokens (the rest is left
         padding, never attended to), so windows of different lengths share one forward; the result equals running
@@ -402,10 +448,11 @@ class eCondTransformerRegressor(nn.Module):
         else:
             z = self.cond_mlp(z)
         keep = min(th, self.cond_horizon)
-        memory = torch.cat((self._step_token(opt_step, b, z), z[:, th - keep :]), dim=1)
+        step, levels = self._levels(opt_step, b, X.shape[1], z)
+        memory = torch.cat((self._step_token(step, b, z), z[:, th - keep :]), dim=1)
         memory_pos = torch.cat((now[:, None], pos[:, th - keep :].clamp(min=0)), dim=1)
         memory_padding = None if padding is None else F.pad(padding[:, th - keep :], (1, 0), value=False)
-        x = self._action_tokens(X)
+        x = self._action_tokens(X, levels)
         x = self.decoder(
             x,
             memory,
@@ -510,10 +557,11 @@ class eCondTransformerRegressor(nn.Module):
         Only the ``Tx`` action tokens and the step token are computed."""
         self._check("X", X, self.in_rep, self.in_horizon)
         now = (self.num_observed(state, rows) - 1)[:, None]  # (b, 1)
-        step = self._step_token(opt_step, X.shape[0], X)
+        shared, levels = self._levels(opt_step, X.shape[0], X.shape[1], X)
+        step = self._step_token(shared, X.shape[0], X)
         for layer, mem in zip(self.decoder.layer_list, state.memory):
             layer.multihead_attn.write_extra(step, mem, now, rows)
-        x = self._action_tokens(X)
+        x = self._action_tokens(X, levels)
         mask = self._tgt_mask(x.shape[1], x)
         query_pos = now.expand(-1, x.shape[1])
         # every layer's memory ring holds the same positions: one band mask serves them all
@@ -547,6 +595,13 @@ class eCondTransformerRegressor(nn.Module):
         (``None``: the model's). The model is read once: later changes to its weights are not seen. Raises
         ``ValueError`` for a data-dependent sampler and ``NotImplementedError`` naming a sub-module that has no
         lowering."""
+        if self.level_mlp is not None:
+            raise NotImplementedError(
+                "token_levels: the per-action-token level embedding (level_mlp), and so the streaming denoising "
+                "sampler (streamtx.policy.streaming_denoise) that needs it, has no lowering into the plan yet"
+            )
+        if self.config.anticausal_attn:
+            raise NotImplementedError("anticausal_attn: the plan's decoder self-attention is full or causal only")
         ref = self.input_emb.weight
         dtype = dtype or ref.dtype
         if dtype not in COMPUTE_DTYPES:
@@ -615,7 +670,9 @@ class eCondTransformerRegressor(nn.Module):
         """Max relative equivariance error of :meth:`forward` over all group elements on random inputs."""
         x = torch.randn(batch_size, self.in_horizon, self.in_rep.size, generator=generator, dtype=dtype)
         z = torch.randn(batch_size, history or self.cond_horizon, self.cond_rep.size, generator=generator, dtype=dtype)
-        k = torch.rand(batch_size, generator=generator, dtype=dtype) * 100
+        # with token_levels, one level per action token
+        shape = (batch_size, self.in_horizon) if self.level_mlp is not None else (batch_size,)
+        k = torch.rand(shape, generator=generator, dtype=dtype) * 100
         return equivariance_error(
             self, lambda m, xs: m(xs[0], k, xs[1]), [(x, self.in_rep), (z, self.cond_rep)], self.out_rep, dtype
         )

@@ -195,16 +195,19 @@ class StreamingPolicy(nn.Module):
         out = torch.stack([step_noise(s, k, (self.horizon, self.action_dim), gen) for s, k in zip(seeds, steps)])
         return out.to(self.device, self.dtype)
 
-    @torch.no_grad()
-    def act(self, state: PolicyState, rows: Rows = None) -> Tensor:
-        """One control step's action chunk ``(b, Tx, action_dim)``: the sampler's iterations against the caches."""
-        rows_t = self._rows(state, rows)
+    def _require_observed(self, state: PolicyState, rows_t: Tensor | None) -> None:
         empty = self.model.num_observed(state.model, rows_t) == 0
         if bool(empty.any()):
             all_rows = torch.arange(state.seed.shape[0]) if rows_t is None else rows_t.cpu()
             raise ValueError(
                 f"rows: rows {all_rows[empty.cpu()].tolist()} have no observation since their reset; call observe first"
             )
+
+    @torch.no_grad()
+    def act(self, state: PolicyState, rows: Rows = None) -> Tensor:
+        """One control step's action chunk ``(b, Tx, action_dim)``: the sampler's iterations against the caches."""
+        rows_t = self._rows(state, rows)
+        self._require_observed(state, rows_t)
         noise = self.noise(state, rows_t)
         actions = self.sampler.sample(lambda x, k: self.model.denoise(x, k, state.model, rows_t), noise)
         state.steps[_index(state, rows_t)] += 1

@@ -3,7 +3,9 @@
 Works with any model ``V = model(X_k, k, Z)`` (``X_k (B, Tx, act_dim)`` noisy chunk, ``k (B,)`` step or time,
 ``Z (B, Tz, obs_dim)`` observation window) and any sampler with ``training_example(X, generator) -> (X_k, k, target)``:
 the loss is ``mse(model(X_k, k, Z), target)`` (:func:`chunk_loss`), so the sampler alone decides what is learnt
-(velocity, noise, ...).
+(velocity, noise, ...) and under which noise schedule: one level per chunk, or with the sampler's ``noise_chunk``
+chunk-wise levels increasing along the horizon (``k (B, Tx)``, for a model with ``token_levels`` and the streaming
+sampler of :mod:`streamtx.policy.streaming_denoise`); the checkpoint's sampler config records which.
 
 Scaling: on any device (``TrainConfig.device``, optional bf16 autocast), and on several processes when
 ``torch.distributed`` is initialised (``torchrun``): every process draws the same global batch and noise from the same
@@ -283,6 +285,12 @@ def train(
     """
     if not callable(getattr(sampler, "training_example", None)):
         raise TypeError(f"sampler: expected an object with training_example(actions, generator), got {type(sampler)}")
+    chunk, config_of_model = getattr(sampler, "noise_chunk", None), getattr(model, "config", None)
+    if chunk is not None and not getattr(config_of_model, "token_levels", True):
+        raise ValueError(
+            f"sampler: its chunk-wise noise schedule (noise_chunk={chunk}) gives every action token its own level; "
+            "the model needs token_levels=True"
+        )
     rank, world = _world()
     if config.batch_size % world:
         raise ValueError(f"batch_size: expected a multiple of the {world} processes, got {config.batch_size}")

@@ -1,0 +1,70 @@
+"""The unchanged daemon serves the streaming denoising policy (through the numpy adapter): ``hello`` reports its
+receptive field, and under overload a superseded step only observes: the buffer advances once per computed act."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+from serving.serving_helpers import TIMEOUT, RawPeer, start_server, stop_server
+from streaming_denoise_testing import tiny_model
+
+from streamtx.policy import FlowMatchingSampler
+from streamtx.policy.streaming_denoise import StreamingDenoisePolicy
+
+
+class GatedPolicy:
+    """The policy, with an ``act`` that can be held until released (the daemon is then busy)."""
+
+    def __init__(self, policy: Any) -> None:
+        self._policy = policy
+        self.gate_next_act = False
+        self.acting, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
+
+    def act(self, state: Any, rows: Any = None) -> torch.Tensor:
+        if self.gate_next_act:
+            self.gate_next_act = False
+            self.acting.set()
+            assert self.release.wait(TIMEOUT)
+        return self._policy.act(state, rows)
+
+
+def test_superseded_steps_only_observe_and_hello_reports_the_grown_receptive_field() -> None:
+    policy = StreamingDenoisePolicy(tiny_model(anticausal_attn=True).float(), FlowMatchingSampler(4, noise_chunk=1))
+    gated = GatedPolicy(policy)
+    server, thread = start_server(gated, f"inproc://sd-{uuid.uuid4().hex}", max_sessions=2, max_wait=0.0)
+    obs = np.random.default_rng(1).standard_normal((6, 1, policy.obs_dim)).astype(np.float32)
+    try:
+        with RawPeer(server.bound[0]) as peer:
+            hello = peer.request("hello")["result"]["policy"]
+            assert hello["replay_window"] == policy.model.receptive_field() + policy.horizon
+            assert hello["metadata"]["streaming_denoise"]["exact_replay"] is True
+            assert peer.request("open", session="busy", seed=5)["ok"]
+            assert peer.request("step", session="busy", obs=obs[0])["ok"]  # the initialising act
+            gated.gate_next_act = True
+            first = peer.send_request("step", session="busy", obs=obs[1])
+            assert gated.acting.wait(TIMEOUT)
+            queued = [peer.send_request("step", session="busy", obs=o) for o in obs[2:]]
+            gated.release.set()
+            replies = {r["id"]: r for r in (peer.recv() for _ in range(1 + len(queued)))}
+    finally:
+        gated.release.set()
+        stop_server(server, thread)
+    assert all(replies[i]["result"]["superseded"] for i in queued[:-1])
+    # the reference: three acts (after obs 0, 1 and 5), the superseded steps' observations seen by the last
+    state = policy.init_state(1)
+    policy.reset(state, seed=5)
+    want = []
+    for t, o in enumerate(obs):
+        policy.observe(state, torch.from_numpy(o)[None])
+        if t in (0, 1, 5):
+            want.append(policy.act(state)[0].numpy())
+    np.testing.assert_allclose(replies[first]["result"]["actions"], want[1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(replies[queued[-1]]["result"]["actions"], want[2], rtol=0, atol=1e-6)
+    assert int(state.steps[0]) == 3
