@@ -20,6 +20,7 @@ from .models.cond_regressor import CondTransformerRegressor, RegressorConfig, eC
 from .policy.samplers import FlowMatchingSampler, Sampler, make_sampler
 from .policy.static import StaticStreamingPolicy
 from .policy.streaming import StreamingPolicy
+from .policy.streaming_denoise import StreamingDenoisePolicy
 from .symmetry import Group, Representation, cyclic
 
 __all__ = [
@@ -115,8 +116,12 @@ def load_model(
 def load_policy(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, max_tokens_per_step: int = 1
 ) -> StreamingPolicy:
-    """A :class:`StreamingPolicy` (eval mode) from a checkpoint."""
+    """A :class:`StreamingPolicy` (eval mode) from a checkpoint: the streaming sampler
+    (:class:`StreamingDenoisePolicy`, one denoiser call per control step) for a model trained for it (per-token
+    levels and a chunk-wise schedule), else the sampler's K steps per control step."""
     model, sampler, _ = load_model(path, device, dtype)
+    if model.config.token_levels and sampler.noise_chunk is not None:
+        return StreamingDenoisePolicy(model, sampler, max_tokens_per_step).eval()
     return StreamingPolicy(model, sampler, max_tokens_per_step).eval()
 
 

@@ -56,12 +56,13 @@ def build_model(
     return CondTransformerRegressor(act_rep.size, obs_rep.size, act_rep.size, **arch)
 
 
-def build_sampler(kind: str, num_steps: int) -> Sampler:
-    """``"flow"``: rectified flow with Euler steps; ``"ddim"``: DDIM over 100 training steps."""
+def build_sampler(kind: str, num_steps: int, noise_chunk: int | None = None) -> Sampler:
+    """``"flow"``: rectified flow with Euler steps; ``"ddim"``: DDIM over 100 training steps. ``noise_chunk``: train
+    with chunk-wise noise levels along the horizon, for the streaming sampler (``StreamingDenoisePolicy``)."""
     if kind == "flow":
-        return FlowMatchingSampler(num_steps=num_steps, method="euler")
+        return FlowMatchingSampler(num_steps=num_steps, method="euler", noise_chunk=noise_chunk)
     if kind == "ddim":
-        return DDIMSampler(num_train_steps=100, num_steps=num_steps)
+        return DDIMSampler(num_train_steps=100, num_steps=num_steps, noise_chunk=noise_chunk)
     raise ValueError(f"kind: expected 'flow' or 'ddim', got {kind!r}")
 
 
@@ -114,6 +115,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dim", type=int, default=32, help="embedding dim (a multiple of |G| * 2 * heads)")
     g.add_argument("--sampler", choices=["flow", "ddim"], default="flow")
     g.add_argument("--sampling-steps", type=int, default=5, help="denoiser calls per action chunk")
+    g.add_argument(
+        "--noise-chunk",
+        type=int,
+        default=None,
+        help="train for the streaming sampler (one denoiser call per control step): noise levels rise along the "
+        "horizon in chunks of N actions, each action token gets its own level (default: one level per chunk)",
+    )
+    g.add_argument(
+        "--anticausal-attn",
+        action="store_true",
+        help="each action token attends only to itself and later ones: the streaming buffer is then rebuilt "
+        "exactly by a finite replay",
+    )
     g = p.add_argument_group("optimization")
     defaults = TrainConfig()
     g.add_argument("--steps", type=int, default=6000)
@@ -290,8 +304,10 @@ def _run(args: argparse.Namespace, argv: list[str], rank: int, world: int) -> in
         num_attention_heads=args.heads,
         embedding_dim=args.dim,
         num_cond_layers=args.cond_layers,
+        token_levels=args.noise_chunk is not None,
+        anticausal_attn=args.anticausal_attn,
     ).to(DTYPES[args.dtype])
-    sampler = build_sampler(args.sampler, args.sampling_steps)
+    sampler = build_sampler(args.sampler, args.sampling_steps, args.noise_chunk)
     history = model.receptive_field()
     train_set, val_set, scale, shift, num_train = _datasets(args, episodes, obs_rep, history)
     config = _train_config(args)

@@ -2,5 +2,14 @@
 
 from .samplers import DDIMSampler, FlowMatchingSampler, Sampler, make_sampler
 from .streaming import PolicyState, StreamingPolicy
+from .streaming_denoise import StreamingDenoisePolicy
 
-__all__ = ["Sampler", "FlowMatchingSampler", "DDIMSampler", "make_sampler", "StreamingPolicy", "PolicyState"]
+__all__ = [
+    "Sampler",
+    "FlowMatchingSampler",
+    "DDIMSampler",
+    "make_sampler",
+    "StreamingPolicy",
+    "PolicyState",
+    "StreamingDenoisePolicy",
+]
