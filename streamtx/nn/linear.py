@@ -24,6 +24,7 @@ __all__ = [
     "HomBasis",
     "make_parametrization",
     "WeightCache",
+    "Constants",
     "check_same_group",
 ]
 
@@ -76,7 +77,7 @@ class WeightCache:
         return self._value  # type: ignore[return-value]
 
 
-class _Constants:
+class Constants:
     """Structural constants kept float64 numpy (exact) and converted per dtype/device on use: as buffers they would be
     rounded for good by a float32 -> float64 round trip of the module."""
 
@@ -121,7 +122,7 @@ class GroupConvolution(Parametrization):
         self.n_g = n_g
         self.weight_shape = (out_rep.regular_copies or 0, in_rep.regular_copies or 0, n_g)
         index = group.mul[group.inv[:, None], np.arange(n_g)[None, :]]  # index[a, b] = a^-1 b
-        self.consts = _Constants(index=index)
+        self.consts = Constants(index=index)
 
     def expand(self, w: Tensor) -> Tensor:
         n, m, g = w.shape
@@ -143,7 +144,7 @@ class Lift(Parametrization):
     def __init__(self, in_rep: Representation, out_rep: Representation) -> None:
         self.n_g, self.d_in = in_rep.group.order, in_rep.size
         self.weight_shape = (out_rep.regular_copies or 0, in_rep.size)
-        self.consts = _Constants(rho=in_rep.matrices)
+        self.consts = Constants(rho=in_rep.matrices)
 
     def expand(self, w: Tensor) -> Tensor:
         return torch.einsum("cj,hij->chi", w, self.consts.get("rho", w)).reshape(-1, self.d_in)
@@ -161,7 +162,7 @@ class Projection(Parametrization):
     def __init__(self, in_rep: Representation, out_rep: Representation) -> None:
         self.n_g, self.d_out = in_rep.group.order, out_rep.size
         self.weight_shape = (out_rep.size, in_rep.regular_copies or 0)
-        self.consts = _Constants(rho=out_rep.matrices)
+        self.consts = Constants(rho=out_rep.matrices)
 
     def expand(self, w: Tensor) -> Tensor:
         return torch.einsum("hij,jc->ich", self.consts.get("rho", w), w).reshape(self.d_out, -1)
@@ -179,7 +180,7 @@ class HomBasis(Parametrization):
     def __init__(self, in_rep: Representation, out_rep: Representation) -> None:
         basis = _hom_basis(in_rep, out_rep)
         self.weight_shape = (basis.shape[0],)
-        self.consts = _Constants(basis=basis)
+        self.consts = Constants(basis=basis)
 
     def expand(self, w: Tensor) -> Tensor:
         return torch.einsum("k,kij->ij", w, self.consts.get("basis", w))
@@ -243,7 +244,7 @@ class eLinear(nn.Module):
         self.in_features, self.out_features = in_rep.size, out_rep.size
         self.parametrization = make_parametrization(in_rep, out_rep)
         self.weight = nn.Parameter(torch.empty(*self.parametrization.weight_shape, **fk))
-        self._bias_basis = _Constants(basis=out_rep.invariant_basis) if out_rep.regular_copies is None else None
+        self._bias_basis = Constants(basis=out_rep.invariant_basis) if out_rep.regular_copies is None else None
         if bias and self._bias_basis is not None:
             bias = self._bias_basis.arrays["basis"].shape[1] > 0
         if bias:
