@@ -15,7 +15,7 @@ from ..symmetry import Representation
 from .activation import ePointwise
 from .attention import AttentionState, eMultiheadAttention
 from .equivariance import equivariance_error
-from .linear import eLinear
+from .linear import check_init_scheme, eLinear
 from .lowered import MLP, Affine, Attention, Decoder, DecoderLayer, Encoder, EncoderLayer, Norm
 from .norm import eLayerNorm, eRMSNorm, regular_stream_basis
 from .positional import PositionalAttention
@@ -122,6 +122,26 @@ class _LayerBase(nn.Module):
             raise ValueError(f"{name}: expected attention over {in_rep.name}, got {attn.in_rep.name}")
         setattr(self, name, attn)
 
+    def _init_scheme(self, init_scheme: str | None) -> None:
+        self.init_scheme = check_init_scheme(init_scheme)
+        if init_scheme is not None:
+            self.reset_parameters(init_scheme)
+
+    @torch.no_grad()
+    def reset_parameters(self, scheme: str | None = None) -> None:
+        """Re-initialize every equivariant linear map (feed-forward and attention projections, pre-built attention
+        modules included) with ``scheme`` (:data:`~streamtx.nn.linear.INIT_SCHEMES`; ``None``: the constructor's
+        ``init_scheme``, else torch's defaults), each so that its dense weight has the scheme's variance; norms back
+        to unit scale and zero shift."""
+        scheme = check_init_scheme(scheme, "scheme") or self.init_scheme
+        self.linear1.reset_parameters(scheme)
+        self.linear2.reset_parameters(scheme)
+        for name, module in self.named_children():
+            if isinstance(module, (eLayerNorm, eRMSNorm)):
+                module.reset_parameters()
+            elif isinstance(module, eMultiheadAttention):
+                module.reset_parameters(scheme)
+
     def feed_forward(self, x: Tensor) -> Tensor:
         """The feed-forward block ``linear2(dropout(activation(linear1(x))))`` (torch's ``_ff_block``)."""
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
@@ -198,7 +218,8 @@ class eTransformerEncoderLayer(_LayerBase):
     Differences: ``d_model`` is a representation ``in_rep``: regular copies in any basis (``in_rep.regular_basis``:
     the canonical one, an isotypic one, a robot's signed-permutation joint space), ``activation`` defaults to GELU,
     ``norm_module`` picks LayerNorm or RMSNorm, ``self_attn`` may be a pre-built :class:`eMultiheadAttention`,
-    ``positional`` chooses the positional backend and ``forward(..., src_pos=)`` passes positions to it.
+    ``positional`` chooses the positional backend and ``forward(..., src_pos=)`` passes positions to it,
+    ``init_scheme`` (:meth:`reset_parameters`) initializes like symm_learning's schemes.
     Shapes: ``src (S, B, D)`` (``(B, S, D)`` if ``batch_first``).
     """
 
@@ -218,6 +239,7 @@ class eTransformerEncoderLayer(_LayerBase):
         positional: str | PositionalAttention | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        init_scheme: str | None = None,
     ) -> None:
         super().__init__()
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -235,6 +257,7 @@ class eTransformerEncoderLayer(_LayerBase):
             fk,
         )
         self._set_attention("self_attn", self_attn, in_rep, nhead, dropout, bias, positional, fk)
+        self._init_scheme(init_scheme)
 
     def forward(
         self,
@@ -362,6 +385,7 @@ class eTransformerDecoderLayer(_LayerBase):
         cross_positional: str | PositionalAttention | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        init_scheme: str | None = None,
     ) -> None:
         super().__init__()
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -380,6 +404,7 @@ class eTransformerDecoderLayer(_LayerBase):
         )
         self._set_attention("self_attn", self_attn, in_rep, nhead, dropout, bias, positional, fk)
         self._set_attention("multihead_attn", multihead_attn, in_rep, nhead, dropout, bias, cross_positional, fk)
+        self._init_scheme(init_scheme)
 
     def forward(
         self,
