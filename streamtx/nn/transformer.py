@@ -136,7 +136,7 @@ class _LayerBase(nn.Module):
         scheme = check_init_scheme(scheme, "scheme") or self.init_scheme
         self.linear1.reset_parameters(scheme)
         self.linear2.reset_parameters(scheme)
-        for name, module in self.named_children():
+        for module in self.children():
             if isinstance(module, (eLayerNorm, eRMSNorm)):
                 module.reset_parameters()
             elif isinstance(module, eMultiheadAttention):
