@@ -46,7 +46,7 @@ def test_pointwise_needs_a_permutation_representation():
     with pytest.raises(ValueError, match="rep: a pointwise nonlinearity needs a permutation"):
         ePointwise(joints, "relu")  # sign flips do not commute with relu
     with pytest.raises(ValueError, match="rep"):
-        eLayerNorm(joints)
+        eLayerNorm(Representation.trivial(group, 2))  # not regular copies in any basis (joints are: accepted)
     with pytest.raises(ValueError, match="activation"):
         ePointwise(Representation.regular(group), "swish2")
     rep = Representation.regular(group, 2)

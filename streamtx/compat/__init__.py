@@ -2,8 +2,12 @@
 
 * :mod:`streamtx.compat.continual`: continual-inference's transformer modules (``import continual as co``):
   replace ``co.`` by ``streamtx.compat.continual.`` and keep the code (``docs/migration.md``).
+* :mod:`streamtx.compat.symm_learning`: symm_learning's equivariant transformer modules, on escnn or streamtx
+  representations, loading its state dicts.
+* :mod:`streamtx.compat.escnn_reps`: escnn groups, representations and field types as streamtx ones (escnn
+  optional).
 """
 
-from . import continual
+from . import continual, escnn_reps, symm_learning
 
-__all__ = ["continual"]
+__all__ = ["continual", "escnn_reps", "symm_learning"]

@@ -18,7 +18,7 @@ from ..nn.activation import ePointwise
 from ..nn.attention import causal_window_mask
 from ..nn.equivariance import equivariance_error
 from ..nn.kernels import attention, fused_kernels_available
-from ..nn.linear import check_same_group, eLinear
+from ..nn.linear import check_init_scheme, check_same_group, eLinear
 from ..nn.lowered import MLP, Affine, Decoder, Encoder, lowered
 from ..nn.state import RingCache, Rows, StreamState, additive_mask, band_mask
 from ..nn.transformer import (
@@ -253,9 +253,11 @@ class eCondTransformerRegressor(nn.Module):
         anticausal_attn: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        init_scheme: str | None = None,
     ) -> None:
         super().__init__()
         check_same_group(in_rep=in_rep, cond_rep=cond_rep, out_rep=out_rep)
+        self.init_scheme = check_init_scheme(init_scheme)
         group = in_rep.group
         n = group.order
         if embedding_dim % n:
@@ -372,8 +374,17 @@ class eCondTransformerRegressor(nn.Module):
         """The model of ``config`` over these representations."""
         return cls(in_rep, cond_rep, out_rep, **config.to_dict(), device=device, dtype=dtype)
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def reset_parameters(self, scheme: str | None = None) -> None:
+        """The position table ``N(0, 0.02^2)``; with ``scheme`` (or the constructor's ``init_scheme``; one of
+        :data:`~streamtx.nn.linear.INIT_SCHEMES`) every equivariant linear map re-drawn so its dense weight has the
+        scheme's variance (``None``: as built, torch's defaults)."""
         nn.init.normal_(self.pos_emb, std=0.02)
+        scheme = check_init_scheme(scheme, "scheme") or self.init_scheme
+        if scheme is not None:
+            for module in self.modules():
+                if isinstance(module, eLinear):
+                    module.reset_parameters(scheme)
 
     # ---------------------------------------------------------------- pieces shared by batch and streaming paths
     def _step_token(self, k: Tensor | float, batch: int, ref: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..symmetry import Representation
-from .linear import WeightCache, check_same_group, eLinear
+from .linear import WeightCache, check_init_scheme, check_same_group, eLinear
 from .lowered import Affine, Attention
 from .positional import PositionalAttention, make_positional
 from .state import RingCache, Rows, StreamState, additive_mask, band_mask
@@ -51,7 +51,9 @@ class eMultiheadAttention(nn.Module):
 
     Args mirror ``torch.nn.MultiheadAttention`` with representations in place of dimensions (``kdim`` -> ``key_rep``,
     ``vdim`` -> ``value_rep``), plus ``positional``: how token positions enter (``None``, ``"absolute"``,
-    ``"relative"``, ``"rope"`` or a :class:`PositionalAttention`).
+    ``"relative"``, ``"rope"`` or a :class:`PositionalAttention`), and ``init_scheme`` (see :meth:`reset_parameters`).
+    ``in_rep`` may be any representation whose size is a multiple of ``|G|``: the projections lift it to regular
+    copies and project back exactly.
 
     Shapes: ``query (L, B, E)`` (``(B, L, E)`` if ``batch_first``), ``key``/``value (S, B, *)`` -> output like
     ``query``.
@@ -69,6 +71,7 @@ class eMultiheadAttention(nn.Module):
         positional: str | PositionalAttention | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        init_scheme: str | None = None,
     ) -> None:
         super().__init__()
         key_rep = key_rep or in_rep
@@ -89,13 +92,21 @@ class eMultiheadAttention(nn.Module):
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = in_rep.size, num_heads, dropout, batch_first
         self.head_dim = in_rep.size // num_heads
         self.hidden_rep = Representation.regular(in_rep.group, copies)
-        fk: dict[str, Any] = {"device": device, "dtype": dtype}
+        fk: dict[str, Any] = {"device": device, "dtype": dtype, "init_scheme": check_init_scheme(init_scheme)}
+        self.init_scheme = init_scheme
         self.q_proj = eLinear(in_rep, self.hidden_rep, bias=bias, **fk)
         self.k_proj = eLinear(key_rep, self.hidden_rep, bias=bias, **fk)
         self.v_proj = eLinear(value_rep, self.hidden_rep, bias=bias, **fk)
         self.out_proj = eLinear(self.hidden_rep, in_rep, bias=bias, **fk)
         self.positional = make_positional(positional, num_heads, copies // num_heads, n).to(device)
         self._qkv_cache = WeightCache()
+
+    @torch.no_grad()
+    def reset_parameters(self, scheme: str | None = None) -> None:
+        """Re-initialize the four projections with ``scheme`` (:data:`~streamtx.nn.linear.INIT_SCHEMES`; ``None``:
+        the constructor's ``init_scheme``), each so that its dense weight has the scheme's variance."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            proj.reset_parameters(scheme)
 
     # ---------------------------------------------------------------- building blocks
     def _heads(self, x: Tensor) -> Tensor:

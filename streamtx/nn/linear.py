@@ -19,12 +19,17 @@ __all__ = [
     "eLinear",
     "Parametrization",
     "GroupConvolution",
+    "ConjugatedConvolution",
     "Lift",
     "Projection",
     "HomBasis",
     "make_parametrization",
     "WeightCache",
+    "Constants",
     "check_same_group",
+    "INIT_SCHEMES",
+    "check_init_scheme",
+    "scheme_variance",
 ]
 
 
@@ -76,7 +81,7 @@ class WeightCache:
         return self._value  # type: ignore[return-value]
 
 
-class _Constants:
+class Constants:
     """Structural constants kept float64 numpy (exact) and converted per dtype/device on use: as buffers they would be
     rounded for good by a float32 -> float64 round trip of the module."""
 
@@ -93,7 +98,7 @@ class _Constants:
 
 class Parametrization:
     """How the free weight of an :class:`eLinear` maps to its dense ``(d_out, d_in)`` weight: one small class per
-    case, one interface (``kind``, ``weight_shape``, ``expand``, ``project``, ``init_bound``)."""
+    case, one interface (``kind``, ``weight_shape``, ``expand``, ``project``, ``variance_gain``)."""
 
     kind: str
     weight_shape: tuple[int, ...]
@@ -106,9 +111,10 @@ class Parametrization:
         """The free parameters of the orthogonal projection of ``dense`` onto the equivariant maps."""
         raise NotImplementedError
 
-    def init_bound(self, d_in: int, d_out: int) -> float:
-        """Uniform init bound of the free parameters giving dense entries ``torch.nn.Linear``'s variance."""
-        return 1.0 / math.sqrt(d_in)
+    def variance_gain(self, d_in: int, d_out: int) -> float:
+        """Mean variance of the dense entries per unit variance of i.i.d. free parameters: 1 when every dense entry
+        is one free parameter or an orthogonal mix of a row of them (convolution, lift, projection)."""
+        return 1.0
 
 
 class GroupConvolution(Parametrization):
@@ -121,7 +127,7 @@ class GroupConvolution(Parametrization):
         self.n_g = n_g
         self.weight_shape = (out_rep.regular_copies or 0, in_rep.regular_copies or 0, n_g)
         index = group.mul[group.inv[:, None], np.arange(n_g)[None, :]]  # index[a, b] = a^-1 b
-        self.consts = _Constants(index=index)
+        self.consts = Constants(index=index)
 
     def expand(self, w: Tensor) -> Tensor:
         n, m, g = w.shape
@@ -143,7 +149,7 @@ class Lift(Parametrization):
     def __init__(self, in_rep: Representation, out_rep: Representation) -> None:
         self.n_g, self.d_in = in_rep.group.order, in_rep.size
         self.weight_shape = (out_rep.regular_copies or 0, in_rep.size)
-        self.consts = _Constants(rho=in_rep.matrices)
+        self.consts = Constants(rho=in_rep.matrices)
 
     def expand(self, w: Tensor) -> Tensor:
         return torch.einsum("cj,hij->chi", w, self.consts.get("rho", w)).reshape(-1, self.d_in)
@@ -161,7 +167,7 @@ class Projection(Parametrization):
     def __init__(self, in_rep: Representation, out_rep: Representation) -> None:
         self.n_g, self.d_out = in_rep.group.order, out_rep.size
         self.weight_shape = (out_rep.size, in_rep.regular_copies or 0)
-        self.consts = _Constants(rho=out_rep.matrices)
+        self.consts = Constants(rho=out_rep.matrices)
 
     def expand(self, w: Tensor) -> Tensor:
         return torch.einsum("hij,jc->ich", self.consts.get("rho", w), w).reshape(self.d_out, -1)
@@ -179,7 +185,7 @@ class HomBasis(Parametrization):
     def __init__(self, in_rep: Representation, out_rep: Representation) -> None:
         basis = _hom_basis(in_rep, out_rep)
         self.weight_shape = (basis.shape[0],)
-        self.consts = _Constants(basis=basis)
+        self.consts = Constants(basis=basis)
 
     def expand(self, w: Tensor) -> Tensor:
         return torch.einsum("k,kij->ij", w, self.consts.get("basis", w))
@@ -187,16 +193,74 @@ class HomBasis(Parametrization):
     def project(self, dense: Tensor) -> Tensor:
         return torch.einsum("kij,ij->k", self.consts.get("basis", dense), dense)
 
-    def init_bound(self, d_in: int, d_out: int) -> float:
-        # orthonormal basis: Var(W_ij) averages to K Var(theta) / (d_out d_in); match nn.Linear's 1 / (3 d_in)
-        return math.sqrt(d_out / max(self.weight_shape[0], 1))
+    def variance_gain(self, d_in: int, d_out: int) -> float:
+        # orthonormal basis: sum_ij W_ij^2 = sum_k theta_k^2, so Var(W_ij) averages to K Var(theta) / (d_out d_in)
+        return max(self.weight_shape[0], 1) / (d_in * d_out)
+
+
+INIT_SCHEMES = (
+    "xavier_normal",
+    "xavier_uniform",
+    "kaiming_normal",
+    "kaiming_uniform",
+    "he_normal",
+    "he_uniform",
+    "identity",
+)
+"""The ``init_scheme`` names every equivariant layer accepts (symm_learning's ``InitScheme``); ``None`` is
+``torch.nn.Linear``'s own initialization."""
+
+
+def check_init_scheme(scheme: str | None, name: str = "init_scheme") -> str | None:
+    """``scheme`` itself, or ``ValueError`` naming the accepted ones."""
+    if scheme is not None and scheme not in INIT_SCHEMES:
+        raise ValueError(f"{name}: expected one of {list(INIT_SCHEMES)} or None, got {scheme!r}")
+    return scheme
+
+
+def scheme_variance(scheme: str, d_in: int, d_out: int) -> tuple[str, float]:
+    """The distribution (``"normal"``/``"uniform"``) and variance a scheme gives each entry of a dense
+    ``(d_out, d_in)`` weight: Xavier/Glorot ``2 / (d_in + d_out)``, Kaiming/He ``2 / d_in`` (ReLU gain)."""
+    kind = "normal" if scheme.endswith("normal") else "uniform"
+    if scheme.startswith("xavier"):
+        return kind, 2.0 / (d_in + d_out)
+    return kind, 2.0 / d_in
+
+
+class ConjugatedConvolution(GroupConvolution):
+    """``Q_out reg^m Q_out^T -> Q_in reg^n Q_in^T`` (regular copies in other bases): the group convolution between the
+    canonical copies, ``W = Q_out W_conv Q_in^T`` (``Representation.regular_basis``), so ``Hom_G`` needs no basis
+    computation of its own."""
+
+    def __init__(self, in_rep: Representation, out_rep: Representation) -> None:
+        qa, qb = in_rep.regular_basis, out_rep.regular_basis
+        super().__init__(
+            Representation.regular(in_rep.group, qa.copies), Representation.regular(out_rep.group, qb.copies)
+        )
+        self.consts = Constants(index=self.consts.arrays["index"], q_in=qa.q, q_out=qb.q)
+
+    def expand(self, w: Tensor) -> Tensor:
+        return self.consts.get("q_out", w) @ super().expand(w) @ self.consts.get("q_in", w).T
+
+    def project(self, dense: Tensor) -> Tensor:
+        return super().project(self.consts.get("q_out", dense).T @ dense @ self.consts.get("q_in", dense))
+
+
+def _regular_equivalent(rep: Representation) -> bool:
+    try:
+        return not rep.regular_basis.canonical
+    except ValueError:
+        return False
 
 
 def make_parametrization(in_rep: Representation, out_rep: Representation) -> Parametrization:
-    """The parametrization of ``Hom_G(in_rep, out_rep)`` that the representations allow (regular copies first)."""
+    """The parametrization of ``Hom_G(in_rep, out_rep)`` that the representations allow (regular copies first, then
+    regular copies in another basis, then any)."""
     regular_in, regular_out = in_rep.regular_copies is not None, out_rep.regular_copies is not None
     if regular_in and regular_out:
         return GroupConvolution(in_rep, out_rep)
+    if not (regular_in or regular_out) and _regular_equivalent(in_rep) and _regular_equivalent(out_rep):
+        return ConjugatedConvolution(in_rep, out_rep)
     if regular_out:
         return Lift(in_rep, out_rep)
     if regular_in:
@@ -216,6 +280,7 @@ class eLinear(nn.Module):
     map                       free parameters                        dense weight
     ========================  ====================================  =================================
     ``reg^m -> reg^n``        ``w (n, m, N)``: group convolution      ``W[(c,a),(c',b)] = w[c,c',a^-1 b]``
+    same, other bases         ``w (n, m, N)``: conjugated             ``W = Q_out W_conv Q_in^T``
     ``rho_in -> reg^n``       ``F (n, d_in)``: lift                   ``W[(c,h),:] = F[c] rho_in(h)^T``
     ``reg^m -> rho_out``      ``F (d_out, m)``: projection            ``W[:,(c,h)] = rho_out(h) F[:,c]``
     ``rho_in -> rho_out``     ``theta (K,)``: Hom_G basis              ``W = sum_k theta_k B_k``
@@ -223,7 +288,8 @@ class eLinear(nn.Module):
 
     Each uses exactly ``dim Hom_G(rho_in, rho_out)`` parameters. The bias is one value per output copy for a regular
     output, else coefficients on an orthonormal basis of ``rho_out``'s fixed vectors (no bias if there are none).
-    Initialization matches ``torch.nn.Linear``'s entry variance, so swapping layers keeps activations' scale.
+    Initialization matches ``torch.nn.Linear``'s entry variance (so swapping layers keeps activations' scale), or that
+    of ``init_scheme`` (:data:`INIT_SCHEMES`, see :meth:`reset_parameters`).
     """
 
     bias: nn.Parameter | None
@@ -235,15 +301,17 @@ class eLinear(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        init_scheme: str | None = None,
     ) -> None:
         super().__init__()
         check_same_group(in_rep=in_rep, out_rep=out_rep)
+        self.init_scheme = check_init_scheme(init_scheme)
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.in_rep, self.out_rep = in_rep, out_rep
         self.in_features, self.out_features = in_rep.size, out_rep.size
         self.parametrization = make_parametrization(in_rep, out_rep)
         self.weight = nn.Parameter(torch.empty(*self.parametrization.weight_shape, **fk))
-        self._bias_basis = _Constants(basis=out_rep.invariant_basis) if out_rep.regular_copies is None else None
+        self._bias_basis = Constants(basis=out_rep.invariant_basis) if out_rep.regular_copies is None else None
         if bias and self._bias_basis is not None:
             bias = self._bias_basis.arrays["basis"].shape[1] > 0
         if bias:
@@ -264,10 +332,27 @@ class eLinear(nn.Module):
         """``dim Hom_G(rho_in, rho_out)`` plus the bias's free parameters."""
         return sum(p.numel() for p in self.parameters())
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def reset_parameters(self, scheme: str | None = None) -> None:
+        """Initialize with ``scheme`` (one of :data:`INIT_SCHEMES`; ``None``: the constructor's ``init_scheme``, and
+        if that is ``None`` too, ``torch.nn.Linear``'s). The free parameters are drawn so that the *dense* weight's
+        entries have the scheme's variance (``scheme_variance``) whatever the parametrization; ``"identity"`` is the
+        orthogonal projection of the rectangular identity onto the equivariant maps, with a zero bias."""
+        scheme = check_init_scheme(scheme, "scheme") or self.init_scheme
         d_in, d_out = self.in_features, self.out_features
-        a = self.parametrization.init_bound(d_in, d_out)
-        nn.init.uniform_(self.weight, -a, a)
+        gain = self.parametrization.variance_gain(d_in, d_out)
+        if scheme == "identity":
+            self.load_dense_(torch.eye(d_out, d_in), None if self.bias is None else torch.zeros(d_out))
+            return
+        if scheme is None:
+            kind, var = "uniform", 1.0 / (3 * d_in)
+        else:
+            kind, var = scheme_variance(scheme, d_in, d_out)
+        std = math.sqrt(var / gain)
+        if kind == "normal":
+            nn.init.normal_(self.weight, 0.0, std)
+        else:
+            nn.init.uniform_(self.weight, -math.sqrt(3.0) * std, math.sqrt(3.0) * std)
         if self.bias is not None:
             bound = 1.0 / math.sqrt(d_in)
             b = bound if self._bias_basis is None else bound * math.sqrt(d_out / self.bias.numel())
@@ -340,7 +425,7 @@ def _hom_basis(in_rep: Representation, out_rep: Representation) -> np.ndarray:
         return np.zeros((0, d_out, d_in))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((k + 4, d_out, d_in))  # a few spare samples guard against an unlucky rank deficit
-    proj = np.einsum("gij,sjk,glk->sil", b, x, a) / len(a)
+    proj = sum(b[g] @ x @ a[g].T for g in range(len(a))) / len(a)  # batched matmuls (BLAS), not einsum loops
     u, _, _ = np.linalg.svd(proj.reshape(k + 4, -1).T, full_matrices=False)
     return _canonical_signs(u[:, :k].T).reshape(k, d_out, d_in)
 

@@ -1,30 +1,49 @@
-"""Equivariant normalization over regular-copy features: one affine scale and bias per copy."""
+"""Equivariant normalization over regular-copy features (in any basis): one affine scale and bias per copy."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..symmetry import Representation
-from .linear import WeightCache
-from .lowered import Norm, lowered
+from ..symmetry import RegularBasis, Representation
+from .linear import Constants, WeightCache
+from .lowered import Affine, Norm, lowered
 
-__all__ = ["eLayerNorm", "eRMSNorm"]
+__all__ = ["eLayerNorm", "eRMSNorm", "regular_stream_basis", "fold_affine"]
 
 
-def _copies(rep: Representation) -> int:
-    if rep.regular_copies is None:
-        raise ValueError(
-            f"rep: expected copies of the regular representation (Representation.regular), got {rep.name}; "
-            "per-copy affine parameters are equivariant only on regular copies"
-        )
-    return rep.regular_copies
+def regular_stream_basis(
+    rep: Representation, name: str = "rep", what: str = "a norm's per-copy affine"
+) -> RegularBasis:
+    """``rep.regular_basis``, its error prefixed with the argument name and why it is needed."""
+    try:
+        return rep.regular_basis
+    except ValueError as exc:
+        raise ValueError(f"{name}: {what} needs copies of the regular representation in some basis; {exc}") from None
+
+
+def fold_affine(affine: Affine, mix: Tensor | None, shift: Tensor | None) -> Affine:
+    """``affine`` reading ``mix @ y + shift`` instead of ``y``: weight ``W mix``, bias ``W shift + b`` (computed in
+    float64, cast back)."""
+    w = affine.weight.double()
+    weight = w if mix is None else w @ mix.to(w)
+    bias = None if affine.bias is None else affine.bias.double()
+    if shift is not None:
+        bias = w @ shift.to(w) + (0.0 if bias is None else bias)
+    return Affine(weight.to(affine.weight.dtype), None if bias is None else bias.to(affine.weight.dtype))
 
 
 class _eNorm(nn.Module):
+    """Shared by both norms. On ``rep`` with regular basis ``Q`` (``rep(g) = Q reg^m(g) Q^T``) the norm is the
+    canonical one conjugated, ``Q norm(Q^T x)``: the statistics are basis-free (LayerNorm centres along ``Q 1``),
+    and the per-copy affine becomes ``A = Q diag(s (x) 1_N) Q^T`` and ``Q (b (x) 1_N)``, per-feature when ``Q`` keeps
+    each copy on its own coordinates (``RegularBasis.aligned``), else a dense equivariant map."""
+
     _rms = False  # RMSNorm (no centering, no bias) instead of LayerNorm
 
     def __init__(
@@ -37,10 +56,20 @@ class _eNorm(nn.Module):
         dtype: torch.dtype | None,
     ) -> None:
         super().__init__()
-        m = _copies(rep)
+        basis = regular_stream_basis(rep)
+        m = basis.copies
         self.rep, self.eps, self.elementwise_affine = rep, eps, elementwise_affine
         self.normalized_shape = (rep.size,)
         self.group_order = rep.group.order
+        self._basis = basis
+        # per-feature affine in rep's basis: LayerNorm also needs the canonical mean (Q 1 = 1)
+        self.per_feature = basis.canonical or (basis.aligned and (self._rms or basis.centered))
+        self._consts = Constants(
+            weights=basis.copy_weights,
+            means=basis.copy_means,
+            q=basis.q,
+            centre=basis.q.sum(1) / math.sqrt(rep.size),
+        )
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(m, **fk)) if elementwise_affine else None
         self.bias = nn.Parameter(torch.empty(m, **fk)) if elementwise_affine and bias else None
@@ -54,24 +83,77 @@ class _eNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _expand(self) -> tuple[Tensor | None, Tensor | None]:
-        def expand(p: Tensor | None) -> Tensor | None:
-            return None if p is None else p.repeat_interleave(self.group_order)
+        """The per-feature affine (``per_feature``) or the dense ``(A (D, D), shift (D,))``."""
+        if self._basis.canonical:
 
-        return expand(self.weight), expand(self.bias)
+            def expand(p: Tensor | None) -> Tensor | None:
+                return None if p is None else p.repeat_interleave(self.group_order)
+
+            return expand(self.weight), expand(self.bias)
+        shift = None if self.bias is None else self._consts.get("means", self.bias) @ self.bias
+        if self.weight is None:
+            return None, shift
+        if self.per_feature:
+            return self._consts.get("weights", self.weight) @ self.weight, shift
+        q = self._consts.get("q", self.weight)
+        return (q * self.weight.repeat_interleave(self.group_order)) @ q.T, shift
 
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
-        """Per-feature affine (cached like eLinear's weights while no gradient is needed)."""
+        """:meth:`_expand`, cached like eLinear's weights while no gradient is needed."""
         return self._cache.get(self, self._expand)  # type: ignore[return-value]
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        """The statistics part of a non-per-feature norm: ``x`` centred along ``Q 1`` (LayerNorm), over its RMS."""
+        if not self._rms:
+            u = self._consts.get("centre", x)
+            x = x - (x @ u)[..., None] * u
+        return F.rms_norm(x, self.normalized_shape, None, self.eps)
+
+    def _general(self, x: Tensor) -> Tensor:
+        mix, shift = self._affine()
+        y = self._normalize(x)
+        if mix is not None:
+            y = F.linear(y, mix)
+        return y if shift is None else y + shift
+
+    def _lower_error(self) -> NotImplementedError:
+        if not self._rms and not self._basis.centered:
+            why = (
+                "LayerNorm's mean over its coordinates is not the canonical mean (Q 1 != 1); use norm_module='rmsnorm'"
+            )
+        else:
+            why = (
+                "its per-copy scale is a dense map in this basis (the basis mixes copies across coordinates): only a "
+                "pre-norm layer can fold it into the weights that read the norm (norm_first=True)"
+            )
+        return NotImplementedError(f"{type(self).__name__}.lower on {self.rep.name}: {why}")
 
     @torch.no_grad()
     def lower(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Norm:
-        """The norm as a lowered block, its per-copy affine expanded per feature."""
+        """The norm as a lowered block, its per-copy affine expanded per feature (``NotImplementedError`` where the
+        basis makes it a dense map: see :meth:`lower_into`)."""
+        if not self.per_feature:
+            raise self._lower_error()
         weight, bias = self._expand()
         return Norm(self._rms, lowered(weight, dtype, device), lowered(bias, dtype, device), self.eps)
 
     @torch.no_grad()
+    def lower_into(
+        self, readers: Sequence[Affine], dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> tuple[Norm, list[Affine]]:
+        """The norm and the maps that read its output (only they do: a pre-norm branch), lowered with the affine
+        folded into those maps where it is not per-feature, so the lowered plan pays nothing for the basis."""
+        if self.per_feature:
+            return self.lower(dtype, device), list(readers)
+        if not self._rms and not self._basis.centered:
+            raise self._lower_error()
+        mix, shift = self._expand()
+        return Norm(self._rms, None, None, self.eps), [fold_affine(a, mix, shift) for a in readers]
+
+    @torch.no_grad()
     def load_dense_(self, weight: Tensor | None, bias: Tensor | None = None) -> None:
-        """Set the per-copy affine from per-feature ones (averaged over each copy; exact for the trivial group)."""
+        """Set the per-copy affine from per-feature ones of the canonical basis (averaged over each copy; exact for
+        the trivial group)."""
         for p, dense in ((self.weight, weight), (self.bias, bias)):
             if p is not None and dense is not None:
                 p.copy_(dense.reshape(-1, self.group_order).mean(-1))
@@ -98,6 +180,8 @@ class eLayerNorm(_eNorm):
         super().__init__(rep, eps, elementwise_affine, bias, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.per_feature:
+            return self._general(x)
         weight, bias = self._affine()
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
@@ -121,4 +205,6 @@ class eRMSNorm(_eNorm):
         super().__init__(rep, eps, elementwise_affine, False, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.per_feature:
+            return self._general(x)
         return F.rms_norm(x, self.normalized_shape, self._affine()[0], self.eps)

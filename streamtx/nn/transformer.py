@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -15,9 +15,9 @@ from ..symmetry import Representation
 from .activation import ePointwise
 from .attention import AttentionState, eMultiheadAttention
 from .equivariance import equivariance_error
-from .linear import eLinear
-from .lowered import MLP, Decoder, DecoderLayer, Encoder, EncoderLayer, Norm
-from .norm import eLayerNorm, eRMSNorm
+from .linear import check_init_scheme, eLinear
+from .lowered import MLP, Affine, Attention, Decoder, DecoderLayer, Encoder, EncoderLayer, Norm
+from .norm import eLayerNorm, eRMSNorm, regular_stream_basis
 from .positional import PositionalAttention
 from .state import Rows, StreamState
 from .streaming import check_stream
@@ -42,15 +42,6 @@ def make_norm(norm_module: str, rep: Representation, eps: float, bias: bool = Tr
     if norm_module == "rmsnorm":
         return eRMSNorm(rep, eps=eps, **fk)
     raise ValueError(f"norm_module: expected 'layernorm' or 'rmsnorm', got {norm_module!r}")
-
-
-def _regular(rep: Representation, name: str) -> int:
-    if rep.regular_copies is None:
-        raise ValueError(
-            f"{name}: the residual stream of a transformer layer must be copies of the regular "
-            f"representation (Representation.regular), got {rep.name}; lift inputs with eLinear first"
-        )
-    return rep.regular_copies
 
 
 def _ff_rep(rep: Representation, dim_feedforward: int) -> Representation:
@@ -97,7 +88,7 @@ class _LayerBase(nn.Module):
         num_norms: int,
         fk: dict,
     ) -> None:
-        _regular(in_rep, "in_rep")
+        regular_stream_basis(in_rep, "in_rep", "the residual stream of a transformer layer")
         ff_rep = _ff_rep(in_rep, dim_feedforward)
         self.in_rep, self.batch_first, self.norm_first = in_rep, batch_first, norm_first
         self.linear1 = eLinear(in_rep, ff_rep, bias=bias, **fk)
@@ -131,6 +122,26 @@ class _LayerBase(nn.Module):
             raise ValueError(f"{name}: expected attention over {in_rep.name}, got {attn.in_rep.name}")
         setattr(self, name, attn)
 
+    def _init_scheme(self, init_scheme: str | None) -> None:
+        self.init_scheme = check_init_scheme(init_scheme)
+        if init_scheme is not None:
+            self.reset_parameters(init_scheme)
+
+    @torch.no_grad()
+    def reset_parameters(self, scheme: str | None = None) -> None:
+        """Re-initialize every equivariant linear map (feed-forward and attention projections, pre-built attention
+        modules included) with ``scheme`` (:data:`~streamtx.nn.linear.INIT_SCHEMES`; ``None``: the constructor's
+        ``init_scheme``, else torch's defaults), each so that its dense weight has the scheme's variance; norms back
+        to unit scale and zero shift."""
+        scheme = check_init_scheme(scheme, "scheme") or self.init_scheme
+        self.linear1.reset_parameters(scheme)
+        self.linear2.reset_parameters(scheme)
+        for module in self.children():
+            if isinstance(module, (eLayerNorm, eRMSNorm)):
+                module.reset_parameters()
+            elif isinstance(module, eMultiheadAttention):
+                module.reset_parameters(scheme)
+
     def feed_forward(self, x: Tensor) -> Tensor:
         """The feed-forward block ``linear2(dropout(activation(linear1(x))))`` (torch's ``_ff_block``)."""
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
@@ -142,17 +153,47 @@ class _LayerBase(nn.Module):
             x = x + drop(block(norm(x))) if self.norm_first else norm(x + drop(block(x)))
         return x
 
-    def _lower_norm(self, i: int, dtype: torch.dtype | None, device: torch.device | str | None) -> Norm:
+    def _norm_module(self, i: int) -> eLayerNorm | eRMSNorm:
         module = getattr(self, f"norm{i}")
         if not isinstance(module, (eLayerNorm, eRMSNorm)):
             raise NotImplementedError(
                 f"{type(self).__name__}.lower: norm{i} is a {type(module).__name__}; lowering covers eLayerNorm and "
                 "eRMSNorm"
             )
-        return module.lower(dtype, device)
+        return module
+
+    def _lower_norm(self, i: int, dtype: torch.dtype | None, device: torch.device | str | None) -> Norm:
+        return self._norm_module(i).lower(dtype, device)
 
     def _lower_ff(self, dtype: torch.dtype | None, device: torch.device | str | None) -> MLP:
         return MLP(self.linear1.lower(dtype, device), self.activation.lower(), self.linear2.lower(dtype, device))
+
+    def _lower_branches(
+        self, attentions: list[tuple[Attention, bool]], dtype: torch.dtype | None, device: torch.device | str | None
+    ) -> tuple[list[Norm], list[Attention], MLP]:
+        """The norms, attentions and feed-forward block, lowered. ``attentions``: per attention branch its lowered
+        block and whether the branch's norm feeds its keys and values too (self-attention) or only its queries.
+
+        Pre-norm, each norm's affine is folded into the maps that read it (:meth:`eLayerNorm.lower_into`), so a
+        residual stream in a basis that mixes regular copies costs nothing; post-norm, the norm output is the residual
+        stream itself and must be per-feature."""
+        ff = self._lower_ff(dtype, device)
+        if not self.norm_first:
+            norms = [self._lower_norm(i, dtype, device) for i in range(1, len(attentions) + 2)]
+            return norms, [a for a, _ in attentions], ff
+        norms, attns = [], []
+        for i, (attn, self_kv) in enumerate(attentions, start=1):
+            readers = [attn.q, attn.k, attn.v] if self_kv else [attn.q]
+            norm, folded = self._norm_module(i).lower_into(readers, dtype, device)
+            if self_kv:
+                q, k, v = folded
+                attn = replace(attn, q=q, k=k, v=v, qkv=None if attn.qkv is None else Affine.cat([q, k, v]))
+            elif folded[0] is not attn.q:
+                attn = replace(attn, q=folded[0], qkv=None)  # keys/values read the memory: no fused self-projection
+            norms.append(norm)
+            attns.append(attn)
+        norm, (fc1,) = self._norm_module(len(attentions) + 1).lower_into([ff.fc1], dtype, device)
+        return [*norms, norm], attns, replace(ff, fc1=fc1)
 
     @torch.no_grad()
     def _load_torch_common(
@@ -174,9 +215,11 @@ class eTransformerEncoderLayer(_LayerBase):
     """Self-attention + feed-forward block, like ``torch.nn.TransformerEncoderLayer`` (same arguments and forward),
     equivariant on ``reg^m`` features: ``f(rho(g) x) = rho(g) f(x)``.
 
-    Differences: ``d_model`` is a representation ``in_rep`` (regular copies), ``activation`` defaults to GELU,
+    Differences: ``d_model`` is a representation ``in_rep``: regular copies in any basis (``in_rep.regular_basis``:
+    the canonical one, an isotypic one, a robot's signed-permutation joint space), ``activation`` defaults to GELU,
     ``norm_module`` picks LayerNorm or RMSNorm, ``self_attn`` may be a pre-built :class:`eMultiheadAttention`,
-    ``positional`` chooses the positional backend and ``forward(..., src_pos=)`` passes positions to it.
+    ``positional`` chooses the positional backend and ``forward(..., src_pos=)`` passes positions to it,
+    ``init_scheme`` (:meth:`reset_parameters`) initializes like symm_learning's schemes.
     Shapes: ``src (S, B, D)`` (``(B, S, D)`` if ``batch_first``).
     """
 
@@ -196,6 +239,7 @@ class eTransformerEncoderLayer(_LayerBase):
         positional: str | PositionalAttention | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        init_scheme: str | None = None,
     ) -> None:
         super().__init__()
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -213,6 +257,7 @@ class eTransformerEncoderLayer(_LayerBase):
             fk,
         )
         self._set_attention("self_attn", self_attn, in_rep, nhead, dropout, bias, positional, fk)
+        self._init_scheme(init_scheme)
 
     def forward(
         self,
@@ -279,13 +324,8 @@ class eTransformerEncoderLayer(_LayerBase):
     def lower(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> EncoderLayer:
         """The layer as a lowered block over a ring (:class:`~streamtx.nn.lowered.EncoderLayer`), pre- or
         post-norm as built, for inference (dropout off)."""
-        return EncoderLayer(
-            self.self_attn.lower(dtype, device),
-            self._lower_norm(1, dtype, device),
-            self._lower_norm(2, dtype, device),
-            self._lower_ff(dtype, device),
-            self.norm_first,
-        )
+        (norm1, norm2), (attn,), ff = self._lower_branches([(self.self_attn.lower(dtype, device), True)], dtype, device)
+        return EncoderLayer(attn, norm1, norm2, ff, self.norm_first)
 
     # ---------------------------------------------------------------- checks and conversion
     def check_equivariance(
@@ -345,6 +385,7 @@ class eTransformerDecoderLayer(_LayerBase):
         cross_positional: str | PositionalAttention | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        init_scheme: str | None = None,
     ) -> None:
         super().__init__()
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -363,6 +404,7 @@ class eTransformerDecoderLayer(_LayerBase):
         )
         self._set_attention("self_attn", self_attn, in_rep, nhead, dropout, bias, positional, fk)
         self._set_attention("multihead_attn", multihead_attn, in_rep, nhead, dropout, bias, cross_positional, fk)
+        self._init_scheme(init_scheme)
 
     def forward(
         self,
@@ -508,16 +550,12 @@ class eTransformerDecoderLayer(_LayerBase):
         """The layer as a lowered block whose target tokens share one position
         (:class:`~streamtx.nn.lowered.DecoderLayer`), pre- or post-norm as built; ``causal``: the self-attention
         mask is causal in token order (``tgt_is_causal`` / a causal ``tgt_mask``). For inference (dropout off)."""
-        return DecoderLayer(
-            self.self_attn.lower(dtype, device),
-            self.multihead_attn.lower(dtype, device),
-            self._lower_norm(1, dtype, device),
-            self._lower_norm(2, dtype, device),
-            self._lower_norm(3, dtype, device),
-            self._lower_ff(dtype, device),
-            self.norm_first,
-            causal,
+        (norm1, norm2, norm3), (self_attn, cross_attn), ff = self._lower_branches(
+            [(self.self_attn.lower(dtype, device), True), (self.multihead_attn.lower(dtype, device), False)],
+            dtype,
+            device,
         )
+        return DecoderLayer(self_attn, cross_attn, norm1, norm2, norm3, ff, self.norm_first, causal)
 
     # ---------------------------------------------------------------- checks and conversion
     def check_equivariance(

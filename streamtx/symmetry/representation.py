@@ -8,6 +8,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from .decompose import RegularBasis, regular_basis
 from .group import Group
 
 __all__ = ["Representation"]
@@ -24,8 +25,10 @@ class Representation:
 
     ``regular_copies`` is ``m`` when the representation is literally ``m`` copies of the regular representation in the
     canonical copy-major layout ``(m, N)`` (the hidden features of every equivariant layer), else ``None``; layers use
-    it to pick the cheapest closed-form map. A regular representation in another basis is a valid representation with
-    ``regular_copies = None``: layers treat it as a general one, which is exact, just not the group-convolution form.
+    it to pick the cheapest closed-form map. A representation equivalent to regular copies in another basis (an
+    isotypic basis, a robot's signed-permutation joint space) has ``regular_copies = None`` and a
+    :attr:`regular_basis` ``Q`` with ``rho(g) = Q rho_reg(g) Q^T``: transformer layers and norms run on it through
+    ``Q``, folded into their weights.
     """
 
     def __init__(
@@ -190,6 +193,16 @@ class Representation:
             if norm > 1e-8:
                 basis.append(v / norm)
         return np.stack(basis, axis=1) if basis else np.zeros((self.size, 0))
+
+    @cached_property
+    def regular_basis(self) -> RegularBasis:
+        """The change of basis to ``m`` canonical regular copies, ``rho(g) = Q rho_reg^m(g) Q^T`` (computed once);
+        raises :class:`~streamtx.symmetry.decompose.NotRegularError` (a ``ValueError``) naming the isotypic
+        dimensions found when there is none."""
+        if self.regular_copies is not None:
+            d = self.size
+            return RegularBasis(self.regular_copies, np.eye(d), canonical=True, aligned=True, centered=True)
+        return regular_basis(self.group, self.matrices, self.name)
 
     def sample(self, num: int = 1, generator: np.random.Generator | None = None) -> np.ndarray:
         """``num`` random group elements (indices), e.g. for equivariance tests."""
