@@ -9,11 +9,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from serving.serving_helpers import TIMEOUT, RawPeer, start_server, stop_server
+from serving.serving_helpers import (
+    TIMEOUT,
+    RawPeer,
+    assert_same_actions,
+    make_script,
+    reference_run,
+    start_server,
+    stop_server,
+)
 from streaming_denoise_testing import tiny_model
 
 from streamtx.policy import FlowMatchingSampler
 from streamtx.policy.streaming_denoise import StreamingDenoisePolicy
+from streamtx_client import Client, Patience
 
 
 class GatedPolicy:
@@ -68,3 +77,27 @@ def test_superseded_steps_only_observe_and_hello_reports_the_grown_receptive_fie
     np.testing.assert_allclose(replies[first]["result"]["actions"], want[1], rtol=0, atol=1e-6)
     np.testing.assert_allclose(replies[queued[-1]]["result"]["actions"], want[2], rtol=0, atol=1e-6)
     assert int(state.steps[0]) == 3
+
+
+def test_a_daemon_restart_rebuilds_the_buffer_by_a_replay_with_its_acts(tmp_path) -> None:
+    """The daemon goes away mid-stream and a fresh one takes the endpoint: the client's restore replays the window
+    with `replay_acts`, the new daemon acts where the old one did, and every chunk after the restart equals the
+    uninterrupted stream's (the buffer, not only the observations, is rebuilt)."""
+    policy = StreamingDenoisePolicy(tiny_model(anticausal_attn=True).float(), FlowMatchingSampler(4, noise_chunk=1))
+    script = make_script(np.random.default_rng(3), 40, policy.obs_dim)  # one token per step, every step acts
+    endpoint = f"ipc://{tmp_path}/sd.ipc"
+    servers = [start_server(policy, endpoint, max_sessions=2)]
+    got = []
+    try:
+        with Client(endpoint, patience=Patience(attempt_timeout=TIMEOUT, total=2 * TIMEOUT)) as client:
+            assert client.info().replay_acts
+            with client.open(seed=11) as session:
+                for t, (obs, _) in enumerate(script):
+                    if t == 30:  # past the replay window (receptive field + Tx tokens)
+                        stop_server(*servers[0])
+                        servers.append(start_server(policy, endpoint, max_sessions=2))
+                    got.append(session.step(obs))
+    finally:
+        for server, thread in servers[1:]:
+            stop_server(server, thread)
+    assert_same_actions(got, reference_run(policy, 11, script))

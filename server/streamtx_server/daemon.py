@@ -168,6 +168,8 @@ class Server:
                 "horizon": policy.horizon,
                 # tokens a resuming client replays: the state depends on no older observation
                 "replay_window": int(policy.receptive_field),
+                # whether a replay must carry `replay_acts`: the policy's acts change its state
+                "replay_acts": bool(policy.metadata().get("acts_change_state", False)),
                 "max_tokens_per_step": policy.max_tokens_per_step,
                 "dtype": self._dtype.name,
                 "metadata": policy.metadata(),
@@ -471,12 +473,11 @@ class Server:
                 f"session {session_id!r} is open and owned by another client; pass its token to re-open it, or "
                 "takeover=true to take it over",
             )
-        self._reset_row(session, steps=request.steps, seq=request.seq)
+        acts = request.replay_acts or ()
+        # replayed acts advance the step counter again, so the row restarts that many steps earlier
+        self._reset_row(session, steps=request.steps - sum(acts), seq=request.seq)
         if replay is not None:
-            row = self._slot_rows[session.slot]
-            for start in range(0, len(replay), self.config.max_tokens_per_step):
-                self.policy.observe(self.state, replay[None, start : start + self.config.max_tokens_per_step], row)
-            session.tokens = len(replay)
+            self._replay(session, replay, acts)
         log_event(
             self.log,
             logging.INFO,
@@ -496,6 +497,21 @@ class Server:
             "seq": session.applied_seq,
             "tokens": session.tokens,
         }
+
+    def _replay(self, session: Session, replay: np.ndarray, acts: tuple[bool, ...]) -> None:
+        """Feed ``replay`` into the session's fresh row, in pieces of at most ``max_tokens_per_step`` tokens, and
+        act (actions discarded) after each token flagged in ``acts``: a policy whose acts change its state (a
+        carried action buffer) is rebuilt as it was, one without them only observes."""
+        row, limit = self._slot_rows[session.slot], self.config.max_tokens_per_step
+        pieces = [(i + 1, True) for i, acted in enumerate(acts) if acted] + [(len(replay), False)]
+        start = 0
+        for end, acted in pieces:
+            for piece in range(start, end, limit):
+                self.policy.observe(self.state, replay[None, piece : min(piece + limit, end)], row)
+            if acted:
+                self.policy.act(self.state, row)
+            start = end
+        session.tokens, session.steps = len(replay), session.steps + len(pieces) - 1
 
     def _resync(self, session: Session) -> dict[str, Any]:
         """What the daemon holds of a session: the last applied and accepted sequence numbers, tokens, steps."""

@@ -57,6 +57,9 @@ class Open:
     seq: int  # the last sequence number the session applied elsewhere (0: a fresh session)
     replay: np.ndarray | None  # (N, obs_dim) tokens to feed after the (re)open: the receptive field of a resume
     wait: float = 0.0  # seconds it may wait for a slot when all are taken (0: answered full at once)
+    # (N,) bools: True on the last replayed token of each step that computed actions (None: no replayed step
+    # acted). For a policy whose acts change its state (a carried action buffer: hello's metadata says so).
+    replay_acts: tuple[bool, ...] | None = None
 
 
 @dataclass(slots=True)  # not frozen: one is built per step, and a frozen __init__ costs ~1 us more
@@ -145,6 +148,24 @@ def _flag(value: Any, name: str) -> bool:
     return value
 
 
+def _replay_acts(value: Any, replay: np.ndarray | None, steps: int) -> tuple[bool, ...] | None:
+    if value is None:
+        return None
+    if replay is None:
+        raise ProtocolError(ErrorCode.BAD_ARGUMENT, "replay_acts: given without a replay")
+    if not isinstance(value, (list, tuple)) or len(value) != len(replay):
+        raise ProtocolError(
+            ErrorCode.BAD_ARGUMENT,
+            f"replay_acts: expected a list of {len(replay)} bools (one per replayed token), got {_show(value)}",
+        )
+    acts = tuple(_flag(v, "replay_acts[i]") for v in value)
+    if sum(acts) > steps:
+        raise ProtocolError(
+            ErrorCode.BAD_ARGUMENT, f"replay_acts: {sum(acts)} acting steps, more than the session's steps={steps}"
+        )
+    return acts
+
+
 def _observations(value: Any, obs_dim: int, max_tokens: int | None, name: str = "obs") -> np.ndarray:
     if isinstance(value, BadArray):
         raise value.error
@@ -190,6 +211,7 @@ _FIELDS: dict[str, dict[str, Any]] = {
         "seq": 0,
         "replay": None,
         "wait": 0.0,
+        "replay_acts": None,
     },
     "step": {"session": _REQUIRED, "token": _REQUIRED, "seq": _REQUIRED, "obs": _REQUIRED, "act": True},
     "reset": {"session": _REQUIRED, "token": _REQUIRED, "seq": _REQUIRED, "seed": None},
@@ -246,6 +268,7 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
     if kind == "stats":
         return Stats(rid)
     if kind == "open":
+        replay = None if fields["replay"] is None else _observations(fields["replay"], obs_dim, None, "replay")
         return Open(
             rid,
             None if fields["session"] is None else _session(fields["session"]),
@@ -254,8 +277,9 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
             None if fields["token"] is None else _token(fields["token"]),
             _flag(fields["takeover"], "takeover"),
             _count(fields["seq"], "seq"),
-            None if fields["replay"] is None else _observations(fields["replay"], obs_dim, None, "replay"),
+            replay,
             _seconds(fields["wait"], "wait"),
+            _replay_acts(fields["replay_acts"], replay, _count(fields["steps"], "steps")),
         )
     session, token = _session(fields["session"]), _token(fields["token"])
     if kind == "reset":

@@ -228,6 +228,7 @@ class StreamingDenoisePolicy(StreamingPolicy):
         return {
             **super().metadata(),
             "num_evaluations": self.substeps,
+            "acts_change_state": True,  # a replay must say which steps acted (the serving boundary reads this)
             "streaming_denoise": {
                 "execute": self.execute,
                 "substeps": self.substeps,

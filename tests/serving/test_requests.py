@@ -73,3 +73,26 @@ def test_bad_requests_name_the_field(message: dict[str, Any], code: ErrorCode, n
         parse_request({"v": 2, "id": 7, "token": "t", "seq": 1, **message}, obs_dim=OBS_DIM, max_tokens=MAX_TOKENS)
     assert info.value.code is code
     assert names in info.value.message
+
+
+def test_replay_acts_are_one_bool_per_replayed_token() -> None:
+    replay = np.ones((3, OBS_DIM), np.float32)
+    opened = parse(kind="open", steps=2, replay=replay, replay_acts=[False, True, True])
+    assert isinstance(opened, Open) and opened.replay_acts == (False, True, True)
+    assert parse(kind="open", replay=replay).replay_acts is None
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"replay_acts": [True]}, "without a replay"),
+        ({"replay": np.ones((2, OBS_DIM), np.float32), "replay_acts": [True]}, "list of 2 bools"),
+        ({"replay": np.ones((2, OBS_DIM), np.float32), "replay_acts": [1, 0]}, "expected a bool"),
+        ({"replay": np.ones((2, OBS_DIM), np.float32), "replay_acts": [True, True], "steps": 1}, "steps=1"),
+    ],
+)
+def test_bad_replay_acts_are_refused_by_name(fields: dict[str, Any], words: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse(kind="open", **fields)
+    assert info.value.code is ErrorCode.BAD_ARGUMENT and "replay_acts" in info.value.message
+    assert words in info.value.message

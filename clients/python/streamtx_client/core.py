@@ -180,6 +180,7 @@ class ServerInfo:
     max_tokens_per_step: int
     max_message_bytes: int
     raw: dict[str, Any] = field(repr=False)
+    replay_acts: bool = False  # a restore must say which replayed steps acted (the policy carries an action buffer)
 
     @classmethod
     def from_hello(cls, result: Mapping[str, Any]) -> ServerInfo:
@@ -193,6 +194,7 @@ class ServerInfo:
                 max_tokens_per_step=int(limits["max_tokens_per_step"]),
                 max_message_bytes=int(limits["max_message_bytes"]),
                 raw=dict(result),
+                replay_acts=bool(policy.get("replay_acts", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ServerError(ErrorCode.BAD_MESSAGE.value, f"malformed hello result ({exc!r}): {result!r}") from None
@@ -218,7 +220,7 @@ class SessionLog:
     re-opening with the seed, the count and the sequence number while replaying those tokens rebuilds it exactly.
     """
 
-    def __init__(self, session_id: str, token: str, seed: int, window: int) -> None:
+    def __init__(self, session_id: str, token: str, seed: int, window: int, replay_acts: bool = False) -> None:
         self.session_id = session_id
         self.token = token
         self.seed = seed
@@ -228,6 +230,9 @@ class SessionLog:
         self.lost = False  # the daemon forgot the session: restore before the next request
         self.last_timing: dict[str, Any] | None = None  # the daemon's timing of the last step
         self._window: deque[np.ndarray] = deque(maxlen=window)
+        # per remembered token: whether its step acted (True on a step's last token), sent when replay_acts
+        self.replay_acts = replay_acts
+        self._acted: deque[bool] = deque(maxlen=window)
 
     def step_request(self, tokens: np.ndarray, act: bool) -> dict[str, Any]:
         if self.closed:
@@ -238,18 +243,22 @@ class SessionLog:
         """Remember tokens the daemon acknowledged (they entered its state)."""
         self.seq = seq
         self._window.extend(tokens)
+        self._acted.extend([False] * (len(tokens) - 1) + [acted])
         self.steps += int(acted)
 
     def restart(self, seq: int, seed: int) -> None:
         """The session was reset (or poisoned and reset by the daemon): empty past, new seed."""
         self.seq, self.seed, self.steps = seq, seed, 0
         self._window.clear()
+        self._acted.clear()
 
     def restore_request(self) -> dict[str, Any]:
         """Re-open with token, seed, step count and sequence number, replaying the remembered window: one request."""
         fields: dict[str, Any] = {"steps": self.steps, "seq": self.seq}
         if self._window:
             fields["replay"] = np.stack(self._window)
+            if self.replay_acts and any(self._acted):
+                fields["replay_acts"] = list(self._acted)
         return request("open", session=self.session_id, token=self.token, seed=self.seed, **fields)
 
 
@@ -278,7 +287,7 @@ def open_flow(
     if checked is not None:
         fields["seed"] = checked
     result = yield from call(request("open", **fields), patience=patience, what="open", endpoint=endpoint, retry=retry)
-    return SessionLog(session_id, str(result["token"]), int(result["seed"]), info.replay_window)
+    return SessionLog(session_id, str(result["token"]), int(result["seed"]), info.replay_window, info.replay_acts)
 
 
 def step_flow(
