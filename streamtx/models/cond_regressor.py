@@ -43,6 +43,7 @@ __all__ = [
     "sampler_schedule",
     "COMPUTE_DTYPES",
     "get_optim_groups",
+    "sinusoidal_embedding",
 ]
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -69,7 +70,7 @@ def _window_positions(
     return pos, lengths - 1, pos < 0
 
 
-def _sinusoidal(k: Tensor, dim: int) -> Tensor:
+def sinusoidal_embedding(k: Tensor, dim: int) -> Tensor:
     """``(B,)`` steps -> ``(B, dim)`` sinusoidal embedding (diffusion-model convention)."""
     half = dim // 2
     freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=k.device, dtype=torch.float64) / max(half - 1, 1))
@@ -393,7 +394,7 @@ class eCondTransformerRegressor(nn.Module):
             k = k.expand(batch)
         if k.shape != (batch,):
             raise ValueError(f"opt_step: expected a scalar or shape ({batch},), got {tuple(k.shape)}")
-        emb = _sinusoidal(k, self.hidden_rep.size // self.in_rep.group.order).to(
+        emb = sinusoidal_embedding(k, self.hidden_rep.size // self.in_rep.group.order).to(
             ref.dtype
         )  # one invariant value per copy
         return self.time_mlp(emb.repeat_interleave(self.in_rep.group.order, dim=-1))[:, None]  # (B, 1, D)
@@ -416,7 +417,7 @@ class eCondTransformerRegressor(nn.Module):
         if k.shape != (batch, horizon):
             raise ValueError(f"opt_step: expected a scalar, ({batch},) or ({batch}, {horizon}), got {tuple(k.shape)}")
         n = self.in_rep.group.order
-        emb = _sinusoidal(k.reshape(-1), self.hidden_rep.size // n).to(ref.dtype).repeat_interleave(n, dim=-1)
+        emb = sinusoidal_embedding(k.reshape(-1), self.hidden_rep.size // n).to(ref.dtype).repeat_interleave(n, dim=-1)
         return k.mean(dim=1), self.level_mlp(emb).view(batch, horizon, -1)
 
     def _action_tokens(self, x: Tensor, levels: Tensor | None = None) -> Tensor:

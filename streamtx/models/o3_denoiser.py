@@ -37,7 +37,7 @@ from ..nn.o3 import (
     layout_index,
 )
 from ..nn.state import Rows, StreamState
-from .cond_regressor import _sinusoidal
+from .cond_regressor import sinusoidal_embedding
 
 __all__ = ["O3CondDenoiser", "O3DenoiserConfig", "O3DenoiserState", "O3DecoderBlock"]
 
@@ -361,7 +361,7 @@ class O3CondDenoiser(nn.Module):
         if k.shape != (b,) or not bool(torch.isfinite(k.double()).all()):
             raise ValueError(f"opt_step: expected a finite scalar or shape ({b},), got {tuple(k.shape)}")
         x = self.input_emb(change_layout(self._vector_features(X), self.vector_index, self.layout))
-        scalars = self.pos_emb[:tx] + self.time_mlp(_sinusoidal(k, self.features).to(X.dtype))[:, None]
+        scalars = self.pos_emb[:tx] + self.time_mlp(sinusoidal_embedding(k, self.features).to(X.dtype))[:, None]
         x[..., 0, 0, :] += scalars  # a fresh Dense output (no bias): in place is safe for autograd
         return x
 
