@@ -12,12 +12,10 @@ Usage: taskset -c 1 python benchmarks/bench_streaming_denoise.py [--threads 1] [
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from timing import setup
+from timing import setup, timed
 
 from streamtx.models import eCondTransformerRegressor
 from streamtx.policy import FlowMatchingSampler, StreamingPolicy
@@ -43,24 +41,6 @@ def robot_model(**options: bool) -> eCondTransformerRegressor:
         num_cond_layers=2,
         **options,
     ).eval()
-
-
-def percentiles(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 5) -> dict[str, list[float]]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-    return samples
 
 
 @torch.no_grad()
@@ -94,7 +74,7 @@ def main() -> None:
 
         return run
 
-    samples = interleaved({name: control_step(name) for name in policies}, args.repeats)
+    times = timed({name: control_step(name) for name in policies}, args.repeats, warmup=5)
 
     first = streaming[1]
     init_state = first.init_state(1)
@@ -103,20 +83,20 @@ def main() -> None:
         first.reset(init_state)
         return first.step(init_state, tokens[0])
 
-    init_samples = interleaved({"init": initialise}, max(10, args.repeats // 10))["init"]
+    init_times = timed({"init": initialise}, max(10, args.repeats // 10), warmup=5)["init"]
 
     load = os.getloadavg()[0]
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), CPU, robot config (D4, D=128, 4+2 layers, Tx=16, "
         f"window 32), batch 1, {args.repeats} interleaved control steps each, load {load:.1f}"
     )
-    base_p50, base_p99 = percentiles(samples["K-step (K=10)"])
+    base_p50, base_p99 = times["K-step (K=10)"][:2]
     print(f"{'policy':<26} {'evals':>5} {'p50 ms':>8} {'p99 ms':>8} {'speed-up p50':>13} {'p99':>6}")
     for name, policy in policies.items():
-        p50, p99 = percentiles(samples[name])
+        p50, p99 = times[name][:2]
         evals = policy.metadata()["num_evaluations"]
         print(f"{name:<26} {evals:>5} {p50:>8.2f} {p99:>8.2f} {base_p50 / p50:>12.1f}x {base_p99 / p99:>5.1f}x")
-    p50, p99 = percentiles(init_samples)
+    p50, p99 = init_times[:2]
     evals = first.metadata()["streaming_denoise"]["init_evaluations"]
     print(f"{'streaming, initialisation':<26} {evals:>5} {p50:>8.2f} {p99:>8.2f}   (the first act after a reset)")
 

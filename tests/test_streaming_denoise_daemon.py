@@ -3,14 +3,13 @@ receptive field, and under overload a superseded step only observes: the buffer 
 
 from __future__ import annotations
 
-import threading
 import uuid
-from typing import Any
 
 import numpy as np
 import torch
 from serving.serving_helpers import (
     TIMEOUT,
+    GatedPolicy,
     RawPeer,
     assert_same_actions,
     make_script,
@@ -23,25 +22,6 @@ from streaming_denoise_testing import tiny_model
 from streamtx.policy import FlowMatchingSampler
 from streamtx.policy.streaming_denoise import StreamingDenoisePolicy
 from streamtx_client import Client, Patience
-
-
-class GatedPolicy:
-    """The policy, with an ``act`` that can be held until released (the daemon is then busy)."""
-
-    def __init__(self, policy: Any) -> None:
-        self._policy = policy
-        self.gate_next_act = False
-        self.acting, self.release = threading.Event(), threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._policy, name)
-
-    def act(self, state: Any, rows: Any = None) -> torch.Tensor:
-        if self.gate_next_act:
-            self.gate_next_act = False
-            self.acting.set()
-            assert self.release.wait(TIMEOUT)
-        return self._policy.act(state, rows)
 
 
 def test_superseded_steps_only_observe_and_hello_reports_the_grown_receptive_field() -> None:

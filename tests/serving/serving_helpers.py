@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zmq
 
 from streamtx.apps.served_policy import TorchBatchPolicy
@@ -163,3 +164,31 @@ def error_code(reply: dict[str, Any]) -> str:
     assert reply["ok"] is False, reply
     assert isinstance(reply["error"]["message"], str) and reply["error"]["message"], reply
     return reply["error"]["code"]
+
+
+class GatedPolicy:
+    """The real policy, but ``act`` can be made to block until released, or to raise."""
+
+    def __init__(self, policy: Any) -> None:
+        self._policy = policy
+        self.gate_next_act = False
+        self.acting = threading.Event()  # set while a gated act waits
+        self.release = threading.Event()
+        self.fail = False
+        self.nan_next_act = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
+
+    def act(self, state: Any, rows: Any = None) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("simulated model failure")
+        if self.gate_next_act:
+            self.gate_next_act = False
+            self.acting.set()
+            assert self.release.wait(TIMEOUT)
+        actions = self._policy.act(state, rows)
+        if self.nan_next_act:
+            self.nan_next_act = False
+            actions = torch.full_like(actions, float("nan"))
+        return actions

@@ -20,6 +20,7 @@ import torch
 from serving_helpers import (
     MAX_TOKENS,
     TIMEOUT,
+    GatedPolicy,
     RawPeer,
     RecordingPatience,
     assert_same_actions,
@@ -33,34 +34,6 @@ from waiting import EventLog, ManualClock
 
 from streamtx_client import AsyncClient
 from streamtx_server import Server
-
-
-class GatedPolicy:
-    """The real policy, but ``act`` can be made to block until released, or to raise."""
-
-    def __init__(self, policy: Any) -> None:
-        self._policy = policy
-        self.gate_next_act = False
-        self.acting = threading.Event()  # set while a gated act waits
-        self.release = threading.Event()
-        self.fail = False
-        self.nan_next_act = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._policy, name)
-
-    def act(self, state: Any, rows: Any = None) -> torch.Tensor:
-        if self.fail:
-            raise RuntimeError("simulated model failure")
-        if self.gate_next_act:
-            self.gate_next_act = False
-            self.acting.set()
-            assert self.release.wait(20.0)
-        actions = self._policy.act(state, rows)
-        if self.nan_next_act:
-            self.nan_next_act = False
-            actions = torch.full_like(actions, float("nan"))
-        return actions
 
 
 @pytest.fixture
