@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -61,6 +62,11 @@ ViewSource = Callable[[], View]
 DEFAULT_FLEET_PATIENCE = Patience(attempt_timeout=0.25, total=0.5)
 """Per endpoint: how long a replica may stay silent before its sessions move on (a control deadline, not the
 single daemon's 30 s, which waits out a restart)."""
+
+SUSPECT_S = 30.0
+"""How long a replica that missed a deadline is avoided by the client's other sessions: they move at their next
+call instead of each waiting out the deadline on it (one process driving many robots loses one deadline per dead
+replica, not one per session); any reply from the replica clears it sooner."""
 
 _OPEN_RETRY = RETRYABLE - {ErrorCode.FULL.value, ErrorCode.DRAINING.value}  # go to the next candidate at once
 _MOVE_ON = frozenset({ErrorCode.FULL.value, ErrorCode.DRAINING.value})  # an open refused for these: next candidate
@@ -175,6 +181,7 @@ class FleetClient:
         self.patience = patience
         self._connect = {"server_key": server_key, "client_keys": client_keys, "context": context}
         self._connections: dict[str, _Connection] = {}  # replica id -> connection
+        self._suspects: dict[str, float] = {}  # replica id -> until when it is avoided (monotonic), see SUSPECT_S
         self.view_fetches = 0  # how often the view was fetched (connect and membership trouble only)
         self.view = self.refresh_view()
 
@@ -239,14 +246,18 @@ class FleetClient:
         attempt: Callable[[_Connection], T],
         failures: list[tuple[Replica, Exception]],
         preferred: str | None = None,
+        avoid_suspects: bool = False,
     ) -> tuple[_Connection, T] | None:
         """``attempt`` on the candidates of ``session_id`` (of ``version``) in hash order (``preferred`` first), each
         not yet in ``failures``, until one succeeds: its connection and result. A silent replica, a refusal that
         sends a session on (``full``, ``draining``) or a replica of other dimensions is added to ``failures`` and
         the next is tried; after the last, the view is fetched once (membership trouble) and the new candidates
         are tried (a directory that does not answer leaves the view as it was: an outage of the directory never
-        fails a session that a replica of the old view can serve). None: no candidate took it."""
+        fails a session that a replica of the old view can serve). ``avoid_suspects``: replicas that missed a
+        deadline lately are not tried, and the view is not fetched. None: no candidate took it."""
         for fetched in (False, True):
+            if fetched and avoid_suspects:
+                return None
             if fetched:
                 try:
                     self.refresh_view()
@@ -260,7 +271,7 @@ class FleetClient:
                 )
             candidates.sort(key=lambda r: r.id != preferred)  # stable: the named replica first, then hash order
             for replica in candidates:
-                if any(replica == tried for tried, _ in failures):
+                if any(replica == tried for tried, _ in failures) or (avoid_suspects and self._suspect(replica)):
                     continue
                 connection = self._connection(replica)
                 try:
@@ -269,38 +280,68 @@ class FleetClient:
                     if err.code not in _MOVE_ON:
                         raise
                     failures.append((replica, err))
-                except (RequestTimeout, FleetError) as err:  # silent, or a replica of other dimensions
+                except RequestTimeout as err:
+                    self._suspects[replica.id] = time.monotonic() + SUSPECT_S
+                    failures.append((replica, err))
+                except FleetError as err:  # a replica of other dimensions
                     failures.append((replica, err))
         return None
+
+    def _suspect(self, replica: Replica) -> bool:
+        until = self._suspects.get(replica.id)
+        if until is not None and until <= time.monotonic():
+            del self._suspects[replica.id]
+            return False
+        return until is not None
 
     def _follow(self, session: FleetSession, flow: Callable[[_Connection], Flow[Any]]) -> Any:
         """Run a session's operation on its replica, following it through failures (bounded: each switch goes to a
         replica not tried yet in this call)."""
         switches = 0
+        if self._suspect(session._connection.replica):
+            # another session of this client saw its replica miss a deadline: move now (break-before-make, as on
+            # a timeout of its own, but staying put when no unsuspected candidate takes it)
+            reason = RequestTimeout(f"replica {session.replica.id!r} missed a deadline of another session")
+            self._relocate(session, preferred=None, reason=reason, close_old=False, avoid_suspects=True)
         while True:
             connection = session._connection
             try:
-                return connection.execute(flow(connection))
+                result = connection.execute(flow(connection))
+                self._suspects.pop(connection.replica.id, None)  # it answers
+                return result
             except RequestTimeout as err:
                 # break-before-make: the replica missed its deadline; its sessions' state is rebuilt elsewhere
-                self._relocate(session, preferred=None, reason=err, keep=False)
+                self._suspects[connection.replica.id] = time.monotonic() + SUSPECT_S
+                self._relocate(session, preferred=None, reason=err, close_old=False, stay=False)
             except ServerError as err:
                 if err.code == ErrorCode.MOVED.value:
                     target = connection.last_error.get("replica")
                     self._relocate(session, preferred=target if isinstance(target, str) else None, reason=err)
-                elif err.code in (ErrorCode.DRAINING.value, ErrorCode.FULL.value):
-                    # draining: make-before-break; full: the replica lost the session and has no slot to restore it
-                    self._relocate(session, preferred=None, reason=err, keep=err.code == ErrorCode.DRAINING.value)
+                elif err.code == ErrorCode.DRAINING.value:
+                    self._relocate(session, preferred=None, reason=err)  # make-before-break
+                elif err.code == ErrorCode.FULL.value:
+                    # the replica lost the session and has no slot to restore it
+                    self._relocate(session, preferred=None, reason=err, close_old=False, stay=False)
                 else:
                     raise
             switches += 1
             if switches > len(self.view.replicas) + 1:
                 raise RequestTimeout(f"session {session.id!r}: moved {switches} times in one call; giving up")
 
-    def _relocate(self, session: FleetSession, *, preferred: str | None, reason: Exception, keep: bool = True) -> None:
+    def _relocate(
+        self,
+        session: FleetSession,
+        *,
+        preferred: str | None,
+        reason: Exception,
+        close_old: bool = True,
+        stay: bool = True,
+        avoid_suspects: bool = False,
+    ) -> None:
         """Re-open ``session`` on the next candidate of its version (``preferred`` first), with the replay of its
-        last acknowledged observations. ``keep``: with nowhere to go it stays on its replica (a draining or moving
-        replica serves it on); else (the replica is silent) the caller's error is raised."""
+        last acknowledged observations. ``close_old``: make-before-break, the old replica (which answers) is told
+        to let the session go once the new one holds it. ``stay``: with nowhere to go it stays on its replica (a
+        draining or moving replica serves it on); else (the replica is silent) the caller's error is raised."""
         old = session._connection
         if preferred is not None and all(r.id != preferred for r in self.view.replicas):
             self.refresh_view()  # a move to a replica this view does not hold: membership changed
@@ -312,17 +353,17 @@ class FleetClient:
         failures: list[tuple[Replica, Exception]] = [(old.replica, reason)]
         try:
             moved = self._first_admitting(
-                f"session {session.id!r}", session.id, session.version, attempt, failures, preferred
+                f"session {session.id!r}", session.id, session.version, attempt, failures, preferred, avoid_suspects
             )
         except FleetError as err:
             raise err from reason
         if moved is not None:
-            if keep:  # make-before-break: the new owner holds the session, now let the old one go
+            if close_old:  # make-before-break: the new owner holds the session, now let the old one go
                 _close_quietly(old, session._log)
             session._connection = moved[0]
             session._log.lost = False
             return
-        if keep:
+        if stay:
             return
         if len(failures) == 1 and self.view.versions - {session.version}:
             raise FleetError(
