@@ -305,7 +305,10 @@ class ReplicaCore:
             torch.cuda.synchronize()  # a sticky CUDA error (illegal access, ECC) surfaces here as RuntimeError
 
     def shutdown(self) -> None:
-        """Scale-down: leave the view, drain, wait (at most ``drain_timeout_s``) for the sessions to move, stop."""
+        """Scale-down: leave the view, drain, wait (at most ``drain_timeout_s``) for the sessions to move, stop.
+        Idempotent (Serve calls the destructor, then the garbage collector may call it again)."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         try:
             self._leave(self.id)
