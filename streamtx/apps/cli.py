@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "collect": (collect.main, "collect Reacher demonstrations from the scripted expert"),
     "train": (train.main, "train a policy on a demonstration file"),
     "random-checkpoint": (serve.random_checkpoint_main, "write a small random-weight checkpoint"),
-    "fleet": (fleet.main, "run the policy on many replicas with Ray Serve: fleet up|status|down (needs .[fleet])"),
+    "fleet": (fleet.main, "the policy on many replicas with Ray Serve: fleet up|scale|status|down (needs .[fleet])"),
     "replay": (serve.replay_main, "replay a `serve --record` dataset against a checkpoint, compare the actions"),
 }
 

@@ -35,6 +35,8 @@ import signal
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -60,6 +62,7 @@ __all__ = [
     "checkpoint_version",
     "up",
     "scale",
+    "wait_for_view",
     "status",
     "down",
     "main",
@@ -498,20 +501,32 @@ def up(
     _connect(address)
     serve.start(http_options={"host": http_host, "port": http_port, "location": proxy_location})
     serve.run(_directory_app(spec), name=DIRECTORY_APP, route_prefix=DIRECTORY_ROUTE)
-    serve.run(_policy_app(spec), name=POLICY_APP, route_prefix=None)
+    # a fixed-size fleet is scaled through Serve's external scaling API (serve.run again would replace every
+    # replica: the imperative API gives each run a new code version); an autoscaled one by its policy
+    serve.run(_policy_app(spec), name=POLICY_APP, route_prefix=None, external_scaler_enabled=spec.max_replicas is None)
     url = directory_url(http_host if http_host != "0.0.0.0" else "127.0.0.1", http_port)
     wait_for_view(url, lambda view: len(view.replicas) >= spec.replicas, timeout=spec.lease_s + 60.0)
     return url
 
 
-def scale(spec: FleetSpec, replicas: int) -> None:
-    """Set the number of policy replicas of a running fleet (a lightweight Serve update: running replicas stay;
-    removed ones drain)."""
-    from ray import serve  # the optional `.[fleet]` extra
-
-    serve.run(
-        _policy_app(replace(spec.resolved(), replicas=replicas, max_replicas=None)), name=POLICY_APP, route_prefix=None
-    )
+def scale(replicas: int, dashboard: str = "http://127.0.0.1:8265") -> None:
+    """Set the number of policy replicas of a running fleet without replacing the running ones (Serve's external
+    scaling API, a POST to the Ray dashboard at ``dashboard``; a fleet deployed with ``max_replicas`` autoscales
+    instead and refuses this). Added replicas join the view and take about k/(N+k) of the sessions (``moved``);
+    removed ones drain."""
+    if not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas: expected an int >= 1, got {replicas!r}")
+    url = f"{dashboard.rstrip('/')}/api/v1/applications/{POLICY_APP}/deployments/policy/scale"
+    body = json.dumps({"target_num_replicas": replicas}).encode()
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30.0):
+            pass
+    except urllib.error.HTTPError as exc:
+        raise ValueError(
+            f"scale to {replicas}: the Ray dashboard at {dashboard} refused ({exc.code}: "
+            f"{exc.read().decode(errors='replace')})"
+        ) from None
 
 
 def wait_for_view(url: str, done: Callable[[View], bool], timeout: float) -> View:
@@ -581,6 +596,9 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--http-host", default="127.0.0.1", help="where Serve's HTTP proxy (the directory) listens")
     u.add_argument("--http-port", type=int, default=8000)
     u.add_argument("--proxy-location", default="HeadOnly", choices=("HeadOnly", "EveryNode"))
+    sc = sub.add_parser("scale", help="set the number of replicas of a fixed-size fleet (running ones stay)")
+    sc.add_argument("replicas", type=int)
+    sc.add_argument("--dashboard", default="http://127.0.0.1:8265", help="the Ray dashboard of the cluster")
     for s in (
         u,
         sub.add_parser("status", help="print the fleet's status and view"),
@@ -595,13 +613,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``streamtx fleet up|status|down``."""
+    """``streamtx fleet up|scale|status|down``."""
     args = _parser().parse_args(argv)
     try:
         import ray  # noqa: F401 - the optional `.[fleet]` extra: a clear message when it is missing
     except ImportError:
         print("streamtx fleet: needs Ray Serve: pip install 'streamtx[fleet]'", file=sys.stderr)
         return 1
+    if args.action == "scale":
+        try:
+            scale(args.replicas, args.dashboard)
+        except (OSError, ValueError) as exc:
+            print(f"streamtx fleet scale: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.action == "status":
         print(json.dumps(status(args.address), indent=2))
         return 0
