@@ -96,7 +96,8 @@ class FleetSpec:
         checkpoint: the policy; the same path must be readable on every node (shared storage or the image).
         replicas: replicas to start (without ``max_replicas``: a fixed count).
         max_replicas: with it, Serve scales between ``replicas`` and ``max_replicas`` on live sessions, aiming at
-            ``sessions_per_replica`` each (:class:`SessionAutoscaling`).
+            ``sessions_per_replica`` each (:class:`SessionAutoscaling`); a scale-down waits ``downscale_delay_s``
+            of fewer sessions (each one drains a replica: its sessions move).
         gpus_per_replica: 1 (one replica per GPU: replicas per node = GPUs per host) or 0 (CPU replicas).
         cpus_per_replica: the Ray CPUs a replica reserves (its batching loop and model threads).
         device: the torch device of the policy (default ``cuda`` with a GPU, else ``cpu``).
@@ -118,6 +119,7 @@ class FleetSpec:
     replicas: int = 1
     max_replicas: int | None = None
     sessions_per_replica: int = 32
+    downscale_delay_s: float = 60.0
     gpus_per_replica: float = 1.0
     cpus_per_replica: float = 1.0
     device: str | None = None
@@ -445,7 +447,7 @@ def _policy_app(spec: FleetSpec) -> Any:
                 "metrics_interval_s": spec.report_s,
                 "look_back_period_s": 4 * spec.report_s,
                 "upscale_delay_s": 2 * spec.report_s,
-                "downscale_delay_s": 60.0,
+                "downscale_delay_s": spec.downscale_delay_s,
                 "policy": {
                     "policy_function": f"{__name__}:SessionAutoscaling",
                     "policy_kwargs": {"sessions_per_replica": spec.sessions_per_replica},

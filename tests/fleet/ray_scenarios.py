@@ -29,6 +29,7 @@ from streamtx_client import FleetClient, LocalSession, Patience  # noqa: E402
 from streamtx_client.placement import View  # noqa: E402
 
 MAX_TOKENS = 2
+AUTOSCALE_SESSIONS = 48  # the autoscaled fleet's target per replica: 24 sessions need one replica, 72 two
 SESSIONS = 64  # enough that the moved fraction's spread (binomial) stays well inside the 50% band
 # one attempt of 5 s per replica: at load 8 a step of this small policy took up to 1.4 s, so no move is spurious
 PATIENCE = Patience(attempt_timeout=5.0, total=5.0, retries=0)
@@ -43,14 +44,30 @@ def only_loopback() -> list[str]:
 class Robots:
     """``SESSIONS`` sessions on one FleetClient, stepped round-robin, each checked against its reference."""
 
-    def __init__(self, url: str, policy: Any) -> None:
+    def __init__(self, url: str, policy: Any, count: int = SESSIONS) -> None:
         self.fleet = FleetClient(url, patience=PATIENCE)
-        self.sessions = [self.fleet.open(f"robot-{i}", seed=100 + i) for i in range(SESSIONS)]
-        self.references = [LocalSession(TorchBatchPolicy(policy), seed=100 + i) for i in range(SESSIONS)]
-        self.streams = [endless(i, MAX_TOKENS) for i in range(SESSIONS)]
+        self.policy = policy
+        self.sessions: list[Any] = []
+        self.references: list[LocalSession] = []
+        self.streams: list[Any] = []
         self.steps = 0
-        self.longest = [0.0] * SESSIONS  # each session's longest step (s): its gap
+        self.longest: list[float] = []  # each session's longest step (s): its gap
         self.events: list[dict[str, Any]] = []
+        self.add(count)
+
+    def add(self, count: int) -> None:
+        for i in range(len(self.sessions), len(self.sessions) + count):
+            self.sessions.append(self.fleet.open(f"robot-{i}", seed=100 + i))
+            self.references.append(LocalSession(TorchBatchPolicy(self.policy), seed=100 + i))
+            self.streams.append(endless(i, MAX_TOKENS))
+            self.longest.append(0.0)
+
+    def remove(self, count: int) -> None:
+        for _ in range(count):
+            self.sessions.pop().close()
+            self.references.pop()
+            self.streams.pop()
+            self.longest.pop()
 
     def round(self) -> None:
         for i, session in enumerate(self.sessions):
@@ -59,7 +76,7 @@ class Robots:
             got = session.step(step[0]) if step[1] else session.observe(step[0])
             self.longest[i] = max(self.longest[i], time.monotonic() - started)
             assert_same_action(got, reference_step(self.references[i], step), (session.id, self.steps))
-        self.steps += 1
+            self.steps += 1
 
     def placement(self) -> dict[str, str]:
         return {s.id: s.replica.id for s in self.sessions}
@@ -81,7 +98,7 @@ class Robots:
         """Do ``act`` under the running fleet, step until ``settled(view)`` and every session runs on its first
         choice of that view (the replicas' rebalance is done); record the moves."""
         before_view, before = fleet_view(url), self.placement()
-        self.longest = [0.0] * SESSIONS
+        self.longest = [0.0] * len(self.sessions)
         act()
 
         def done() -> bool:
@@ -101,8 +118,9 @@ class Robots:
                 "rounds": rounds,
                 "replicas_before": len(before_view.replicas),
                 "replicas_after": len(after_view.replicas),
-                "moved": sorted(s for s in before if before[s] != after[s]),
-                "predicted": sorted(predicted),
+                "moved": sorted(s for s in before if s in after and before[s] != after[s]),
+                "predicted": sorted(s for s in predicted if s in after),
+                "sessions": len(after),
                 "longest_step_s": max(self.longest),
                 "view_fetches": self.fleet.view_fetches,
             }
@@ -144,15 +162,19 @@ def main(scenario: str, checkpoint: str, out: str) -> int:
         context = ray.init(address=cluster.address, namespace=fleet.NAMESPACE, log_to_driver=False)
         dashboard = f"http://{context.dashboard_url}"
         result["node_addresses"] = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
+        autoscaled = scenario == "autoscale"
         spec = fleet.FleetSpec(
             checkpoint=checkpoint,
-            replicas=2,
+            replicas=1 if autoscaled else 2,
+            max_replicas=2 if autoscaled else None,
+            sessions_per_replica=AUTOSCALE_SESSIONS,
+            downscale_delay_s=5.0,
             gpus_per_replica=1,
             cpus_per_replica=1,
             device="cpu",
             threads=1,
             max_tokens_per_step=MAX_TOKENS,
-            max_sessions=SESSIONS,
+            max_sessions=2 * SESSIONS,
             idle_timeout=None,
             report_s=0.5,
             lease_s=3.0,
@@ -161,7 +183,7 @@ def main(scenario: str, checkpoint: str, out: str) -> int:
         url = fleet.up(spec, http_host="127.0.0.1", http_port=8000)
         result["up_s"] = time.monotonic() - started
         policy = load_policy(checkpoint, max_tokens_per_step=MAX_TOKENS)
-        robots = Robots(url, policy)
+        robots = Robots(url, policy, count=AUTOSCALE_SESSIONS // 2 if autoscaled else SESSIONS)
         for _ in range(5):
             robots.round()
 
@@ -188,10 +210,19 @@ def main(scenario: str, checkpoint: str, out: str) -> int:
                 gpu_nodes.append(cluster.add_node(num_cpus=2, num_gpus=1))
             robots.action("scale_up", lambda: fleet.scale(3, dashboard), lambda v: len(v.replicas) == 3, url)
             robots.action("scale_down", lambda: fleet.scale(2, dashboard), lambda v: len(v.replicas) == 2, url)
+        if autoscaled:
+            # live sessions past one replica's target: Serve starts a second; back under it: one drains
+            robots.action("autoscale_up", lambda: robots.add(AUTOSCALE_SESSIONS), lambda v: len(v.replicas) == 2, url)
+            robots.action(
+                "autoscale_down",
+                lambda: robots.remove(AUTOSCALE_SESSIONS),
+                lambda v: len(v.replicas) == 1,
+                url,
+            )
         for session in robots.sessions:
             session.close()
         result["events"] = robots.events
-        result["steps"] = robots.steps * SESSIONS
+        result["steps"] = robots.steps
         result["ok"] = True
     finally:
         result["wall_s"] = time.monotonic() - started

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ray_scenarios import PATIENCE, SESSIONS
+from ray_scenarios import PATIENCE
 
 pytest.importorskip("ray", reason="the fleet extra is not installed: pip install -e '.[fleet]'")
 
@@ -35,42 +35,57 @@ def _unshare_works() -> bool:
     return probe.returncode == 0
 
 
-@pytest.fixture(scope="module")
-def run(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def _scenario(name: str, checkpoint: Path, tmp: Path) -> dict[str, Any]:
     if not _unshare_works():
         pytest.skip("needs `unshare -rn` (a user and network namespace) and `ip` to isolate Ray on loopback")
-    out = tmp_path_factory.mktemp("ray") / "result.json"
-    command = f"ip link set lo up && exec {sys.executable} {SCENARIO} all {checkpoint} {out}"
+    out = tmp / f"{name}.json"
+    command = f"ip link set lo up && exec {sys.executable} {SCENARIO} {name} {checkpoint} {out}"
     done = subprocess.run(["unshare", "-rn", "sh", "-c", command], capture_output=True, text=True, timeout=LIMIT_S)
     assert out.exists(), done.stderr[-4000:]
     result = json.loads(out.read_text())
     assert done.returncode == 0 and result.get("ok"), done.stderr[-4000:]
+    assert result["interfaces"] == ["lo"]
+    assert result["node_addresses"] == ["127.0.0.1"]  # Ray registered its nodes on loopback only
     return result
+
+
+@pytest.fixture(scope="module")
+def run(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _scenario("all", checkpoint, tmp_path_factory.mktemp("ray"))
+
+
+@pytest.fixture(scope="module")
+def autoscaled(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _scenario("autoscale", checkpoint, tmp_path_factory.mktemp("ray"))
 
 
 def _event(run: dict[str, Any], action: str) -> dict[str, Any]:
     return next(e for e in run["events"] if e["action"] == action)
 
 
-def test_ray_ran_on_loopback_only(run):
-    assert run["interfaces"] == ["lo"]
-    assert run["node_addresses"] == ["127.0.0.1"]
-
-
 @pytest.mark.parametrize("action", ["crash", "node_loss", "scale_up", "scale_down"])
 def test_every_action_of_the_fleet_equals_the_reference_and_moves_only_the_sessions_it_must(run, action):
     """Zero wrong actions (checked per step in the scenario: it stops at the first), each session's longest step at
     most the deadline plus one restore, the sessions that moved exactly those whose first choice changed (or whose
-    replica left), and the view fetched on connect and membership changes only."""
-    event = _event(run, action)
-    assert run["steps"] > 0
+    replica left), and about the expected fraction of them."""
+    _check(_event(run, action), action)
+
+
+@pytest.mark.parametrize("action", ["autoscale_up", "autoscale_down"])
+def test_serve_scales_the_fleet_on_the_live_sessions_the_replicas_report(autoscaled, action):
+    """Past one replica's target of live sessions Serve starts a second (its share of the sessions moves to it);
+    back under it, one replica drains (its sessions move to the other): the same guarantees as a manual scale."""
+    _check(_event(autoscaled, action), action.removeprefix("auto"))
+
+
+def _check(event: dict[str, Any], action: str) -> None:
     assert event["longest_step_s"] <= GAP_S, event
     assert event["moved"] == event["predicted"], event
     assert event["moved"], event  # the action did move someone: the check above is not vacuous
     before, after = event["replicas_before"], event["replicas_after"]
     if action == "scale_up":
-        expected = SESSIONS * (after - before) / after  # k/(N+k) of the sessions, onto the newcomer
+        expected = event["sessions"] * (after - before) / after  # k/(N+k) of the sessions, onto the newcomer
         assert abs(len(event["moved"]) - expected) <= 0.5 * expected, event
     if action == "scale_down":
-        expected = SESSIONS / before
+        expected = event["sessions"] / before  # the drained replica's share
         assert abs(len(event["moved"]) - expected) <= 0.5 * expected, event
