@@ -8,12 +8,15 @@ the protocol's open with replay, built from the :class:`~streamtx_client.core.Se
 
 * missed deadline (the per-endpoint :class:`~streamtx_client.core.Patience` gave up): break-before-make: re-open on
   the next candidate, resend the step there (nothing is applied twice: the step carries the same sequence number,
-  and the new replica's state is rebuilt from acknowledged observations only);
+  and the new replica's state is rebuilt from acknowledged observations only); the client's other sessions on that
+  replica move at their next call without waiting the deadline out (:data:`SUSPECT_S`);
 * ``draining`` / ``moved`` (a step the replica did not apply): make-before-break: re-open on the next candidate (for
   ``moved``, the replica it names), close the session on the old one, resend there; with nowhere to go the session
   stays where it is (the replica serves it on);
 * ``full`` / ``draining`` on open: the next candidate (bounded-load placement: a replica's slots are finite).
 
+The view comes from the fleet's directory (:class:`Directory`: HTTP GET of a content-checked JSON view, e.g. the
+Ray Serve deployment of ``streamtx fleet up``), a fixed :class:`~streamtx_client.placement.View`, or any callable.
 A session stays on one model version: it fails over only to replicas serving the checkpoint it opened on, else
 :class:`FleetError` says so plainly.
 """
@@ -23,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
