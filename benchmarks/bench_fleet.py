@@ -29,7 +29,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -75,7 +74,9 @@ def overhead(args: argparse.Namespace, checkpoint: Path, url: str) -> None:
     port = 5601
     daemon = subprocess.Popen(
         [
-            shutil.which("streamtx") or "streamtx",
+            sys.executable,
+            "-m",
+            "streamtx",
             "serve",
             "--checkpoint",
             str(checkpoint),

@@ -511,16 +511,21 @@ def up(
     return url
 
 
-def scale(replicas: int, dashboard: str = "http://127.0.0.1:8265") -> None:
+def scale(replicas: int, dashboard: str = "http://127.0.0.1:8265", token: str | None = None) -> None:
     """Set the number of policy replicas of a running fleet without replacing the running ones (Serve's external
     scaling API, a POST to the Ray dashboard at ``dashboard``; a fleet deployed with ``max_replicas`` autoscales
     instead and refuses this). Added replicas join the view and take about k/(N+k) of the sessions (``moved``);
-    removed ones drain."""
+    removed ones drain. ``token``: the cluster's Ray auth token when token authentication is on (default: the
+    ``RAY_AUTH_TOKEN`` environment variable)."""
     if not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas: expected an int >= 1, got {replicas!r}")
     url = f"{dashboard.rstrip('/')}/api/v1/applications/{POLICY_APP}/deployments/policy/scale"
     body = json.dumps({"target_num_replicas": replicas}).encode()
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    token = token or os.environ.get("RAY_AUTH_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30.0):
             pass
@@ -601,6 +606,7 @@ def _parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scale", help="set the number of replicas of a fixed-size fleet (running ones stay)")
     sc.add_argument("replicas", type=int)
     sc.add_argument("--dashboard", default="http://127.0.0.1:8265", help="the Ray dashboard of the cluster")
+    sc.add_argument("--token", help="the Ray auth token, with token authentication on (default: $RAY_AUTH_TOKEN)")
     for s in (
         u,
         sub.add_parser("status", help="print the fleet's status and view"),
@@ -624,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.action == "scale":
         try:
-            scale(args.replicas, args.dashboard)
+            scale(args.replicas, args.dashboard, args.token)
         except (OSError, ValueError) as exc:
             print(f"streamtx fleet scale: {exc}", file=sys.stderr)
             return 1
