@@ -122,7 +122,9 @@ def overhead(args: argparse.Namespace, checkpoint: Path, url: str) -> None:
         _pin(os.getpid(), None)
 
 
-def recovery(args: argparse.Namespace, spec: fleet.FleetSpec, url: str) -> None:
+def recovery(args: argparse.Namespace, url: str, dashboard: str) -> None:
+    fleet.scale(2, dashboard)  # a crashed replica's sessions need a survivor
+    fleet.wait_for_view(url, lambda v: len(v.replicas) == 2, timeout=300.0)
     patience = Patience(attempt_timeout=args.patience, total=args.patience, retries=0)
     rng = np.random.default_rng(1)
     gaps, rejoin, cold = [], [], []
@@ -139,7 +141,7 @@ def recovery(args: argparse.Namespace, spec: fleet.FleetSpec, url: str) -> None:
             gaps.append(time.monotonic() - started)
             fleet.wait_for_view(
                 url,
-                lambda v: len(v.replicas) == spec.replicas and victim["id"] not in {r.id for r in v.replicas},
+                lambda v: len(v.replicas) == 2 and victim["id"] not in {r.id for r in v.replicas},
                 timeout=300.0,
             )
             rejoin.append(time.monotonic() - killed)
@@ -212,6 +214,9 @@ def main() -> int:
     if interfaces != ["lo"]:  # Ray only on loopback: re-run in a namespace of our own
         command = f"ip link set lo up && exec {sys.executable} {' '.join(map(repr, [__file__, *sys.argv[1:]]))}"
         return subprocess.call(["unshare", "-rn", "sh", "-c", command])
+    # the cluster is this process's own, on loopback in a namespace of its own: no Ray token authentication (on by
+    # default for a local cluster once a token file exists, and `fleet scale` would need the token)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
     sections = args.sections.split(",")
@@ -236,7 +241,7 @@ def main() -> int:
             if "overhead" in sections:
                 overhead(args, checkpoint, url)
             if "recovery" in sections:
-                recovery(args, spec, url)
+                recovery(args, url, f"http://{context.dashboard_url}")
             if "scaling" in sections:
                 scaling(args, url, f"http://{context.dashboard_url}")
             print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")

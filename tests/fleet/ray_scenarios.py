@@ -151,6 +151,9 @@ def main(scenario: str, checkpoint: str, out: str) -> int:
     if interfaces != ["lo"]:
         print(f"refusing to start Ray: this network namespace has {interfaces}, expected only lo", file=sys.stderr)
         return 3
+    # the cluster is this process's own, on loopback in a namespace of its own: no Ray token authentication (on by
+    # default for a local cluster once a token file exists, and `fleet scale` would need the token)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
     from ray.cluster_utils import Cluster
 
