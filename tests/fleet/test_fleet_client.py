@@ -220,3 +220,16 @@ def test_a_replica_that_missed_one_sessions_deadline_is_left_by_the_others_witho
         assert client.view_fetches == 1
     restore = [m for m in fleet.journal.of(second.replica.id, "open") if m["session"] == neighbour][-1]
     assert restore["seq"] == 1  # its replay holds the acknowledged step only
+
+
+def test_on_failover_a_replica_that_missed_a_deadline_lately_is_tried_last(fleet: Fleet):
+    first, second, third = fleet.fake(0), fleet.fake(1), fleet.fake(2)
+    other = next(f"robot-{i}" for i in range(100) if fleet.view.ranking(f"robot-{i}")[0].id == second.replica.id)
+    with fleet.client() as client:
+        mine, theirs = client.open(SESSION), client.open(other)
+        second.refuse = _silent
+        theirs.step(_obs(1))  # waits out its deadline on the second replica: now a suspect
+        first.refuse = _silent
+        mine.step(_obs(1))  # its own deadline on the first, then the third: the suspect second is skipped
+        assert mine.replica.id == third.replica.id
+    assert [m for m in fleet.journal.of(second.replica.id, "open") if m["session"] == SESSION] == []

@@ -256,7 +256,8 @@ class FleetClient:
         the next is tried; after the last, the view is fetched once (membership trouble) and the new candidates
         are tried (a directory that does not answer leaves the view as it was: an outage of the directory never
         fails a session that a replica of the old view can serve). ``avoid_suspects``: replicas that missed a
-        deadline lately are not tried, and the view is not fetched. None: no candidate took it."""
+        deadline lately are not tried at all, and the view is not fetched (else they are tried last). None: no
+        candidate took it."""
         for fetched in (False, True):
             if fetched and avoid_suspects:
                 return None
@@ -271,7 +272,8 @@ class FleetClient:
                     f"{what}: no live replica serves model version {version!r} (the view serves "
                     f"{sorted(self.view.versions)}); a session never changes its model: open a new session"
                 )
-            candidates.sort(key=lambda r: r.id != preferred)  # stable: the named replica first, then hash order
+            # stable: the named replica first, replicas that missed a deadline lately last, else hash order
+            candidates.sort(key=lambda r: (r.id != preferred, self._suspect(r)))
             for replica in candidates:
                 if any(replica == tried for tried, _ in failures) or (avoid_suspects and self._suspect(replica)):
                     continue
