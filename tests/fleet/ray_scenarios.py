@@ -53,6 +53,7 @@ class Robots:
         self.steps = 0
         self.longest: list[float] = []  # each session's longest step (s): its gap
         self.events: list[dict[str, Any]] = []
+        self.last_view: View | None = None
         self.add(count)
 
     def add(self, count: int) -> None:
@@ -86,7 +87,13 @@ class Robots:
         deadline, rounds = time.monotonic() + EVENT_TIMEOUT, 0
         while not done():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not within {EVENT_TIMEOUT} s")
+                view = self.last_view
+                where = {s.replica.id for s in self.sessions}
+                raise TimeoutError(
+                    f"{what}: not within {EVENT_TIMEOUT} s; last view {sorted(ids(view)) if view else None}, "
+                    f"sessions on {sorted(where)}, off their first choice: "
+                    f"{[s.id for s in self.sessions if view and s.replica.id != ranked_top(view, s.id)][:8]}"
+                )
             self.round()
             rounds += 1
         return rounds
@@ -102,7 +109,7 @@ class Robots:
         act()
 
         def done() -> bool:
-            view = fleet_view(url)
+            view = self.last_view = fleet_view(url)
             return settled(view) and self.on_top_choice(view)
 
         rounds = self.until(done, name)
@@ -120,7 +127,7 @@ class Robots:
                 "replicas_after": len(after_view.replicas),
                 "moved": sorted(s for s in before if s in after and before[s] != after[s]),
                 "predicted": sorted(s for s in predicted if s in after),
-                "sessions": len(after),
+                "sessions": len(set(before) & set(after)),  # the sessions the move counts are over
                 "longest_step_s": max(self.longest),
                 "view_fetches": self.fleet.view_fetches,
             }
@@ -187,6 +194,7 @@ def main(scenario: str, checkpoint: str, out: str) -> int:
         result["up_s"] = time.monotonic() - started
         policy = load_policy(checkpoint, max_tokens_per_step=MAX_TOKENS)
         robots = Robots(url, policy, count=AUTOSCALE_SESSIONS // 2 if autoscaled else SESSIONS)
+        result["events"] = robots.events  # filled as the actions run: a failed run still shows the ones before
         for _ in range(5):
             robots.round()
 
@@ -224,7 +232,6 @@ def main(scenario: str, checkpoint: str, out: str) -> int:
             )
         for session in robots.sessions:
             session.close()
-        result["events"] = robots.events
         result["steps"] = robots.steps
         result["ok"] = True
     finally:
