@@ -42,8 +42,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from streamtx_client import LocalSession
 from streamtx_client.fleet import Directory
 from streamtx_client.placement import Replica, View
 from streamtx_server import Server, ServerConfig
@@ -232,6 +234,10 @@ class ReplicaCore:
         policy = load_served_policy(
             Path(spec.checkpoint), spec.torch_device, spec.threads, spec.max_tokens_per_step, spec.policy_path
         )
+        # one control step before joining: the first forward of a process pays torch's lazy start (0.6 s measured
+        # here), which would otherwise land on the first session that fails over to this replica
+        with LocalSession(policy, seed=0) as warm_up:
+            warm_up.step(np.zeros(policy.obs_dim, np.dtype(policy.dtype)))
         config = ServerConfig(
             max_sessions=spec.max_sessions, max_tokens_per_step=spec.max_tokens_per_step, idle_timeout=spec.idle_timeout
         )
@@ -243,7 +249,7 @@ class ReplicaCore:
             raise RuntimeError(f"replica {replica_id}: the daemon did not start listening on {spec.bind_host}")
         port = self.server.bound[0].rsplit(":", 1)[1]
         self.endpoint = f"tcp://{spec.advertise_host or spec.bind_host}:{port}"
-        self.cold_start_s = time.perf_counter() - started  # load (and compile) the policy, bind
+        self.cold_start_s = time.perf_counter() - started  # load (and compile) the policy, warm it up, bind
         self.view: View | None = None
         self._stopping = threading.Event()
         self._reporter = threading.Thread(target=self._report_loop, name="streamtx-report", daemon=True)
