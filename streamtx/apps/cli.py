@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 
 from .. import __version__
-from . import collect, demo, serve, train
+from . import collect, demo, fleet, serve, train
 
 __all__ = ["COMMANDS", "main"]
 
@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "collect": (collect.main, "collect Reacher demonstrations from the scripted expert"),
     "train": (train.main, "train a policy on a demonstration file"),
     "random-checkpoint": (serve.random_checkpoint_main, "write a small random-weight checkpoint"),
+    "fleet": (fleet.main, "the policy on many replicas with Ray Serve: fleet up|scale|status|down (needs .[fleet])"),
     "replay": (serve.replay_main, "replay a `serve --record` dataset against a checkpoint, compare the actions"),
 }
 

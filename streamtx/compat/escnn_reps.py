@@ -23,7 +23,7 @@ __all__ = ["group_from_escnn", "representation_from_escnn", "as_representation",
 def _escnn() -> Any:
     # optional dependency: imported only by the conversions that need it, with an explicit error when absent
     try:
-        import escnn.group  # type: ignore[import-not-found]
+        import escnn.group
     except ImportError as exc:
         raise ImportError(
             "escnn is not installed: converting escnn representations needs it (pip install escnn; its dependency "

@@ -55,7 +55,7 @@ _POSITIONAL = {"additive_absolute": "absolute", "additive_relative": "relative",
 def _reference() -> Any:
     # optional dependency, needed only to decode a reference checkpoint's basis coefficients
     try:
-        import symm_learning.nn  # type: ignore[import-not-found]
+        import symm_learning.nn
     except ImportError as exc:
         raise ImportError(
             "loading a symm_learning state dict needs symm_learning installed (its eLinear / eRMSNorm parameters are "
@@ -148,7 +148,7 @@ class _ReferenceLoader:
 
 
 def _escnn_stack(group: Any, copies: int) -> Any:
-    from escnn.group import directsum  # type: ignore[import-not-found]  # escnn is installed: the state dict came with escnn representations
+    from escnn.group import directsum  # escnn is installed: the state dict came with escnn representations
 
     return directsum([group.regular_representation] * copies)
 

@@ -201,3 +201,35 @@ def test_every_candidate_silent_fetches_the_view_once_then_times_out(fleet: Flee
         assert session.replica.id == fleet.order[0]  # bound where it was: a replica that comes back gets it again
         fleet.fake(0).refuse = lambda message: None
         assert session.step(_obs(1))[0, 0] == 100 * fleet.fake(0).index + 1
+
+
+def test_a_replica_that_missed_one_sessions_deadline_is_left_by_the_others_without_waiting(fleet: Fleet):
+    top = fleet.fake(0)
+    neighbour = next(f"robot-{i}" for i in range(100) if fleet.view.ranking(f"robot-{i}")[0].id == top.replica.id)
+    with fleet.client() as client:
+        first, second = client.open(SESSION), client.open(neighbour)
+        first.step(_obs(1))
+        second.step(_obs(1))
+        top.refuse = _silent
+        first.step(_obs(2))  # waits out its deadline on the silent top, then moves
+        steps_before = len(fleet.journal.of(top.replica.id, "step"))
+        second.step(_obs(2))  # moves at once: the client knows the top missed a deadline
+        assert second.replica.id != top.replica.id
+        assert len(fleet.journal.of(top.replica.id, "step")) == steps_before  # nothing sent to the silent replica
+        top.refuse = lambda message: None
+        assert client.view_fetches == 1
+    restore = [m for m in fleet.journal.of(second.replica.id, "open") if m["session"] == neighbour][-1]
+    assert restore["seq"] == 1  # its replay holds the acknowledged step only
+
+
+def test_on_failover_a_replica_that_missed_a_deadline_lately_is_tried_last(fleet: Fleet):
+    first, second, third = fleet.fake(0), fleet.fake(1), fleet.fake(2)
+    other = next(f"robot-{i}" for i in range(100) if fleet.view.ranking(f"robot-{i}")[0].id == second.replica.id)
+    with fleet.client() as client:
+        mine, theirs = client.open(SESSION), client.open(other)
+        second.refuse = _silent
+        theirs.step(_obs(1))  # waits out its deadline on the second replica: now a suspect
+        first.refuse = _silent
+        mine.step(_obs(1))  # its own deadline on the first, then the third: the suspect second is skipped
+        assert mine.replica.id == third.replica.id
+    assert [m for m in fleet.journal.of(second.replica.id, "open") if m["session"] == SESSION] == []

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zmq
 from conftest import MAX_TOKENS
+from streams import assert_same_action, reference_step, script
 from waiting import EventLog
 
 from streamtx.apps.served_policy import TorchBatchPolicy
@@ -67,14 +68,6 @@ def replicas(policy: Any) -> Iterator[Replicas]:
     r.close()
 
 
-def _script(steps: int, seed: int) -> list[tuple[np.ndarray, bool]]:
-    rng = np.random.default_rng(seed)
-    return [
-        (rng.standard_normal((int(rng.integers(1, MAX_TOKENS + 1)), 4)).astype(np.float32), t % 3 != 2)
-        for t in range(steps)
-    ]
-
-
 # slow until it has a record: at load 8 it stalled after the moved hand-over in 2 of 4 runs while the SDK's send
 # could block forever on a DEALER without a connection; since the send is inside the attempt deadline it passed 4 of 4.
 @pytest.mark.slow
@@ -82,17 +75,17 @@ def test_a_session_moved_mid_stream_gives_the_actions_of_an_uninterrupted_stream
     """Drain (make-before-break), a rebalance naming the new owner (``moved``), and a crash (silence,
     break-before-make): every action equals the in-process reference's, over more than 20 ring wraps."""
     session_id, seed = "robot-replay", 11
-    script = _script(220, seed=1)
+    steps = script(220, seed=1, max_tokens=MAX_TOKENS)
     window = TorchBatchPolicy(policy).receptive_field
-    assert sum(len(obs) for obs, _ in script) >= 20 * window
+    assert sum(len(obs) for obs, _ in steps) >= 20 * window
     with LocalSession(TorchBatchPolicy(policy), seed=seed) as reference:
-        want = [reference.step(obs) if act else reference.observe(obs) for obs, act in script]
+        want = [reference_step(reference, step) for step in steps]
 
     order = [r.id for r in replicas.view.ranking(session_id)]
     visited, got = [], []
     with FleetClient(replicas.view, patience=PATIENCE, context=replicas.context) as fleet:
         session = fleet.open(session_id, seed=seed)
-        for t, (obs, act) in enumerate(script):
+        for t, (obs, act) in enumerate(steps):
             here = session.replica.id
             if t == 60:  # scale-down: the owner drains
                 replicas.servers[here].drain()
@@ -113,9 +106,7 @@ def test_a_session_moved_mid_stream_gives_the_actions_of_an_uninterrupted_stream
     assert visited == [order[0], order[1], order[2], order[1]]
     assert replicas.servers[order[0]].drained.wait(TIMEOUT)  # its one session left it (the close is not waited for)
     for t, (g, w) in enumerate(zip(got, want)):
-        assert (g is None) == (w is None), t
-        if w is not None:
-            np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * max(1.0, float(np.abs(w).max())), err_msg=f"{t}")
+        assert_same_action(g, w, t)
 
 
 def _raw(endpoint: str, context: zmq.Context, **message: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from .chunks import ActionChunkBuffer
 from .client import Client, Session
 from .core import Patience, ServerInfo
 from .errors import RETRYABLE, ErrorCode, ProtocolError, RequestTimeout, ServerError
-from .fleet import FleetClient, FleetError, FleetSession
+from .fleet import Directory, FleetClient, FleetError, FleetSession
 from .placement import Replica, View
 from .policy import BatchPolicy, LocalSession, PolicySession
 from .protocol import PROTOCOL_VERSION
@@ -26,6 +26,7 @@ __all__ = [
     "FleetClient",
     "FleetSession",
     "FleetError",
+    "Directory",
     "Replica",
     "View",
     "ActionChunkBuffer",

@@ -93,7 +93,7 @@ class Client:
 
     def hello(self) -> dict[str, Any]:
         """Ask the daemon for its description: protocol, policy metadata and dimensions, limits."""
-        self._info = self._run(hello_flow(self.patience, self.endpoint))
+        self._info = self.execute(hello_flow(self.patience, self.endpoint))
         return self._info.raw
 
     def info(self) -> ServerInfo:
@@ -105,7 +105,7 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """Per-stage latency percentiles, batch sizes, sessions and counters of the daemon."""
-        return self._run(call(request("stats"), patience=self.patience, what="stats", endpoint=self.endpoint))
+        return self.execute(call(request("stats"), patience=self.patience, what="stats", endpoint=self.endpoint))
 
     def open(self, session_id: str | None = None, *, seed: int | None = None, takeover: bool = False) -> Session:
         """Open a session (one robot stream). ``seed`` fixes the policy's sampling noise (the daemon draws one when
@@ -113,7 +113,9 @@ class Client:
         ``takeover``. When every slot of the daemon is taken, the open waits in its admission queue for one, within
         this client's patience (``full`` after it)."""
         info = self.info()
-        log = self._run(open_flow(info, session_id or uuid.uuid4().hex, seed, takeover, self.patience, self.endpoint))
+        log = self.execute(
+            open_flow(info, session_id or uuid.uuid4().hex, seed, takeover, self.patience, self.endpoint)
+        )
         return Session(self, log, info)
 
     def close(self) -> None:
@@ -130,7 +132,9 @@ class Client:
 
     # -- I/O
 
-    def _run(self, flow: Flow[T], patience: Patience | None = None) -> T:
+    def execute(self, flow: Flow[T], patience: Patience | None = None) -> T:
+        """Run ``flow`` (an operation of :mod:`streamtx_client.core`) on this connection, with ``patience``'s
+        attempt timeout (default: the client's); how :class:`Session` and the fleet client drive a daemon."""
         attempt_timeout = (patience or self.patience).attempt_timeout
         outcome: Any = None
         resume: Callable[[Any], Any] = flow.send
@@ -179,26 +183,26 @@ class Session(SessionView):
         """Feed observation token(s) ``(obs_dim,)`` or ``(S, obs_dim)`` and get the action chunk
         ``(horizon, action_dim)``."""
         c = self._client
-        return c._run(step_flow(self._log, self.info, obs, True, c.patience, c.endpoint))
+        return c.execute(step_flow(self._log, self.info, obs, True, c.patience, c.endpoint))
 
     def observe(self, obs: Any) -> None:
         """Feed observation token(s) without asking for actions (control steps between chunks)."""
         c = self._client
-        c._run(step_flow(self._log, self.info, obs, False, c.patience, c.endpoint))
+        c.execute(step_flow(self._log, self.info, obs, False, c.patience, c.endpoint))
 
     def reset(self, seed: int | None = None) -> int:
         """Forget this stream's past (new episode); returns the new seed."""
         c = self._client
-        return c._run(reset_flow(self._log, seed, c.patience, c.endpoint))
+        return c.execute(reset_flow(self._log, seed, c.patience, c.endpoint))
 
     def resync(self) -> dict[str, Any]:
         """What the daemon holds of this session: ``seq`` (last applied step), ``tokens``, ``steps``."""
         c = self._client
-        return c._run(resync_flow(self._log, c.patience, c.endpoint))
+        return c.execute(resync_flow(self._log, c.patience, c.endpoint))
 
     def close(self) -> None:
         c = self._client
-        c._run(close_flow(self._log, c.patience, c.endpoint))
+        c.execute(close_flow(self._log, c.patience, c.endpoint))
 
     def __enter__(self) -> Session:
         return self
@@ -208,6 +212,6 @@ class Session(SessionView):
             self.close()
             return
         try:  # leaving on the user's error: one short try, never a second error chained to theirs
-            self._client._run(close_flow(self._log, LEAVING, self._client.endpoint), LEAVING)
+            self._client.execute(close_flow(self._log, LEAVING, self._client.endpoint), LEAVING)
         except (RequestTimeout, ServerError):
             pass

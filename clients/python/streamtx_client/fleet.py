@@ -8,23 +8,29 @@ the protocol's open with replay, built from the :class:`~streamtx_client.core.Se
 
 * missed deadline (the per-endpoint :class:`~streamtx_client.core.Patience` gave up): break-before-make: re-open on
   the next candidate, resend the step there (nothing is applied twice: the step carries the same sequence number,
-  and the new replica's state is rebuilt from acknowledged observations only);
+  and the new replica's state is rebuilt from acknowledged observations only); the client's other sessions on that
+  replica move at their next call without waiting the deadline out (:data:`SUSPECT_S`);
 * ``draining`` / ``moved`` (a step the replica did not apply): make-before-break: re-open on the next candidate (for
   ``moved``, the replica it names), close the session on the old one, resend there; with nowhere to go the session
   stays where it is (the replica serves it on);
 * ``full`` / ``draining`` on open: the next candidate (bounded-load placement: a replica's slots are finite).
 
+The view comes from the fleet's directory (:class:`Directory`: HTTP GET of a content-checked JSON view, e.g. the
+Ray Serve deployment of ``streamtx fleet up``), a fixed :class:`~streamtx_client.placement.View`, or any callable.
 A session stays on one model version: it fails over only to replicas serving the checkpoint it opened on, else
 :class:`FleetError` says so plainly.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zmq
@@ -48,7 +54,9 @@ from .errors import RETRYABLE, ErrorCode, RequestTimeout, ServerError
 from .placement import Replica, View
 from .protocol import request
 
-__all__ = ["FleetClient", "FleetSession", "FleetError", "ViewSource", "DEFAULT_FLEET_PATIENCE"]
+__all__ = ["FleetClient", "FleetSession", "FleetError", "Directory", "ViewSource", "DEFAULT_FLEET_PATIENCE"]
+
+T = TypeVar("T")
 
 ViewSource = Callable[[], View]
 """Where the live replica list comes from (the fleet's directory); called on connect and on membership trouble."""
@@ -57,6 +65,11 @@ DEFAULT_FLEET_PATIENCE = Patience(attempt_timeout=0.25, total=0.5)
 """Per endpoint: how long a replica may stay silent before its sessions move on (a control deadline, not the
 single daemon's 30 s, which waits out a restart)."""
 
+SUSPECT_S = 30.0
+"""How long a replica that missed a deadline is avoided by the client's other sessions: they move at their next
+call instead of each waiting out the deadline on it (one process driving many robots loses one deadline per dead
+replica, not one per session); any reply from the replica clears it sooner."""
+
 _OPEN_RETRY = RETRYABLE - {ErrorCode.FULL.value, ErrorCode.DRAINING.value}  # go to the next candidate at once
 _MOVE_ON = frozenset({ErrorCode.FULL.value, ErrorCode.DRAINING.value})  # an open refused for these: next candidate
 
@@ -64,6 +77,40 @@ _MOVE_ON = frozenset({ErrorCode.FULL.value, ErrorCode.DRAINING.value})  # an ope
 class FleetError(RuntimeError):
     """The fleet cannot serve the session without changing what it serves: no live replica of its model version,
     or a replica of that version whose policy dimensions differ."""
+
+
+class Directory:
+    """The fleet's directory as a view source: ``GET url`` answers the view as JSON (:meth:`View.from_json`).
+
+    Args:
+        urls: the directory's address, e.g. ``"http://head:8000/fleet"`` (``streamtx fleet up`` prints it), or
+            several (one per node of the fleet's HTTP proxies): each is tried in turn until one answers.
+        timeout: seconds per address.
+
+    Read-only by construction: the directory answers GET only, and a view names endpoints whose CURVE key the
+    client checks, so a forged view cannot put an impostor on the data plane of a CURVE fleet.
+    """
+
+    def __init__(self, urls: str | Sequence[str], timeout: float = 5.0) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in self.urls):
+            raise ValueError(f"urls: expected one or more 'http://host:port/path' addresses, got {urls!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+        self.timeout = timeout
+
+    def __call__(self) -> View:
+        failures = []
+        for url in self.urls:
+            try:
+                with urllib.request.urlopen(url, timeout=self.timeout) as response:
+                    return View.from_json(json.loads(response.read()))
+            except (OSError, ValueError) as exc:  # unreachable, HTTP error, not a view
+                failures.append(f"{url}: {exc}")
+        raise RequestTimeout(f"fleet directory: no address answered with a view ({'; '.join(failures)})")
+
+    def __repr__(self) -> str:
+        return f"Directory({self.urls!r})"
 
 
 class _Connection(Client):
@@ -94,8 +141,9 @@ class FleetClient:
     """Blocking client of a fleet of replicas: ``open`` places each session, its session fails over by itself.
 
     Args:
-        view_source: the live :class:`~streamtx_client.placement.View`, or a callable returning it (the fleet's
-            directory; called on connect and on membership trouble only).
+        view_source: the fleet's directory address (``"http://head:8000/fleet"``, or a list of them: a
+            :class:`Directory`), a fixed :class:`~streamtx_client.placement.View`, or a callable returning the live
+            one; asked on connect and on membership trouble only, never on the failure path.
         version: the model version (checkpoint content hash) new sessions must run; None: any version of the view
             (a session then stays on the version it opened on).
         patience: per endpoint, how long one replica may fail to answer before the session tries the next one.
@@ -104,13 +152,13 @@ class FleetClient:
 
     Example::
 
-        with FleetClient(directory.view) as fleet, fleet.open("robot-7", seed=0) as session:
+        with FleetClient("http://head:8000/fleet") as fleet, fleet.open("robot-7", seed=0) as session:
             chunk = session.step(obs)   # (horizon, action_dim); the replica behind it may change
     """
 
     def __init__(
         self,
-        view_source: View | ViewSource,
+        view_source: str | Sequence[str] | View | ViewSource,
         *,
         version: str | None = None,
         patience: Patience = DEFAULT_FLEET_PATIENCE,
@@ -121,16 +169,21 @@ class FleetClient:
         if isinstance(view_source, View):
             static = view_source
             self._source: ViewSource = lambda: static
+        elif isinstance(view_source, (str, list, tuple)):
+            self._source = Directory(view_source)
         elif callable(view_source):
             self._source = view_source
         else:
-            raise TypeError(f"view_source: expected a View or a callable returning one, got {view_source!r}")
+            raise TypeError(
+                f"view_source: expected a directory address, a View or a callable returning one, got {view_source!r}"
+            )
         if version is not None and (not isinstance(version, str) or not version):
             raise ValueError(f"version: expected a non-empty string or None, got {version!r}")
         self.version = version
         self.patience = patience
         self._connect = {"server_key": server_key, "client_keys": client_keys, "context": context}
         self._connections: dict[str, _Connection] = {}  # replica id -> connection
+        self._suspects: dict[str, float] = {}  # replica id -> until when it is avoided (monotonic), see SUSPECT_S
         self.view_fetches = 0  # how often the view was fetched (connect and membership trouble only)
         self.view = self.refresh_view()
 
@@ -146,35 +199,18 @@ class FleetClient:
     def open(self, session_id: str | None = None, *, seed: int | None = None, takeover: bool = False) -> FleetSession:
         """Open a session on the first replica of its hash order that admits it (as :meth:`Client.open`)."""
         session_id = session_id or uuid.uuid4().hex
+
+        def attempt(connection: _Connection) -> SessionLog:
+            info = connection.info()
+            flow = open_flow(info, session_id, seed, takeover, self.patience, connection.endpoint, retry=_OPEN_RETRY)
+            return connection.execute(flow)
+
         failures: list[tuple[Replica, Exception]] = []
-        for fetched in (False, True):
-            if fetched:
-                self.refresh_view()  # every candidate failed: membership trouble
-            candidates = self.view.ranking(session_id, self.version)
-            if not candidates:
-                raise FleetError(
-                    f"open {session_id!r}: no live replica serves model version {self.version!r} (the view serves "
-                    f"{sorted(self.view.versions)})"
-                )
-            for replica in candidates:
-                if any(replica == tried for tried, _ in failures):
-                    continue
-                connection = self._connection(replica)
-                try:
-                    info = connection._run(_info(connection))
-                    log = connection._run(
-                        open_flow(info, session_id, seed, takeover, self.patience, replica.endpoint, retry=_OPEN_RETRY)
-                    )
-                except RequestTimeout as err:
-                    failures.append((replica, err))
-                    continue
-                except ServerError as err:
-                    if err.code not in _MOVE_ON:
-                        raise
-                    failures.append((replica, err))
-                    continue
-                return FleetSession(self, log, info, connection)
-        raise _unavailable(f"open {session_id!r}", failures)
+        admitted = self._first_admitting(f"open {session_id!r}", session_id, self.version, attempt, failures)
+        if admitted is None:
+            raise _unavailable(f"open {session_id!r}", failures)
+        connection, log = admitted
+        return FleetSession(self, log, connection.info(), connection)
 
     def close(self) -> None:
         for connection in self._connections.values():
@@ -204,72 +240,134 @@ class FleetClient:
             self._connections[replica.id] = connection
         return connection
 
-    def _run(self, session: FleetSession, flow: Callable[[_Connection], Flow[Any]]) -> Any:
+    def _first_admitting(
+        self,
+        what: str,
+        session_id: str,
+        version: str | None,
+        attempt: Callable[[_Connection], T],
+        failures: list[tuple[Replica, Exception]],
+        preferred: str | None = None,
+        avoid_suspects: bool = False,
+    ) -> tuple[_Connection, T] | None:
+        """``attempt`` on the candidates of ``session_id`` (of ``version``) in hash order (``preferred`` first), each
+        not yet in ``failures``, until one succeeds: its connection and result. A silent replica, a refusal that
+        sends a session on (``full``, ``draining``) or a replica of other dimensions is added to ``failures`` and
+        the next is tried; after the last, the view is fetched once (membership trouble) and the new candidates
+        are tried (a directory that does not answer leaves the view as it was: an outage of the directory never
+        fails a session that a replica of the old view can serve). ``avoid_suspects``: replicas that missed a
+        deadline lately are not tried at all, and the view is not fetched (else they are tried last). None: no
+        candidate took it."""
+        for fetched in (False, True):
+            if fetched and avoid_suspects:
+                return None
+            if fetched:
+                try:
+                    self.refresh_view()
+                except RequestTimeout:
+                    return None
+            candidates = self.view.ranking(session_id, version)
+            if not candidates:
+                raise FleetError(
+                    f"{what}: no live replica serves model version {version!r} (the view serves "
+                    f"{sorted(self.view.versions)}); a session never changes its model: open a new session"
+                )
+            # stable: the named replica first, replicas that missed a deadline lately last, else hash order
+            candidates.sort(key=lambda r: (r.id != preferred, self._suspect(r)))
+            for replica in candidates:
+                if any(replica == tried for tried, _ in failures) or (avoid_suspects and self._suspect(replica)):
+                    continue
+                connection = self._connection(replica)
+                try:
+                    return connection, attempt(connection)
+                except ServerError as err:
+                    if err.code not in _MOVE_ON:
+                        raise
+                    failures.append((replica, err))
+                except RequestTimeout as err:
+                    self._suspects[replica.id] = time.monotonic() + SUSPECT_S
+                    failures.append((replica, err))
+                except FleetError as err:  # a replica of other dimensions
+                    failures.append((replica, err))
+        return None
+
+    def _suspect(self, replica: Replica) -> bool:
+        until = self._suspects.get(replica.id)
+        if until is not None and until <= time.monotonic():
+            del self._suspects[replica.id]
+            return False
+        return until is not None
+
+    def _follow(self, session: FleetSession, flow: Callable[[_Connection], Flow[Any]]) -> Any:
         """Run a session's operation on its replica, following it through failures (bounded: each switch goes to a
         replica not tried yet in this call)."""
         switches = 0
+        if self._suspect(session._connection.replica):
+            # another session of this client saw its replica miss a deadline: move now (break-before-make, as on
+            # a timeout of its own, but staying put when no unsuspected candidate takes it)
+            reason = RequestTimeout(f"replica {session.replica.id!r} missed a deadline of another session")
+            self._relocate(session, preferred=None, reason=reason, close_old=False, avoid_suspects=True)
         while True:
             connection = session._connection
             try:
-                return connection._run(flow(connection))
+                result = connection.execute(flow(connection))
+                self._suspects.pop(connection.replica.id, None)  # it answers
+                return result
             except RequestTimeout as err:
                 # break-before-make: the replica missed its deadline; its sessions' state is rebuilt elsewhere
-                self._relocate(session, preferred=None, reason=err, keep=False)
+                self._suspects[connection.replica.id] = time.monotonic() + SUSPECT_S
+                self._relocate(session, preferred=None, reason=err, close_old=False, stay=False)
             except ServerError as err:
                 if err.code == ErrorCode.MOVED.value:
                     target = connection.last_error.get("replica")
                     self._relocate(session, preferred=target if isinstance(target, str) else None, reason=err)
-                elif err.code in (ErrorCode.DRAINING.value, ErrorCode.FULL.value):
-                    # draining: make-before-break; full: the replica lost the session and has no slot to restore it
-                    self._relocate(session, preferred=None, reason=err, keep=err.code == ErrorCode.DRAINING.value)
+                elif err.code == ErrorCode.DRAINING.value:
+                    self._relocate(session, preferred=None, reason=err)  # make-before-break
+                elif err.code == ErrorCode.FULL.value:
+                    # the replica lost the session and has no slot to restore it
+                    self._relocate(session, preferred=None, reason=err, close_old=False, stay=False)
                 else:
                     raise
             switches += 1
             if switches > len(self.view.replicas) + 1:
                 raise RequestTimeout(f"session {session.id!r}: moved {switches} times in one call; giving up")
 
-    def _relocate(self, session: FleetSession, *, preferred: str | None, reason: Exception, keep: bool = True) -> None:
+    def _relocate(
+        self,
+        session: FleetSession,
+        *,
+        preferred: str | None,
+        reason: Exception,
+        close_old: bool = True,
+        stay: bool = True,
+        avoid_suspects: bool = False,
+    ) -> None:
         """Re-open ``session`` on the next candidate of its version (``preferred`` first), with the replay of its
-        last acknowledged observations. ``keep``: with nowhere to go it stays on its replica (a draining or moving
-        replica serves it on); else (the replica is silent) the caller's error is raised."""
+        last acknowledged observations. ``close_old``: make-before-break, the old replica (which answers) is told
+        to let the session go once the new one holds it. ``stay``: with nowhere to go it stays on its replica (a
+        draining or moving replica serves it on); else (the replica is silent) the caller's error is raised."""
         old = session._connection
         if preferred is not None and all(r.id != preferred for r in self.view.replicas):
             self.refresh_view()  # a move to a replica this view does not hold: membership changed
+
+        def attempt(connection: _Connection) -> None:
+            _check_compatible(connection, session)
+            connection.execute(_restore(connection, session))
+
         failures: list[tuple[Replica, Exception]] = [(old.replica, reason)]
-        for fetched in (False, True):
-            if fetched:
-                self.refresh_view()  # every candidate failed: membership trouble
-            candidates = self.view.ranking(session.id, session.version)
-            if not candidates:
-                raise FleetError(
-                    f"session {session.id!r}: no live replica serves its model version {session.version!r} (the view "
-                    f"serves {sorted(self.view.versions)}); it cannot continue without changing its model: open a "
-                    "new session"
-                ) from reason
-            candidates.sort(key=lambda r: r.id != preferred)  # stable: the named replica first, then hash order
-            for replica in candidates:
-                if replica.id == old.replica.id or any(replica == tried for tried, _ in failures):
-                    continue
-                connection = self._connection(replica)
-                try:
-                    connection._run(_restore(connection, session))
-                except RequestTimeout as err:
-                    failures.append((replica, err))
-                    continue
-                except ServerError as err:
-                    if err.code not in _MOVE_ON:
-                        raise
-                    failures.append((replica, err))
-                    continue
-                except FleetError as err:  # a replica of the version with other dimensions: not for this session
-                    failures.append((replica, err))
-                    continue
-                if keep:  # make-before-break: the new owner holds the session, now let the old one go
-                    _close_quietly(old, session._log)
-                session._connection = connection
-                session._log.lost = False
-                return
-        if keep:
+        try:
+            moved = self._first_admitting(
+                f"session {session.id!r}", session.id, session.version, attempt, failures, preferred, avoid_suspects
+            )
+        except FleetError as err:
+            raise err from reason
+        if moved is not None:
+            if close_old:  # make-before-break: the new owner holds the session, now let the old one go
+                _close_quietly(old, session._log)
+            session._connection = moved[0]
+            session._log.lost = False
+            return
+        if stay:
             return
         if len(failures) == 1 and self.view.versions - {session.version}:
             raise FleetError(
@@ -280,24 +378,18 @@ class FleetClient:
         raise _unavailable(f"session {session.id!r}", failures) from reason
 
 
-def _info(connection: _Connection) -> Flow[ServerInfo]:
-    """The replica's dimensions and limits: its ``hello``, asked once per connection."""
-    if connection._info is None:
-        result = yield from call(
-            request("hello"), patience=connection.patience, what="hello", endpoint=connection.endpoint
-        )
-        connection._info = ServerInfo.from_hello(result)
-    return connection._info
-
-
-def _restore(connection: _Connection, session: FleetSession) -> Flow[None]:
-    """Hello (once per connection: the replica's dimensions must be the session's), then the open with replay."""
-    info = yield from _info(connection)
+def _check_compatible(connection: _Connection, session: FleetSession) -> None:
+    """The replica's dimensions (its ``hello``, asked once per connection) must be those the session opened on."""
+    info = connection.info()
     if not _compatible(info, session.info):
         raise FleetError(
             f"replica {connection.replica.id!r} serves a policy of other dimensions than session {session.id!r} "
             f"opened on ({info} vs {session.info}), under the same version {connection.replica.version!r}",
         )
+
+
+def _restore(connection: _Connection, session: FleetSession) -> Flow[None]:
+    """The open with replay: the session's state rebuilt from its acknowledged observations, in one request."""
     what = f"session {session.id!r}: move to {connection.replica.id!r}"
     yield from call(
         session._log.restore_request(),
@@ -314,7 +406,7 @@ def _close_quietly(connection: _Connection, log: SessionLog) -> None:
     once = replace(connection.patience, retries=0)
     message = request("close", session=log.session_id, token=log.token)
     try:
-        connection._run(call(message, patience=once, what="close", endpoint=connection.endpoint), once)
+        connection.execute(call(message, patience=once, what="close", endpoint=connection.endpoint), once)
     except (RequestTimeout, ServerError):
         pass
 
@@ -352,24 +444,24 @@ class FleetSession(SessionView):
     def step(self, obs: Any) -> np.ndarray | None:
         """Feed observation token(s) ``(obs_dim,)`` or ``(S, obs_dim)`` and get the action chunk
         ``(horizon, action_dim)``."""
-        return self._fleet._run(self, lambda c: step_flow(self._log, self.info, obs, True, c.patience, c.endpoint))
+        return self._fleet._follow(self, lambda c: step_flow(self._log, self.info, obs, True, c.patience, c.endpoint))
 
     def observe(self, obs: Any) -> None:
         """Feed observation token(s) without asking for actions."""
-        self._fleet._run(self, lambda c: step_flow(self._log, self.info, obs, False, c.patience, c.endpoint))
+        self._fleet._follow(self, lambda c: step_flow(self._log, self.info, obs, False, c.patience, c.endpoint))
 
     def reset(self, seed: int | None = None) -> int:
         """Forget this stream's past (new episode); returns the new seed."""
-        return self._fleet._run(self, lambda c: reset_flow(self._log, seed, c.patience, c.endpoint))
+        return self._fleet._follow(self, lambda c: reset_flow(self._log, seed, c.patience, c.endpoint))
 
     def resync(self) -> dict[str, Any]:
         """What the current replica holds of this session (no failover: a diagnostic)."""
         c = self._connection
-        return c._run(resync_flow(self._log, c.patience, c.endpoint))
+        return c.execute(resync_flow(self._log, c.patience, c.endpoint))
 
     def close(self) -> None:
         c = self._connection
-        c._run(close_flow(self._log, c.patience, c.endpoint))
+        c.execute(close_flow(self._log, c.patience, c.endpoint))
 
     def __enter__(self) -> FleetSession:
         return self
@@ -379,7 +471,7 @@ class FleetSession(SessionView):
             self.close()
             return
         try:
-            self._connection._run(close_flow(self._log, LEAVING, self._connection.endpoint), LEAVING)
+            self._connection.execute(close_flow(self._log, LEAVING, self._connection.endpoint), LEAVING)
         except (RequestTimeout, ServerError):
             pass
 

@@ -19,8 +19,9 @@ versions (unlike ``hash()``), so clients and replicas of different releases agre
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 __all__ = ["Replica", "View", "rank", "weight"]
 
@@ -77,6 +78,27 @@ class View:
     @classmethod
     def of(cls, replicas: Sequence[Replica]) -> View:
         return cls(tuple(replicas))
+
+    def to_json(self) -> dict[str, Any]:
+        """The view as a directory publishes it: ``{"view_id": ..., "replicas": [{"id", "endpoint", "version"}]}``
+        (a directory may add fields per replica, e.g. ``sessions``; :meth:`from_json` ignores them)."""
+        return {"view_id": self.view_id, "replicas": [asdict(r) for r in self.replicas]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> View:
+        """The view a directory published; its ``view_id`` must be the one its content gives (a torn or forged
+        document is refused, not half-used)."""
+        try:
+            entries = data["replicas"]
+            view = cls(tuple(Replica(e["id"], e["endpoint"], e["version"]) for e in entries))
+            claimed = data["view_id"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(
+                f"view: expected {{'view_id', 'replicas': [{{id, endpoint, version}}]}}, got {exc!r}"
+            ) from None
+        if claimed != view.view_id:
+            raise ValueError(f"view: view_id {claimed!r} does not match its replicas (they give {view.view_id!r})")
+        return view
 
     @property
     def view_id(self) -> str:

@@ -1,0 +1,255 @@
+"""The fleet on Ray Serve: per-step overhead through a replica, recovery from a replica crash, steps/s per replica.
+
+Ray runs only inside a network namespace holding nothing but loopback: started anywhere else, this script re-runs
+itself under ``unshare -rn`` (``ip link set lo up`` first) and Ray registers its node as 127.0.0.1 (checked). One
+local Ray node with CPU replicas (``num_gpus=0``) of a random-weight checkpoint; the policy runs on the CPU.
+
+Sections (``--sections``, all by default):
+
+* ``overhead``: one session stepping a bare daemon (``streamtx serve``, a child process) and one stepping a fleet
+  replica (the same daemon loop inside a Serve replica), both pinned to ``--server-cpu``, the client on
+  ``--client-cpu``; blocks of steps interleaved, p50/p99 of each and the ratio of medians (goal <= 1.1x: Serve is
+  not on the step path).
+* ``recovery``: ``--crashes`` times, SIGKILL the replica serving a stepping session: the session's gap (its
+  longest step: the fleet deadline plus one restore on the next replica), and the time until Serve's replacement
+  is in the view (a replica's cold start: process, torch import, policy load; each replica's own ``cold_start_s``,
+  load to listening, is printed too).
+* ``scaling``: steps/s of closed-loop load generators (``--generators`` processes x ``--sessions`` sessions each)
+  against 1, 2, ... ``--replicas`` CPU replicas (goal: 4 replicas >= 3.2x one; needs a host with cores for the
+  replicas and the generators: a 2-core machine shows only the shape).
+
+    python benchmarks/bench_fleet.py                     # ~6 minutes on a 2-core machine
+    python benchmarks/bench_fleet.py --sections overhead --steps 2000
+    taskset -c 0-15 python benchmarks/bench_fleet.py --sections scaling --replicas 4 --generators 8   # 16 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamtx.apps import fleet
+from streamtx.checkpoint import make_random_checkpoint
+from streamtx_client import Client, FleetClient, Patience
+
+OBS_DIM = 4
+STEADY = Patience(attempt_timeout=10.0, total=10.0, retries=0)  # overhead and scaling: no failover wanted
+
+
+def _pin(pid: int, cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(pid, {cpu})
+
+
+def _obs(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal(OBS_DIM).astype(np.float32)
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    p50, p99 = np.percentile(np.array(samples) * 1e3, [50, 99])
+    return float(p50), float(p99)
+
+
+def _records(url: str) -> list[dict[str, Any]]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())["replicas"]
+
+
+def overhead(args: argparse.Namespace, checkpoint: Path, url: str) -> None:
+    port = 5601
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamtx",
+            "serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--bind",
+            f"tcp://127.0.0.1:{port}",
+            "--threads",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+    )
+    try:
+        _pin(daemon.pid, args.server_cpu)
+        _pin(_records(url)[0]["pid"], args.server_cpu)
+        _pin(os.getpid(), args.client_cpu)
+        rng = np.random.default_rng(0)
+        with (
+            Client(f"tcp://127.0.0.1:{port}", patience=Patience(attempt_timeout=10.0, total=120.0)) as bare,
+            FleetClient(url, patience=STEADY) as fleet_client,
+        ):
+            sessions = {"bare daemon": bare.open("bench", seed=0), "fleet replica": fleet_client.open("bench", seed=0)}
+            samples: dict[str, list[float]] = {name: [] for name in sessions}
+            block = 50
+            for _ in range(10):  # warm-up
+                for s in sessions.values():
+                    s.step(_obs(rng))
+            for _ in range(max(1, args.steps // block)):
+                for name, session in sessions.items():
+                    for _ in range(block):
+                        started = time.perf_counter()
+                        session.step(_obs(rng))
+                        samples[name].append(time.perf_counter() - started)
+        print(f"\n## overhead: one session, {len(samples['bare daemon'])} steps each, blocks of {block} interleaved")
+        print(f"{'path':<14} {'p50 ms':>8} {'p99 ms':>8}")
+        for name, values in samples.items():
+            p50, p99 = _percentiles(values)
+            print(f"{name:<14} {p50:>8.3f} {p99:>8.3f}")
+        ratio = statistics.median(samples["fleet replica"]) / statistics.median(samples["bare daemon"])
+        print(f"fleet / bare (p50): {ratio:.3f}x  (goal <= 1.1x)")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        _pin(os.getpid(), None)
+
+
+def recovery(args: argparse.Namespace, url: str, dashboard: str) -> None:
+    fleet.scale(2, dashboard)  # a crashed replica's sessions need a survivor
+    fleet.wait_for_view(url, lambda v: len(v.replicas) == 2, timeout=300.0)
+    patience = Patience(attempt_timeout=args.patience, total=args.patience, retries=0)
+    rng = np.random.default_rng(1)
+    gaps, rejoin, cold = [], [], []
+    with FleetClient(url, patience=patience) as client:
+        session = client.open("recovering", seed=0)
+        for _ in range(args.crashes):
+            for _ in range(5):
+                session.step(_obs(rng))
+            victim = next(r for r in _records(url) if r["id"] == session.replica.id)
+            killed = time.monotonic()
+            os.kill(victim["pid"], signal.SIGKILL)
+            started = time.monotonic()
+            session.step(_obs(rng))
+            gaps.append(time.monotonic() - started)
+            fleet.wait_for_view(
+                url,
+                lambda v: len(v.replicas) == 2 and victim["id"] not in {r.id for r in v.replicas},
+                timeout=300.0,
+            )
+            rejoin.append(time.monotonic() - killed)
+            cold.append(max(r["cold_start_s"] for r in _records(url)))
+    print(f"\n## recovery: {args.crashes} replica crashes (SIGKILL), fleet deadline {args.patience} s")
+    print(f"{'':<34} {'p50 s':>8} {'max s':>8}")
+    for name, values in (
+        ("session gap (deadline + restore)", gaps),
+        ("replacement in the view", rejoin),
+        ("replica cold start (load+bind)", cold),
+    ):
+        print(f"{name:<34} {statistics.median(values):>8.3f} {max(values):>8.3f}")
+
+
+def _generate(url: str, sessions: int, seconds: float, seed: int, queue: Any) -> None:
+    rng = np.random.default_rng(seed)
+    with FleetClient(url, patience=STEADY) as client:
+        opened = [client.open(f"load-{seed}-{i}", seed=i) for i in range(sessions)]
+        for s in opened:
+            s.step(_obs(rng))
+        count, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for s in opened:
+                s.step(_obs(rng))
+                count += 1
+        for s in opened:
+            s.close()
+    queue.put(count / seconds)
+
+
+def scaling(args: argparse.Namespace, url: str, dashboard: str) -> None:
+    rows = []
+    for n in range(1, args.replicas + 1):
+        fleet.scale(n, dashboard)
+        fleet.wait_for_view(url, lambda v: len(v.replicas) == n, timeout=300.0)
+        queue: Any = mp.get_context("spawn").Queue()
+        workers = [
+            mp.get_context("spawn").Process(
+                target=_generate, args=(url, args.sessions, args.seconds, 1000 * n + g, queue)
+            )
+            for g in range(args.generators)
+        ]
+        for w in workers:
+            w.start()
+        rate = sum(queue.get(timeout=600) for _ in workers)
+        for w in workers:
+            w.join(60)
+        rows.append((n, rate))
+    print(f"\n## scaling: {args.generators} generators x {args.sessions} sessions, closed loops, {args.seconds} s each")
+    print(f"{'replicas':>8} {'steps/s':>10} {'x one':>7}")
+    for n, rate in rows:
+        print(f"{n:>8} {rate:>10.1f} {rate / rows[0][1]:>7.2f}")
+    print(f"(cores here: {os.cpu_count()}; the 4-replica goal >= 3.2x needs cores for 4 replicas and the generators)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="overhead,recovery,scaling")
+    p.add_argument("--steps", type=int, default=1000, help="overhead: steps per path")
+    p.add_argument("--crashes", type=int, default=3)
+    p.add_argument("--patience", type=float, default=1.0, help="recovery: the fleet deadline per replica (s)")
+    p.add_argument("--replicas", type=int, default=2, help="scaling: up to this many replicas")
+    p.add_argument("--generators", type=int, default=2)
+    p.add_argument("--sessions", type=int, default=4, help="scaling: sessions per generator")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--server-cpu", type=int, default=1)
+    p.add_argument("--client-cpu", type=int, default=0)
+    args = p.parse_args()
+    interfaces = sorted(name for _, name in socket.if_nameindex())
+    if interfaces != ["lo"]:  # Ray only on loopback: re-run in a namespace of our own
+        command = f"ip link set lo up && exec {sys.executable} {' '.join(map(repr, [__file__, *sys.argv[1:]]))}"
+        return subprocess.call(["unshare", "-rn", "sh", "-c", command])
+    # the cluster is this process's own, on loopback in a namespace of its own: no Ray token authentication (on by
+    # default for a local cluster once a token file exists, and `fleet scale` would need the token)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    sections = args.sections.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = make_random_checkpoint(Path(tmp) / "random.pt", seed=0)
+        context = ray.init(
+            num_cpus=max(4, 2 * args.replicas), num_gpus=0, namespace=fleet.NAMESPACE, log_to_driver=False
+        )
+        try:
+            nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
+            assert nodes == ["127.0.0.1"], nodes
+            spec = fleet.FleetSpec(
+                checkpoint=str(checkpoint), replicas=1, gpus_per_replica=0, device="cpu", threads=1, idle_timeout=None
+            )
+            started = time.monotonic()
+            url = fleet.up(spec)
+            load = os.getloadavg()[0]
+            print(
+                f"# bench_fleet: Ray {ray.__version__}, nodes {nodes}, fleet up in {time.monotonic() - started:.1f} s,"
+                f" load {load:.1f}, {os.cpu_count()} cores"
+            )
+            if "overhead" in sections:
+                overhead(args, checkpoint, url)
+            if "recovery" in sections:
+                recovery(args, url, f"http://{context.dashboard_url}")
+            if "scaling" in sections:
+                scaling(args, url, f"http://{context.dashboard_url}")
+            print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+        finally:
+            fleet.down()
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
