@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from robot_model import robot_model
 from timing import Times, median_ms, timed
 
-from streamtx.models import eCondTransformerRegressor
 from streamtx.nn import causal_window_mask, eTransformerEncoder, eTransformerEncoderLayer
 from streamtx.policy import FlowMatchingSampler, StreamingPolicy
 from streamtx.symmetry import Representation, dihedral
@@ -62,25 +62,11 @@ def per_token(rep: Representation, depth: int, window: int, repeats: int, batch:
 
 
 def control_step(repeats: int) -> tuple[float, float, int]:
-    group = dihedral(4)
-    vec = Representation.from_generators(group, [group.matrices[g] for g in group.generators])
-    action = vec + Representation.trivial(group, 1)
-    obs = vec + vec + Representation.trivial(group, 2) + Representation.regular(group, 1)
-    model = eCondTransformerRegressor(
-        action,
-        obs,
-        action,
-        in_horizon=16,
-        cond_horizon=32,
-        num_layers=4,
-        num_attention_heads=4,
-        embedding_dim=128,
-        num_cond_layers=2,
-    ).eval()
+    model = robot_model()
     sampler = FlowMatchingSampler(num_steps=10)
     policy = StreamingPolicy(model, sampler)
     state = policy.init_state(1)
-    z = torch.randn(1, 64, obs.size)
+    z = torch.randn(1, 64, model.cond_rep.size)
     with torch.no_grad():
         for t in range(63):
             policy.observe(state, z[:, t])

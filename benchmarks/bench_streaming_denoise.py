@@ -15,32 +15,11 @@ import os
 from collections.abc import Callable
 
 import torch
+from robot_model import robot_model
 from timing import setup, timed
 
-from streamtx.models import eCondTransformerRegressor
 from streamtx.policy import FlowMatchingSampler, StreamingPolicy
 from streamtx.policy.streaming_denoise import StreamingDenoisePolicy
-from streamtx.symmetry import Representation, dihedral
-
-
-def robot_model(**options: bool) -> eCondTransformerRegressor:
-    group = dihedral(4)
-    vec = Representation.from_generators(group, [group.matrices[g] for g in group.generators])
-    action = vec + Representation.trivial(group, 1)
-    obs = vec + vec + Representation.trivial(group, 2) + Representation.regular(group, 1)
-    torch.manual_seed(0)
-    return eCondTransformerRegressor(
-        action,
-        obs,
-        action,
-        in_horizon=16,
-        cond_horizon=32,
-        num_layers=4,
-        num_attention_heads=4,
-        embedding_dim=128,
-        num_cond_layers=2,
-        **options,
-    ).eval()
 
 
 @torch.no_grad()
