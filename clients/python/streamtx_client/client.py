@@ -172,6 +172,9 @@ class Client:
         raise RequestTimeout(f"no reply within {attempt_timeout} s")
 
 
+_S = TypeVar("_S", bound="Session")
+
+
 class Session(SessionView):
     """One robot stream on the daemon, opened by :meth:`Client.open`."""
 
@@ -204,7 +207,7 @@ class Session(SessionView):
         c = self._client
         c.execute(close_flow(self._log, c.patience, c.endpoint))
 
-    def __enter__(self) -> Session:
+    def __enter__(self: _S) -> _S:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:

@@ -35,19 +35,15 @@ from typing import Any, TypeVar
 import numpy as np
 import zmq
 
-from .client import Client
+from .client import Client, Session
 from .core import (
-    LEAVING,
     Flow,
     Patience,
     ServerInfo,
     SessionLog,
-    SessionView,
     call,
-    close_flow,
     open_flow,
     reset_flow,
-    resync_flow,
     step_flow,
 )
 from .errors import RETRYABLE, ErrorCode, RequestTimeout, ServerError
@@ -302,13 +298,13 @@ class FleetClient:
         """Run a session's operation on its replica, following it through failures (bounded: each switch goes to a
         replica not tried yet in this call)."""
         switches = 0
-        if self._suspect(session._connection.replica):
+        if self._suspect(session._client.replica):
             # another session of this client saw its replica miss a deadline: move now (break-before-make, as on
             # a timeout of its own, but staying put when no unsuspected candidate takes it)
             reason = RequestTimeout(f"replica {session.replica.id!r} missed a deadline of another session")
             self._relocate(session, preferred=None, reason=reason, close_old=False, avoid_suspects=True)
         while True:
-            connection = session._connection
+            connection = session._client
             try:
                 result = connection.execute(flow(connection))
                 self._suspects.pop(connection.replica.id, None)  # it answers
@@ -346,7 +342,7 @@ class FleetClient:
         last acknowledged observations. ``close_old``: make-before-break, the old replica (which answers) is told
         to let the session go once the new one holds it. ``stay``: with nowhere to go it stays on its replica (a
         draining or moving replica serves it on); else (the replica is silent) the caller's error is raised."""
-        old = session._connection
+        old = session._client
         if preferred is not None and all(r.id != preferred for r in self.view.replicas):
             self.refresh_view()  # a move to a replica this view does not hold: membership changed
 
@@ -364,7 +360,7 @@ class FleetClient:
         if moved is not None:
             if close_old:  # make-before-break: the new owner holds the session, now let the old one go
                 _close_quietly(old, session._log)
-            session._connection = moved[0]
+            session._client = moved[0]
             session._log.lost = False
             return
         if stay:
@@ -427,19 +423,22 @@ def _why(err: Exception) -> str:
     return "other policy dimensions" if isinstance(err, FleetError) else "no reply"
 
 
-class FleetSession(SessionView):
+class FleetSession(Session):
     """One robot stream on a fleet, opened by :meth:`FleetClient.open`: the methods of
-    :class:`~streamtx_client.Session`; :attr:`replica` tells where it runs now."""
+    :class:`~streamtx_client.Session`, whose client is the connection to the replica that holds the session now
+    (:attr:`replica`); ``step``, ``observe`` and ``reset`` follow the session when that replica fails, drains or
+    moves it. ``resync`` asks the current replica (no failover: a diagnostic); ``close`` closes it there."""
+
+    _client: _Connection
 
     def __init__(self, fleet: FleetClient, log: SessionLog, info: ServerInfo, connection: _Connection) -> None:
-        super().__init__(log, info)
+        super().__init__(connection, log, info)
         self._fleet = fleet
-        self._connection = connection
         self.version = connection.replica.version  # the model version the session stays on
 
     @property
     def replica(self) -> Replica:
-        return self._connection.replica
+        return self._client.replica
 
     def step(self, obs: Any) -> np.ndarray | None:
         """Feed observation token(s) ``(obs_dim,)`` or ``(S, obs_dim)`` and get the action chunk
@@ -453,27 +452,6 @@ class FleetSession(SessionView):
     def reset(self, seed: int | None = None) -> int:
         """Forget this stream's past (new episode); returns the new seed."""
         return self._fleet._follow(self, lambda c: reset_flow(self._log, seed, c.patience, c.endpoint))
-
-    def resync(self) -> dict[str, Any]:
-        """What the current replica holds of this session (no failover: a diagnostic)."""
-        c = self._connection
-        return c.execute(resync_flow(self._log, c.patience, c.endpoint))
-
-    def close(self) -> None:
-        c = self._connection
-        c.execute(close_flow(self._log, c.patience, c.endpoint))
-
-    def __enter__(self) -> FleetSession:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        try:
-            self._connection.execute(close_flow(self._log, LEAVING, self._connection.endpoint), LEAVING)
-        except (RequestTimeout, ServerError):
-            pass
 
     def __repr__(self) -> str:
         return f"FleetSession(id={self.id!r}, seed={self.seed}, replica={self.replica.id!r})"
