@@ -136,7 +136,16 @@ def test_streaming_denoise_with_per_token_levels_equals_the_batch_forward(antica
     assert float((model.denoise(x, k, state) - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
 
 
-def test_the_plan_refuses_per_token_levels_by_name():
+def test_the_plan_lowers_per_token_levels_and_refuses_them_without_the_option():
+    """A per-token-level model lowers (one level table per evaluation: the sampler's shared level, or explicit
+    ``token_steps``); per-token steps for a model without ``token_levels`` are refused by name."""
     model, *_ = _model_and_inputs()
-    with pytest.raises(NotImplementedError, match="token_levels: .*streaming denoising"):
-        model.lower(FlowMatchingSampler(num_steps=2))
+    plan = model.lower(FlowMatchingSampler(num_steps=2))
+    assert plan.token_bias is not None and plan.token_bias.shape == (2, model.in_horizon, model.embedding_dim)
+    steps = torch.rand(3, model.in_horizon, dtype=torch.float64) * 1000
+    assert model.lower(None, token_steps=steps).num_evaluations == 3
+    with pytest.raises(ValueError, match=r"token_steps: expected \(E, 4\)"):
+        model.lower(None, token_steps=steps[:, :2])
+    plain, *_ = _model_and_inputs(token_levels=False)
+    with pytest.raises(ValueError, match="token_steps: per-token steps need a model with token_levels=True"):
+        plain.lower(None, token_steps=steps)

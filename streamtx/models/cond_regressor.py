@@ -591,29 +591,30 @@ class eCondTransformerRegressor(nn.Module):
     @torch.no_grad()
     def lower(
         self,
-        sampler: StepSampler,
+        sampler: StepSampler | None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         *,
         fused_kernels: bool = True,
+        token_steps: Tensor | None = None,
     ) -> RegressorPlan:
         """The streaming control step with ``sampler`` as a static program (:class:`RegressorPlan`) assembled from
         the parts every sub-module lowers itself into: the observation embedding, the encoder (or the per-token
         MLP), the memory keys/values of *all* decoder layers fused into one matrix, the decoder layers, the final
         norm and head, and the step tokens of the sampler's schedule (data-independent, checked) with their
-        keys/values per decoder layer, precomputed.
+        keys/values per decoder layer, precomputed; with ``token_levels``, each evaluation's per-token level
+        embeddings too (added to the action bias: one table per evaluation).
+
+        ``token_steps (E, Tx)``: instead of a sampler's schedule, the per-action-token steps of ``E`` evaluations
+        (a streaming buffer's levels; needs ``token_levels``; ``sampler`` may then be ``None``): the plan then runs
+        them through :meth:`RegressorPlan.denoiser`, and has no sampler program (:meth:`RegressorPlan.act`).
+        ``anticausal_attn`` lowers as causal self-attention over the reversed action tokens (every action token
+        sits at one position, so the order is all that the mask sees).
 
         ``dtype``: compute dtype (``None``: the model's; one of :data:`COMPUTE_DTYPES`); ``device``: the plan's
         (``None``: the model's). The model is read once: later changes to its weights are not seen. Raises
         ``ValueError`` for a data-dependent sampler and ``NotImplementedError`` naming a sub-module that has no
         lowering."""
-        if self.level_mlp is not None:
-            raise NotImplementedError(
-                "token_levels: the per-action-token level embedding (level_mlp), and so the streaming denoising "
-                "sampler (streamtx.policy.streaming_denoise) that needs it, has no lowering into the plan yet"
-            )
-        if self.config.anticausal_attn:
-            raise NotImplementedError("anticausal_attn: the plan's decoder self-attention is full or causal only")
         ref = self.input_emb.weight
         dtype = dtype or ref.dtype
         if dtype not in COMPUTE_DTYPES:
@@ -628,21 +629,40 @@ class eCondTransformerRegressor(nn.Module):
             fc1, act, fc2 = cast("tuple[eLinear, ePointwise, eLinear]", tuple(self.cond_mlp.children()))
             cond_mlp = MLP(fc1.lower(dtype, device), act.lower(), fc2.lower(dtype, device))
         layers = self.decoder.layer_list
-        decoder = self.decoder.lower(dtype, device, causal=self.causal_attn)  # no norm of its own: ln_f reads it
+        reverse = self.config.anticausal_attn  # token i sees i .. Tx - 1: causal over the reversed tokens
+        decoder = self.decoder.lower(dtype, device, causal=self.causal_attn or reverse)  # ln_f reads its output
         decoder = dataclasses.replace(decoder, norm=self.ln_f.lower(dtype, device))
         emb = self.input_emb.lower(dtype, device)
         table = lowered(self.pos_emb.repeat_interleave(n, dim=-1), dtype, device)  # (Tx, D), invariant per copy
-        schedule = sampler_schedule(
-            sampler, self.in_horizon, self.out_rep.size, torch.promote_types(dtype, torch.float32)
-        )
+        action_bias = table if emb.bias is None else emb.bias + table
+        schedule: list[float] | None = None
+        if token_steps is None:
+            if sampler is None:
+                raise ValueError("sampler: expected a sampler (or token_steps), got None")
+            schedule = sampler_schedule(
+                sampler, self.in_horizon, self.out_rep.size, torch.promote_types(dtype, torch.float32)
+            )
+            steps = torch.tensor(schedule, dtype=torch.float64, device=ref.device)[:, None].expand(-1, self.in_horizon)
+        else:
+            steps = torch.as_tensor(token_steps, dtype=torch.float64).to(ref.device)
+            if self.level_mlp is None:
+                raise ValueError("token_steps: per-token steps need a model with token_levels=True")
+            if steps.dim() != 2 or steps.shape[0] < 1 or steps.shape[1] != self.in_horizon:
+                raise ValueError(f"token_steps: expected (E, {self.in_horizon}), got {tuple(steps.shape)}")
         # step tokens of the schedule and their raw keys/values in every decoder layer, in the model's precision:
-        # (E, L, 2, H, hd). The step token sits at `now`, where the queries are (Positional.frame_keys).
-        ks = torch.tensor(schedule, dtype=torch.float64, device=ref.device)
-        step = self._step_token(ks, len(ks), ref)[:, 0]  # (E, D)
+        # (E, L, 2, H, hd); with token_levels the step token carries the mean level and each action token its own
+        # (the module path's _levels). The step token sits at `now`, where the queries are (Positional.frame_keys).
+        token_bias = None
+        shared: Tensor | float = steps[:, 0]
+        if self.level_mlp is not None:
+            shared, levels = self._levels(steps, steps.shape[0], self.in_horizon, ref)
+            assert levels is not None  # a model with level_mlp embeds every token's level
+            token_bias = lowered(levels, dtype, device) + action_bias  # (E, Tx, D)
+        step = self._step_token(shared, steps.shape[0], ref)[:, 0]  # (E, D)
         heads = decoder.layers[0].cross_attn.num_heads
         step_kv = torch.stack(
             [
-                torch.stack((a.k(step), a.v(step)), dim=1).view(len(ks), 2, heads, -1)
+                torch.stack((a.k(step), a.v(step)), dim=1).view(steps.shape[0], 2, heads, -1)
                 for a in (layer.multihead_attn.lower() for layer in layers)
             ],
             dim=1,
@@ -657,9 +677,11 @@ class eCondTransformerRegressor(nn.Module):
             # keys and values of every decoder layer's memory from one matrix: output (.., L, 2, H, hd)
             memory_kv=Affine.cat([p for layer in decoder.layers for p in (layer.cross_attn.k, layer.cross_attn.v)]),
             action_weight=emb.weight,
-            action_bias=table if emb.bias is None else emb.bias + table,
+            action_bias=action_bias.flip(0) if reverse else action_bias,
             head=self.head.lower(dtype, device),
             step_kv=lowered(step_kv, dtype, device),
+            token_bias=None if token_bias is None else (token_bias.flip(1) if reverse else token_bias),
+            reverse=reverse,
             cond_window=self.cond_window,
             cond_horizon=self.cond_horizon,
             dtype=dtype,
@@ -820,12 +842,19 @@ class ActWorkspace:
     bias where a layer has one (then ``Lm = L``, ``Hm = H``; else one mask serves all, ``Lm = Hm = 1``), a view into
     rows padded to 16 elements (the alignment the memory-efficient attention kernels want); ``action_bias
     (b, Tx, D)``: the action embedding's bias plus position table, added to the embedded action tokens by the first
-    norm's kernel.
+    norm's kernel; ``token_bias (E, b, Tx, D)``: with per-token levels, per evaluation the action bias plus each
+    token's level embedding, in its place (``None`` without).
     """
 
     kv: Tensor
     mask: Tensor
     action_bias: Tensor
+    token_bias: Tensor | None = None
+
+    def rows(self, b: int) -> ActWorkspace:
+        """The workspace of the first ``b`` rows (views)."""
+        bias = None if self.token_bias is None else self.token_bias[:, :b]
+        return ActWorkspace(self.kv[:, :, :b], self.mask[:, :b], self.action_bias[:b], bias)
 
 
 class RegressorPlan:
@@ -838,7 +867,10 @@ class RegressorPlan:
     as the module path caches them); :meth:`act` moves the memory keys into the frame of the queries (all action
     tokens sit at ``now``, so RoPE reduces to a rotation by ``-now``, an absolute table to a query offset, a relative
     bias to a row of the mask), builds the band
-    mask once, then runs the sampler, each denoiser evaluation copying its precomputed step token into the memory.
+    mask once, then runs the sampler, each denoiser evaluation copying its precomputed step token into the memory
+    (and, with per-token levels, adding its precomputed level embeddings to the action tokens). :meth:`denoiser`
+    exposes those evaluations to a control step of another shape (the streaming buffer of
+    :mod:`streamtx.policy.streaming_denoise`).
     On CUDA, attention and every residual add + norm pair run as the Triton kernels of :mod:`streamtx.nn.kernels`,
     checked against the torch path on the plan's shapes when it is built.
 
@@ -850,8 +882,8 @@ class RegressorPlan:
     def __init__(
         self,
         *,
-        sampler: StepSampler,
-        schedule: list[float],
+        sampler: StepSampler | None,
+        schedule: list[float] | None,
         obs_emb: Affine,
         encoder: Encoder | None,
         cond_mlp: MLP | None,
@@ -866,10 +898,16 @@ class RegressorPlan:
         dtype: torch.dtype,
         device: torch.device,
         fused_kernels: bool = True,
+        token_bias: Tensor | None = None,
+        reverse: bool = False,
     ) -> None:
         if (encoder is None) == (cond_mlp is None):
             raise ValueError("encoder, cond_mlp: expected exactly one of them")
+        if (sampler is None) != (schedule is None):
+            raise ValueError("sampler, schedule: expected both (a sampler program) or neither")
         self.sampler, self.schedule = sampler, schedule
+        self.token_bias, self.reverse = token_bias, reverse
+        self.num_evaluations = step_kv.shape[0]
         self.obs_emb, self.encoder, self.cond_mlp, self.decoder = obs_emb, encoder, cond_mlp, decoder
         self.memory_kv = memory_kv
         self.action_weight, self.action_bias = action_weight, action_bias
@@ -951,7 +989,10 @@ class RegressorPlan:
         padded = -(-slots // 16) * 16
         layers, heads = (self.num_layers, self.num_heads) if self._biased else (1, 1)
         mask = torch.zeros(layers, batch, heads, 1, padded, **kw)[..., :slots]
-        return ActWorkspace(kv, mask, self.action_bias.expand(batch, -1, -1).contiguous())
+        token_bias = None
+        if self.token_bias is not None:
+            token_bias = self.token_bias[:, None].expand(-1, batch, -1, -1).contiguous()
+        return ActWorkspace(kv, mask, self.action_bias.expand(batch, -1, -1).contiguous(), token_bias)
 
     # ---------------------------------------------------------------- the control step
     def observe(self, obs: Tensor, caches: PlanCaches, rows: Tensor) -> None:
@@ -978,6 +1019,20 @@ class RegressorPlan:
     def act(self, noise: Tensor, caches: PlanCaches, rows: Tensor, workspace: ActWorkspace) -> Tensor:
         """The action chunk ``(b, Tx, action_dim)`` of rows ``rows (b,)`` from their initial ``noise`` (both in
         ``state_dtype``): the sampler's evaluations against the cached memory. Every row needs an observation."""
+        if self.sampler is None:
+            raise ValueError(
+                "act: this plan was lowered for per-token steps (token_steps) and has no sampler program; "
+                "run its evaluations through denoiser()"
+            )
+        evaluate, calls = self.denoiser(caches, rows, workspace), count()
+        # `k` is the recorded schedule's entry (checked at build): its step token's keys/values are precomputed
+        return self.sampler.sample(lambda x, k: evaluate(x, next(calls)), noise)
+
+    def denoiser(self, caches: PlanCaches, rows: Tensor, workspace: ActWorkspace) -> Callable[[Tensor, int], Tensor]:
+        """``evaluate(x, i)``: the denoiser output ``(b, Tx, action_dim)`` for actions ``x (b, Tx, action_dim)``
+        (``state_dtype``) of rows ``rows (b,)`` at the plan's evaluation ``i`` (step ``i`` of the sampler's
+        schedule, or row ``i`` of ``token_steps``), against the cached memory. The memory's keys are moved into the
+        queries' frame and the band mask is built once, here, for every evaluation of the control step."""
         now = caches.memory.positions(rows) - 1  # (b,)
         data, key_pos = caches.memory.read(rows)  # k, v: (b, M, L, H, hd)
         m = key_pos.shape[1]
@@ -1003,26 +1058,24 @@ class RegressorPlan:
         masks = [mask[i if self._biased else 0] for i in range(self.num_layers)]
         self_offsets = [layer.self_attn.positional.query_offset(now) for layer in self.decoder.layers]
         cross_offsets = [frame.query_offset(now) for frame in self._frames]
-        calls = count()
 
-        def denoise(x: Tensor, k: Tensor) -> Tensor:
-            # `k` is the recorded schedule's entry (checked at build): its step token's keys/values are precomputed
-            kv[:, :, :, :, m] = self.step_kv[next(calls)][:, :, None]
-            for i, offset in enumerate(cross_offsets):
+        def evaluate(x: Tensor, i: int) -> Tensor:
+            kv[:, :, :, :, m] = self.step_kv[i][:, :, None]
+            for layer, offset in enumerate(cross_offsets):
                 if offset is not None:  # a key at `now` gets the query's offset (Positional.frame_keys)
-                    kv[i, 0, :, :, m] += offset[:, 0]
-            h = F.linear(x.to(self.dtype), self.action_weight)
-            y = self.decoder(
-                h, workspace.action_bias, kv[:, 0], kv[:, 1], masks, self_offsets, cross_offsets, self.fused
-            )
-            return self.head(y).to(x.dtype)
+                    kv[layer, 0, :, :, m] += offset[:, 0]
+            h = F.linear((x.flip(1) if self.reverse else x).to(self.dtype), self.action_weight)
+            residual = workspace.action_bias if workspace.token_bias is None else workspace.token_bias[i]
+            y = self.decoder(h, residual, kv[:, 0], kv[:, 1], masks, self_offsets, cross_offsets, self.fused)
+            out = self.head(y)
+            return (out.flip(1) if self.reverse else out).to(x.dtype)
 
-        return self.sampler.sample(denoise, noise)
+        return evaluate
 
     def __repr__(self) -> str:
         encoder = 0 if self.encoder is None else len(self.encoder.layers)
         return (
             f"RegressorPlan(dim={self.dim}, heads={self.num_heads}, encoder_layers={encoder}, "
-            f"decoder_layers={self.num_layers}, evaluations={len(self.schedule)}, dtype={self.dtype}, "
+            f"decoder_layers={self.num_layers}, evaluations={self.num_evaluations}, dtype={self.dtype}, "
             f"device={self.device}, fused_kernels={self.fused})"
         )
