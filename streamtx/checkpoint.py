@@ -151,8 +151,9 @@ def load_static_policy(
     buckets: Sequence[int] | None = None,
     fused_kernels: bool = True,
 ) -> StaticStreamingPolicy:
-    """A :class:`StaticStreamingPolicy` from a checkpoint: the weights load in float32 on ``device`` and the plan
-    computes in ``dtype`` (``None``: float32)."""
+    """A :class:`StaticStreamingPolicy` from a checkpoint (of the K-step or the streaming sampler, as
+    :func:`load_policy` chooses): the weights load in float32 on ``device`` and the plan computes in ``dtype``
+    (``None``: float32)."""
     policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
     return StaticStreamingPolicy(
         policy, dtype=dtype, cuda_graph=cuda_graph, buckets=buckets, fused_kernels=fused_kernels
@@ -168,9 +169,11 @@ def load_fastest_policy(
     compile: bool = True,
 ) -> StaticStreamingPolicy | StreamingPolicy:
     """The fastest exact policy of a checkpoint for ``device``, for the daemon: the static plan, compiled by inductor
-    on the CPU (``compile=False``: run eagerly) and captured as CUDA graphs on CUDA, in float32. A model that the plan
-    cannot run falls back to the module path (:class:`StreamingPolicy`), and the reason is logged; both have the same
-    methods (``init_state``, ``reset``, ``observe``, ``act``, ``step``, ``metadata``)."""
+    on the CPU (``compile=False``: run eagerly) and captured as CUDA graphs on CUDA, in float32; for a checkpoint
+    trained for the streaming sampler, the plan of its buffer (:class:`~streamtx.policy.streaming_denoise.BufferPlan`,
+    one denoiser evaluation per steady control step). A model that the plan cannot run falls back to the module path
+    (:class:`StreamingPolicy`), and the reason is logged; both have the same methods (``init_state``, ``reset``,
+    ``observe``, ``act``, ``step``, ``metadata``)."""
     policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
     try:
         cuda = torch.device(device).type == "cuda"

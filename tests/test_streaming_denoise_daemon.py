@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import numpy as np
+import pytest
 import torch
 from serving.serving_helpers import (
     TIMEOUT,
@@ -20,6 +21,7 @@ from serving.serving_helpers import (
 from streaming_denoise_testing import tiny_model
 
 from streamtx.policy import FlowMatchingSampler
+from streamtx.policy.static import StaticStreamingPolicy
 from streamtx.policy.streaming_denoise import StreamingDenoisePolicy
 from streamtx_client import Client, Patience
 
@@ -59,12 +61,15 @@ def test_superseded_steps_only_observe_and_hello_reports_the_grown_receptive_fie
     assert int(state.steps[0]) == 3
 
 
-def test_a_daemon_restart_rebuilds_the_buffer_by_a_replay_with_its_acts(tmp_path) -> None:
+@pytest.mark.parametrize("path", ["module", "plan"])
+def test_a_daemon_restart_rebuilds_the_buffer_by_a_replay_with_its_acts(tmp_path, path) -> None:
     """The daemon goes away mid-stream and a fresh one takes the endpoint: the client's restore replays the window
     with `replay_acts`, the new daemon acts where the old one did, and every chunk after the restart equals the
-    uninterrupted stream's (the buffer, not only the observations, is rebuilt)."""
-    policy = StreamingDenoisePolicy(tiny_model(anticausal_attn=True).float(), FlowMatchingSampler(4, noise_chunk=1))
-    script = make_script(np.random.default_rng(3), 40, policy.obs_dim)  # one token per step, every step acts
+    uninterrupted stream's (the buffer, not only the observations, is rebuilt). Served by the module path or by
+    the static plan (what `streamtx serve` loads), against the module path's uninterrupted stream."""
+    module = StreamingDenoisePolicy(tiny_model(anticausal_attn=True).float(), FlowMatchingSampler(4, noise_chunk=1))
+    policy = module if path == "module" else StaticStreamingPolicy(module)
+    script = make_script(np.random.default_rng(3), 40, module.obs_dim)  # one token per step, every step acts
     endpoint = f"ipc://{tmp_path}/sd.ipc"
     servers = [start_server(policy, endpoint, max_sessions=2)]
     got = []
@@ -80,4 +85,4 @@ def test_a_daemon_restart_rebuilds_the_buffer_by_a_replay_with_its_acts(tmp_path
     finally:
         for server, thread in servers[1:]:
             stop_server(server, thread)
-    assert_same_actions(got, reference_run(policy, 11, script))
+    assert_same_actions(got, reference_run(module, 11, script))

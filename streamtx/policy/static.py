@@ -10,6 +10,11 @@ scratch slot whose results are discarded, so sessions never see each other.
 
 Where nothing is captured or compiled (the CPU's eager plan), buckets buy nothing: each call then computes exactly
 its rows (padding 9 sessions to 16 would cost the daemon's other sessions their latency).
+
+A :class:`~streamtx.policy.streaming_denoise.StreamingDenoisePolicy` runs as its
+:class:`~streamtx.policy.streaming_denoise.BufferPlan`: the rows' action buffers live on the device beside the
+caches, whether a row is filled on the host beside its counters, and an ``act`` whose rows include initialising ones
+first launches the "prime" program on those, then the steady program on all.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..models.cond_regressor import ActWorkspace, PlanCaches
 from ..nn.state import Rows
 from .cuda_graph import CapturedProgram, capture_unavailable
 from .streaming import StreamingPolicy, step_noise
+from .streaming_denoise import BufferPlan, StreamingDenoisePolicy
 
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE
@@ -154,10 +160,25 @@ class StaticPolicyState:
     validates calls without reading the device) and the noise of its next control step. Plus one program per
     ``observe`` bucket and token count, and one per ``act`` bucket, bound to these buffers: a state is not copied or
     moved, its graphs would still point at the original.
+
+    For the streaming sampler also ``buffer`` (device, ``(num_slots + 1, Tx - e, action_dim)``: each slot's carried
+    actions, as :class:`~streamtx.policy.streaming_denoise.StreamingDenoiseState` holds them), ``filled`` (host:
+    whether it holds them) and one "prime" program per bucket; both ``None`` (and no prime programs) otherwise.
     """
 
-    def __init__(self, caches: PlanCaches, num_slots: int, horizon: int, action_dim: int, bucketed: bool) -> None:
+    def __init__(
+        self,
+        caches: PlanCaches,
+        num_slots: int,
+        horizon: int,
+        action_dim: int,
+        bucketed: bool,
+        buffer: Tensor | None = None,
+    ) -> None:
         self.caches, self.num_slots, self.bucketed = caches, num_slots, bucketed
+        self.buffer = buffer
+        self.filled = None if buffer is None else np.zeros(num_slots, dtype=bool)
+        self.prime_programs: dict[int, _Program] = {}
         self.seed = np.zeros(num_slots, dtype=np.int64)
         self.steps = np.zeros(num_slots, dtype=np.int64)
         self.observed = np.zeros(num_slots, dtype=np.int64)
@@ -178,17 +199,29 @@ class StaticPolicyState:
         out = self.caches.session_state_dict(row)
         out["seed"] = torch.tensor(int(self.seed[row]))
         out["steps"] = torch.tensor(int(self.steps[row]))
+        if self.buffer is not None and self.filled is not None:
+            out["buffer"] = self.buffer[row].clone()
+            out["filled"] = torch.tensor(bool(self.filled[row]))
         return out
 
     def load_session_state_dict(self, row: int, snapshot: Mapping[str, Tensor]) -> None:
         """Replace slot ``row`` by a session snapshot of either path (any device); other slots are untouched. Its
         next action chunk is the one the snapshotted session would have computed (same noise)."""
         row = self._check_slot(row)
-        missing = sorted({"seed", "steps"} - set(snapshot))
+        own = ("seed", "steps") if self.buffer is None else ("seed", "steps", "buffer", "filled")
+        missing = sorted(set(own) - set(snapshot))
         if missing:
             raise ValueError(f"session state: missing keys {missing}")
-        self.caches.load_session_state_dict(row, {k: v for k, v in snapshot.items() if k not in ("seed", "steps")})
+        if self.buffer is not None and tuple(snapshot["buffer"].shape) != tuple(self.buffer.shape[1:]):
+            raise ValueError(
+                f"session state['buffer']: expected shape {tuple(self.buffer.shape[1:])}, "
+                f"got {tuple(snapshot['buffer'].shape)}"
+            )
+        self.caches.load_session_state_dict(row, {k: v for k, v in snapshot.items() if k not in own})
         self.seed[row], self.steps[row] = int(snapshot["seed"]), int(snapshot["steps"])
+        if self.buffer is not None and self.filled is not None:
+            self.buffer[row] = snapshot["buffer"].to(self.buffer.device, self.buffer.dtype)
+            self.filled[row] = bool(snapshot["filled"])
         self.observed[row] = int(snapshot["observed"])
         self.next_noise[row] = step_noise(int(self.seed[row]), int(self.steps[row]), self.next_noise.shape[1:]).numpy()
 
@@ -204,6 +237,7 @@ class StaticPolicyState:
     def programs(self) -> dict[str, CapturedProgram]:
         """Every program by name, e.g. ``{"observe[b=8,S=1]": ..., "act[b=8]": ...}``."""
         named = {f"observe[b={b},S={s}]": p.program for (b, s), p in self.observe_programs.items()}
+        named.update({f"prime[b={b}]": p.program for b, p in self.prime_programs.items()})
         named.update({f"act[b={b}]": p.program for b, p in self.act_programs.items()})
         return named
 
@@ -266,7 +300,12 @@ class StaticStreamingPolicy:
             raise ValueError(f"buckets: expected positive batch sizes, got {list(buckets)}")
         self.policy, self.cuda_graph = policy, cuda_graph
         self.compiled, self.compile_reason = _compile_choice(compile, policy.device)
-        self.plan = policy.model.lower(policy.sampler, dtype, fused_kernels=fused_kernels)
+        self.buffer_plan = None  # the streaming sampler's program, for a StreamingDenoisePolicy
+        if isinstance(policy, StreamingDenoisePolicy):
+            self.buffer_plan = BufferPlan(policy, dtype, fused_kernels=fused_kernels)
+            self.plan = self.buffer_plan.plan
+        else:
+            self.plan = policy.model.lower(policy.sampler, dtype, fused_kernels=fused_kernels)
         self._buckets = None if buckets is None else sorted({int(b) for b in buckets})
         unavailable = capture_unavailable(self.device) or (None if cuda_graph else "cuda_graph=False")
         self.bucketed_reason: str
@@ -308,27 +347,29 @@ class StaticStreamingPolicy:
         buckets = self._buckets or default_buckets(batch_size)
         if buckets[-1] > batch_size:
             raise ValueError(f"buckets: expected sizes <= batch_size={batch_size}, got {buckets}")
+        buffer = None
+        if self.buffer_plan is not None:
+            shape = (batch_size + 1, *self.buffer_plan.buffer_shape)
+            buffer = torch.zeros(shape, dtype=self.io_dtype, device=self.device)
         state = StaticPolicyState(
             self.plan.caches(batch_size + 1, self.max_tokens_per_step),
             batch_size,
             self.horizon,
             self.action_dim,
             self.bucketed,
+            buffer,
         )
         self._draw_noise(state, range(batch_size))
         if not self.bucketed:
             log.info("static policy: %s", self.bucketed_reason)
             everything = self.plan.act_workspace(state.caches, batch_size)
-            state.workspaces = {
-                b: ActWorkspace(everything.kv[:, :, :b], everything.mask[:, :b], everything.action_bias[:b])
-                for b in range(1, batch_size + 1)
-            }
+            state.workspaces = {b: everything.rows(b) for b in range(1, batch_size + 1)}
             return state
         capture, unavailable = self.cuda_graph, capture_unavailable(self.device)
         capturing = capture and unavailable is None
         pool = torch.cuda.graph_pool_handle() if capturing else None
         io, long = self.io_dtype, torch.long
-        plan, caches, scratch = self.plan, state.caches, state.scratch_row
+        plan, buffer_plan, caches, scratch = self.plan, self.buffer_plan, state.caches, state.scratch_row
         for b in reversed(buckets):  # largest first: smaller graphs reuse its pool memory
             programs = []
             for s in range(1, self.max_tokens_per_step + 1):
@@ -348,15 +389,38 @@ class StaticStreamingPolicy:
             # the scratch row must have observations before its act runs (warm-up) or pads a bucket
             state.observe_programs[b, 1].program.body()
             workspace = plan.act_workspace(caches, b)
+            staged = {"rows": ((b,), long), "noise": ((b, self.horizon, self.action_dim), io)}
+            if buffer_plan is not None:
+                assert buffer is not None  # allocated above for the streaming sampler
+
+                def prime_body(x: dict[str, Tensor], ws: ActWorkspace = workspace) -> None:
+                    buffer_plan.prime(x["noise"], buffer, caches, x["rows"], ws)
+
+                programs.append(
+                    _Program(
+                        f"prime[b={b}]",
+                        self.device,
+                        staged,
+                        prime_body,
+                        scratch,
+                        capture=capture,
+                        pool=pool,
+                        compiler=self._compiler(),
+                    )
+                )
+                state.prime_programs[b] = programs[-1]
 
             def act_body(x: dict[str, Tensor], ws: ActWorkspace = workspace) -> Tensor:
+                if buffer_plan is not None:
+                    assert buffer is not None
+                    return buffer_plan.step(x["noise"], buffer, caches, x["rows"], ws)
                 return plan.act(x["noise"], caches, x["rows"], ws)
 
             programs.append(
                 _Program(
                     f"act[b={b}]",
                     self.device,
-                    {"rows": ((b,), long), "noise": ((b, self.horizon, self.action_dim), io)},
+                    staged,
                     act_body,
                     scratch,
                     capture=capture,
@@ -387,7 +451,11 @@ class StaticStreamingPolicy:
         seeds = np.asarray(0 if seed is None else seed)
         if seeds.dtype.kind not in "iu" or seeds.ndim > 1 or (seeds.ndim == 1 and seeds.size != index.size):
             raise ValueError(f"seed: expected an integer or one integer per row ({index.size}), got {seed!r}")
-        state.caches.reset(torch.from_numpy(index).to(self.device))
+        rows_t = torch.from_numpy(index).to(self.device)
+        state.caches.reset(rows_t)
+        if state.buffer is not None and state.filled is not None:
+            state.buffer[rows_t] = 0  # as the module path's reset leaves it: snapshots of both paths agree
+            state.filled[index] = False
         state.seed[index] = seeds
         state.steps[index] = steps
         state.observed[index] = 0
@@ -435,21 +503,39 @@ class StaticStreamingPolicy:
             raise ValueError(
                 f"rows: rows {index[empty].tolist()} have no observation since their reset; call observe first"
             )
+        if state.filled is not None:
+            fresh = index[~state.filled[index]]
+            if fresh.size:  # initialising rows first: afterwards their buffers are in the steady form
+                self._launch(state, fresh, prime=True)
+                state.filled[fresh] = True
+        actions = self._launch(state, index, prime=False)
+        state.steps[index] += 1
+        self._draw_noise(state, index.tolist())  # on the host while the GPU runs this step
+        if actions is None:  # launched: wait for its download
+            actions = state.act_programs[self._bucket(state, len(index))].result(len(index))
+        return actions
+
+    def _launch(self, state: StaticPolicyState, index: np.ndarray, prime: bool) -> Tensor | None:
+        """Run the act (or, ``prime``, the streaming buffer's prime) of rows ``index`` on their noise: the actions
+        (CPU) of an act that computed exactly its rows, else ``None`` (a launched program's result follows)."""
         b = len(index)
         if not state.bucketed:
             noise = torch.from_numpy(state.next_noise[index]).to(self.device, self.io_dtype)
-            actions = self.plan.act(noise, state.caches, torch.from_numpy(index).to(self.device), state.workspaces[b])
-            state.steps[index] += 1
-            self._draw_noise(state, index.tolist())
-            return actions.cpu()
-        program = state.act_programs[self._bucket(state, b)]
+            rows_t, ws = torch.from_numpy(index).to(self.device), state.workspaces[b]
+            if self.buffer_plan is None:
+                return self.plan.act(noise, state.caches, rows_t, ws).cpu()
+            assert state.buffer is not None  # a streaming state has its buffer
+            if prime:
+                self.buffer_plan.prime(noise, state.buffer, state.caches, rows_t, ws)
+                return None
+            return self.buffer_plan.step(noise, state.buffer, state.caches, rows_t, ws).cpu()
+        bucket = self._bucket(state, b)
+        program = state.prime_programs[bucket] if prime else state.act_programs[bucket]
         host = program.staging.write()
         self._stage_rows(host["rows"], index, state.scratch_row)
         host["noise"][:b] = state.next_noise[index]
         program.launch()
-        state.steps[index] += 1
-        self._draw_noise(state, index.tolist())  # on the host while the GPU runs this step
-        return program.result(b)
+        return None
 
     def step(self, state: StaticPolicyState, obs: Any, rows: Rows = None) -> Tensor:
         """:meth:`observe` then :meth:`act`."""

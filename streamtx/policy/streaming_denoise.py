@@ -39,13 +39,21 @@ Defined where the K-step sampler has nothing to define:
   only a replay since the reset is exact (``metadata()["streaming_denoise"]["exact_replay"]`` says which).
 
 The buffer lives in the session state (:class:`StreamingDenoiseState`, snapshots and row views like every
-:class:`~streamtx.nn.state.StreamState`). The model needs ``token_levels`` (its level embedding); the static plan does
-not lower it yet and says so by name.
+:class:`~streamtx.nn.state.StreamState`). The model needs ``token_levels`` (its level embedding).
+
+**The static plan** (:class:`BufferPlan`, run by :class:`~streamtx.policy.static.StaticStreamingPolicy`): between
+control steps every filled row's buffer holds its chunks at the same levels (the shift makes the levels a function of
+the position in the buffer, not of the row's age), so steady rows share one schedule whatever their resets: the
+control step is one fixed program of ``n`` evaluations over the rows' buffers. The only per-row phase is whether a
+row is filled, which the host knows from its own calls (no device read). An initialising row's staggered full denoise
+is the offsets ``L .. n + 1`` (a second fixed program, "prime", on those rows only), after which its buffer is in
+the steady form (the tail chunk still its pure noise) and it joins the steady program with the others: the same
+evaluations, in the same order, as this module's path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -53,12 +61,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..models.cond_regressor import eCondTransformerRegressor
+from ..models.cond_regressor import ActWorkspace, PlanCaches, RegressorPlan, eCondTransformerRegressor
 from ..nn.state import Rows
 from .samplers import Denoise, Sampler
 from .streaming import PolicyState, StreamingPolicy
 
-__all__ = ["StreamingDenoisePolicy", "StreamingDenoiseState", "BufferSchedule"]
+__all__ = ["StreamingDenoisePolicy", "StreamingDenoiseState", "BufferSchedule", "BufferPlan"]
 
 
 @dataclass(frozen=True)
@@ -241,3 +249,71 @@ class StreamingDenoisePolicy(StreamingPolicy):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, execute={self.execute}, substeps={self.substeps}"
+
+
+class BufferPlan:
+    """The control step of a :class:`StreamingDenoisePolicy` as static programs over the model's
+    :class:`~streamtx.models.cond_regressor.RegressorPlan` (lowered with the buffer's per-token levels: evaluation
+    ``i`` is the offset ``L - i``), for :class:`~streamtx.policy.static.StaticStreamingPolicy`.
+
+    :meth:`step` is a steady control step (``n`` evaluations) of any rows whose buffer is filled; :meth:`prime` runs
+    the first ``L - n`` evaluations of an initialisation on the noise of rows that are not, after which they take
+    :meth:`step` like the others (module docstring). Both read and write only preallocated tensors, fixed shapes,
+    no host sync: capturable in a CUDA graph.
+
+    Args:
+        policy: the module-path policy (model, sampler, ``execute``, ``substeps``).
+        dtype: the plan's compute dtype (``None``: the model's).
+        fused_kernels: as for :meth:`~streamtx.models.eCondTransformerRegressor.lower`.
+    """
+
+    def __init__(
+        self, policy: StreamingDenoisePolicy, dtype: torch.dtype | None = None, *, fused_kernels: bool = True
+    ) -> None:
+        schedule = policy.schedule
+        levels = [schedule.levels(offset) for offset in schedule.offsets(initialise=True)]  # offsets L .. 1
+        start, end = torch.stack([a for a, _ in levels]), torch.stack([b for _, b in levels])  # (L, Tx)
+        self.num_levels, self.substeps = schedule.num_levels, schedule.substeps
+        self.horizon, self.execute = schedule.horizon, schedule.execute
+        self.sampler = policy.sampler
+        self.plan: RegressorPlan = policy.model.lower(
+            None,
+            dtype,
+            fused_kernels=fused_kernels,
+            token_steps=policy.sampler.level_input(start, self.num_levels),
+        )
+        # on the plan's device once: a host-to-device copy inside a control step would synchronize (and not capture)
+        self.start, self.end = start.to(self.plan.device), end.to(self.plan.device)
+
+    @property
+    def buffer_shape(self) -> tuple[int, int]:
+        """A row's carried actions ``(Tx - e, action_dim)``."""
+        return self.horizon - self.execute, self.plan.action_dim
+
+    def _evaluations(
+        self, x: Tensor, evaluate: Callable[[Tensor, int], Tensor], evaluations: range
+    ) -> tuple[Tensor, Tensor]:
+        estimate = x
+        for i in evaluations:
+            x, estimate = self.sampler.level_step(x, evaluate(x, i), self.start[i], self.end[i], self.num_levels)
+        return x, estimate
+
+    def prime(self, noise: Tensor, buffer: Tensor, caches: PlanCaches, rows: Tensor, workspace: ActWorkspace) -> None:
+        """Initialising rows ``rows (b,)``: the offsets ``L .. n + 1`` on their control step's ``noise (b, Tx, A)``
+        (``state_dtype``) write their ``buffer`` rows (``(B, Tx - e, A)``) in the steady form."""
+        evaluate = self.plan.denoiser(caches, rows, workspace)
+        x, _ = self._evaluations(noise, evaluate, range(self.num_levels - self.substeps))
+        buffer.index_copy_(0, rows, x[:, : self.horizon - self.execute])
+
+    def step(self, noise: Tensor, buffer: Tensor, caches: PlanCaches, rows: Tensor, workspace: ActWorkspace) -> Tensor:
+        """A steady control step of rows ``rows (b,)`` with filled buffers: the tail of this step's ``noise (b, Tx,
+        A)`` joins each buffer, ``n`` evaluations, the buffer shifts by ``e``; returns the chunk ``(b, Tx, A)``
+        (clean head, then the estimate of the rest), as :meth:`StreamingDenoisePolicy.act`."""
+        x = torch.cat((buffer.index_select(0, rows), noise[:, self.horizon - self.execute :]), dim=1)
+        evaluate = self.plan.denoiser(caches, rows, workspace)
+        x, estimate = self._evaluations(x, evaluate, range(self.num_levels - self.substeps, self.num_levels))
+        buffer.index_copy_(0, rows, x[:, self.execute :])
+        return estimate
+
+    def __repr__(self) -> str:
+        return f"BufferPlan({self.plan}, execute={self.execute}, substeps={self.substeps}, levels={self.num_levels})"
