@@ -20,6 +20,7 @@ __all__ = [
     "Half",
     "make_env",
     "reset_episode",
+    "move_target",
     "fingertip_distance",
     "fingertip_position",
     "target_position",
@@ -60,6 +61,19 @@ def reset_episode(env: Any, seed: int, half: Half | None = None) -> np.ndarray:
         sim.set_state(qpos, qvel)
         obs = sim._get_obs()  # gymnasium has no public way to re-read the observation after set_state
     return obs
+
+
+def move_target(env: Any, target: np.ndarray) -> np.ndarray:
+    """Move the target of the running episode to ``target (2,)`` (the arm is untouched) and return the observation
+    ``(10,)`` the controller sees next."""
+    target = np.asarray(target, dtype=np.float64)
+    if target.shape != (2,) or not np.isfinite(target).all():
+        raise ValueError(f"target: expected a finite (x, y), got {target!r}")
+    sim = env.unwrapped
+    qpos, qvel = sim.data.qpos.copy(), sim.data.qvel.copy()
+    qpos[2:4], qvel[2:4] = target, 0.0  # the target is the model's two slide joints
+    sim.set_state(qpos, qvel)
+    return sim._get_obs()  # gymnasium has no public way to re-read the observation after set_state
 
 
 def target_position(obs: np.ndarray) -> np.ndarray:

@@ -8,15 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .env import EPISODE_STEPS, SUCCESS_DISTANCE, Half, fingertip_distance, fingertip_position, make_env, reset_episode
 from .expert import ReacherExpert
 
-__all__ = ["EVAL_SEED", "Controller", "ExpertController", "EvalResult", "run_episodes", "eval_seeds"]
+__all__ = [
+    "EVAL_SEED",
+    "Controller",
+    "ExpertController",
+    "PolicyController",
+    "EvalResult",
+    "run_episodes",
+    "eval_seeds",
+]
 
 EVAL_SEED = 1_000_000
 
@@ -46,6 +55,24 @@ class ExpertController:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         return self.expert(obs)
+
+
+class PolicyController:
+    """An in-process streaming policy as a controller (no daemon): one session row, a chunk every control step, its
+    first action applied (``execute = 1``, as ``streamtx demo`` runs by default). ``policy``: anything with the
+    streaming policy's ``init_state``/``reset``/``step`` (the module path or the static plan)."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self.state = policy.init_state(1)
+
+    def reset(self, seed: int) -> None:
+        self.policy.reset(self.state, seed=seed)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            chunk = self.policy.step(self.state, torch.from_numpy(np.asarray(obs, dtype=np.float32))[None])
+        return chunk[0, 0].cpu().numpy()
 
 
 @dataclass
