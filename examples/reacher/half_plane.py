@@ -3,10 +3,13 @@ lies in the upper half-plane (y > 0), then evaluate both through the daemon on h
 half-plane (never seen) and in the upper one (seen).
 
     python examples/reacher/half_plane.py --workdir runs/half_plane [--episodes 100] [--steps 6000]
+        [--schedules k-step streaming]
 
 Steps whose output already exists in ``--workdir`` are skipped, so the experiment can be resumed or re-evaluated.
 Both policies are trained with the same data, architecture width, optimizer settings and seed; only the symmetry
-constraint differs.
+constraint differs. ``--schedules`` picks the sampler each pair is trained for: ``k-step`` (the sampler's K
+denoiser calls per control step) and/or ``streaming`` (``--noise-chunk 1 --anticausal-attn``: the streaming buffer,
+one denoiser call per control step); every policy is evaluated on the same targets.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from streamtx.apps.collect import main as collect_main
 from streamtx.apps.demo import DEFAULT_EXECUTE
 from streamtx.apps.train import main as train_main
 
+SCHEDULES = {"k-step": ("", []), "streaming": ("-streaming", ["--noise-chunk", "1", "--anticausal-attn"])}
+"""Per training schedule: the checkpoints' name suffix and the trainer flags."""
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,16 +36,20 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=32, help="embedding dim of both policies")
     p.add_argument("--episodes", type=int, default=100, help="evaluation episodes per half-plane")
     p.add_argument("--execute", type=int, default=DEFAULT_EXECUTE)
+    p.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=["k-step"])
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = args.workdir / "demos_upper.npz"
     if not data.exists():
         collect_main(["--episodes", str(args.demos), "--half", "upper", "--out", str(data)])
-    policies = {"equivariant": args.workdir / "equivariant.pt", "plain": args.workdir / "plain.pt"}
-    for name, ckpt in policies.items():
-        if not ckpt.exists():
-            flags = ["--no-equivariance"] if name == "plain" else []
-            train_main([str(data), "--out", str(ckpt), "--steps", str(args.steps), "--dim", str(args.dim), *flags])
+    policies = {}
+    for schedule in args.schedules:
+        suffix, schedule_flags = SCHEDULES[schedule]
+        for name in ("equivariant", "plain"):
+            ckpt = policies[f"{name}{suffix}"] = args.workdir / f"{name}{suffix}.pt"
+            if not ckpt.exists():
+                flags = [*schedule_flags, *(["--no-equivariance"] if name == "plain" else [])]
+                train_main([str(data), "--out", str(ckpt), "--steps", str(args.steps), "--dim", str(args.dim), *flags])
     summary = {}
     for half in ("lower", "upper"):
         results = evaluate(list(policies.values()), args.episodes, half, args.execute)
