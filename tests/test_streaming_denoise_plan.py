@@ -124,6 +124,17 @@ def test_float32_plan_within_1e_5():
     assert acts >= 100 and err <= 1e-5
 
 
+@pytest.mark.slow
+def test_compiled_plan_equals_the_module_path():
+    """The programs compiled by inductor (``--policy-path compiled``); minutes of compiling here, hence slow."""
+    reference = _policy("ddim-e1-n2-causal")
+    static = StaticStreamingPolicy(reference, compile=True, buckets=[2, 4])
+    assert static.compiled
+    policies = (reference, static)
+    err, acts = _run(policies, [p.init_state(SLOTS) for p in policies], _calls(40, reference.obs_dim, torch.float64, 1))
+    assert acts >= 25 and err <= 1e-10
+
+
 def test_one_evaluation_per_steady_control_step():
     reference = _policy("flow-e1-n1-anticausal")
     static = StaticStreamingPolicy(reference)
