@@ -266,7 +266,9 @@ class StaticStreamingPolicy:
     ``act`` per bucket), so calls never allocate, never re-capture and synchronize only to hand back actions.
 
     Args:
-        policy: the reference policy (model in eval mode, sampler, ``max_tokens_per_step``).
+        policy: the reference policy (model in eval mode, sampler, ``max_tokens_per_step``); a
+            :class:`~streamtx.policy.streaming_denoise.StreamingDenoisePolicy` runs as its ``BufferPlan``
+            (:attr:`buffer_plan`; module docstring).
         dtype: compute dtype (``None``: the model's, normally float32; ``torch.bfloat16`` / ``torch.float16`` for
             reduced precision, see the tests for the tolerance). Observations, noise and actions stay float32.
         cuda_graph: capture the programs (on CUDA; elsewhere, or if capture fails, they run eagerly and the reason is
