@@ -23,9 +23,23 @@ from evaluate import evaluate, table  # examples/reacher/evaluate.py
 from streamtx.apps.collect import main as collect_main
 from streamtx.apps.demo import DEFAULT_EXECUTE
 from streamtx.apps.train import main as train_main
+from streamtx.checkpoint import load_fastest_policy
+from streamtx.tasks.reacher.env import Half
+from streamtx.tasks.reacher.evaluate import EvalResult, ExpertController, PolicyController, eval_seeds, run_episodes
 
 SCHEDULES = {"k-step": ("", []), "streaming": ("-streaming", ["--noise-chunk", "1", "--anticausal-attn"])}
 """Per training schedule: the checkpoints' name suffix and the trainer flags."""
+
+
+def evaluate_in_process(checkpoints: list[Path], episodes: int, half: Half) -> dict[str, EvalResult]:
+    """As ``evaluate`` (same targets, the expert first), each policy run in-process on the static plan that
+    `streamtx serve` serves, a chunk every control step: the daemon's actions without a daemon per checkpoint."""
+    seeds = eval_seeds(episodes)
+    results = {"expert": run_episodes(ExpertController(), seeds, half, desc="expert")}
+    for path in checkpoints:
+        controller = PolicyController(load_fastest_policy(path, compile=False))
+        results[str(path)] = run_episodes(controller, seeds, half, desc=path.name)
+    return results
 
 
 def main() -> None:
@@ -34,7 +48,9 @@ def main() -> None:
     p.add_argument("--demos", type=int, default=1000, help="upper-half-plane demonstration episodes")
     p.add_argument("--steps", type=int, default=6000, help="training steps of each policy")
     p.add_argument("--dim", type=int, default=32, help="embedding dim of both policies")
-    p.add_argument("--episodes", type=int, default=100, help="evaluation episodes per half-plane")
+    p.add_argument("--episodes", type=int, default=100, help="evaluation episodes in the unseen (lower) half-plane")
+    p.add_argument("--seen-episodes", type=int, default=None, help="in the seen half-plane (default: --episodes)")
+    p.add_argument("--in-process", action="store_true", help="run the policies in-process (execute 1), no daemon")
     p.add_argument("--execute", type=int, default=DEFAULT_EXECUTE)
     p.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=["k-step"])
     args = p.parse_args()
@@ -51,11 +67,16 @@ def main() -> None:
                 flags = [*schedule_flags, *(["--no-equivariance"] if name == "plain" else [])]
                 train_main([str(data), "--out", str(ckpt), "--steps", str(args.steps), "--dim", str(args.dim), *flags])
     summary = {}
-    for half in ("lower", "upper"):
-        results = evaluate(list(policies.values()), args.episodes, half, args.execute)
+    halves: tuple[Half, Half] = ("lower", "upper")
+    for half in halves:
+        episodes = args.episodes if half == "lower" or args.seen_episodes is None else args.seen_episodes
+        if args.in_process:
+            results = evaluate_in_process(list(policies.values()), episodes, half)
+        else:
+            results = evaluate(list(policies.values()), episodes, half, args.execute)
         print(
             f"\ntargets in the {half} half-plane ({'unseen' if half == 'lower' else 'seen'} in training), "
-            f"{args.episodes} held-out episodes\n"
+            f"{episodes} held-out episodes\n"
         )
         print(table(results))
         summary[half] = {
