@@ -1,8 +1,6 @@
 """`streamtx train --noise-chunk` trains for the streaming sampler, and the checkpoint loads as it: the loaders give a
-`StreamingDenoisePolicy` (one denoiser call per control step), and the daemon's fastest-path loader falls back to it
-with the plan's reason logged (the plan does not lower the streaming sampler yet)."""
-
-import logging
+`StreamingDenoisePolicy` (one denoiser call per control step), and the daemon's fastest-path loader serves it on the
+static plan (a `StaticStreamingPolicy` running the sampler's `BufferPlan`)."""
 
 import pytest
 import torch
@@ -11,11 +9,12 @@ from train_testing import tiny_args, tiny_lerobot
 from streamtx.apps.train import main as train_main
 from streamtx.checkpoint import load_fastest_policy, load_model, load_policy
 from streamtx.policy import StreamingDenoisePolicy, StreamingPolicy
+from streamtx.policy.static import StaticStreamingPolicy
 
 pytest.importorskip("pyarrow")
 
 
-def test_noise_chunk_trains_a_streaming_policy(tmp_path, caplog):
+def test_noise_chunk_trains_a_streaming_policy(tmp_path):
     data, ckpt = tiny_lerobot(tmp_path / "data"), tmp_path / "policy.pt"
     assert train_main([*tiny_args(data, ckpt, steps=3), "--noise-chunk", "2", "--anticausal-attn"]) == 0
     model, sampler, _ = load_model(ckpt)
@@ -23,9 +22,8 @@ def test_noise_chunk_trains_a_streaming_policy(tmp_path, caplog):
 
     policy = load_policy(ckpt)
     assert isinstance(policy, StreamingDenoisePolicy) and policy.execute == 2
-    with caplog.at_level(logging.WARNING):
-        served = load_fastest_policy(ckpt, compile=False)
-    assert isinstance(served, StreamingDenoisePolicy) and "token_levels" in caplog.text
+    served = load_fastest_policy(ckpt, compile=False)
+    assert isinstance(served, StaticStreamingPolicy) and served.buffer_plan is not None
     state = policy.init_state(1)
     chunk = policy.step(state, torch.zeros(1, policy.obs_dim, dtype=torch.float64))
     assert chunk.shape == (1, model.in_horizon, model.out_rep.size) and torch.isfinite(chunk).all()
