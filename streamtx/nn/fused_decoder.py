@@ -49,6 +49,9 @@ __all__ = [
 ]
 
 MAX_FEATURES, MAX_TOKENS, MAX_KEYS, FF_CHUNK = 256, 64, 256, 64
+K_CHUNK, NUM_WARPS = 16, 8
+"""Products run along K in chunks of 16 with 8 warps a program: the float32 kernels then need <= 99 registers a thread
+and spill none (ptxas for sm_90, robot shapes; whole-K products at 4 warps spilled up to 2 KB a thread)."""
 ACTIVATIONS: dict[Callable[[Tensor], Tensor], int] = {F.gelu: 0, F.relu: 1, F.silu: 2}
 """The feed-forward activations the kernels compute (exact-erf GELU, ReLU, SiLU), by their kernel code."""
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -139,6 +142,12 @@ def _blocks(t: int, d: int) -> dict[str, int]:
     return {"BLOCK_T": max(16, triton.next_power_of_2(t)), "BLOCK_D": max(16, triton.next_power_of_2(d))}
 
 
+def _scratch(programs: int, blocks: dict[str, int], width: int, like: Tensor) -> tuple[Tensor, int]:
+    """Per-program rows for :func:`_spill`, ``width`` columns wide at most, in the weights' dtype."""
+    slot = blocks["BLOCK_T"] * width
+    return torch.empty(programs * slot, dtype=like.dtype, device=like.device), slot
+
+
 def attention_block(
     stream: Stream,
     weight: Tensor,
@@ -186,6 +195,8 @@ def attention_block(
             raise ValueError("attention_block: expected a mask (b, 1 | H, 1, S) with a contiguous last dimension")
         mask_arg, mask_strides = mask, (mask.stride(0), mask.stride(1) * (mask.shape[1] > 1))
     off, off_strides = (stream.base, (0, 0)) if offset is None else (offset, (offset.stride(0), offset.stride(2)))
+    blocks = _blocks(t, d)
+    scratch, slot = _scratch(b * num_heads, blocks, blocks["BLOCK_D"], weight)
     _attention_block_kernel[(b, num_heads)](
         *_stream_args(stream, x_out),
         weight,
@@ -200,6 +211,7 @@ def attention_block(
         *mask_strides,
         out_weight,
         parts_out,
+        scratch,
         t,
         keys,
         d,
@@ -211,8 +223,10 @@ def attention_block(
         CAUSAL=causal,
         HEAD_DIM=hd,
         BLOCK_S=max(16, triton.next_power_of_2(keys)),
-        num_warps=4,
-        **_blocks(t, d),
+        K_CHUNK=K_CHUNK,
+        SLOT=slot,
+        num_warps=NUM_WARPS,
+        **blocks,
     )
 
 
@@ -231,20 +245,25 @@ def feedforward_block(
     b, t, d = _check_stream(stream)
     w1, b1 = fc1
     hidden = w1.shape[0]
+    blocks = _blocks(t, d)
+    scratch, slot = _scratch(b * (hidden // FF_CHUNK), blocks, max(blocks["BLOCK_D"], FF_CHUNK), w1)
     _feedforward_block_kernel[(b, hidden // FF_CHUNK)](
         *_stream_args(stream, x_out),
         w1,
         b1 if b1 is not None else w1,
         fc2_weight,
         parts_out,
+        scratch,
         t,
         d,
         hidden,
         HAS_B1=b1 is not None,
         ACTIVATION=ACTIVATIONS[activation],
         CHUNK=FF_CHUNK,
-        num_warps=4,
-        **_blocks(t, d),
+        K_CHUNK=K_CHUNK,
+        SLOT=slot,
+        num_warps=NUM_WARPS,
+        **blocks,
     )
 
 
@@ -252,7 +271,7 @@ def residual_stream(stream: Stream, x_out: Tensor, h_out: Tensor) -> None:
     """The stream alone: ``x_out`` as the blocks write it and ``h_out = h_norm(x)`` in ``h_out``'s dtype (both
     ``(b, T, D)``), one program per session."""
     b, t, d = _check_stream(stream)
-    _stream_kernel[(b,)](*_stream_args(stream, x_out), h_out, t, d, num_warps=4, **_blocks(t, d))
+    _stream_kernel[(b,)](*_stream_args(stream, x_out), h_out, t, d, num_warps=NUM_WARPS, **_blocks(t, d))
 
 
 if triton is not None:
@@ -325,11 +344,42 @@ if triton is not None:
         return x, h
 
     @triton.jit
-    def _project(a, w_ptr, rows, cols, num_features):
-        """``a (BLOCK_T, BLOCK_D) @ W[rows, :]^T`` for a row-major ``W (*, num_features)``: ``(BLOCK_T, len(rows))``,
-        float32 (exact products for float32 operands)."""
-        w = tl.load(w_ptr + rows[None, :] * num_features + cols[:, None], mask=cols[:, None] < num_features, other=0.0)
-        return tl.dot(a, w, input_precision="ieee")
+    def _spill(a, scratch_ptr, SLOT: tl.constexpr, BLOCK_T: tl.constexpr, WIDTH: tl.constexpr):
+        """Write ``a (BLOCK_T, WIDTH)`` to this program's scratch (``SLOT`` elements per program) and return its
+        pointer: products read their left operand back in chunks along K (a float32 product on CUDA cores holds
+        each thread's K-extent of both operands in registers; chunks keep that to ``K_CHUNK``). The caller puts a
+        barrier between the last read of the previous contents and this write."""
+        program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        ptr = scratch_ptr + program.to(tl.int64) * SLOT
+        t = tl.arange(0, BLOCK_T)
+        tl.store(ptr + t[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :], a)
+        tl.debug_barrier()  # the program's threads read each other's rows
+        return ptr
+
+    @triton.jit
+    def _project(
+        a_ptr,
+        w_ptr,
+        rows,
+        k_offset,
+        ld_w,
+        k_size,
+        BLOCK_T: tl.constexpr,
+        WIDTH: tl.constexpr,
+        N: tl.constexpr,
+        K_CHUNK: tl.constexpr,
+    ):
+        """``A @ W[rows, k_offset : k_offset + k_size]^T`` for ``A (BLOCK_T, WIDTH)`` at ``a_ptr`` (:func:`_spill`;
+        columns past ``k_size`` are zeros) and a row-major ``W`` of row stride ``ld_w``: ``(BLOCK_T, N)`` float32
+        (exact products for float32 operands)."""
+        t = tl.arange(0, BLOCK_T)
+        acc = tl.zeros((BLOCK_T, N), dtype=tl.float32)
+        for k0 in range(0, WIDTH, K_CHUNK):
+            kk = k0 + tl.arange(0, K_CHUNK)
+            a = tl.load(a_ptr + t[:, None] * WIDTH + kk[None, :], cache_modifier=".cg")
+            w = tl.load(w_ptr + rows[None, :] * ld_w + (k_offset + kk)[:, None], mask=kk[:, None] < k_size, other=0.0)
+            acc += tl.dot(a, w, input_precision="ieee")
+        return acc
 
     @triton.jit
     def _attention_block_kernel(
@@ -371,6 +421,7 @@ if triton is not None:
         sm_h,
         wo_ptr,
         out_ptr,
+        scratch_ptr,
         num_tokens,
         num_keys,
         num_features,
@@ -382,6 +433,8 @@ if triton is not None:
         CAUSAL: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        K_CHUNK: tl.constexpr,
+        SLOT: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -416,12 +469,12 @@ if triton is not None:
             BLOCK_D,
         )
         dt = w_ptr.dtype.element_ty
-        a = h.to(dt)
+        a = _spill(h.to(dt), scratch_ptr, SLOT, BLOCK_T, BLOCK_D)
         t = tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_D)
         d = tl.arange(0, HEAD_DIM)
         rows = head * HEAD_DIM + d
-        q = _project(a, w_ptr, rows, cols, num_features)
+        q = _project(a, w_ptr, rows, 0, num_features, num_features, BLOCK_T, BLOCK_D, HEAD_DIM, K_CHUNK)
         if HAS_QBIAS:
             q += tl.load(qb_ptr + rows).to(tl.float32)[None, :]
         if HAS_OFFSET:
@@ -438,8 +491,12 @@ if triton is not None:
             )
         else:
             s = tl.arange(0, BLOCK_T)
-            k = _project(a, w_ptr, num_features + rows, cols, num_features)
-            v = _project(a, w_ptr, 2 * num_features + rows, cols, num_features)
+            k = _project(
+                a, w_ptr, num_features + rows, 0, num_features, num_features, BLOCK_T, BLOCK_D, HEAD_DIM, K_CHUNK
+            )
+            v = _project(
+                a, w_ptr, 2 * num_features + rows, 0, num_features, num_features, BLOCK_T, BLOCK_D, HEAD_DIM, K_CHUNK
+            )
             if HAS_QBIAS:
                 k += tl.load(qb_ptr + num_features + rows).to(tl.float32)[None, :]
                 v += tl.load(qb_ptr + 2 * num_features + rows).to(tl.float32)[None, :]
@@ -452,17 +509,18 @@ if triton is not None:
         if CAUSAL:
             visible = visible & (s[None, :] <= t[:, None])
         if HAS_MASK:
-            scores += tl.load(mask_ptr + session * sm_b + head * sm_h + s, mask=s < num_keys, other=0.0).to(tl.float32)[
-                None, :
-            ]
+            bias = tl.load(mask_ptr + session * sm_b + head * sm_h + s, mask=s < num_keys, other=0.0)
+            scores += bias.to(tl.float32)[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
         o = tl.dot(p.to(dt), v, input_precision="ieee") / tl.sum(p, axis=1)[:, None]  # (BLOCK_T, HEAD_DIM)
         # this head's share of the output projection: o_h @ W_o[:, head]^T, W_o (D, D) row-major
-        wo = tl.load(
-            wo_ptr + cols[None, :] * num_features + rows[:, None], mask=cols[None, :] < num_features, other=0.0
+        tl.debug_barrier()  # every thread has read its chunks of h: o may overwrite them
+        a = _spill(o.to(dt), scratch_ptr, SLOT, BLOCK_T, HEAD_DIM)
+        features = tl.where(cols < num_features, cols, 0)
+        part = _project(
+            a, wo_ptr, features, head * HEAD_DIM, num_features, HEAD_DIM, BLOCK_T, HEAD_DIM, BLOCK_D, K_CHUNK
         )
-        part = tl.dot(o.to(dt), wo, input_precision="ieee")
         per_session = num_tokens * num_features
         offs = (
             (head * tl.num_programs(0) + session).to(tl.int64) * per_session + t[:, None] * num_features + cols[None, :]
@@ -495,12 +553,15 @@ if triton is not None:
         b1_ptr,
         w2_ptr,
         out_ptr,
+        scratch_ptr,
         num_tokens,
         num_features,
         hidden,
         HAS_B1: tl.constexpr,
         ACTIVATION: tl.constexpr,
         CHUNK: tl.constexpr,
+        K_CHUNK: tl.constexpr,
+        SLOT: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -538,7 +599,8 @@ if triton is not None:
         t = tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_D)
         units = chunk * CHUNK + tl.arange(0, CHUNK)
-        z = _project(h.to(dt), w1_ptr, units, cols, num_features)  # (BLOCK_T, CHUNK)
+        a = _spill(h.to(dt), scratch_ptr, SLOT, BLOCK_T, BLOCK_D)
+        z = _project(a, w1_ptr, units, 0, num_features, num_features, BLOCK_T, BLOCK_D, CHUNK, K_CHUNK)
         if HAS_B1:
             z += tl.load(b1_ptr + units).to(tl.float32)[None, :]
         z = z.to(dt).to(tl.float32)  # the hidden activation in the compute dtype, as the torch path stores it
@@ -548,8 +610,11 @@ if triton is not None:
             z = tl.maximum(z, 0.0)
         else:
             z = z / (1.0 + tl.exp(-z))
-        w2 = tl.load(w2_ptr + cols[None, :] * hidden + units[:, None], mask=cols[None, :] < num_features, other=0.0)
-        part = tl.dot(z.to(dt), w2, input_precision="ieee")  # (BLOCK_T, BLOCK_D)
+        tl.debug_barrier()  # every thread has read its chunks of the scratch rows: z may overwrite them
+        a = _spill(z.to(dt), scratch_ptr, SLOT, BLOCK_T, CHUNK)
+        # W_2 (D, F) row-major: output feature n reads W_2[n, chunk]; padded features are masked rows of W_2
+        rows = tl.where(cols < num_features, cols, 0)
+        part = _project(a, w2_ptr, rows, chunk * CHUNK, hidden, CHUNK, BLOCK_T, CHUNK, BLOCK_D, K_CHUNK)
         per_session = num_tokens * num_features
         offs = (
             (chunk * tl.num_programs(0) + session).to(tl.int64) * per_session
