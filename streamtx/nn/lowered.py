@@ -532,7 +532,7 @@ class Decoder:
                 if key in self.checks:
                     if self.checks[key] is None:
                         return self._fused(*args)
-                elif not torch.cuda.is_current_stream_capturing():  # the check reads a device value
+                elif not (x.is_cuda and torch.cuda.is_current_stream_capturing()):  # the check reads a device value
                     return self._check(key, args)
         return self._layer_by_layer(*args, fused=fused)
 
