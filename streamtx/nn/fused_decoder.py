@@ -46,6 +46,7 @@ __all__ = [
     "attention_block",
     "feedforward_block",
     "residual_stream",
+    "scratch",
 ]
 
 MAX_FEATURES, MAX_TOKENS, MAX_KEYS, FF_CHUNK = 256, 64, 256, 64
@@ -142,10 +143,31 @@ def _blocks(t: int, d: int) -> dict[str, int]:
     return {"BLOCK_T": max(16, triton.next_power_of_2(t)), "BLOCK_D": max(16, triton.next_power_of_2(d))}
 
 
-def _scratch(programs: int, blocks: dict[str, int], width: int, like: Tensor) -> tuple[Tensor, int]:
-    """Per-program rows for :func:`_spill`, ``width`` columns wide at most, in the weights' dtype."""
-    slot = blocks["BLOCK_T"] * width
-    return torch.empty(programs * slot, dtype=like.dtype, device=like.device), slot
+def _slot(blocks: dict[str, int], width: int) -> int:
+    return blocks["BLOCK_T"] * width
+
+
+def scratch(
+    batch: int, tokens: int, dim: int, num_heads: int, hidden: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """One scratch buffer that every block of a decoder call of this shape can use (the blocks run one after the
+    other): per program a row block of the products' left operand, in the weights' ``dtype``."""
+    blocks = _blocks(tokens, dim)
+    size = batch * max(
+        num_heads * _slot(blocks, blocks["BLOCK_D"]),
+        hidden // FF_CHUNK * _slot(blocks, max(blocks["BLOCK_D"], FF_CHUNK)),
+    )
+    return torch.empty(size, dtype=dtype, device=device)
+
+
+def _scratch(given: Tensor | None, programs: int, slot: int, like: Tensor) -> Tensor:
+    if given is None:
+        return torch.empty(programs * slot, dtype=like.dtype, device=like.device)
+    if given.numel() < programs * slot or given.dtype != like.dtype:
+        raise ValueError(
+            f"scratch: expected >= {programs * slot} elements of {like.dtype}, got {given.numel()} of {given.dtype}"
+        )
+    return given
 
 
 def attention_block(
@@ -161,6 +183,7 @@ def attention_block(
     memory: tuple[Tensor, Tensor] | None = None,
     mask: Tensor | None = None,
     causal: bool = False,
+    scratch: Tensor | None = None,
 ) -> None:
     """One attention sub-layer of ``b`` sessions of ``T`` tokens, one program per (session, head).
 
@@ -171,7 +194,8 @@ def attention_block(
     queries (and self-attention keys), :meth:`~streamtx.nn.lowered.Positional.query_offset`.
 
     Writes the stream ``x_out (b, T, D)`` (float32) and this sub-layer's output projection without its bias, one
-    partial sum per head, ``parts_out (H, b, T, D)`` (float32): ``out(attn(h)) = parts_out.sum(0) + b_out``."""
+    partial sum per head, ``parts_out (H, b, T, D)`` (float32): ``out(attn(h)) = parts_out.sum(0) + b_out``.
+    ``scratch``: a buffer from :func:`scratch` (``None``: one of this call's own)."""
     b, t, d = _check_stream(stream)
     hd = d // num_heads
     mk_strides: tuple[int, ...]
@@ -196,7 +220,8 @@ def attention_block(
         mask_arg, mask_strides = mask, (mask.stride(0), mask.stride(1) * (mask.shape[1] > 1))
     off, off_strides = (stream.base, (0, 0)) if offset is None else (offset, (offset.stride(0), offset.stride(2)))
     blocks = _blocks(t, d)
-    scratch, slot = _scratch(b * num_heads, blocks, blocks["BLOCK_D"], weight)
+    slot = _slot(blocks, blocks["BLOCK_D"])
+    scratch = _scratch(scratch, b * num_heads, slot, weight)
     _attention_block_kernel[(b, num_heads)](
         *_stream_args(stream, x_out),
         weight,
@@ -237,16 +262,19 @@ def feedforward_block(
     activation: Callable[[Tensor], Tensor],
     x_out: Tensor,
     parts_out: Tensor,
+    *,
+    scratch: Tensor | None = None,
 ) -> None:
     """The feed-forward sub-layer ``act(h W_1^T + b_1) W_2^T`` of ``b`` sessions, one program per (session, chunk of
     :data:`FF_CHUNK` hidden units): ``fc1 = (W_1 (F, D), b_1 (F,) | None)``, ``fc2_weight (D, F)``. Writes the
     stream ``x_out (b, T, D)`` and one partial sum per chunk, ``parts_out (F / FF_CHUNK, b, T, D)``, without
-    ``fc2``'s bias (float32)."""
+    ``fc2``'s bias (float32). ``scratch``: as :func:`attention_block` takes it."""
     b, t, d = _check_stream(stream)
     w1, b1 = fc1
     hidden = w1.shape[0]
     blocks = _blocks(t, d)
-    scratch, slot = _scratch(b * (hidden // FF_CHUNK), blocks, max(blocks["BLOCK_D"], FF_CHUNK), w1)
+    slot = _slot(blocks, max(blocks["BLOCK_D"], FF_CHUNK))
+    scratch = _scratch(scratch, b * (hidden // FF_CHUNK), slot, w1)
     _feedforward_block_kernel[(b, hidden // FF_CHUNK)](
         *_stream_args(stream, x_out),
         w1,

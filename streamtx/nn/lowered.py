@@ -628,6 +628,7 @@ class Decoder:
         out_sa, out_ca, out_ff = (
             torch.empty(n, b, t, d, dtype=torch.float32, device=x.device) for n in (heads, heads, chunks)
         )
+        work = fd.scratch(b, t, d, heads, chunks * fd.FF_CHUNK, x.dtype, x.device)
         pre = self.layers[0].norm_first
         # what the next block reads: the stream's base, the partial sums and bias added to it, and (post-norm) the
         # norm of that sum, which is the stream; layer 0 adds the residual and norms nothing yet
@@ -650,6 +651,7 @@ class Decoder:
                 out_sa,
                 offset=self_offsets[i],
                 causal=layer.causal,
+                scratch=work,
             )
             base, parts, bias, post_norm = streams[turn], out_sa, sa.out.bias, None if pre else layer.norm1
             turn ^= 1
@@ -664,6 +666,7 @@ class Decoder:
                 offset=cross_offsets[i],
                 memory=(memory_k[i], memory_v[i]),
                 mask=memory_masks[i],
+                scratch=work,
             )
             base, parts, bias, post_norm = streams[turn], out_ca, ca.out.bias, None if pre else layer.norm2
             turn ^= 1
@@ -674,6 +677,7 @@ class Decoder:
                 ff.activation,
                 streams[turn],
                 out_ff,
+                scratch=work,
             )
             base, parts, bias, post_norm = streams[turn], out_ff, ff.fc2.bias, None if pre else layer.norm3
             turn ^= 1
