@@ -17,7 +17,8 @@ work, device-to-host copy of the actions), each sample one step, for:
 
 Before timing, the graphed variants are checked against (b) on the same stream (max |diff| / max |ref| of the
 actions). Each cell of the table is p50 / p99 / max in ms. ``--profile`` counts the kernels of one control step of
-(c), (cl) and (ct) at every batch (torch.profiler).
+(c), (cl) and (ct) at every batch (torch.profiler); ``--decoder-sweep`` times one decoder evaluation alone (fused
+variants against layer by layer, CUDA graph replays).
 Usage:  python benchmarks/bench_gpu.py [--device cuda] [--configs robot wide] [--batches 1 8 64] [--out FILE]
         python benchmarks/bench_gpu.py --device cpu --quick     (smoke test)
 """
@@ -36,7 +37,9 @@ import numpy as np
 import torch
 
 from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor
+from streamtx.nn import fused_decoder
 from streamtx.policy import FlowMatchingSampler, StreamingPolicy
+from streamtx.policy.cuda_graph import CapturedProgram
 from streamtx.policy.static import StaticStreamingPolicy
 from streamtx.symmetry import Representation, dihedral
 
@@ -140,6 +143,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of samples per variant and batch")
     parser.add_argument("--samples", type=int, default=400, help="max samples per variant and batch")
     parser.add_argument("--quick", action="store_true", help="tiny model, few samples (smoke test)")
+    parser.add_argument(
+        "--decoder-sweep",
+        action="store_true",
+        help="then time one decoder evaluation alone (CUDA graph replays) at every batch: the fused decoder at "
+        "8 / 4 warps and 64 / 32 hidden units per program, and layer by layer",
+    )
     parser.add_argument("--out", help="also write the table (markdown) and raw numbers (.json) here")
     parser.add_argument(
         "--profile",
@@ -224,6 +233,8 @@ def main() -> None:
                         f"{np.percentile(ms, 50):.3f} ms, p99 {np.percentile(ms, 99):.3f} ms",
                         flush=True,
                     )
+            if args.decoder_sweep and device.startswith("cuda") and config == args.configs[0]:
+                decoder_sweep(static["graph"], batch)
     table = format_table(results)
     print(header)
     print(table)
@@ -238,6 +249,49 @@ def layer_by_layer(policy: StaticStreamingPolicy) -> StaticStreamingPolicy:
     """``policy`` with its plan's decoder run layer by layer (before any state captured it)."""
     policy.plan.decoder = dataclasses.replace(policy.plan.decoder, fuse_layers=False)
     return policy
+
+
+def decoder_sweep(policy: StaticStreamingPolicy, batch: int, replays: int = 300) -> None:
+    """Device time of one decoder evaluation on the plan's shapes (random inputs, memory fully visible), each
+    variant captured in a CUDA graph and replayed: p50 of per-replay event times."""
+    plan = policy.plan
+    first = plan.decoder.layers[0].self_attn
+    layers, heads, hd = len(plan.decoder.layers), first.num_heads, first.head_dim
+    slots = plan.cond_horizon + 1
+    gen = torch.Generator(plan.device).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=plan.device).to(plan.dtype)
+
+    kv = rand(layers, 2, batch, heads, slots, hd)
+    mask = torch.zeros(batch, 1, 1, -(-slots // 16) * 16, dtype=plan.dtype, device=plan.device)[..., :slots]
+    x, residual = rand(batch, plan.horizon, heads * hd), rand(batch, plan.horizon, heads * hd)
+    args = (x, residual, kv[:, 0], kv[:, 1], [mask] * layers, [None] * layers, [None] * layers)
+    variants = [(8, 64), (4, 64), (8, 32), (None, None)]  # (warps, hidden units per program); None: layer by layer
+    defaults = fused_decoder.NUM_WARPS, fused_decoder.FF_CHUNK
+    times = []
+    for warps, chunk in variants:
+        fused_decoder.NUM_WARPS, fused_decoder.FF_CHUNK = (warps, chunk) if warps else defaults
+        decoder = dataclasses.replace(plan.decoder, fuse_layers=warps is not None)  # a fresh check
+        try:
+            program = CapturedProgram(lambda: decoder(*args, fused=True), plan.device, name="decoder")
+            if not program.captured:
+                times.append(f"{warps} warps: {program.fallback_reason}")
+                continue
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)
+            ]
+            for start, end in events:
+                start.record()
+                program()
+                end.record()
+            torch.cuda.synchronize()
+            us = 1e3 * float(np.median([start.elapsed_time(end) for start, end in events[20:]]))
+            label = f"fused, {warps} warps, {chunk} units" if warps else "layer by layer"
+            times.append(f"{label}: {us:.1f} us" + (f" (check {list(decoder.checks.values())})" if warps else ""))
+        finally:
+            fused_decoder.NUM_WARPS, fused_decoder.FF_CHUNK = defaults
+    print(f"[b={batch}] one decoder evaluation (graph replay, p50): " + "; ".join(times), flush=True)
 
 
 def replay_only(state, batch: int, samples: int) -> np.ndarray:
