@@ -13,16 +13,18 @@ Tensors are token-major, as the caches store them: per-head features ``(b, L, ..
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import add_norm, attention, norm
+from . import fused_decoder as fd
+from .kernels import add_norm, attention, fused_kernels_available, norm
 from .state import RingCache, Rows, StreamState, additive_mask, band_mask
 
 __all__ = [
@@ -45,6 +47,8 @@ __all__ = [
     "Decoder",
     "lowered",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @overload
@@ -436,13 +440,74 @@ class DecoderLayer:
         return x, (x if then is None else then(x))
 
 
+_DecoderArgs = tuple[
+    Tensor, Tensor, Tensor, Tensor, Sequence[Tensor | None], Sequence[Tensor | None], Sequence[Tensor | None]
+]
+"""The arguments of :meth:`Decoder.__call__` but ``fused``."""
+
+_FUSED_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+"""Max ``|fused - torch| / max |torch|`` of a decoder's output at the first call of a shape: float32 as the project's
+equivalence bar; the half-precision paths round differently (the fused one keeps the residual stream in float32)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Decoder:
     """A stack of :class:`DecoderLayer` s and the norm that reads its output (``None``: none), each layer's last
-    residual add folded into the norm that reads it (the next pre-norm layer's input norm, or ``norm``)."""
+    residual add folded into the norm that reads it (the next pre-norm layer's input norm, or ``norm``).
+
+    With ``fused=True`` on CUDA a call runs the fused decoder (:mod:`streamtx.nn.fused_decoder`: three Triton kernels
+    per layer and one for the end) where :attr:`fused_reason` is ``None`` and the call's shapes fit; the first call of
+    each shape runs both paths and keeps the fused one only if it matches the torch path (:attr:`checks`, a failure
+    logged). Otherwise it runs :class:`DecoderLayer` by layer (whose attention and add + norm run as the kernels of
+    :mod:`streamtx.nn.kernels` when ``fused``)."""
 
     layers: tuple[DecoderLayer, ...]
     norm: Norm | None
+    fuse_layers: bool = True
+    """``False``: never the fused decoder, layer by layer only (e.g. to measure one against the other)."""
+    fused_reason: str | None = field(init=False)
+    """Why the fused decoder cannot run this stack (``None``: it can, on shapes it takes)."""
+    checks: dict[tuple[object, ...], str | None] = field(init=False, default_factory=dict, repr=False)
+    """Per call shape (tokens, memory slots, dtype, mask heads and offsets per layer; any batch): ``None`` if the
+    fused decoder matched the torch path on its first call, else why not."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fused_reason", self._fused_unsupported())
+
+    def _fused_unsupported(self) -> str | None:
+        if not self.fuse_layers:
+            return "fuse_layers=False"
+        first = self.layers[0]
+        d = first.self_attn.out.weight.shape[0]
+        reason = fd.fused_decoder_unsupported(
+            d,
+            first.self_attn.num_heads,
+            first.self_attn.head_dim,
+            first.ff.fc1.weight.shape[0],
+            first.self_attn.out.weight.dtype,
+        )
+        if reason is not None:
+            return reason
+        if not fused_kernels_available(first.self_attn.out.weight.device):
+            return "the fused decoder needs CUDA"
+        for i, layer in enumerate(self.layers):
+            if layer.norm_first != first.norm_first:
+                return f"layer {i}: pre- and post-norm layers mixed"
+            if layer.self_attn.qkv is None:
+                return f"layer {i}: self-attention without a fused q/k/v projection"
+            if layer.ff.activation not in fd.ACTIVATIONS:
+                name = getattr(layer.ff.activation, "__name__", repr(layer.ff.activation))
+                return f"layer {i}: feed-forward activation {name} (the kernels compute gelu, relu, silu)"
+            weights = [layer.self_attn.qkv.weight, layer.self_attn.out.weight, layer.cross_attn.q.weight]
+            weights += [layer.cross_attn.out.weight, layer.ff.fc1.weight, layer.ff.fc2.weight]
+            if not all(w.is_contiguous() and w.shape[-1] == w.stride(0) for w in weights):
+                return f"layer {i}: non-contiguous weights"
+            if (
+                layer.ff.fc1.weight.shape != first.ff.fc1.weight.shape
+                or layer.self_attn.num_heads != first.self_attn.num_heads
+            ):
+                return f"layer {i}: shapes differ from layer 0"
+        return None
 
     def __call__(
         self,
@@ -460,6 +525,75 @@ class Decoder:
         keys/values ``memory_k/v[l] (b, H, M, hd)`` in the queries' frame (``memory_k/v`` are
         ``(L, b, H, M, hd)``), ``memory_masks[l]`` and the positional offsets, as :meth:`DecoderLayer.__call__`
         takes them."""
+        args: _DecoderArgs = (x, residual, memory_k, memory_v, memory_masks, self_offsets, cross_offsets)
+        if fused and self.fused_reason is None:
+            key = self._call_shape(*args)
+            if isinstance(key, tuple):
+                if key in self.checks:
+                    if self.checks[key] is None:
+                        return self._fused(*args)
+                elif not (x.is_cuda and torch.cuda.is_current_stream_capturing()):  # the check reads a device value
+                    return self._check(key, args)
+        return self._layer_by_layer(*args, fused=fused)
+
+    def _call_shape(
+        self,
+        x: Tensor,
+        residual: Tensor,
+        memory_k: Tensor,
+        memory_v: Tensor,
+        memory_masks: Sequence[Tensor | None],
+        self_offsets: Sequence[Tensor | None],
+        cross_offsets: Sequence[Tensor | None],
+    ) -> tuple[object, ...] | str:
+        """What decides the fused kernels' variant and validity for a call (a key of :attr:`checks`), or why the
+        fused decoder cannot take it."""
+        if x.dtype != self.layers[0].self_attn.out.weight.dtype or not (x.is_contiguous() and residual.is_contiguous()):
+            return "x, residual: expected contiguous tensors in the weights' dtype"
+        if x.shape[1] > fd.MAX_TOKENS or memory_k.shape[3] > fd.MAX_KEYS:
+            return f"{x.shape[1]} tokens over {memory_k.shape[3]} memory slots: outside the fused decoder's limits"
+        if memory_k.stride(-1) != 1 or memory_v.stride(-1) != 1:
+            return "memory keys/values need a contiguous last dimension"
+        masks = []
+        for m in memory_masks:
+            if m is not None and (m.shape[2] != 1 or m.stride(-1) != 1):
+                return "memory masks: expected (b, 1 | H, 1, M) with a contiguous last dimension"
+            masks.append(None if m is None else m.shape[1])
+        offsets = tuple(o is not None for o in (*self_offsets, *cross_offsets))
+        # not the batch: it sets only the grid, so one check covers every batch-size bucket of a plan
+        return (x.shape[1], memory_k.shape[3], x.dtype, tuple(masks), offsets)
+
+    def _check(self, key: tuple[object, ...], args: _DecoderArgs) -> Tensor:
+        """First call of a shape: both paths; the fused one is kept if it matches (the torch result is returned
+        otherwise). Reads one device value (the difference)."""
+        reference = self._layer_by_layer(*args, fused=True)
+        reason: str | None = None
+        try:
+            out = self._fused(*args)
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile or launch here must not stop serving
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        else:
+            err = float((out.float() - reference.float()).abs().max() / reference.float().abs().max())
+            tolerance = _FUSED_TOLERANCE[out.dtype]
+            if not err <= tolerance:  # NaN fails too
+                reason = f"differs from the torch path by {err:.1e} (> {tolerance:.0e})"
+        self.checks[key] = reason
+        if reason is not None:
+            log.warning("decoder runs layer by layer: fused decoder %s", reason)
+            return reference
+        return out
+
+    def _layer_by_layer(
+        self,
+        x: Tensor,
+        residual: Tensor,
+        memory_k: Tensor,
+        memory_v: Tensor,
+        memory_masks: Sequence[Tensor | None],
+        self_offsets: Sequence[Tensor | None],
+        cross_offsets: Sequence[Tensor | None],
+        fused: bool,
+    ) -> Tensor:
         first = self.layers[0].input_norm
         if first is None:
             x = h = x + residual
@@ -471,6 +605,85 @@ class Decoder:
                 x, h, memory_k[i], memory_v[i], memory_masks[i], self_offsets[i], cross_offsets[i], thens[i], fused
             )
         return h
+
+    def _fused(
+        self,
+        x: Tensor,
+        residual: Tensor,
+        memory_k: Tensor,
+        memory_v: Tensor,
+        memory_masks: Sequence[Tensor | None],
+        self_offsets: Sequence[Tensor | None],
+        cross_offsets: Sequence[Tensor | None],
+    ) -> Tensor:
+        """The fused decoder: per layer the self-attention, cross-attention and feed-forward blocks, each reading
+        the residual stream as the previous block left it (base + partial sums + bias) and applying the norm in
+        between (pre-norm: the block's input norm; post-norm: the previous sub-layer's norm, which is the stream)."""
+        b, t, d = x.shape
+        heads = self.layers[0].self_attn.num_heads
+        chunks = self.layers[0].ff.fc1.weight.shape[0] // fd.FF_CHUNK
+        streams = [torch.empty(b, t, d, dtype=torch.float32, device=x.device) for _ in range(2)]
+        # partial sums of the self-attention, cross-attention and feed-forward blocks: each block reads the previous
+        # one's while its programs write their own, so the three never share a buffer
+        out_sa, out_ca, out_ff = (
+            torch.empty(n, b, t, d, dtype=torch.float32, device=x.device) for n in (heads, heads, chunks)
+        )
+        work = fd.scratch(b, t, d, heads, chunks * fd.FF_CHUNK, x.dtype, x.device)
+        pre = self.layers[0].norm_first
+        # what the next block reads: the stream's base, the partial sums and bias added to it, and (post-norm) the
+        # norm of that sum, which is the stream; layer 0 adds the residual and norms nothing yet
+        base, parts, bias, post_norm = x, residual[None], None, None
+        turn = 0  # streams[turn]: where the next block writes the stream
+
+        def block_input(pre_norm: Norm | None) -> fd.Stream:
+            return fd.Stream(base, parts, bias, post_norm, pre_norm if pre else None)
+
+        for i, layer in enumerate(self.layers):
+            sa, ca, ff = layer.self_attn, layer.cross_attn, layer.ff
+            assert sa.qkv is not None  # _fused_unsupported checked it
+            fd.attention_block(
+                block_input(layer.norm1),
+                sa.qkv.weight,
+                sa.qkv.bias,
+                sa.out.weight,
+                heads,
+                streams[turn],
+                out_sa,
+                offset=self_offsets[i],
+                causal=layer.causal,
+                scratch=work,
+            )
+            base, parts, bias, post_norm = streams[turn], out_sa, sa.out.bias, None if pre else layer.norm1
+            turn ^= 1
+            fd.attention_block(
+                block_input(layer.norm2),
+                ca.q.weight,
+                ca.q.bias,
+                ca.out.weight,
+                heads,
+                streams[turn],
+                out_ca,
+                offset=cross_offsets[i],
+                memory=(memory_k[i], memory_v[i]),
+                mask=memory_masks[i],
+                scratch=work,
+            )
+            base, parts, bias, post_norm = streams[turn], out_ca, ca.out.bias, None if pre else layer.norm2
+            turn ^= 1
+            fd.feedforward_block(
+                block_input(layer.norm3),
+                (ff.fc1.weight, ff.fc1.bias),
+                ff.fc2.weight,
+                ff.activation,
+                streams[turn],
+                out_ff,
+                scratch=work,
+            )
+            base, parts, bias, post_norm = streams[turn], out_ff, ff.fc2.bias, None if pre else layer.norm3
+            turn ^= 1
+        out = torch.empty_like(x)
+        fd.residual_stream(fd.Stream(base, parts, bias, post_norm, self.norm), streams[turn], out)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------- full window
