@@ -7,17 +7,17 @@ work, device-to-host copy of the actions), each sample one step, for:
   (a) recompute  eCondTransformerRegressor.forward on the last cond_horizon observations, K times, eager
   (b) stream     StreamingPolicy.step (ring caches, eager, module by module)
   (c) graph      StaticStreamingPolicy.step: the static plan replayed as CUDA graphs, 64 session slots, its decoder
-                 the fused decoder (streamtx.nn.fused_decoder: three Triton kernels per layer)
-  (cl) graph     (c) with the decoder layer by layer (the Triton attention and add + norm kernels, cuBLAS GEMMs)
+                 layer by layer (the Triton attention and add + norm kernels, cuBLAS GEMMs): the default
+  (cf) graph     (c) with the fused decoder (streamtx.nn.fused_decoder: three Triton kernels per layer; opt-in)
   (ct) graph     (c) with torch's kernels only
   (c') static    the same plan as (c) run eagerly (the fallback path)
   (c16) graph    (c) computing in bfloat16
-  (cl16) graph   (cl) computing in bfloat16
+  (cf16) graph   (cf) computing in bfloat16
   (d) torch      plain CondTransformerRegressor (trivial group: dense torch layers) recompute, K times, eager
 
 Before timing, the graphed variants are checked against (b) on the same stream (max |diff| / max |ref| of the
 actions). Each cell of the table is p50 / p99 / max in ms. ``--profile`` counts the kernels of one control step of
-(c), (cl) and (ct) at every batch (torch.profiler); ``--decoder-sweep`` times one decoder evaluation alone (fused
+(c), (cf) and (ct) at every batch (torch.profiler); ``--decoder-sweep`` times one decoder evaluation alone (fused
 variants against layer by layer, CUDA graph replays).
 Usage:  python benchmarks/bench_gpu.py [--device cuda] [--configs robot wide] [--batches 1 8 64] [--out FILE]
         python benchmarks/bench_gpu.py --device cpu --quick     (smoke test)
@@ -176,20 +176,21 @@ def main() -> None:
         reference = StreamingPolicy(equi, sampler)
         static = {
             "graph": StaticStreamingPolicy(reference),
-            "graph_layers": layer_by_layer(StaticStreamingPolicy(reference)),
+            "graph_fused": fused_decoder_on(StaticStreamingPolicy(reference)),
             "graph_torch": StaticStreamingPolicy(reference, fused_kernels=False),
             "static": StaticStreamingPolicy(reference, cuda_graph=False),
             "graph16": StaticStreamingPolicy(reference, dtype=torch.bfloat16),
-            "graph16_layers": layer_by_layer(StaticStreamingPolicy(reference, dtype=torch.bfloat16)),
+            "graph16_fused": fused_decoder_on(StaticStreamingPolicy(reference, dtype=torch.bfloat16)),
         }
         checks = {k: agreement(reference, static[k], 4, obs_dim) for k in static if k != "static"}
         print(
             f"[{config}] agreement with StreamingPolicy: "
             + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
             + f"; fused kernels: {static['graph'].plan.fused} ({static['graph'].plan.fused_reason}), "
-            f"bf16: {static['graph16'].plan.fused}; fused decoder: {static['graph'].plan.decoder.fused_reason or 'yes'}"
-            f" (checks {list(static['graph'].plan.decoder.checks.values())}), bf16 checks "
-            f"{list(static['graph16'].plan.decoder.checks.values())}",
+            f"bf16: {static['graph16'].plan.fused}; fused decoder (cf): "
+            f"{static['graph_fused'].plan.decoder.fused_reason or 'yes'}"
+            f" (checks {list(static['graph_fused'].plan.decoder.checks.values())}), bf16 checks "
+            f"{list(static['graph16_fused'].plan.decoder.checks.values())}",
             flush=True,
         )
         states = {}
@@ -224,9 +225,9 @@ def main() -> None:
                 )
             results.append(row)
             if args.profile and config == args.configs[0]:
-                for key in ("graph", "graph_layers", "graph_torch"):
+                for key in ("graph", "graph_fused", "graph_torch"):
                     row[f"kernels_{key}"] = profile(steps[key], f"[{config} b={batch}] {key}", table=batch == 1)
-                for key in ("graph", "graph_layers") if device.startswith("cuda") else ():
+                for key in ("graph", "graph_fused") if device.startswith("cuda") else ():
                     ms = replay_only(states[key], batch, args.samples)
                     print(
                         f"[{config} b={batch}] {key} replays only (no staging, validation, copies): p50 "
@@ -245,9 +246,9 @@ def main() -> None:
             json.dump({"header": header, "results": results}, f, indent=1)
 
 
-def layer_by_layer(policy: StaticStreamingPolicy) -> StaticStreamingPolicy:
-    """``policy`` with its plan's decoder run layer by layer (before any state captured it)."""
-    policy.plan.decoder = dataclasses.replace(policy.plan.decoder, fuse_layers=False)
+def fused_decoder_on(policy: StaticStreamingPolicy) -> StaticStreamingPolicy:
+    """``policy`` with its plan's decoder fused (``Decoder.fuse_layers``; before any state captured it)."""
+    policy.plan.decoder = dataclasses.replace(policy.plan.decoder, fuse_layers=True)
     return policy
 
 
@@ -339,21 +340,21 @@ def format_table(results: list[dict]) -> str:
         ("a", "(a) recompute"),
         ("b", "(b) stream eager"),
         ("graph", "(c) stream graph"),
-        ("graph_layers", "(cl) graph, layer by layer"),
+        ("graph_fused", "(cf) graph, fused decoder"),
         ("graph_torch", "(ct) graph, torch kernels"),
         ("static", "(c') static eager"),
         ("graph16", "(c16) graph bf16"),
-        ("graph16_layers", "(cl16) bf16 layer by layer"),
+        ("graph16_fused", "(cf16) bf16 fused decoder"),
         ("d", "(d) torch recompute"),
     ]
     lines = [
-        "| config | batch | " + " | ".join(t for _, t in cols) + " | (cl)/(c) | (b)/(c) | (a)/(c) |",
+        "| config | batch | " + " | ".join(t for _, t in cols) + " | (cf)/(c) | (b)/(c) | (a)/(c) |",
         "|---|---:|" + "---:|" * (len(cols) + 3),
     ]
     for r in results:
         cells = [f"{r[k]['p50']:.2f} / {r[k]['p99']:.2f} / {r[k]['max']:.2f}" for k, _ in cols]
         c = r["graph"]["p50"]
-        ratios = [f"{r[k]['p50'] / c:.1f}x" for k in ("graph_layers", "b", "a")]
+        ratios = [f"{r[k]['p50'] / c:.1f}x" for k in ("graph_fused", "b", "a")]
         lines.append(f"| {r['config']} | {r['batch']} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ back with a logged reason. On the CPU: the decoder says why it runs layer by lay
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -53,7 +54,9 @@ def make_model(variant: str, seed: int = 0) -> eCondTransformerRegressor:
 
 
 def make_decoder(variant: str, dtype: torch.dtype, device: str) -> Decoder:
-    return make_model(variant).lower(FlowMatchingSampler(num_steps=2), dtype, device).decoder
+    decoder = make_model(variant).lower(FlowMatchingSampler(num_steps=2), dtype, device).decoder
+    assert not decoder.fuse_layers  # opt-in
+    return dataclasses.replace(decoder, fuse_layers=True)
 
 
 def decoder_inputs(decoder: Decoder, variant: str, batch: int, seed: int, device: str) -> tuple:
@@ -170,6 +173,7 @@ def test_plan_graphs_replay_the_fused_decoder():
     model = make_model("robot").cuda()
     reference = StreamingPolicy(model, FlowMatchingSampler(num_steps=3))
     graphed = StaticStreamingPolicy(reference)
+    graphed.plan.decoder = dataclasses.replace(graphed.plan.decoder, fuse_layers=True)  # before capture
     eager = StaticStreamingPolicy(reference, cuda_graph=False, fused_kernels=False)
     slots = 3
     states = [graphed.init_state(slots), eager.init_state(slots)]

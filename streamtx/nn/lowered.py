@@ -455,16 +455,19 @@ class Decoder:
     """A stack of :class:`DecoderLayer` s and the norm that reads its output (``None``: none), each layer's last
     residual add folded into the norm that reads it (the next pre-norm layer's input norm, or ``norm``).
 
-    With ``fused=True`` on CUDA a call runs the fused decoder (:mod:`streamtx.nn.fused_decoder`: three Triton kernels
-    per layer and one for the end) where :attr:`fused_reason` is ``None`` and the call's shapes fit; the first call of
-    each shape runs both paths and keeps the fused one only if it matches the torch path (:attr:`checks`, a failure
-    logged). Otherwise it runs :class:`DecoderLayer` by layer (whose attention and add + norm run as the kernels of
-    :mod:`streamtx.nn.kernels` when ``fused``)."""
+    With ``fuse_layers`` and ``fused=True`` on CUDA a call runs the fused decoder (:mod:`streamtx.nn.fused_decoder`:
+    three Triton kernels per layer and one for the end) where :attr:`fused_reason` is ``None`` and the call's shapes
+    fit; the first call of each shape runs both paths and keeps the fused one only if it matches the torch path
+    (:attr:`checks`, a failure logged). Otherwise it runs :class:`DecoderLayer` by layer (whose attention and add +
+    norm run as the kernels of :mod:`streamtx.nn.kernels` when ``fused``)."""
 
     layers: tuple[DecoderLayer, ...]
     norm: Norm | None
-    fuse_layers: bool = True
-    """``False``: never the fused decoder, layer by layer only (e.g. to measure one against the other)."""
+    fuse_layers: bool = False
+    """``True``: the fused decoder where it can run (opt-in). Off by default because it is slower than layer by
+    layer where measured: on an H200, robot config, fp32 control step 2.46 vs 1.72 ms p50 at batch 1 and 5.69 vs 3.75
+    ms at 64 (benchmarks/GPU_NOTES.md), with half the kernels but one program per (session, head) or (session, 64
+    hidden units), too few to fill the GPU at a control step's row counts."""
     fused_reason: str | None = field(init=False)
     """Why the fused decoder cannot run this stack (``None``: it can, on shapes it takes)."""
     checks: dict[tuple[object, ...], str | None] = field(init=False, default_factory=dict, repr=False)
