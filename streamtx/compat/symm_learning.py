@@ -340,7 +340,7 @@ def _load(
     """A reference state (raw: decoded through symm_learning; dense: :data:`ELEMENT_ORDER` present) goes through
     ``loader(dense_state, strict)``, streamtx's own state dict through torch's loading."""
     if _is_reference_state(state_dict):
-        state_dict = _reference_layer_dense(module, state_dict, module._reference_module)
+        state_dict = _reference_layer_dense(module, state_dict, build)
     if ELEMENT_ORDER in state_dict:
         loader(state_dict, strict)
         return LoadedKeys([], [])
