@@ -625,7 +625,7 @@ class eCondTransformer(_Regressor):
     token joins the memory after the encoder (so the encoder runs once per control step), ``pos_encoding`` picks
     streamtx's backends (``additive_absolute`` -> recycling absolute tables, ``additive_relative`` -> relative biases,
     ``none``), heads hold an even number of copies, and ``Z`` may be longer than ``cond_horizon``. A reference
-    checkpoint of this class does not load (different architecture); the layers' do."""
+    checkpoint of this class loads into :class:`ReferenceCondTransformer` (the reference's network), not here."""
 
     def __init__(
         self,
@@ -937,6 +937,14 @@ class ReferenceCondTransformer(nn.Module):
         loader.linear(self.head, "head", None, r, fold)
         loader.check_unused()
         return LoadedKeys([], [])
+
+    def get_optim_groups(self, weight_decay: float = 1e-3) -> list[dict[str, Any]]:
+        return get_optim_groups(self, weight_decay)
+
+    def configure_optimizers(
+        self, learning_rate: float = 1e-4, weight_decay: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95)
+    ) -> torch.optim.AdamW:
+        return torch.optim.AdamW(self.get_optim_groups(weight_decay=weight_decay), lr=learning_rate, betas=betas)
 
     def check_equivariance(self, batch_size: int = 2) -> float:
         """The largest relative equivariance error over the group (float64, random inputs)."""

@@ -45,6 +45,10 @@ def test_reference_regressor_checkpoint_gives_the_reference_outputs(fixture, nam
         y = model(inputs["X"], inputs["k"], inputs["Z"])
     assert rel_err(y, entry["output"]) < TOL
     assert model.check_equivariance() < TOL
+    # and it trains like the reference: its two AdamW groups cover every parameter once
+    decay, no_decay = model.get_optim_groups(weight_decay=0.01)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert isinstance(model.configure_optimizers(), torch.optim.AdamW)
 
 
 def test_post_norm_checkpoint_with_per_irrep_norm_scales_is_refused(fixture):
