@@ -51,6 +51,16 @@ def test_reference_regressor_checkpoint_gives_the_reference_outputs(fixture, nam
     assert isinstance(model.configure_optimizers(), torch.optim.AdamW)
 
 
+def test_float32_model_loads_the_checkpoint(fixture):
+    """The dense state is float64; a float32 model stores it rounded and matches to float32 accuracy."""
+    model, entry = regressor(fixture, "absolute_causal")
+    model.float().load_state_dict(entry["dense"])
+    inputs = fixture["inputs"]
+    with torch.no_grad():
+        y = model(inputs["X"].float(), inputs["k"], inputs["Z"].float())
+    assert y.dtype == torch.float32 and rel_err(y.double(), entry["output"]) < 1e-5
+
+
 def test_post_norm_checkpoint_with_per_irrep_norm_scales_is_refused(fixture):
     """A post-norm layer's norm output feeds the residual stream, so a reference affine that is not one scale per
     regular copy cannot be folded anywhere: strict loading refuses it, non-strict loads its projection and warns."""
