@@ -53,6 +53,7 @@ __all__ = [
     "ReferenceCondTransformer",
     "reference_dense_state",
     "ELEMENT_ORDER",
+    "MASKED",
     "get_optim_groups",
 ]
 
@@ -93,7 +94,8 @@ def reference_dense_state(module: Any) -> dict[str, Tensor]:
     """The dense weights of a symm_learning module (any of the classes this module mirrors, with its weights
     loaded), keyed like its ``state_dict``, in float64: ``X.weight``/``X.bias`` of every ``eLinear`` (escnn's basis
     expansion done), ``A.in_proj_weight``/``A.in_proj_bias`` of every attention (its parametrization applied),
-    ``A.pos_emb`` of every additive positional attention (projected on the invariants), ``X.weight`` of every
+    ``A.pos_emb`` of every additive positional attention (projected on the invariants), ``A.rel_bias`` of every
+    relative one, ``X.weight`` of every
     ``eRMSNorm`` as the dense ``(D, D)`` matrix of its affine, and :data:`ELEMENT_ORDER`.
 
     Needs symm_learning (and escnn). What it returns loads with ``load_state_dict`` into the compat module without
@@ -119,9 +121,7 @@ def reference_dense_state(module: Any) -> dict[str, Tensor]:
         elif isinstance(m, ref.nn.eAdditivePosMultiheadAttention):
             out[pre + "pos_emb"] = (m.pos_emb.double() @ m.invariant_projector.double().T).detach().clone()
         elif isinstance(m, ref.nn.eAdditiveRelMultiheadAttention):
-            raise NotImplementedError(
-                f"{pre}: additive_relative attention does not convert (see ReferenceCondTransformer)"
-            )
+            out[pre + "rel_bias"] = m.rel_bias.detach().double().clone()
         elif isinstance(m, ref.nn.eRMSNorm) and hasattr(m, "affine"):
             eye = torch.eye(m.in_rep.size, dtype=m.affine.scale_dof.dtype, device=m.affine.scale_dof.device)
             out[pre + "weight"] = m.affine(eye).T.detach().double().clone()  # columns: images of the basis vectors
@@ -224,7 +224,8 @@ class _DenseLoader:
         ``out_proj`` read from them (``W_out P``); an additive positional table becomes the backend's per-copy
         query and key offsets ``W_q p`` and ``W_k p``."""
         positional = self.join(key, "pos_emb") in self.state
-        inner = self.join(key, "attn") if positional else key
+        relative = self.join(key, "rel_bias") in self.state
+        inner = self.join(key, "attn") if positional or relative else key
         p = self.perm(self.copies(attn.embed_dim))
         w_in, b_in = self.get(self.join(inner, "in_proj_weight")), self.opt(self.join(inner, "in_proj_bias"))
         ws, bs = w_in.chunk(3), [None] * 3 if b_in is None else list(b_in.chunk(3))
@@ -241,6 +242,21 @@ class _DenseLoader:
             attn.positional.load_offsets_((p.T @ ws[0] @ table.T).T, (p.T @ ws[1] @ table.T).T)
         elif isinstance(attn.positional, _ReferencePositions):
             raise ValueError(f"state_dict: missing key {self.join(key, 'pos_emb')!r} of the positional attention")
+        if relative != isinstance(attn.positional, _ReferenceRelative):
+            have = "has" if relative else "lacks"
+            raise ValueError(
+                f"state_dict[{key!r}]: the state {have} a relative bias table, this attention the opposite"
+            )
+        backend = attn.positional
+        if isinstance(backend, _ReferenceRelative):
+            table = self.get(self.join(key, "rel_bias"))
+            if table.shape != backend.table.shape:
+                raise ValueError(
+                    f"state_dict[{self.join(key, 'rel_bias')!r}]: expected shape {tuple(backend.table.shape)}, "
+                    f"got {tuple(table.shape)}"
+                )
+            with torch.no_grad():
+                backend.table.copy_(table)
 
     def norm(self, norm: nn.Module, key: str, r: Tensor | None, foldable: bool) -> Tensor | None:
         """A reference eRMSNorm: with ``foldable`` (only maps read it), its dense affine is returned for the readers
@@ -298,8 +314,8 @@ class _DenseLoader:
 class _ReferencePositions(PositionalAttention):
     """symm_learning's additive absolute positions as a streamtx backend: the reference adds an invariant table
     ``p[pos]`` to the attention's query and key *inputs*, so the projected queries and keys get ``W_q p[pos]`` and
-    ``W_k p[pos]`` (invariant: one value per copy, two tables); a negative position (the reference's masked one, the
-    step token) adds nothing. Shapes: ``(B, H, L, c N)`` features, ``(B, L)`` positions."""
+    ``W_k p[pos]`` (invariant: one value per copy, two tables); a :data:`MASKED` position (the reference's masked
+    one, the step token) adds nothing. Shapes: ``(B, H, L, c N)`` features, ``(B, L)`` positions."""
 
     def __init__(self, num_heads: int, copies_per_head: int, group_order: int, max_len: int) -> None:
         super().__init__(num_heads, copies_per_head, group_order)
@@ -314,9 +330,10 @@ class _ReferencePositions(PositionalAttention):
             table.copy_(dense.reshape(table.shape + (self.group_order,)).mean(-1).to(table))
 
     def _add(self, x: Tensor, pos: Tensor, table: Tensor) -> Tensor:
-        if bool((pos >= self.max_len).any()):
-            raise ValueError(f"positions: expected < max_len={self.max_len}, got {int(pos.max())}")
-        p = table[pos.clamp(min=0)] * (pos >= 0)[..., None, None].to(table)  # (B, L, H, c)
+        valid = pos != MASKED
+        if bool(((pos >= self.max_len) | (valid & (pos < 0))).any()):
+            raise ValueError(f"positions: expected 0..{self.max_len - 1} or MASKED, got {pos.tolist()}")
+        p = table[torch.where(valid, pos, 0)] * valid[..., None, None].to(table)  # (B, L, H, c)
         return x + p.repeat_interleave(self.group_order, dim=-1).transpose(1, 2).to(x.dtype)
 
     def encode_query(self, q: Tensor, pos: Tensor) -> Tensor:
@@ -327,6 +344,31 @@ class _ReferencePositions(PositionalAttention):
 
     def extra_repr(self) -> str:
         return f"max_len={self.max_len}"
+
+
+MASKED = -(2**40)
+"""The position of a token whose position the reference masks (the step token): no absolute table added, no
+relative bias on its pairs."""
+
+
+class _ReferenceRelative(PositionalAttention):
+    """symm_learning's additive relative attention as a streamtx backend: the logits get ``-b[clip(q_pos - k_pos)]``
+    (one learned table ``b (2 max_distance + 1,)`` shared by the heads), zero on pairs with a masked position
+    (:data:`MASKED`). Invariant, so equivariant. Returns ``(B, H, Lq, Lk)``."""
+
+    def __init__(self, num_heads: int, copies_per_head: int, group_order: int, max_distance: int) -> None:
+        super().__init__(num_heads, copies_per_head, group_order)
+        self.max_distance = max_distance
+        self.table = nn.Parameter(torch.zeros(2 * max_distance + 1))
+
+    def score_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        valid = (q_pos != MASKED)[..., :, None] & (k_pos != MASKED)[..., None, :]
+        dist = (q_pos[..., :, None] - k_pos[..., None, :]).clamp(-self.max_distance, self.max_distance)
+        bias = -self.table[dist + self.max_distance] * valid.to(self.table)
+        return bias[:, None].expand(-1, self.num_heads, -1, -1)
+
+    def extra_repr(self) -> str:
+        return f"max_distance={self.max_distance}"
 
 
 class LoadedKeys(NamedTuple):
@@ -732,12 +774,13 @@ class ReferenceCondTransformer(nn.Module):
     non-causal encoder layers, or a per-token ``eLinear``-Mish-``eLinear`` when 0), the step ``k`` rounded to
     float32, embedded sinusoidally over ``embedding_dim`` and projected onto the invariants; ``additive_absolute``
     adds a learned invariant table to the query and key inputs of every attention (memory tokens at positions
-    ``0..Tz`` with the step token's masked, action tokens at ``0..Tx-1``); a final RMSNorm and an equivariant
-    head. The residual stream is streamtx's canonical regular copies (escnn's stack in another element order, a
-    permutation folded into the loaded weights). Not streamable (the step token enters the encoder, so nothing can
-    be cached across denoising steps): train and serve :class:`eCondTransformer` for that. Refused:
-    ``additive_relative`` (its relative bias does not convert) and ``norm_module='layernorm'`` (the reference's
-    eLayerNorm normalizes each irreducible block separately)."""
+    ``0..Tz`` with the step token's masked, action tokens at ``0..Tx-1``), ``additive_relative`` subtracts a learned
+    bias of the clipped distance from the logits (memory tokens at ``-(Tz-1)..0``, the step token's masked, actions at
+    ``0..Tx-1``); a final RMSNorm and an equivariant head. The residual stream is streamtx's canonical regular
+    copies (escnn's stack in another element order, a permutation folded into the loaded weights). Not streamable
+    (the step token enters the encoder, so nothing can be cached across denoising steps): train and serve
+    :class:`eCondTransformer` for that. Refused: ``norm_module='layernorm'`` (the reference's eLayerNorm normalizes
+    each irreducible block separately)."""
 
     def __init__(
         self,
@@ -762,12 +805,6 @@ class ReferenceCondTransformer(nn.Module):
         if pos_encoding not in _POSITIONAL:
             raise ValueError(
                 f"Unknown pos_encoding={pos_encoding!r}. Expected 'additive_absolute', 'additive_relative', or 'none'."
-            )
-        if pos_encoding == "additive_relative":
-            raise NotImplementedError(
-                "pos_encoding='additive_relative': the reference's relative attention bias has no converted "
-                "counterpart here; use 'additive_absolute' or 'none', or streamtx's eCondTransformer (its relative "
-                "backend) and retrain"
             )
         if norm_module != "rmsnorm":
             raise ValueError(
@@ -800,13 +837,15 @@ class ReferenceCondTransformer(nn.Module):
         wide = Representation.regular(group, 4 * m)
         self.embedding_rep = hidden
         max_len = max(in_horizon, cond_horizon + 1)
+        max_distance = in_horizon + cond_horizon - 1  # the reference's: in_horizon + cond_token_horizon - 2
+        c = m // num_attention_heads
 
         def attention() -> _eMultiheadAttention:
-            positional = (
-                _ReferencePositions(num_attention_heads, m // num_attention_heads, n, max_len)
-                if pos_encoding == "additive_absolute"
-                else None
-            )
+            positional: PositionalAttention | None = None
+            if pos_encoding == "additive_absolute":
+                positional = _ReferencePositions(num_attention_heads, c, n, max_len)
+            elif pos_encoding == "additive_relative":
+                positional = _ReferenceRelative(num_attention_heads, c, n, max_distance)
             return _eMultiheadAttention(
                 hidden, num_attention_heads, p_drop_attn, batch_first=True, positional=positional
             )
@@ -863,6 +902,8 @@ class ReferenceCondTransformer(nn.Module):
             elif isinstance(module, _ReferencePositions):
                 nn.init.normal_(module.query_table, std=0.02)
                 nn.init.normal_(module.key_table, std=0.02)
+            elif isinstance(module, _ReferenceRelative):
+                nn.init.normal_(module.table, std=0.02)
 
     def _masks(self, tx: int, tm: int, ref: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The reference's causal masks (``causal_attn``): each action token sees itself and the earlier ones, and
@@ -892,7 +933,9 @@ class ReferenceCondTransformer(nn.Module):
         memory = self.dropout(torch.cat((step, self.cond_emb(Z)), dim=1))
         tm = tz + 1
         arange = torch.arange(tm, device=X.device)
-        cond_pos = torch.where(arange == 0, -1, arange)  # 0..Tz, the step token's masked (no position added)
+        # as the reference: memory positions 0..Tz (absolute) or 0, -(Tz-1)..0 (relative), the step token's masked
+        cond_pos = arange if self.pos_encoding != "additive_relative" else arange - tz
+        cond_pos = torch.where(arange == 0, MASKED, cond_pos)
         if isinstance(self.encoder, nn.ModuleList):
             for layer in self.encoder:
                 memory = layer(memory, src_pos=cond_pos)

@@ -36,7 +36,7 @@ def regressor(fixture: dict, name: str) -> tuple[sl.ReferenceCondTransformer, di
     return model, entry
 
 
-@pytest.mark.parametrize("name", ["absolute_causal", "mlp_none", "postnorm"])
+@pytest.mark.parametrize("name", ["absolute_causal", "mlp_none", "postnorm", "relative"])
 def test_reference_regressor_checkpoint_gives_the_reference_outputs(fixture, name):
     model, entry = regressor(fixture, name)
     model.load_state_dict(entry["dense"])
@@ -93,8 +93,8 @@ def test_unexpected_and_missing_keys_are_named(fixture):
 
 def test_reference_options_without_a_counterpart_are_refused(fixture):
     reps = fixture["streamtx_reps"]
-    with pytest.raises(NotImplementedError, match="additive_relative"):
-        sl.ReferenceCondTransformer(reps["in"], reps["cond"], None, 4, 3, 1, 2, 16, pos_encoding="additive_relative")
+    with pytest.raises(ValueError, match="pos_encoding"):
+        sl.ReferenceCondTransformer(reps["in"], reps["cond"], None, 4, 3, 1, 2, 16, pos_encoding="rope")
     with pytest.raises(ValueError, match="eLayerNorm normalizes each irreducible block"):
         sl.ReferenceCondTransformer(reps["in"], reps["cond"], None, 4, 3, 1, 2, 16, norm_module="layernorm")
 
@@ -141,5 +141,39 @@ def test_raw_reference_checkpoints_load_with_the_reference_installed(fixture):
         x, z = torch.randn(2, 4, in_rep.size), torch.randn(2, 3, in_rep.size)
         with torch.no_grad():
             assert rel_err(ours(x, 5, z), ref(x, 5, z)) < TOL
+    finally:
+        torch.set_default_dtype(dt)
+
+
+def test_reference_drops_its_relative_bias_in_causal_decoder_self_attention(fixture):
+    """Why the fixture's relative model is not causal: with ``causal_attn``, the reference's decoder detects its
+    causal mask, torch's MultiheadAttention then takes ``is_causal`` as the mask and drops the relative bias merged
+    into it, so zeroing that bias changes nothing (streamtx applies it)."""
+    pytest.importorskip("escnn")
+    models = pytest.importorskip("symm_learning.models")
+    from escnn.group import DihedralGroup, directsum
+
+    dt = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(3)
+        g = DihedralGroup(2)
+        rep = directsum([g.irrep(1, 0), g.irrep(0, 1), g.irrep(1, 1)])
+        args = dict(in_horizon=4, cond_horizon=3, num_layers=1, num_attention_heads=2, embedding_dim=16)
+        kw = dict(num_cond_layers=1, causal_attn=True, pos_encoding="additive_relative", **args)
+        ref = models.eCondTransformer(rep, rep, None, **kw).eval()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        ours = sl.ReferenceCondTransformer(rep, rep, None, **kw).eval()
+        ours.load_state_dict(ref.state_dict())
+        x, z = torch.randn(2, 4, rep.size), torch.randn(2, 3, rep.size)
+        with torch.no_grad():
+            before, mine = ref(x, 5, z), ours(x, 5, z)
+            ref.decoder.layers[0].self_attn.rel_bias.zero_()
+            ours.decoder[0].self_attn.positional.table.zero_()
+            after, mine_zeroed = ref(x, 5, z), ours(x, 5, z)
+        assert rel_err(after, before) < TOL  # the reference never read it
+        assert rel_err(mine_zeroed, after) < TOL and rel_err(mine, before) > 1e-3
     finally:
         torch.set_default_dtype(dt)
