@@ -85,10 +85,6 @@ def _is_reference_state(state_dict: Mapping[str, Any]) -> bool:
     return any(k.startswith("parametrizations.") or ".parametrizations." in k or "weight_dof" in k for k in state_dict)
 
 
-def _sub(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 @torch.no_grad()
 def reference_dense_state(module: Any) -> dict[str, Tensor]:
     """The dense weights of a symm_learning module (any of the classes this module mirrors, with its weights
