@@ -229,7 +229,13 @@ def test_bad_input_is_refused_naming_the_argument() -> None:
     cases = [
         (ValueError, r"Z: expected \(B, T, 3, 1, 4, 2\)", lambda: model(x, k, z[..., :1], positions=p)),
         (ValueError, r"positions: expected shape \(2, 3, 3, 3\)", lambda: model(x, k, z, positions=p[:, :2])),
-        (ValueError, "positions: expected shape", lambda: model(x, k, z, positions=None)),
+        (ValueError, r"Z: expected flat tokens \(B, T, 33\) without positions", lambda: model(x, k, z, positions=None)),
+        (ValueError, r"tokens: expected \(\.\.\., 33\)", lambda: model(x, k, z.flatten(2)[..., :30])),
+        (
+            ValueError,
+            r"cond_lengths: expected \(2,\) window lengths in 1..3",
+            lambda: model(x, k, z, positions=p, cond_lengths=torch.tensor([0, 3])),
+        ),
         (ValueError, r"X: expected \(B, Tx, 3\) with Tx in 1..4", lambda: model(x.repeat(1, 2, 1), k, z, positions=p)),
         (ValueError, "X: expected batch size 2", lambda: model(x[:1], k, z, positions=p)),
         (TypeError, "X: expected dtype torch.float64", lambda: model(x.float(), k, z, positions=p)),
