@@ -1,21 +1,23 @@
 """``streamtx o3-demo``: an O(3)-equivariant policy over 3-D tokens, end to end, against a plain one.
 
 A point mass in 3-D (:mod:`streamtx.tasks.pointmass3d`) reaches a target. The analytic expert's demonstrations cover
-only the cone of target directions within 60 degrees of ``+z`` (a quarter of the sphere). ``streamtx train`` fits
-two policies on the same demonstrations: the equivariant ``O3CondDenoiser`` and the plain ``CondTransformerRegressor``
-of about the same size over the same flat tokens. Both run closed loop on held-out targets, half in the seen cone and
-half in the unseen rest of the sphere, all episodes of a region at once (one row each, in-process: the policy class the
-daemon serves). Then each checkpoint is served by the daemon (a child process on a local port) and a few episodes
-of each region run through one SDK session: their final distances are compared with the in-process ones and the
-client round trip of every control step is the latency reported. Prints one table.
+only the cone of target directions within ``--cone`` degrees of ``+z`` (60: a quarter of the sphere).
+``streamtx train`` fits two policies on the same demonstrations: the equivariant ``O3CondDenoiser`` and the plain
+``CondTransformerRegressor`` of about the same size over the same flat tokens. Both run closed loop on held-out
+targets, half in the seen cone and half in the unseen rest of the sphere, all episodes of a region at once (one row
+each, in-process: the policy class the daemon serves). Then each checkpoint is served by the daemon (a child process
+on a local port) and a few episodes of each region run through one SDK session: their final distances are compared
+with the in-process ones, and the client round trip of every control step is the latency reported. Prints one table.
 
-    streamtx o3-demo                        # ~2 min training each on one CPU thread
+    streamtx o3-demo                        # ~2-3 min of training each on one CPU thread
     streamtx o3-demo --workdir o3_demo/     # keep the demonstrations, checkpoints and logs
+    streamtx o3-demo --cone 30              # a narrower seen cone
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from streamtx_server.process import DaemonProcess
 
 from ..checkpoint import load_policy
 from ..data import save_npz
-from ..tasks.pointmass3d.collect import SEEN_HALF_ANGLE, EpisodeStarts, collect_demonstrations
+from ..tasks.pointmass3d.collect import EpisodeStarts, collect_demonstrations
 from ..tasks.pointmass3d.env import SUCCESS_DISTANCE
 from ..tasks.pointmass3d.evaluate import (
     ExpertController,
@@ -127,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps of each policy")
     p.add_argument("--targets", type=int, default=100, help="held-out targets per region (seen, unseen)")
     p.add_argument("--served", type=int, default=5, help="episodes per region run through the daemon per policy")
+    p.add_argument("--cone", type=float, default=60.0, help="half-angle (degrees) of the seen cone about +z")
     p.add_argument("--workdir", type=Path, default=None, help="keep demonstrations, checkpoints, logs here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("episodes", "steps", "targets", "served"):
         if getattr(args, name) < 1:
             raise SystemExit(f"streamtx o3-demo: --{name}: expected >= 1, got {getattr(args, name)}")
+    if not 0 < args.cone < 180:
+        raise SystemExit(f"streamtx o3-demo: --cone: expected degrees in (0, 180), got {args.cone}")
     if args.served > args.targets:
         raise SystemExit(f"streamtx o3-demo: --served {args.served} is more than --targets {args.targets}")
     torch.set_num_threads(1)
@@ -150,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, work: Path) -> int:
     start = time.perf_counter()
     data = work / "pointmass3d_demos.npz"
-    save_npz(data, collect_demonstrations(args.episodes, seed=0, region="seen"))
-    print(f"wrote {data}: {args.episodes} expert episodes, targets within 60 degrees of +z")
-    seen, unseen = held_out_episodes(args.targets, args.targets)
+    half_angle = math.radians(args.cone)
+    save_npz(data, collect_demonstrations(args.episodes, seed=0, region="seen", half_angle=half_angle))
+    print(f"wrote {data}: {args.episodes} expert episodes, targets within {args.cone:g} degrees of +z")
+    seen, unseen = held_out_episodes(args.targets, args.targets, half_angle=half_angle)
     rows, seconds = [], {}
     for name, equivariant in (("O3CondDenoiser (equivariant)", True), ("CondTransformerRegressor (plain)", False)):
         checkpoint = work / ("o3.pt" if equivariant else "plain.pt")
@@ -170,23 +176,27 @@ def _run(args: argparse.Namespace, work: Path) -> int:
 def _print_table(
     args: argparse.Namespace, rows: list[DemoRow], expert: tuple[Rollouts, Rollouts], seconds: dict[str, float]
 ) -> None:
-    cone = round(float(np.degrees(SEEN_HALF_ANGLE)))
     print(
-        f"\n3-D point mass, {args.targets} held-out targets with directions in the training cone (<= {cone} deg from "
-        f"+z: seen) and {args.targets} outside it (unseen); success = within {SUCCESS_DISTANCE} m at the end"
+        f"\n3-D point mass, {args.targets} held-out targets with directions in the training cone (<= {args.cone:g} deg "
+        f"from +z: seen) and {args.targets} outside it (unseen); success = within {SUCCESS_DISTANCE} m at the end"
     )
-    head = f"  {'policy':<34} {'params':>7} {'train s':>8} {'seen':>7} {'unseen':>7}"
+    head = f"  {'policy':<34} {'params':>7} {'train s':>8} {'seen':>7} {'unseen':>7} {'final mm seen/unseen':>21}"
     print(head + f"  {'daemon step p50 / p99 ms':>25}  {'served = local':>14}")
     for r in rows:
         ms = 1e3 * r.latencies
         latency = f"{np.percentile(ms, 50):.2f} / {np.percentile(ms, 99):.2f}"
+        mm = f"{1e3 * r.seen.final_distance.mean():.1f} / {1e3 * r.unseen.final_distance.mean():.1f}"
         print(
             f"  {r.name:<34} {r.num_parameters:>7,} {seconds[r.name]:>8.0f} {r.seen.success_rate:>7.1%} "
-            f"{r.unseen.success_rate:>7.1%}  {latency:>25}  {r.served_difference:>14.1e}"
+            f"{r.unseen.success_rate:>7.1%} {mm:>21}  {latency:>25}  {r.served_difference:>14.1e}"
         )
-    print(f"  {'analytic expert':<34} {'':>7} {'':>8} {expert[0].success_rate:>7.1%} {expert[1].success_rate:>7.1%}")
+    mm = f"{1e3 * expert[0].final_distance.mean():.1f} / {1e3 * expert[1].final_distance.mean():.1f}"
     print(
-        f"  daemon: {len(rows[0].latencies)} control steps per policy ({args.served} episodes per region, one session, "
-        "a chunk per step, client round trip); served = local: largest |final distance| difference between the "
-        "served and the in-process rollout of the same episodes (m)"
+        f"  {'analytic expert':<34} {'':>7} {'':>8} {expert[0].success_rate:>7.1%} {expert[1].success_rate:>7.1%} "
+        f"{mm:>21}"
+    )
+    print(
+        f"  final mm: mean final distance; daemon: {len(rows[0].latencies)} control steps per policy ({args.served} "
+        "episodes per region, one session, a chunk per step, client round trip); served = local: largest |final "
+        "distance| difference between the served and the in-process rollout of the same episodes (m)"
     )

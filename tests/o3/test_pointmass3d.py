@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from streamtx.apps import o3_demo
 from streamtx.apps.o3_demo import train_arguments
 from streamtx.apps.serve import load_served_policy
 from streamtx.apps.served_policy import TorchBatchPolicy
@@ -89,3 +90,16 @@ def test_streamtx_train_fits_both_policies_on_the_task(tmp_path) -> None:
         assert chunk.shape == (4, 3) and np.isfinite(chunk).all()
     assert 0.8 < sizes[True] / sizes[False] < 1.2  # "a plain model of the same size"
     torch.manual_seed(0)  # the trainer seeded the global generator: leave it as the suite's fixture does
+
+
+@pytest.mark.slow
+def test_o3_demo_command_runs_end_to_end(tmp_path, capsys) -> None:
+    """``streamtx o3-demo`` at toy sizes (2 training steps, 2 targets per region, 1 served episode each): collects,
+    trains both policies, serves each by a daemon child process on 127.0.0.1 and prints the table."""
+    args = ["--episodes", "4", "--steps", "2", "--targets", "2", "--served", "1", "--workdir", str(tmp_path), "--quiet"]
+    assert o3_demo.main(args) == 0
+    out = capsys.readouterr().out
+    assert "O3CondDenoiser (equivariant)" in out and "CondTransformerRegressor (plain)" in out
+    assert "daemon: 120 control steps per policy" in out
+    assert (tmp_path / "o3.pt").is_file() and (tmp_path / "plain.pt").is_file()
+    torch.manual_seed(0)

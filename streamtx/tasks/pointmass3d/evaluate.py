@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ...policy import PolicyState, StreamingPolicy
-from .collect import EpisodeStarts, episode_starts
+from .collect import SEEN_HALF_ANGLE, EpisodeStarts, episode_starts
 from .env import EPISODE_STEPS, SUCCESS_DISTANCE, state_of_tokens
 from .expert import PointMassExpert
 
@@ -92,11 +92,13 @@ class Rollouts:
         return float(self.success.mean())
 
 
-def held_out_episodes(num_seen: int, num_unseen: int, start: int = EVAL_SEED) -> tuple[EpisodeStarts, EpisodeStarts]:
-    """``(seen, unseen)``: held-out episodes with targets in the training cone and outside it (consecutive seeds
-    from ``start``)."""
-    seen = episode_starts(range(start, start + num_seen), "seen")
-    unseen = episode_starts(range(start + num_seen, start + num_seen + num_unseen), "unseen")
+def held_out_episodes(
+    num_seen: int, num_unseen: int, start: int = EVAL_SEED, half_angle: float = SEEN_HALF_ANGLE
+) -> tuple[EpisodeStarts, EpisodeStarts]:
+    """``(seen, unseen)``: held-out episodes with targets in the training cone (of ``half_angle``) and outside it
+    (consecutive seeds from ``start``)."""
+    seen = episode_starts(range(start, start + num_seen), "seen", half_angle)
+    unseen = episode_starts(range(start + num_seen, start + num_seen + num_unseen), "unseen", half_angle)
     return seen, unseen
 
 
