@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--episodes", type=int, default=400, help="demonstrations (targets in the seen cone)")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps of each policy")
-    p.add_argument("--targets", type=int, default=100, help="held-out targets per region (seen, unseen)")
+    p.add_argument("--targets", type=int, default=200, help="held-out targets per region (seen, unseen)")
     p.add_argument("--served", type=int, default=5, help="episodes per region run through the daemon per policy")
     p.add_argument("--cone", type=float, default=60.0, help="half-angle (degrees) of the seen cone about +z")
     p.add_argument("--workdir", type=Path, default=None, help="keep demonstrations, checkpoints, logs here")
