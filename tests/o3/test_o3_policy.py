@@ -66,8 +66,8 @@ def _batch_actions(policy: StreamingPolicy, noise, z, p) -> torch.Tensor:
 def test_policy_step_equals_batch_over_ring_wraps() -> None:
     """210 control steps (memory rings of 2 steps and encoder rings of 2 wrap ~100 times): every chunk of
     ``StreamingPolicy.step`` equals the sampler run on ``forward`` over the newest ``receptive_field`` steps, float64
-    within 1e-10; observations come as features with positions and as flat tokens (alternately), now and then two
-    steps in one call, and one row is reset mid-stream and then stepped alone."""
+    within 1e-10 (checked every third step); observations come as features with positions and as flat tokens
+    (alternately), now and then two steps in one call, and one row is reset mid-stream and then stepped alone."""
     policy = _policy()
     model = policy.model
     rf, steps = policy.receptive_field, 210
@@ -92,6 +92,8 @@ def test_policy_step_equals_batch_over_ring_wraps() -> None:
         else:
             got = policy.step(state, z[:, t : t + s], positions=p[:, t : t + s])
         t += s
+        if t % 3 and t < steps - 2:
+            continue  # compare every third step (and the last ones): the batch reference is the slow part
         for row in range(B):
             first, one = max(start[row], t - rf), slice(row, row + 1)
             want = _batch_actions(policy, noise[one], z[one, first:t], p[one, first:t])
