@@ -103,3 +103,25 @@ def test_o3_demo_command_runs_end_to_end(tmp_path, capsys) -> None:
     assert "daemon: 120 control steps per policy" in out
     assert (tmp_path / "o3.pt").is_file() and (tmp_path / "plain.pt").is_file()
     torch.manual_seed(0)
+
+
+def test_o3_training_with_ddim_resumes_exactly_from_a_periodic_checkpoint(tmp_path) -> None:
+    """``streamtx train`` of the O(3) policy with the DDIM sampler, resumed from a periodic checkpoint (by a run of
+    another seed), ends with the weights of the uninterrupted run; resuming it into the plain model is refused."""
+    data = tmp_path / "demos.npz"
+    save_npz(data, collect_demonstrations(4, seed=1))
+    tiny = ["--dim", "4", "--max-degree", "1", "--action-horizon", "2", "--obs-horizon", "1", "--cond-layers", "1"]
+    tiny += ["--layers", "1", "--heads", "1", "--steps", "4", "--batch-size", "8", "--sampler", "ddim"]
+    tiny += ["--val-fraction", "0", "--warmup-steps", "1", "--dtype", "float64", "--quiet"]
+    full, resumed = tmp_path / "full.pt", tmp_path / "resumed.pt"
+    assert train_main([str(data), "--out", str(full), *tiny, "--checkpoint-every", "2"]) == 0
+    midway = tmp_path / "full.step-2.pt"
+    # another seed: only a real resume (weights, optimizer, batches and noise restored) gives the same end
+    assert train_main([str(data), "--out", str(resumed), *tiny, "--seed", "5", "--resume", str(midway)]) == 0
+    a, b = load_policy(full, dtype=torch.float64), load_policy(resumed, dtype=torch.float64)
+    assert a.sampler.config()["type"] == "ddim"
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(SystemExit, match="is a O3CondDenoiser"):
+        train_main([str(data), "--out", str(tmp_path / "x.pt"), *tiny, "--no-equivariance", "--resume", str(midway)])
+    torch.manual_seed(0)
