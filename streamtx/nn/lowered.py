@@ -534,17 +534,17 @@ def _per_head(t: Tensor, eye: Tensor) -> Tensor:
 
 
 def _exact_block(
-    q: Tensor, q_pos: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, score_bias: ScoreBias
+    q: Tensor, q_pos: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, score_bias: ScoreBias, eye: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact softmax bookkeeping of queries ``q (b, S, H, hd)`` at ``q_pos (b, S)`` over every filled slot of a ring
     ``k, v (b, n, H, hd)`` at ``k_pos (b, n)`` (``-1``: empty): shift ``m``, denominator ``l`` ``(b, S, H)``,
     numerator ``acc (b, S, H, hd)``. Fewer queries than heads (the new tokens of a step) take the block-diagonal
-    form of :func:`_per_head`; more (the whole window) take per-head batched matmuls, where the ``H``-fold zeros
-    would cost more than a per-head copy of the ring."""
+    form of :func:`_per_head` (``eye``: its ``(H, H)`` identity, if the caller has one); more (the whole window)
+    take per-head batched matmuls, where the ``H``-fold zeros would cost more than a per-head copy of the ring."""
     b, s, heads, hd = q.shape
     few = s < heads
     if few:
-        eye = torch.eye(heads, dtype=q.dtype, device=q.device)
+        eye = torch.eye(heads, dtype=q.dtype, device=q.device) if eye is None else eye
         logits = (_per_head(q, eye) @ k.flatten(2).mT).view(b, heads, s, -1)  # (b, H, S, n)
     else:
         logits = q.transpose(1, 2) @ k.permute(0, 2, 3, 1)
@@ -609,7 +609,8 @@ def retroactive_enter(
     slots = pos % n
     data, ring_pos = cache.read(rows)
     batch = torch.arange(b, device=pos.device)[:, None]
-    k, v = k.to(data["k"].dtype), v.to(data["v"].dtype)
+    if k.dtype != data["k"].dtype:  # half-precision models: the ring keeps the accumulator dtype
+        q, k, v = q.to(data["q"].dtype), k.to(data["k"].dtype), v.to(data["v"].dtype)
     moving_k = torch.cat((data["k"][batch, slots], k), 1)  # S leave, S arrive: (b, 2S, H, hd)
     moving_v = torch.cat((data["v"][batch, slots], v), 1)
     moving_pos = torch.cat((ring_pos[batch, slots], pos), 1)
@@ -624,7 +625,7 @@ def retroactive_enter(
     survivor = ((ring_pos >= 0) & (ring_pos < pos[:, :1]))[:, None, None]  # (b, 1, 1, n)
     heads, hd = q.shape[2:]
     eye = torch.eye(heads, dtype=acc.dtype, device=acc.device)
-    logits = (_per_head(moving_k, eye) @ data["q"].flatten(2).mT).view(b, heads, 2 * s, n) * hd**-0.5
+    logits = (_per_head(moving_k, eye * hd**-0.5) @ data["q"].flatten(2).mT).view(b, heads, 2 * s, n)
     bias = score_bias(ring_pos, moving_pos)
     if bias is not None:
         logits = logits + bias.transpose(2, 3).to(logits.dtype)
@@ -637,23 +638,27 @@ def retroactive_enter(
     alpha = torch.exp(m - m_new)
     e_new = torch.exp(s_new - m_new)
     removed = e_old.sum(2, keepdim=True)
-    weights = torch.cat((e_old * -alpha, e_new), 2)  # (acc - e_old v_old) alpha + e_new v_new
-    moved = (weights.flatten(1, 2).mT @ _per_head(moving_v, eye)).view(acc.shape)
-    acc = torch.addcmul(moved, acc, alpha[:, :, 0].transpose(1, 2)[..., None])
+    weights = torch.cat((e_old * -alpha, e_new), 2).flatten(1, 2).mT  # (acc - e_old v_old) alpha + e_new v_new
+    scale = alpha[:, :, 0].transpose(1, 2)[..., None]  # (b, n, H, 1)
+    if rows is None and acc.is_contiguous() and not (torch.is_grad_enabled() and acc.requires_grad):
+        # in place (inference): no new (b, n, H, hd) tensors
+        acc.mul_(scale).view(b, n, heads * hd).baddbmm_(weights, _per_head(moving_v, eye))
+    else:
+        acc = torch.addcmul((weights @ _per_head(moving_v, eye)).view(acc.shape), acc, scale)
     l, r = (l - removed) * alpha + e_new.sum(2, keepdim=True), (r + removed) * alpha
     m, l, r = (t[:, :, 0].transpose(1, 2) for t in (m_new, l, r))  # (b, n, H), views
     flagged = survivor[:, 0, 0, :, None] & ~(recompute_threshold * l >= r)  # NaN or l <= 0 also recompute
 
     # The new tokens' rows, exactly, as one block; then the flagged rows (rare: O(1) per step on generic data).
     m[batch, slots], l[batch, slots], acc[batch, slots] = _exact_block(
-        q.to(acc.dtype), pos, data["k"], data["v"], ring_pos, score_bias
+        q, pos, data["k"], data["v"], ring_pos, score_bias, eye
     )
     r[batch, slots] = 0.0
     if bool(flagged.any()):
         bi, ni, hi = flagged.nonzero(as_tuple=True)
         _exact_rows(data, ring_pos, (bi, ni, hi), (m, l, r, acc), score_bias)
 
-    if rows is None:  # new tensors: no copy back
+    if rows is None:  # new tensors (acc: new or updated in place): no copy back
         state.m, state.l, state.r, state.acc = m, l, r, acc
         state.recomputed += flagged.sum((1, 2))
     else:
