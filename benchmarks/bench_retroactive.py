@@ -17,7 +17,8 @@ Also: the guard's exact recomputes per step and head on generic and on peaked lo
 last step's error against the float64 batch forward relative to the output scale, per update. ``floor``: the part of a
 step that no update avoids here, out-projection + residual + norms + feed-forward of all n outputs (every output
 changes each step), timed alone as the block runs it (its ``outputs``, into its reused buffers);
-``recompute / floor`` bounds the ratio any step can reach.
+``recompute / floor`` bounds the ratio any step can reach (a bound, not a target: alone, the floor runs with warm
+caches, while inside a step the attention update's reads of the ring evict part of its working set).
 
     .venv/bin/python benchmarks/bench_retroactive.py [--n 64 256 1024] [--batch 1] [--threads 1] [--repeats 40]
 """
