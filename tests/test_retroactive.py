@@ -166,6 +166,29 @@ def test_recomputes_per_step_are_amortized_constant():
     assert 0 < per_step_per_head <= 1.0
 
 
+def test_updates_with_gradients_equal_batch_forward_and_differentiate():
+    """With gradients the module path computes the window update's bookkeeping by the explicit softmax (what CUDA
+    runs too) and updates the numerators out of place: both updates, alternating on one state, equal the batch
+    forward over the window, and a loss on the last window differentiates into the layer's weights."""
+    layer = make_layer("D4", positional="rope").train()  # dropout 0: training mode changes nothing but the path
+    window, incremental = (eRetroactiveEncoderLayer(layer, N, update=u) for u in ("window", "incremental"))
+    assert "training mode" in window.why_not_fast_path()
+    x = stream(layer, length=5 * N)
+    state = window.init_state(2)
+    err = scale = 0.0
+    for t in range(x.shape[1]):
+        y, state = (window if t // N % 2 == 0 else incremental).forward_step(x[:, t], state)
+        lo = max(0, t - N + 1)
+        with torch.no_grad():
+            ref = layer(x[:, lo : t + 1], src_pos=torch.arange(lo, t + 1))
+        err = max(err, (y[:, N - (t + 1 - lo) :] - ref).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+    assert err <= 1e-10 * scale, (err, scale)
+    assert state.acc.requires_grad
+    y.square().sum().backward()
+    assert layer.self_attn.q_proj.weight.grad is not None and layer.self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------ symmetry
 @pytest.mark.parametrize("update", UPDATES)
 def test_window_outputs_are_equivariant(update):
