@@ -1015,7 +1015,7 @@ class RetroactiveEncoderLayer:
         else:
             retroactive_enter(state, x, q, k, v, pos, rows, attn.positional.score_bias, self.recompute_threshold)
 
-    def _buffers(self, batch: int, dtype: torch.dtype, state: RetroactiveState) -> dict[str, Tensor]:
+    def _output_buffers(self, batch: int, dtype: torch.dtype, state: RetroactiveState) -> dict[str, Tensor]:
         device, key = state.acc.device, (batch, dtype, state.acc.dtype, state.acc.device, threading.get_ident())
         buffers = self.buffers.get(key)
         if buffers is None:
@@ -1035,7 +1035,7 @@ class RetroactiveEncoderLayer:
         """The layer's outputs over the window, oldest first ``(b, n, D)``."""
         layer, dtype = self.layer, self.layer.attn.out.weight.dtype
         b, full = state.cache.positions(rows).shape[0], window_full(state, rows)
-        buffers = self._buffers(b, dtype, state)
+        buffers = self._output_buffers(b, dtype, state)
         att, x = (t.flatten(0, 1) for t in retroactive_attention(state, rows, buffers["att"], full))  # (b n, .)
         if att.dtype != dtype:  # half precision: the bookkeeping is float32
             att, x = att.to(dtype), x.to(dtype)
