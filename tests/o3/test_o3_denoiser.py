@@ -8,26 +8,12 @@ import math
 
 import pytest
 import torch
-from o3_testing import act_on_features, assert_close, o3_element
+from o3_testing import TINY_DENOISER as BASE
+from o3_testing import TX, B, E, act_on_features, assert_close, o3_element
 
 from streamtx.models import O3CondDenoiser, O3DenoiserConfig, O3DenoiserState
 from streamtx.nn import StreamingModule
 
-B, E, TX = 2, 3, 4
-BASE = {
-    "num_entities": E,
-    "obs_features": 2,
-    "in_horizon": TX,
-    "cond_horizon": 2,
-    "cond_window": 2,
-    "features": 8,
-    "max_degree": 2,
-    "num_attention_heads": 2,
-    "num_layers": 2,
-    "num_cond_layers": 2,
-    "num_basis": 4,
-    "cutoff": 4.0,
-}
 # (hidden pseudotensors, observation degree, observation pseudotensors): polar-only, and axial observation features
 # (e.g. angular velocities) carried by a hidden layout with both parities.
 LAYOUTS = [(False, 2, False), (True, 1, True)]

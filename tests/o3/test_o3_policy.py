@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from o3_testing import act_on_features, assert_close, o3_element
+from o3_testing import TINY_DENOISER, TX, B, E, act_on_features, assert_close, o3_element
 
 from streamtx.apps.served_policy import TorchBatchPolicy
 from streamtx.checkpoint import load_fastest_policy, load_policy, make_random_checkpoint, save_checkpoint
@@ -24,21 +24,7 @@ from streamtx_client import Client, LocalSession, ServerError
 from streamtx_client.protocol import PROTOCOL_VERSION, decode, encode
 from streamtx_server import Server, ServerConfig
 
-B, E, TX = 2, 3, 4
-CONFIG = {
-    "num_entities": E,
-    "obs_features": 2,
-    "in_horizon": TX,
-    "cond_horizon": 2,
-    "cond_window": 2,
-    "features": 8,
-    "max_degree": 2,
-    "num_attention_heads": 2,
-    "num_layers": 2,
-    "num_cond_layers": 1,
-    "num_basis": 4,
-    "cutoff": 4.0,
-}
+CONFIG = {**TINY_DENOISER, "num_cond_layers": 1}
 TIMEOUT = 20.0  # seconds a client waits for a reply: generous on a loaded machine, still bounded
 
 
