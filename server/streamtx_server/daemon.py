@@ -162,6 +162,9 @@ class Server:
         # the rows of a one-session call, made once (inputs: a policy reads them; torch aliases them writable)
         self._slot_rows = [np.array([slot], np.int64) for slot in range(config.max_sessions)]
         self._dtype = np.dtype(policy.dtype)
+        # what every request's decode and parse read, as plain attributes (not a chain of lookups per request)
+        self._max_bytes, self._max_elements = self.config.max_message_bytes, self.config.max_array_elements
+        self._obs_dim, self._max_tokens = policy.obs_dim, self.config.max_tokens_per_step
         self._hello = {
             "protocol": PROTOCOL_VERSION,
             "versions": list(SUPPORTED_VERSIONS),
@@ -281,9 +284,7 @@ class Server:
                     readable = True
                 elif self._woken_to_stop():
                     return
-            if readable:
-                self._receive(router, limit=_DRAIN_LIMIT)
-            if self._batch_due():
+            if (readable and self._receive(router, limit=_DRAIN_LIMIT)) or self._batch_due():
                 self._run_batch(router)
             if self._replies.pending >= _FOLD_SAMPLES:
                 self.stats.fold()  # nobody read the statistics for a while: bound what waits to be folded
@@ -306,13 +307,14 @@ class Server:
 
     # -- requests
 
-    def _receive(self, router: zmq.Socket[Any], limit: int, until_full: bool = True) -> None:
-        """Read and handle up to ``limit`` waiting messages. With ``until_full``, stop early once the next round is
-        full (every open session has a step waiting, or ``max_batch`` do: nobody could join it) if the last round
-        was short (``_READ_AHEAD_AFTER_S``): the loop runs the round at once and reads the rest next, so a lone
-        session's step costs no second poll (~2 us, a fifth of what the daemon adds to a step). After a longer
-        round steps may have piled up; reading on lets a newer one supersede an older (overload) and fills queues
-        (``busy``) as without the shortcut."""
+    def _receive(self, router: zmq.Socket[Any], limit: int, until_full: bool = True) -> bool:
+        """Read and handle up to ``limit`` waiting messages; True if it stopped early for a full round.
+
+        With ``until_full``, it stops once the next round is full (every open session has a step waiting, or
+        ``max_batch`` do: nobody could join it) if the last round was short (``_READ_AHEAD_AFTER_S``): the loop
+        runs the round at once and reads the rest next, so a lone session's step costs no second poll (~2 us, a
+        fifth of what the daemon adds to a step). After a longer round steps may have piled up; reading on lets a
+        newer one supersede an older (overload) and fills queues (``busy``) as without the shortcut."""
         # A poll with timeout 0 says whether another message waits: cheaper than the zmq.Again a receive of nothing
         # raises (an exception built per wake-up was ~5 us of the loop's time per step).
         more = [(router, zmq.POLLIN)]
@@ -321,10 +323,13 @@ class Server:
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:  # nothing after all (the shutdown drain asks without a poll first)
-                return
+                return False
             self._handle(router, frames, time.perf_counter())
-            if (until_full and self._round_full()) or not zmq.zmq_poll(more, 0):
-                return
+            if until_full and self._round_full():
+                return True
+            if not zmq.zmq_poll(more, 0):
+                return False
+        return False
 
     def _handle(self, router: zmq.Socket[Any], frames: list[bytes], received: float) -> None:
         # DEALER peers send [body]; REQ peers send ["", body]. ROUTER prepends the peer's identity.
@@ -334,10 +339,8 @@ class Server:
             if not (len(frames) == 2 or (len(frames) == 3 and frames[1] == b"")):
                 envelope = frames[:1]
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"expected one message frame, got {len(frames) - 1}")
-            message = decode(
-                body, max_bytes=self.config.max_message_bytes, max_array_elements=self.config.max_array_elements
-            )
-            request = parse_request(message, obs_dim=self.policy.obs_dim, max_tokens=self.config.max_tokens_per_step)
+            message = decode(body, max_bytes=self._max_bytes, max_array_elements=self._max_elements)
+            request = parse_request(message, obs_dim=self._obs_dim, max_tokens=self._max_tokens)
             self._record["decode"](time.perf_counter() - received)
             self.stats.requests[request.kind] += 1
             if isinstance(request, Step):
@@ -710,9 +713,6 @@ class Server:
     def _run_batch(self, router: zmq.Socket[Any]) -> None:
         batch, tokens, acting = self._take_round()
         start = time.perf_counter()
-        record_queue = self._record["queue"]
-        for _, item, _ in batch:
-            record_queue(start - item.ready)
         plan = plan_batch(tokens, acting)
         actions: dict[int, np.ndarray] = {}
         poisoned: set[int] = set()  # steps whose actions are not all finite
@@ -758,8 +758,6 @@ class Server:
                 )
             self._last_round_s = time.perf_counter() - start
             return
-        self._record["model"](model_time)
-        self.stats.batch_sizes.add(len(batch))
         now = self._clock()
         for i, (session, item, acts) in enumerate(batch):
             session.tokens += len(item.obs)
@@ -784,6 +782,12 @@ class Server:
                 result = {"seq": item.request.seq, "tokens": session.tokens, "timing": timing}
             self._answer(router, session, item, ok_reply(None, result))
         self._last_round_s = time.perf_counter() - start
+        # statistics after the replies: what runs between a reply's send and the next poll delays no one
+        record_queue = self._record["queue"]
+        for _, item, _ in batch:
+            record_queue(start - item.ready)
+        self._record["model"](model_time)
+        self.stats.batch_sizes.add(len(batch))
 
     def _poison(self, session: Session) -> dict[str, Any]:
         """The policy produced non-finite actions for ``session``: its state is unusable; reset it (seed kept)."""

@@ -223,7 +223,7 @@ assert set(_FIELDS) == set(KINDS)
 
 _ENVELOPE = frozenset({"v", "id", "kind"})
 _ALLOWED = {kind: _ENVELOPE | spec.keys() for kind, spec in _FIELDS.items()}  # every field a kind may carry
-_STEP_ACT = _FIELDS["step"]["act"]  # the default, read once for the hot path
+_STEP_ALLOWED, _STEP_ACT = _ALLOWED["step"], _FIELDS["step"]["act"]  # read once for the hot path
 
 
 def _fields(kind: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -242,15 +242,9 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
     # The hot path first: a step whose every field passes the tests below as written inline is accepted at once (a
     # call per field was a third of its parse); any other request, or a step failing one, takes the checks below,
     # which accept and refuse by the same rules and name what is wrong.
-    if get("kind") == "step" and get("v") == PROTOCOL_VERSION and _ALLOWED["step"].issuperset(message):
-        rid, session, token, seq, obs, act = (
-            get("id"),
-            get("session"),
-            get("token"),
-            get("seq"),
-            get("obs"),
-            get("act", _STEP_ACT),
-        )
+    if get("kind") == "step" and get("v") == PROTOCOL_VERSION and _STEP_ALLOWED.issuperset(message):
+        rid, session, token, seq, obs = get("id"), get("session"), get("token"), get("seq"), get("obs")
+        act = get("act", _STEP_ACT)
         if (
             type(rid) is int
             and type(session) is str
