@@ -35,7 +35,15 @@ import zmq
 
 from streamtx_client.errors import ErrorCode, ProtocolError
 from streamtx_client.policy import BatchPolicy
-from streamtx_client.protocol import PROTOCOL_VERSION, SUPPORTED_VERSIONS, decode, encode, error_reply, ok_reply
+from streamtx_client.protocol import (
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    array_ext,
+    decode,
+    encode,
+    error_reply,
+    ok_reply,
+)
 
 from .auth import CurveServerKeys, secure_router
 from .batching import plan_batch
@@ -773,7 +781,7 @@ class Server:
                     "seq": item.request.seq,
                     "tokens": session.tokens,
                     "timing": timing,
-                    "actions": actions.get(i),
+                    "actions": None if i not in actions else array_ext(actions[i]),  # packed without a callback
                     "superseded": not acts,
                 }
                 if not acts:
