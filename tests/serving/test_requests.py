@@ -30,6 +30,16 @@ def test_steps_at_the_limits_are_accepted_with_their_fields() -> None:
     assert parse(kind="step", session="s", token="t", seq=0, obs=np.ones(OBS_DIM)).obs.shape == (1, OBS_DIM)
 
 
+def test_an_unknown_field_in_place_of_a_missing_one_is_refused() -> None:
+    """The fast accept counts keys; a misspelt field (as many keys as a right step) must still be refused."""
+    step = {"v": 2, "id": 7, "kind": "step", "session": "s", "token": "t", "obs": np.ones(OBS_DIM, np.float32)}
+    for extra in ({"sequence": 1}, {"seq": 1, "act": True, "timing": True}):
+        with pytest.raises(ProtocolError) as info:
+            parse_request({**step, **extra}, obs_dim=OBS_DIM, max_tokens=MAX_TOKENS)
+        assert info.value.code is ErrorCode.BAD_ARGUMENT
+        assert ("sequence" if "sequence" in extra else "timing") in info.value.message
+
+
 def test_open_defaults() -> None:
     assert parse(kind="open") == Open(7, None, None, 0, None, False, 0, None)
     assert parse(kind="open", session="a", seed=3, steps=5, token="t") == Open(7, "a", 3, 5, "t", False, 0, None)
