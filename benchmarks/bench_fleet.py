@@ -1,7 +1,7 @@
 """The fleet on Ray Serve: per-step overhead through a replica, recovery from a replica crash, steps/s per replica.
 
 Ray runs only inside a network namespace holding nothing but loopback: started anywhere else, this script re-runs
-itself under ``unshare -rn`` (``ip link set lo up`` first) and Ray registers its node as 127.0.0.1 (checked). One
+itself under ``unshare -rn`` (loopback brought up first) and Ray registers its node as 127.0.0.1 (checked). One
 local Ray node with CPU replicas (``num_gpus=0``) of a random-weight checkpoint; the policy runs on the CPU.
 
 Sections (``--sections``, all by default):
@@ -14,13 +14,15 @@ Sections (``--sections``, all by default):
   longest step: the fleet deadline plus one restore on the next replica), and the time until Serve's replacement
   is in the view (a replica's cold start: process, torch import, policy load; each replica's own ``cold_start_s``,
   load to listening, is printed too).
-* ``scaling``: steps/s of closed-loop load generators (``--generators`` processes x ``--sessions`` sessions each)
-  against 1, 2, ... ``--replicas`` CPU replicas (goal: 4 replicas >= 3.2x one; needs a host with cores for the
-  replicas and the generators: a 2-core machine shows only the shape).
+* ``scaling``: steps/s of closed-loop load generators against 1, 2, ... ``--replicas`` CPU replicas, ``n x
+  --generators`` processes of ``--sessions`` sessions each for n replicas (goal: 4 replicas >= 3.2x one). The offered
+  load grows with the fleet, as robots would: with a fixed number of closed-loop sessions, one replica batches four
+  times the rows of each of four, and the ratio would measure batching instead of scale-out. Needs a host with cores
+  for the replicas and the generators (a 2-core machine shows only the shape).
 
     python benchmarks/bench_fleet.py                     # ~6 minutes on a 2-core machine
     python benchmarks/bench_fleet.py --sections overhead --steps 2000
-    taskset -c 0-15 python benchmarks/bench_fleet.py --sections scaling --replicas 4 --generators 8   # 16 cores
+    taskset -c 0-15 python benchmarks/bench_fleet.py --sections scaling --replicas 4 --generators 2   # 16 cores
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shlex
 import signal
 import socket
 import statistics
@@ -46,6 +49,12 @@ from streamtx.checkpoint import make_random_checkpoint
 from streamtx_client import Client, FleetClient, Patience
 
 OBS_DIM = 4
+# `ip link set lo up` without iproute2 (absent on some hosts): SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP
+LOOPBACK_UP = (
+    "import fcntl, socket, struct; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+    "f = struct.unpack('16sH14x', fcntl.ioctl(s, 0x8913, struct.pack('16sH14x', b'lo', 0)))[1]; "
+    "fcntl.ioctl(s, 0x8914, struct.pack('16sH14x', b'lo', f | 1))"
+)
 STEADY = Patience(attempt_timeout=10.0, total=10.0, retries=0)  # overhead and scaling: no failover wanted
 
 
@@ -182,7 +191,7 @@ def scaling(args: argparse.Namespace, url: str, dashboard: str) -> None:
             mp.get_context("spawn").Process(
                 target=_generate, args=(url, args.sessions, args.seconds, 1000 * n + g, queue)
             )
-            for g in range(args.generators)
+            for g in range(n * args.generators)
         ]
         for w in workers:
             w.start()
@@ -190,10 +199,13 @@ def scaling(args: argparse.Namespace, url: str, dashboard: str) -> None:
         for w in workers:
             w.join(60)
         rows.append((n, rate))
-    print(f"\n## scaling: {args.generators} generators x {args.sessions} sessions, closed loops, {args.seconds} s each")
-    print(f"{'replicas':>8} {'steps/s':>10} {'x one':>7}")
+    print(
+        f"\n## scaling: n x {args.generators} generators x {args.sessions} sessions for n replicas, closed loops, "
+        f"{args.seconds} s each"
+    )
+    print(f"{'replicas':>8} {'sessions':>8} {'steps/s':>10} {'x one':>7}")
     for n, rate in rows:
-        print(f"{n:>8} {rate:>10.1f} {rate / rows[0][1]:>7.2f}")
+        print(f"{n:>8} {n * args.generators * args.sessions:>8} {rate:>10.1f} {rate / rows[0][1]:>7.2f}")
     print(f"(cores here: {os.cpu_count()}; the 4-replica goal >= 3.2x needs cores for 4 replicas and the generators)")
 
 
@@ -204,7 +216,7 @@ def main() -> int:
     p.add_argument("--crashes", type=int, default=3)
     p.add_argument("--patience", type=float, default=1.0, help="recovery: the fleet deadline per replica (s)")
     p.add_argument("--replicas", type=int, default=2, help="scaling: up to this many replicas")
-    p.add_argument("--generators", type=int, default=2)
+    p.add_argument("--generators", type=int, default=2, help="scaling: load generators per replica")
     p.add_argument("--sessions", type=int, default=4, help="scaling: sessions per generator")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--server-cpu", type=int, default=1)
@@ -212,7 +224,8 @@ def main() -> int:
     args = p.parse_args()
     interfaces = sorted(name for _, name in socket.if_nameindex())
     if interfaces != ["lo"]:  # Ray only on loopback: re-run in a namespace of our own
-        command = f"ip link set lo up && exec {sys.executable} {' '.join(map(repr, [__file__, *sys.argv[1:]]))}"
+        argv = " ".join(shlex.quote(a) for a in [sys.executable, __file__, *sys.argv[1:]])
+        command = f"{shlex.quote(sys.executable)} -c {shlex.quote(LOOPBACK_UP)} && exec {argv}"
         return subprocess.call(["unshare", "-rn", "sh", "-c", command])
     # the cluster is this process's own, on loopback in a namespace of its own: no Ray token authentication (on by
     # default for a local cluster once a token file exists, and `fleet scale` would need the token)

@@ -6,13 +6,19 @@ work, device-to-host copy of the actions), each sample one step, for:
 
   (a) recompute  eCondTransformerRegressor.forward on the last cond_horizon observations, K times, eager
   (b) stream     StreamingPolicy.step (ring caches, eager, module by module)
-  (c) graph      StaticStreamingPolicy.step: the fused static plan replayed as CUDA graphs, 64 session slots
-  (ct) graph     (c) with torch's kernels instead of the plan's Triton kernels (attention, add + norm)
-  (c') static    the same plan run eagerly (the fallback path)
+  (c) graph      StaticStreamingPolicy.step: the static plan replayed as CUDA graphs, 64 session slots, its decoder
+                 layer by layer (the Triton attention and add + norm kernels, cuBLAS GEMMs): the default
+  (cf) graph     (c) with the fused decoder (streamtx.nn.fused_decoder: three Triton kernels per layer; opt-in)
+  (ct) graph     (c) with torch's kernels only
+  (c') static    the same plan as (c) run eagerly (the fallback path)
   (c16) graph    (c) computing in bfloat16
+  (cf16) graph   (cf) computing in bfloat16
   (d) torch      plain CondTransformerRegressor (trivial group: dense torch layers) recompute, K times, eager
 
-Before timing, (c) and (c16) are checked against (b) on the same stream (max |diff| / max |ref| of the actions).
+Before timing, the graphed variants are checked against (b) on the same stream (max |diff| / max |ref| of the
+actions). Each cell of the table is p50 / p99 / max in ms. ``--profile`` counts the kernels of one control step of
+(c), (cf) and (ct) at every batch (torch.profiler); ``--decoder-sweep`` times one decoder evaluation alone (fused
+variants against layer by layer, CUDA graph replays).
 Usage:  python benchmarks/bench_gpu.py [--device cuda] [--configs robot wide] [--batches 1 8 64] [--out FILE]
         python benchmarks/bench_gpu.py --device cpu --quick     (smoke test)
 """
@@ -20,6 +26,7 @@ Usage:  python benchmarks/bench_gpu.py [--device cuda] [--configs robot wide] [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -30,7 +37,9 @@ import numpy as np
 import torch
 
 from streamtx.models import CondTransformerRegressor, eCondTransformerRegressor
+from streamtx.nn import fused_decoder
 from streamtx.policy import FlowMatchingSampler, StreamingPolicy
+from streamtx.policy.cuda_graph import CapturedProgram
 from streamtx.policy.static import StaticStreamingPolicy
 from streamtx.symmetry import Representation, dihedral
 
@@ -134,6 +143,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of samples per variant and batch")
     parser.add_argument("--samples", type=int, default=400, help="max samples per variant and batch")
     parser.add_argument("--quick", action="store_true", help="tiny model, few samples (smoke test)")
+    parser.add_argument(
+        "--decoder-sweep",
+        action="store_true",
+        help="then time one decoder evaluation alone (CUDA graph replays) at every batch: the fused decoder at "
+        "8 / 4 warps and 64 / 32 hidden units per program, and layer by layer",
+    )
     parser.add_argument("--out", help="also write the table (markdown) and raw numbers (.json) here")
     parser.add_argument(
         "--profile",
@@ -149,7 +164,7 @@ def main() -> None:
     header = (
         f"device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
         f"{datetime.date.today().isoformat()}; Tx={args.horizon}, window={args.window}, K={args.steps}, "
-        f"group D4, latency per control step in ms (p50 / p99), host clock, inputs and actions on the host"
+        f"group D4, latency per control step in ms (p50 / p99 / max), host clock, inputs and actions on the host"
     )
     print(header, flush=True)
     obs_dim = reps()[0].size
@@ -161,16 +176,21 @@ def main() -> None:
         reference = StreamingPolicy(equi, sampler)
         static = {
             "graph": StaticStreamingPolicy(reference),
+            "graph_fused": fused_decoder_on(StaticStreamingPolicy(reference)),
             "graph_torch": StaticStreamingPolicy(reference, fused_kernels=False),
             "static": StaticStreamingPolicy(reference, cuda_graph=False),
             "graph16": StaticStreamingPolicy(reference, dtype=torch.bfloat16),
+            "graph16_fused": fused_decoder_on(StaticStreamingPolicy(reference, dtype=torch.bfloat16)),
         }
-        checks = {k: agreement(reference, static[k], 4, obs_dim) for k in ("graph", "graph_torch", "graph16")}
+        checks = {k: agreement(reference, static[k], 4, obs_dim) for k in static if k != "static"}
         print(
             f"[{config}] agreement with StreamingPolicy: "
             + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
             + f"; fused kernels: {static['graph'].plan.fused} ({static['graph'].plan.fused_reason}), "
-            f"bf16: {static['graph16'].plan.fused}",
+            f"bf16: {static['graph16'].plan.fused}; fused decoder (cf): "
+            f"{static['graph_fused'].plan.decoder.fused_reason or 'yes'}"
+            f" (checks {list(static['graph_fused'].plan.decoder.checks.values())}), bf16 checks "
+            f"{list(static['graph16_fused'].plan.decoder.checks.values())}",
             flush=True,
         )
         states = {}
@@ -192,22 +212,30 @@ def main() -> None:
             row = {"config": config, "batch": batch}
             for key, step in steps.items():
                 ms = timed(step, args.budget, args.samples)
-                row[key] = {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "n": len(ms)}
+                row[key] = {
+                    "p50": float(np.percentile(ms, 50)),
+                    "p99": float(np.percentile(ms, 99)),
+                    "max": float(ms.max()),
+                    "n": len(ms),
+                }
                 print(
-                    f"[{config} b={batch}] {key}: p50 {row[key]['p50']:.3f} ms, p99 {row[key]['p99']:.3f} ms "
-                    f"(n={len(ms)})",
+                    f"[{config} b={batch}] {key}: p50 {row[key]['p50']:.3f} ms, p99 {row[key]['p99']:.3f} ms, "
+                    f"max {row[key]['max']:.3f} ms (n={len(ms)})",
                     flush=True,
                 )
             results.append(row)
-            if args.profile and config == args.configs[0] and batch == args.batches[0]:
-                for key in ("graph", "graph_torch"):
-                    profile(steps[key], f"[{config} b={batch}] {key}")
-                ms = replay_only(states["graph"], batch, args.samples)
-                print(
-                    f"[{config} b={batch}] graph replays only (no staging, validation, copies): p50 "
-                    f"{np.percentile(ms, 50):.3f} ms, p99 {np.percentile(ms, 99):.3f} ms",
-                    flush=True,
-                )
+            if args.profile and config == args.configs[0]:
+                for key in ("graph", "graph_fused", "graph_torch"):
+                    row[f"kernels_{key}"] = profile(steps[key], f"[{config} b={batch}] {key}", table=batch == 1)
+                for key in ("graph", "graph_fused") if device.startswith("cuda") else ():
+                    ms = replay_only(states[key], batch, args.samples)
+                    print(
+                        f"[{config} b={batch}] {key} replays only (no staging, validation, copies): p50 "
+                        f"{np.percentile(ms, 50):.3f} ms, p99 {np.percentile(ms, 99):.3f} ms",
+                        flush=True,
+                    )
+            if args.decoder_sweep and device.startswith("cuda") and config == args.configs[0]:
+                decoder_sweep(static["graph"], batch)
     table = format_table(results)
     print(header)
     print(table)
@@ -216,6 +244,55 @@ def main() -> None:
             f.write(header + "\n\n" + table + "\n")
         with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
             json.dump({"header": header, "results": results}, f, indent=1)
+
+
+def fused_decoder_on(policy: StaticStreamingPolicy) -> StaticStreamingPolicy:
+    """``policy`` with its plan's decoder fused (``Decoder.fuse_layers``; before any state captured it)."""
+    policy.plan.decoder = dataclasses.replace(policy.plan.decoder, fuse_layers=True)
+    return policy
+
+
+def decoder_sweep(policy: StaticStreamingPolicy, batch: int, replays: int = 300) -> None:
+    """Device time of one decoder evaluation on the plan's shapes (random inputs, memory fully visible), each
+    variant captured in a CUDA graph and replayed: p50 of per-replay event times."""
+    plan = policy.plan
+    first = plan.decoder.layers[0].self_attn
+    layers, heads, hd = len(plan.decoder.layers), first.num_heads, first.head_dim
+    slots = plan.cond_horizon + 1
+    gen = torch.Generator(plan.device).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=plan.device).to(plan.dtype)
+
+    kv = rand(layers, 2, batch, heads, slots, hd)
+    mask = torch.zeros(batch, 1, 1, -(-slots // 16) * 16, dtype=plan.dtype, device=plan.device)[..., :slots]
+    x, residual = rand(batch, plan.horizon, heads * hd), rand(batch, plan.horizon, heads * hd)
+    args = (x, residual, kv[:, 0], kv[:, 1], [mask] * layers, [None] * layers, [None] * layers)
+    variants = [(8, 64), (4, 64), (8, 32), (None, None)]  # (warps, hidden units per program); None: layer by layer
+    defaults = fused_decoder.NUM_WARPS, fused_decoder.FF_CHUNK
+    times = []
+    for warps, chunk in variants:
+        fused_decoder.NUM_WARPS, fused_decoder.FF_CHUNK = (warps, chunk) if warps else defaults
+        decoder = dataclasses.replace(plan.decoder, fuse_layers=warps is not None)  # a fresh check
+        try:
+            program = CapturedProgram(lambda: decoder(*args, fused=True), plan.device, name="decoder")
+            if not program.captured:
+                times.append(f"{warps} warps: {program.fallback_reason}")
+                continue
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)
+            ]
+            for start, end in events:
+                start.record()
+                program()
+                end.record()
+            torch.cuda.synchronize()
+            us = 1e3 * float(np.median([start.elapsed_time(end) for start, end in events[20:]]))
+            label = f"fused, {warps} warps, {chunk} units" if warps else "layer by layer"
+            times.append(f"{label}: {us:.1f} us" + (f" (check {list(decoder.checks.values())})" if warps else ""))
+        finally:
+            fused_decoder.NUM_WARPS, fused_decoder.FF_CHUNK = defaults
+    print(f"[b={batch}] one decoder evaluation (graph replay, p50): " + "; ".join(times), flush=True)
 
 
 def replay_only(state, batch: int, samples: int) -> np.ndarray:
@@ -232,8 +309,9 @@ def replay_only(state, batch: int, samples: int) -> np.ndarray:
     return timed(step, 1.0, samples)
 
 
-def profile(step: Callable[[], object], title: str, steps: int = 10) -> None:
-    """Kernels per control step and where the device time goes (graph replays are profiled kernel by kernel)."""
+def profile(step: Callable[[], object], title: str, steps: int = 10, table: bool = True) -> float:
+    """Kernels per control step (returned) and where the device time goes (graph replays are profiled kernel by
+    kernel; ``table``: print the top kernels)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -246,13 +324,15 @@ def profile(step: Callable[[], object], title: str, steps: int = 10) -> None:
     launches = sum(e.count for e in kernels) / steps
     device_us = sum(e.self_device_time_total for e in kernels) / steps
     print(f"{title}: {launches:.0f} kernels per control step, {device_us:.0f} us of kernel time per step")
-    print(
-        events.table(
-            sort_by="self_device_time_total" if kernels else "self_cpu_time_total",
-            row_limit=14,
-            max_name_column_width=60,
+    if table:
+        print(
+            events.table(
+                sort_by="self_device_time_total" if kernels else "self_cpu_time_total",
+                row_limit=14,
+                max_name_column_width=60,
+            )
         )
-    )
+    return launches
 
 
 def format_table(results: list[dict]) -> str:
@@ -260,19 +340,21 @@ def format_table(results: list[dict]) -> str:
         ("a", "(a) recompute"),
         ("b", "(b) stream eager"),
         ("graph", "(c) stream graph"),
+        ("graph_fused", "(cf) graph, fused decoder"),
         ("graph_torch", "(ct) graph, torch kernels"),
         ("static", "(c') static eager"),
         ("graph16", "(c16) graph bf16"),
+        ("graph16_fused", "(cf16) bf16 fused decoder"),
         ("d", "(d) torch recompute"),
     ]
     lines = [
-        "| config | batch | " + " | ".join(t for _, t in cols) + " | (a)/(c) | (b)/(c) | (d)/(c) |",
+        "| config | batch | " + " | ".join(t for _, t in cols) + " | (cf)/(c) | (b)/(c) | (a)/(c) |",
         "|---|---:|" + "---:|" * (len(cols) + 3),
     ]
     for r in results:
-        cells = [f"{r[k]['p50']:.2f} / {r[k]['p99']:.2f}" for k, _ in cols]
+        cells = [f"{r[k]['p50']:.2f} / {r[k]['p99']:.2f} / {r[k]['max']:.2f}" for k, _ in cols]
         c = r["graph"]["p50"]
-        ratios = [f"{r[k]['p50'] / c:.1f}x" for k in ("a", "b", "d")]
+        ratios = [f"{r[k]['p50'] / c:.1f}x" for k in ("graph_fused", "b", "a")]
         lines.append(f"| {r['config']} | {r['batch']} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 

@@ -1,20 +1,24 @@
 """Retroactive (full-window) streaming step vs recomputing the layer over the last n tokens, on CPU.
 
 Per window n, measured side by side in one run (calls interleaved, so machine noise hits every column alike), wall
-time per call p50 / p99 / max in ms:
+time per call p50 / p99 / max and the thread's CPU time p50, in ms:
 
 * recompute: the fastest exact batch forward of the layer over the window, eager: the module's ``forward`` and the
   lowered block (``layer.lower()``: dense weights, fused q/k/v) over the same tokens; the faster p50 is the
   reference of the ratios;
 * module path: ``forward_step`` run module by module (the layer in training mode with dropout 0: what a step costs
   when gradients are needed);
-* step: ``forward_step`` at inference, which takes the lowered block (``why_not_fast_path() == ""``);
-* lowered: the block of ``retro.lower()`` called directly (no argument checks).
+* step: ``forward_step`` at inference, which takes the lowered block (``why_not_fast_path() == ""``) with the update
+  the module chooses for this n (``update_choice()``, printed);
+* incremental / window: the lowered block with each update forced (``update="incremental"`` / ``"window"``), called
+  directly (no argument checks).
 
-Also: the guard's exact recomputes per step and head on generic and on peaked logits, and the last step's error
-against the float64 batch forward relative to the output scale. ``floor``: the part of a step that no streaming can
-avoid here, out-projection + residual + norms + feed-forward of all n outputs (every output changes each step), timed
-alone; ``recompute / floor`` bounds the ratio any step can reach.
+Also: the guard's exact recomputes per step and head on generic and on peaked logits (incremental update), and the
+last step's error against the float64 batch forward relative to the output scale, per update. ``floor``: the part of a
+step that no update avoids here, out-projection + residual + norms + feed-forward of all n outputs (every output
+changes each step), timed alone as the block runs it (its ``outputs``, into its reused buffers);
+``recompute / floor`` bounds the ratio any step can reach (a bound, not a target: alone, the floor runs with warm
+caches, while inside a step the attention update's reads of the ring evict part of its working set).
 
     .venv/bin/python benchmarks/bench_retroactive.py [--n 64 256 1024] [--batch 1] [--threads 1] [--repeats 40]
 """
@@ -28,10 +32,12 @@ from collections.abc import Callable
 import torch
 from timing import timed
 
-from streamtx.nn.lowered import retroactive_attention
+from streamtx.nn.lowered import RetroactiveEncoderLayer
 from streamtx.nn.retroactive import RetroactiveState, eRetroactiveEncoderLayer
 from streamtx.nn.transformer import eTransformerEncoderLayer
 from streamtx.symmetry import Representation, dihedral
+
+UPDATES = ("incremental", "window")
 
 
 def filled(retro: eRetroactiveEncoderLayer, x: torch.Tensor) -> RetroactiveState:
@@ -63,12 +69,26 @@ class Stepper:
         self.next += 1
 
 
+def last_step_error(retro: eRetroactiveEncoderLayer, block: RetroactiveEncoderLayer, x: torch.Tensor) -> float:
+    """The last step's error after streaming all of ``x`` (float32), against the float64 forward over its window,
+    relative to the output scale."""
+    n, end = retro.window, x.shape[1]
+    state = filled(retro, x)
+    for t in range(n, end):
+        y = block.step(x[:, t : t + 1], state)
+    reference = copy.deepcopy(retro.layer).double()
+    ref = reference(x[:, end - n : end].double(), src_pos=torch.arange(end - n, end))
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
 @torch.no_grad()
 def bench(n: int, layer: eTransformerEncoderLayer, peaked: eTransformerEncoderLayer, batch: int, repeats: int) -> dict:
     d = layer.in_rep.size
-    x = torch.randn(batch, n + 4 * repeats + 16, d, generator=torch.Generator().manual_seed(n))
+    x = torch.randn(batch, n + 8 * repeats + 64, d, generator=torch.Generator().manual_seed(n))
     retro = eRetroactiveEncoderLayer(layer, n).eval()
-    block, dense = retro.lower(), layer.lower()
+    forced = {u: eRetroactiveEncoderLayer(layer, n, update=u).eval() for u in UPDATES}
+    blocks = {u: r.lower() for u, r in forced.items()}
+    dense = layer.lower()
     heads, hd = layer.self_attn.num_heads, layer.self_attn.head_dim
     window, pos = x[:, :n], torch.arange(n).expand(batch, n)
     empty = torch.zeros(batch, 0, heads, hd)
@@ -79,12 +99,6 @@ def bench(n: int, layer: eTransformerEncoderLayer, peaked: eTransformerEncoderLa
         layer.eval()
 
     floor_state = filled(retro, x)
-
-    def floor() -> None:  # what every step must redo for all n outputs
-        att, xs, _ = retroactive_attention(floor_state, None)
-        y = dense.norm1(xs + dense.attn.out(att))
-        dense.norm2(y + dense.ff(y))
-
     assert retro.why_not_fast_path() == ""
     row = timed(
         {
@@ -92,22 +106,20 @@ def bench(n: int, layer: eTransformerEncoderLayer, peaked: eTransformerEncoderLa
             "lowered batch": lambda: dense(window, pos, empty, empty, pos, None),  # type: ignore[arg-type]
             "module path": Stepper(retro, x, module_path),
             "step": Stepper(retro, x, lambda t, s: retro.forward_step(t, s)),
-            "lowered": Stepper(retro, x, block.step),
-            "floor": floor,
+            **{u: Stepper(forced[u], x, blocks[u].step) for u in UPDATES},
+            "floor": lambda: blocks["incremental"].outputs(floor_state),  # what every step must redo for all n
         },
         repeats,
     )
-    # Accuracy after a long stream (float32): the last step against the float64 forward over its window.
-    state = filled(retro, x)
-    end = x.shape[1]
-    y = block.step(x[:, n:end], state)  # the rest of the stream, n tokens at a time
-    reference = copy.deepcopy(layer).double()
-    ref = reference(x[:, end - n : end].double(), src_pos=torch.arange(end - n, end))
+    stream = x[:, : n + 64]
     return {
         **row,
-        "error": ((y.double() - ref).abs().max() / ref.abs().max()).item(),
-        "recompute": recomputes_per_step(retro, x[:, : n + 2 * n // 4 + 8]),
-        "recompute_peaked": recomputes_per_step(eRetroactiveEncoderLayer(peaked, n).eval(), x[:, : n + n // 2 + 8]),
+        "choice": retro.update_choice()[0],
+        **{f"error {u}": last_step_error(forced[u], blocks[u], stream) for u in UPDATES},
+        "recompute": recomputes_per_step(forced["incremental"], x[:, : n + 2 * n // 4 + 8]),
+        "recompute_peaked": recomputes_per_step(
+            eRetroactiveEncoderLayer(peaked, n, update="incremental").eval(), x[:, : n + n // 2 + 8]
+        ),
     }
 
 
@@ -130,31 +142,29 @@ def main() -> None:
     print(
         f"eRetroactiveEncoderLayer, D4 x {args.copies} copies (D = {rep.size}), {args.heads} heads, "
         f"ff = {4 * rep.size}, batch {args.batch}, float32, {args.threads} thread(s), torch {torch.__version__}, "
-        f"{args.repeats} interleaved calls per column; ms p50 / p99 / max"
+        f"{args.repeats} interleaved calls per column; ms"
     )
-    columns = ["module batch", "lowered batch", "module path", "step", "lowered", "floor"]
-    header = f"{'n':>5} | " + " | ".join(f"{c:>18}" for c in columns)
-    header += " | step x | lowered x | ceiling | cpu: step x | lowered x | ceiling | recomp | peaked | rel err"
+    columns = ["module batch", "lowered batch", "module path", "step", *UPDATES, "floor"]
+    header = f"{'n':>5} | {'':13} | {'p50':>7} | {'p99':>7} | {'max':>7} | {'cpu p50':>7} | recompute / this: wall, cpu"
     print(header)
     print("-" * len(header))
     for n in args.n:
         r = bench(n, layer, peaked, args.batch, args.repeats)
-        cells = " | ".join(f"{r[c][0]:.3g} / {r[c][1]:.3g} / {r[c][2]:.3g}".rjust(18) for c in columns)
-        ratios = []
-        for k in (0, 3):  # wall p50, CPU p50
-            recompute = min(r["module batch"][k], r["lowered batch"][k])
-            ratios.append(
-                f"{recompute / r['step'][k]:5.2f}x | {recompute / r['lowered'][k]:8.2f}x | "
-                f"{recompute / r['floor'][k]:6.2f}x"
-            )
+        recompute = [min(r["module batch"][k], r["lowered batch"][k]) for k in range(4)]
+        for c in columns:
+            wall, p99, worst, cpu = r[c]
+            name = f"step ({r['choice'][:4]})" if c == "step" else c
+            ratio = f"{recompute[0] / wall:6.2f}x, {recompute[3] / cpu:6.2f}x"
+            print(f"{n:>5} | {name:13} | {wall:7.3f} | {p99:7.3f} | {worst:7.3f} | {cpu:7.3f} | {ratio}")
         print(
-            f"{n:>5} | {cells} | {ratios[0]} | {ratios[1]:>30} | {r['recompute']:6.2f} | "
-            f"{r['recompute_peaked']:6.2f} | {r['error']:7.1e}"
+            f"{n:>5} | guard recomputes per step and head {r['recompute']:.2f} (peaked logits "
+            f"{r['recompute_peaked']:.2f}); last-step error: incremental {r['error incremental']:.1e}, "
+            f"window {r['error window']:.1e}"
         )
     print(
-        "step x / lowered x: the faster recompute's p50 over the step's p50 (wall time, then the thread's CPU time); "
-        "ceiling: over the floor's p50 (the most any full-window step can gain here); recomp / peaked: guard "
-        "recomputes per step and head"
+        "recompute / this: the faster recompute's p50 over this column's p50 (wall time, then the thread's CPU "
+        "time); on the floor row: the most any full-window step can gain here. step (incr / wind): the update the "
+        "module chose"
     )
 
 

@@ -3,7 +3,8 @@
 The file is a ``torch.save`` of plain containers (numbers, strings, lists, tensors), read back with
 ``torch.load(weights_only=True)``: no pickled code is ever executed. Groups are stored by their faithful generator
 matrices (the numerical closure is deterministic, so element numbering is reproduced), representations by the matrices
-of the group's generators.
+of the group's generators. An ``O3CondDenoiser`` (``model_class`` ``"O3CondDenoiser"``) needs no group: its config
+says it all (the symmetry is O(3), or the vertical-axis subgroup with ``gravity``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from .models.cond_regressor import CondTransformerRegressor, RegressorConfig, eCondTransformerRegressor
+from .models.o3_denoiser import O3CondDenoiser, O3DenoiserConfig
 from .policy.samplers import FlowMatchingSampler, Sampler, make_sampler
 from .policy.static import StaticStreamingPolicy
 from .policy.streaming import StreamingPolicy
@@ -55,18 +57,28 @@ def _rep_from(d: dict[str, Any], group: Group) -> Representation:
     )
 
 
-def save_checkpoint(
-    path: str | Path, model: eCondTransformerRegressor, sampler: Sampler, extra: dict[str, Any] | None = None
-) -> Path:
-    """Write ``model`` (config, weights, representations) and ``sampler`` to ``path``."""
-    group = model.in_rep.group
+Model = eCondTransformerRegressor | O3CondDenoiser
+"""The denoisers a checkpoint holds."""
+
+
+def save_checkpoint(path: str | Path, model: Model, sampler: Sampler, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (config, weights, representations: none for an ``O3CondDenoiser``) and ``sampler`` to
+    ``path``."""
+    symmetry: dict[str, Any] = {}
+    if isinstance(model, eCondTransformerRegressor):
+        group = model.in_rep.group
+        symmetry = {
+            "group": {"name": group.name, "generators": [group.matrices[g].tolist() for g in group.generators]},
+            "representations": {name: _rep_dict(getattr(model, name)) for name in ("in_rep", "cond_rep", "out_rep")},
+        }
+    elif not isinstance(model, O3CondDenoiser):
+        raise TypeError(f"model: expected an eCondTransformerRegressor or an O3CondDenoiser, got {type(model)}")
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "model_class": type(model).__name__,
         "config": model.config.to_dict(),
-        "group": {"name": group.name, "generators": [group.matrices[g].tolist() for g in group.generators]},
-        "representations": {name: _rep_dict(getattr(model, name)) for name in ("in_rep", "cond_rep", "out_rep")},
+        **symmetry,
         "sampler": sampler.config(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
@@ -94,9 +106,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_model(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-) -> tuple[eCondTransformerRegressor, Sampler, dict[str, Any]]:
+) -> tuple[Model, Sampler, dict[str, Any]]:
     """``(model in eval mode, sampler, extra)`` from a checkpoint."""
     payload = load_checkpoint(path)
+    model: Model
+    if payload["model_class"] == "O3CondDenoiser":
+        model = O3CondDenoiser.from_config(O3DenoiserConfig.from_dict(payload["config"]))
+    else:
+        model = _regressor(payload)
+    model.load_state_dict(payload["state_dict"])
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, make_sampler(payload["sampler"]), payload["extra"]
+
+
+def _regressor(payload: dict[str, Any]) -> eCondTransformerRegressor:
+    """The (untrained) regressor of a checkpoint's config, group and representations."""
     group = Group(
         [np.asarray(m, dtype=np.float64) for m in payload["group"]["generators"]], name=payload["group"]["name"]
     )
@@ -108,9 +132,7 @@ def load_model(
         )
     else:
         model = eCondTransformerRegressor.from_config(reps["in_rep"], reps["cond_rep"], reps["out_rep"], config)
-    model.load_state_dict(payload["state_dict"])
-    model = model.to(device=device, dtype=dtype).eval()
-    return model, make_sampler(payload["sampler"]), payload["extra"]
+    return model
 
 
 def load_policy(
@@ -118,9 +140,10 @@ def load_policy(
 ) -> StreamingPolicy:
     """A :class:`StreamingPolicy` (eval mode) from a checkpoint: the streaming sampler
     (:class:`StreamingDenoisePolicy`, one denoiser call per control step) for a model trained for it (per-token
-    levels and a chunk-wise schedule), else the sampler's K steps per control step."""
+    levels and a chunk-wise schedule), else the sampler's K steps per control step (always for an
+    ``O3CondDenoiser``)."""
     model, sampler, _ = load_model(path, device, dtype)
-    if model.config.token_levels and sampler.noise_chunk is not None:
+    if isinstance(model, eCondTransformerRegressor) and model.config.token_levels and sampler.noise_chunk is not None:
         return StreamingDenoisePolicy(model, sampler, max_tokens_per_step).eval()
     return StreamingPolicy(model, sampler, max_tokens_per_step).eval()
 
@@ -172,6 +195,12 @@ def load_fastest_policy(
     cannot run falls back to the module path (:class:`StreamingPolicy`), and the reason is logged; both have the same
     methods (``init_state``, ``reset``, ``observe``, ``act``, ``step``, ``metadata``)."""
     policy = load_policy(path, device=device, max_tokens_per_step=max_tokens_per_step)
+    if isinstance(policy.model, O3CondDenoiser):
+        log.warning(
+            "serving the module path: the static plan lowers eCondTransformerRegressor only, not %s",
+            type(policy.model).__name__,
+        )
+        return policy
     try:
         cuda = torch.device(device).type == "cuda"
         fast = StaticStreamingPolicy(policy, cuda_graph=cuda, buckets=buckets, compile=compile)

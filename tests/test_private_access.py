@@ -10,7 +10,10 @@ streamtx itself never defines, which the test checks, so the allowance cannot hi
   autograd does; torch has no public accessor);
 * ``_parameters`` / ``_buffers``: ``torch.nn.Module``'s own dicts, read directly by ``WeightCache`` on every forward
   (``named_parameters()`` is a generator walk costing microseconds per call on the hot path);
-* ``_get_obs``: gymnasium's MuJoCo environments, the only way to re-read the observation after ``set_state``.
+* ``_get_obs``: gymnasium's MuJoCo environments, the only way to re-read the observation after ``set_state``;
+* ``_scaled_dot_product_flash_attention_for_cpu``: torch's CPU flash-attention op, the only one that returns each
+  row's log-sum-exp beside the output (``F.scaled_dot_product_attention`` drops it), which the retroactive layer's
+  window update keeps as its exact row shift.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "streamtx"
-THIRD_PARTY = {"_version", "_parameters", "_buffers", "_get_obs"}
+THIRD_PARTY = {"_version", "_parameters", "_buffers", "_get_obs", "_scaled_dot_product_flash_attention_for_cpu"}
 
 
 def _private(name: str) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from layer_testing import mixed_rep, quadruped, random_orthogonal
 
 from streamtx.models import eCondTransformerRegressor
@@ -154,15 +155,84 @@ def test_lowered_encoder_carries_the_folded_basis(name):
 def test_post_norm_lowering_refuses_a_mixing_basis_and_says_why():
     rep = REPS["random_basis"]
     layer = eTransformerEncoderLayer(rep, 2, 64, 0.0, batch_first=True, norm_first=False, norm_module="rmsnorm")
-    with pytest.raises(NotImplementedError, match="norm_first=True"):
+    with pytest.raises(NotImplementedError, match="residual stream itself.*norm_first=True"):
         layer.lower()
     ln = eTransformerEncoderLayer(rep, 2, 64, 0.0, batch_first=True, norm_first=True, norm_module="layernorm")
-    with pytest.raises(NotImplementedError, match="rmsnorm"):
+    with pytest.raises(NotImplementedError, match="not G-equivariant: its all-ones vector is not invariant.*rmsnorm"):
         ln.lower()
     # a copy-aligned basis (the joint spaces) lowers post-norm too: its per-copy scales stay per coordinate
     joints = REPS["mini_cheetah_k4"]
     post = eTransformerEncoderLayer(joints, 2, 48, 0.0, batch_first=True, norm_first=False, norm_module="rmsnorm")
     assert post.lower().norm1.weight is not None
+
+
+def centred_mixing_rep() -> Representation:
+    """4 regular copies of D4 in a random orthogonal basis that fixes the all-ones vector: the basis mixes copies,
+    but the all-ones vector stays invariant."""
+    rng = np.random.default_rng(5)
+    reg = Representation.regular(dihedral(4), 4)
+    d = reg.size
+    b = np.linalg.qr(np.concatenate([np.ones((d, 1)), rng.standard_normal((d, d - 1))], axis=1))[0]
+    rot = b @ np.block([[np.eye(1), np.zeros((1, d - 1))], [np.zeros((d - 1, 1)), random_orthogonal(d - 1, rng)]])
+    return reg.change_basis(rot @ b.T, name="centred_mixing")
+
+
+def test_layernorm_over_a_basis_is_equivariant_exactly_when_its_ones_vector_is_invariant():
+    """The mean over rep's coordinates is invariant iff rho(g) 1 = 1: then regular_basis recombines the copies so
+    that Q 1 = 1 and LayerNorm over rep's coordinates *is* the canonical one conjugated; else it is not equivariant
+    (which is why an inference plan, whose LayerNorm centres along 1, cannot run streamtx's LayerNorm there)."""
+    centred, rotated = centred_mixing_rep(), REPS["random_basis"]
+    basis = centred.regular_basis
+    assert basis.centered and not basis.aligned
+    assert np.abs(np.einsum("ij,gjk,lk->gil", basis.q, Representation.regular(centred.group, 4).matrices,
+                            basis.q) - centred.matrices).max() < TOL  # fmt: skip
+    assert not rotated.regular_basis.centered
+    for rep, equivariant in ((centred, True), (rotated, False)):
+        x = torch.randn(3, rep.size, dtype=torch.float64)
+        err = equivariance_error(torch.nn.Identity(), lambda m, xs: F.layer_norm(xs[0], (rep.size,)), [(x, rep)], rep)
+        assert (err < TOL) == equivariant, (rep.name, err)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_layernorm_lowers_on_a_centred_mixing_basis(norm_first):
+    """Pre-norm: the dense per-copy affine folds into the readers; post-norm: without an affine the plan's
+    LayerNorm is the module's; with one, refused (the affine is a dense map on the residual stream)."""
+    rep = centred_mixing_rep()
+    torch.manual_seed(0)
+    layer = eTransformerEncoderLayer(
+        rep, 2, 2 * rep.size, 0.0, batch_first=True, norm_first=norm_first, norm_module="layernorm",
+        dtype=torch.float64,
+    )  # fmt: skip
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, rep.size, dtype=torch.float64)
+    assert equivariance_error(layer, lambda m, xs: m(xs[0]), [(x, rep)], rep) < TOL
+    if not norm_first:
+        with pytest.raises(NotImplementedError, match="dense map in this basis"):
+            layer.lower()
+        for i in (1, 2):
+            setattr(layer, f"norm{i}", eLayerNorm(rep, elementwise_affine=False, dtype=torch.float64))
+    layer.eval()
+    stack = eTransformerEncoder(layer, 1).eval()
+    with torch.no_grad():
+        ref = stack(x, mask=causal_window_mask(5, 5, dtype=torch.float64))
+        plan = stack.lower(window=5)
+        pos = torch.arange(5).expand(2, 5)
+        empty = torch.zeros(2, 0, 1, 2, layer.self_attn.head_dim, dtype=torch.float64)
+        out = plan(x, pos, empty, empty, pos[:, :0])[0]
+    assert (out - ref).abs().max() / ref.abs().max() < TOL
+
+
+@pytest.mark.parametrize("cls", [eRMSNorm, eLayerNorm])
+def test_norm_without_affine_lowers_on_a_mixing_basis(cls):
+    """No affine, nothing basis-dependent to expand: RMSNorm on any basis, LayerNorm on a centred one."""
+    rep = centred_mixing_rep() if cls is eLayerNorm else REPS["random_basis"]
+    norm = cls(rep, elementwise_affine=False, dtype=torch.float64)
+    x = torch.randn(4, rep.size, dtype=torch.float64)
+    assert torch.allclose(norm.lower()(x), norm(x), atol=1e-13, rtol=0)
+    assert equivariance_error(norm, lambda m, xs: m(xs[0]), [(x, rep)], rep) < TOL
+    with pytest.raises(NotImplementedError, match="not G-equivariant"):
+        eLayerNorm(REPS["random_basis"], elementwise_affine=False).lower()
 
 
 def test_not_regular_is_refused_naming_the_decomposition():

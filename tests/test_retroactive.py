@@ -1,6 +1,7 @@
 """Full-window (retroactive) streaming: every step equals the batch forward over the window (warm-up included), for
 long streams that wrap the ring many times, large logits, half precision, every positional backend and both norm
-placements; equivariance; continual-inference's layer with the same weights; multi-token steps, row subsets, resets."""
+placements, with each update of the window forced (incremental, window recompute); equivariance; continual-inference's
+layer with the same weights; multi-token steps, row subsets, resets; the update chosen from the shapes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from streamtx.nn.equivariance import act
-from streamtx.nn.retroactive import RetroactiveState, accumulator_dtype, eRetroactiveEncoderLayer
+from streamtx.nn.lowered import UPDATES
+from streamtx.nn.retroactive import (
+    WINDOW_UPDATE_WORK,
+    RetroactiveState,
+    accumulator_dtype,
+    choose_update,
+    eRetroactiveEncoderLayer,
+)
 from streamtx.nn.stream import Stream
 from streamtx.nn.transformer import EncoderLayerState, eTransformerEncoderLayer
 from streamtx.symmetry import Representation, dihedral, trivial_group
@@ -92,20 +100,22 @@ def max_window_logit(layer: eTransformerEncoderLayer, x: Tensor, n: int) -> floa
 
 
 # ------------------------------------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("group", ["C1", "D4"])
-def test_every_step_equals_batch_forward_over_window(group, dtype):
+def test_every_step_equals_batch_forward_over_window(group, dtype, update):
     layer = make_layer(group, dtype=dtype)
-    err, scale, state = window_errors(eRetroactiveEncoderLayer(layer, N), stream(layer))
+    err, scale, state = window_errors(eRetroactiveEncoderLayer(layer, N, update=update), stream(layer))
     assert err <= TOL[dtype] * scale, (err, scale)
     assert state.cache.positions().tolist() == [T, T]
 
 
+@pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("positional", [None, "rope", "relative", "absolute"])
-def test_positional_backends_and_pre_norm(positional, norm_first):
+def test_positional_backends_and_pre_norm(positional, norm_first, update):
     layer = make_layer(positional=positional, norm_first=norm_first)
-    err, scale, _ = window_errors(eRetroactiveEncoderLayer(layer, N), stream(layer))
+    err, scale, _ = window_errors(eRetroactiveEncoderLayer(layer, N, update=update), stream(layer))
     assert err <= 1e-10 * scale, (err, scale)
 
 
@@ -114,18 +124,22 @@ def test_large_logits_float32_guard_recomputes_cancelled_rows():
     x = stream(layer)
     assert max_window_logit(layer, x, N) >= 30.0
     reference = copy.deepcopy(layer).double()  # same float32-rounded weights, exact arithmetic
-    err, scale, state = window_errors(eRetroactiveEncoderLayer(layer, N), x, reference)
+    err, scale, state = window_errors(eRetroactiveEncoderLayer(layer, N, update="incremental"), x, reference)
     assert err <= 1e-5 * scale, (err, scale)
     assert state.recomputed.sum() > 0  # peaked rows lost their dominant key: the guard had work to do
     # Without the guard the subtraction of a dominant key cancels catastrophically.
     err_unguarded, _, _ = window_errors(
-        eRetroactiveEncoderLayer(layer, N, recompute_threshold=float("inf")), x, reference
+        eRetroactiveEncoderLayer(layer, N, recompute_threshold=float("inf"), update="incremental"), x, reference
     )
     assert not err_unguarded <= 1e-2 * scale  # large or NaN
+    # The window update recomputes every row: nothing to guard, and exact too.
+    err_window, _, state = window_errors(eRetroactiveEncoderLayer(layer, N, update="window"), x, reference)
+    assert err_window <= 1e-5 * scale and state.recomputed.sum() == 0, err_window
 
 
+@pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
-def test_half_precision_large_logits_no_overflow(dtype, tol):
+def test_half_precision_large_logits_no_overflow(dtype, tol, update):
     """Tolerance: the half-precision batch forward's own error (q and k rounded to 11 / 8 bits shift logits of ~100
     by ~0.1 / ~0.5) measured against float64 with the same rounded weights is 2.0e-3 / 1.7e-2 of the output scale;
     the streaming error measures the same."""
@@ -133,7 +147,7 @@ def test_half_precision_large_logits_no_overflow(dtype, tol):
     x = stream(layer)
     logit = max_window_logit(layer, x, N)
     assert torch.isinf(torch.exp(torch.tensor(logit, dtype=dtype)))  # an unshifted exp would overflow here
-    retro = eRetroactiveEncoderLayer(layer, N)
+    retro = eRetroactiveEncoderLayer(layer, N, update=update)
     state = retro.init_state(1)
     assert state.cache.data["k"].dtype == state.acc.dtype == accumulator_dtype(dtype) == torch.float32
     err, scale, _ = window_errors(retro, x, copy.deepcopy(layer).double())
@@ -144,7 +158,7 @@ def test_recomputes_per_step_are_amortized_constant():
     """Generic data: the guard recomputes O(1) rows per step (measured ~0.2 per head at n=8, ~0.3 at n=32)."""
     n = 32
     layer = make_layer()
-    retro = eRetroactiveEncoderLayer(layer, n)
+    retro = eRetroactiveEncoderLayer(layer, n, update="incremental")
     state = retro.init_state(2)
     with torch.no_grad():
         retro.forward_steps(stream(layer, length=10 * n), state)
@@ -152,10 +166,34 @@ def test_recomputes_per_step_are_amortized_constant():
     assert 0 < per_step_per_head <= 1.0
 
 
+def test_updates_with_gradients_equal_batch_forward_and_differentiate():
+    """With gradients the module path computes the window update's bookkeeping by the explicit softmax (what CUDA
+    runs too) and updates the numerators out of place: both updates, alternating on one state, equal the batch
+    forward over the window, and a loss on the last window differentiates into the layer's weights."""
+    layer = make_layer("D4", positional="rope").train()  # dropout 0: training mode changes nothing but the path
+    window, incremental = (eRetroactiveEncoderLayer(layer, N, update=u) for u in ("window", "incremental"))
+    assert "training mode" in window.why_not_fast_path()
+    x = stream(layer, length=5 * N)
+    state = window.init_state(2)
+    err = scale = 0.0
+    for t in range(x.shape[1]):
+        y, state = (window if t // N % 2 == 0 else incremental).forward_step(x[:, t], state)
+        lo = max(0, t - N + 1)
+        with torch.no_grad():
+            ref = layer(x[:, lo : t + 1], src_pos=torch.arange(lo, t + 1))
+        err = max(err, (y[:, N - (t + 1 - lo) :] - ref).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+    assert err <= 1e-10 * scale, (err, scale)
+    assert state.acc.requires_grad
+    y.square().sum().backward()
+    assert layer.self_attn.q_proj.weight.grad is not None and layer.self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------ symmetry
-def test_window_outputs_are_equivariant():
+@pytest.mark.parametrize("update", UPDATES)
+def test_window_outputs_are_equivariant(update):
     layer = make_layer("D4")
-    retro = eRetroactiveEncoderLayer(layer, N)
+    retro = eRetroactiveEncoderLayer(layer, N, update=update)
     x = stream(layer)
     with torch.no_grad():
         y, _ = retro.forward_steps(x, retro.init_state(2))  # (B, T, n, D)
@@ -244,13 +282,17 @@ def test_single_output_is_the_newest_row_and_the_causal_window_step():
 
 
 @settings(max_examples=20, deadline=None, derandomize=True, database=None)  # deterministic
-@given(st.lists(st.integers(1, 2 * N + 3), min_size=1, max_size=8), st.sampled_from([0.25, 1.0, 4.0]))
-def test_multi_token_steps_equal_token_by_token(chunks, threshold):
+@given(
+    st.lists(st.integers(1, 2 * N + 3), min_size=1, max_size=8),
+    st.sampled_from([0.25, 1.0, 4.0]),
+    st.sampled_from(UPDATES),
+)
+def test_multi_token_steps_equal_token_by_token(chunks, threshold, update):
     """``S`` tokens entering together (also ``S > n``, run in blocks of ``n``) give the windows that one token per
-    step gives at the same points, for any recompute threshold."""
+    step gives at the same points, for any recompute threshold and either update."""
     layer = make_layer("C1", positional="relative")
     x = stream(layer, length=sum(chunks))
-    retro = eRetroactiveEncoderLayer(layer, N, recompute_threshold=threshold)
+    retro = eRetroactiveEncoderLayer(layer, N, recompute_threshold=threshold, update=update)
     with torch.no_grad():
         per_token, _ = retro.forward_steps(x, retro.init_state(2))
         state, end = retro.init_state(2), 0
@@ -260,10 +302,11 @@ def test_multi_token_steps_equal_token_by_token(chunks, threshold):
             assert (y - per_token[:, end - 1]).abs().max() <= 1e-10 * per_token.abs().max()
 
 
-def test_row_subsets_resets_and_snapshots():
+@pytest.mark.parametrize("update", UPDATES)
+def test_row_subsets_resets_and_snapshots(update):
     """Rows stepped alone, a row reset mid-stream and a restored snapshot all match independent streams."""
     layer = make_layer("D4", positional="rope")
-    retro = eRetroactiveEncoderLayer(layer, N)
+    retro = eRetroactiveEncoderLayer(layer, N, update=update)
     x = stream(layer, batch=3, length=3 * N)
 
     def alone(tokens: Tensor) -> Tensor:
@@ -312,6 +355,8 @@ def test_bad_arguments_raise_clear_errors():
     for threshold in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="recompute_threshold"):
             eRetroactiveEncoderLayer(layer, N, recompute_threshold=threshold)
+    with pytest.raises(ValueError, match=r"update: expected 'auto' or one of \('incremental', 'window'\), got 'fast'"):
+        eRetroactiveEncoderLayer(layer, N, update="fast")
     with pytest.raises(ValueError, match="batch_size: expected a positive int"):
         retro.init_state(0)
     with pytest.raises(ValueError, match=rf"x: expected \(B, {d}\) or \(B, S, {d}\), got \(2, {d + 1}\)"):
@@ -343,4 +388,21 @@ def test_attention_dropout_in_training_mode_raises():
     retro.eval()
     stream = Stream(retro, batch_size=1)  # the project's stateful wrapper for scripts works as is
     assert stream(torch.zeros(1, 8)).shape == (1, N, 8) and stream.state.window_positions()[0, -1] == 0
-    assert "window=8, single_output=False, recompute_threshold=1.0" in repr(retro)
+    assert "window=8, single_output=False, recompute_threshold=1.0, update='auto'" in repr(retro)
+
+
+def test_update_is_chosen_from_the_shapes_with_a_reason():
+    """``update="auto"`` takes the window recompute while ``n^2 D`` is at most the documented crossover and the
+    incremental update beyond it, says why, and builds its lowered block with that update; a forced update says
+    so."""
+    layer = make_layer("D4")  # D = 32
+    d = layer.in_rep.size
+    small = int((WINDOW_UPDATE_WORK / d) ** 0.5)
+    for n, expected in ((N, "window"), (small, "window"), (small + 1, "incremental")):
+        retro = eRetroactiveEncoderLayer(layer, n)
+        update, reason = retro.update_choice()
+        assert (update, reason) == choose_update(n, d) and update == expected, (n, update)
+        assert f"n^2 D = {n * n * d}" in reason and retro.lower().update == expected
+    forced = eRetroactiveEncoderLayer(layer, N, update="incremental")
+    assert forced.update_choice() == ("incremental", "update='incremental' was asked for")
+    assert forced.update == "incremental" and forced.lower().update == "incremental"

@@ -1,7 +1,8 @@
 """Lowered streaming steps equal the module steps and the batch recompute: the retroactive layer's lowered block
-(its inference fast path) against the module path and the layer's batch forward over each row's window, and the
-lowered encoder layer's step (``EncoderLayer.step``) against ``eTransformerEncoderLayer.forward_step``; over 20+
-ring wraps, with per-row resets, row subsets and one state moving between the two paths."""
+(its inference fast path) against the module path and the layer's batch forward over each row's window, for both
+updates of the window (incremental and window recompute, each forced), and the lowered encoder layer's step
+(``EncoderLayer.step``) against ``eTransformerEncoderLayer.forward_step``; over 20+ ring wraps, with per-row resets,
+row subsets, one state moving between the two paths and one state moving between the two updates."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from streamtx.nn import causal_window_mask
+from streamtx.nn.lowered import RETROACTIVE_BUFFER_SETS, UPDATES
 from streamtx.nn.retroactive import RetroactiveState, eRetroactiveEncoderLayer
 from streamtx.nn.transformer import EncoderLayerState, eTransformerEncoderLayer
 from streamtx.symmetry import Representation, dihedral
@@ -63,21 +65,23 @@ class Reference:
 def step_paths(
     retro: eRetroactiveEncoderLayer, x: Tensor, reference_layer: eTransformerEncoderLayer, switch_every: int = 5
 ) -> tuple[float, float, float, RetroactiveState]:
-    """Stream ``x (B, T, D)`` by :func:`schedule` through three states: the module path (the layer in training mode
-    with dropout 0, so no fast path), the explicit lowered block, and one state that switches between the module path
-    and the fast path every ``switch_every`` steps (one state layout). Returns the largest difference between the
-    lowered block and the module path, the largest error of all three against ``reference_layer``'s batch forward
-    over each row's window (float64), the output scale, and the lowered block's state."""
+    """Stream ``x (B, T, D)`` by :func:`schedule` through four states: the module path (the layer in training mode
+    with dropout 0, so no fast path), the explicit lowered block, one state that switches between the module path
+    and the fast path every ``switch_every`` steps (one state layout), and one that switches between ``retro``'s
+    update and the other one (one state for both updates). Returns the largest difference between the lowered block
+    and the module path, the largest error of all four against ``reference_layer``'s batch forward over each row's
+    window (float64), the output scale, and the lowered block's state."""
     layer, n = retro.layer, retro.window
     block = retro.lower()
+    other = eRetroactiveEncoderLayer(layer, n, update=next(u for u in UPDATES if u != retro.update_choice()[0]))
     reference = Reference(x.shape[0])
-    module_state, lowered_state, mixed_state = (retro.init_state(x.shape[0]) for _ in range(3))
+    module_state, lowered_state, mixed_state, updates_state = (retro.init_state(x.shape[0]) for _ in range(4))
     err_paths = err_batch = scale = 0.0
     with torch.no_grad():
         for t in range(x.shape[1]):
             rows, resets = schedule(t)
             if resets:
-                for state in (module_state, lowered_state, mixed_state):
+                for state in (module_state, lowered_state, mixed_state, updates_state):
                     state.reset(resets)
                 for row in resets:
                     reference.reset(row)
@@ -93,6 +97,7 @@ def step_paths(
             assert retro.why_not_fast_path() == ""
             if fast:
                 y_mixed = retro.forward_step(xt, mixed_state, rows=rows)[0]
+            y_updates = (other if fast else retro).forward_step(xt, updates_state, rows=rows)[0]
             y_lowered = block.step(xt[:, None], lowered_state, None if rows is None else torch.tensor(rows))
             err_paths = max(err_paths, (y_lowered - y_module).abs().max().item())
             for i, row in enumerate(index):
@@ -100,7 +105,7 @@ def step_paths(
                 window, pos = reference.window(row, n)
                 ref = reference_layer(window.double(), src_pos=pos)[0]
                 seen = window.shape[1]
-                for y in (y_module, y_lowered, y_mixed):
+                for y in (y_module, y_lowered, y_mixed, y_updates):
                     assert (y[i, : n - seen] == 0).all()  # left padding until the window is full
                     err_batch = max(err_batch, (y[i, n - seen :].double() - ref).abs().max().item())
                 scale = max(scale, ref.abs().max().item())
@@ -109,33 +114,38 @@ def step_paths(
 
 
 # ------------------------------------------------------------------------------------------------ retroactive
+@pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("positional", POSITIONAL)
-def test_retroactive_lowered_step_equals_module_step_and_batch_float64(positional, norm_first):
+def test_retroactive_lowered_step_equals_module_step_and_batch_float64(positional, norm_first, update):
     layer = make_layer(positional, norm_first, torch.float64)
-    retro = eRetroactiveEncoderLayer(layer, N)
+    retro = eRetroactiveEncoderLayer(layer, N, update=update)
     x = torch.randn(3, T, layer.in_rep.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     err_paths, err_batch, scale, state = step_paths(retro, x, layer)
     assert err_paths <= 1e-10 * scale, (err_paths, scale)
     assert err_batch <= 1e-10 * scale, (err_batch, scale)
     assert state.cache.positions().tolist()[0] == T  # row 0 saw the whole stream: 20 wraps
-    assert state.recomputed[0] > 0  # the guard had rows to recompute: that path ran too
+    if update == "incremental":
+        assert state.recomputed[0] > 0  # the guard had rows to recompute: that path ran too
+    else:
+        assert state.recomputed.sum() == 0 and (state.r == 0).all()  # every row exact after each step
 
 
+@pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("positional", [None, "rope"])
-def test_retroactive_lowered_step_float32_large_logits(positional):
+def test_retroactive_lowered_step_float32_large_logits(positional, update):
     """float32 with logits of ~60 (rows dominated by one key, which the guard must catch when it leaves): both paths
-    within 1e-5 of the float64 forward with the same rounded weights."""
+    and both updates within 1e-5 of the float64 forward with the same rounded weights."""
     layer = make_layer(positional, False, torch.float32)
     with torch.no_grad():
         layer.self_attn.q_proj.weight.mul_(30.0)
-    retro = eRetroactiveEncoderLayer(layer, N)
+    retro = eRetroactiveEncoderLayer(layer, N, update=update)
     x = torch.randn(3, T, layer.in_rep.size, generator=torch.Generator().manual_seed(2))
     reference = copy.deepcopy(layer).double()
     err_paths, err_batch, scale, state = step_paths(retro, x, reference)
     assert err_paths <= 1e-5 * scale, (err_paths, scale)
     assert err_batch <= 1e-5 * scale, (err_batch, scale)
-    assert state.recomputed.sum() > 0
+    assert (state.recomputed.sum() > 0) == (update == "incremental")
 
 
 def test_retroactive_fast_path_is_taken_and_follows_the_parameters():
@@ -215,3 +225,17 @@ def test_encoder_lowered_step_equals_module_step_and_batch(positional, norm_firs
         y_chunks = block.step(x[:1, : 2 * window + 1], long_state.self_attn.cache, window)
         y_ref = layer.forward_step(x[:1, : 2 * window + 1], module_long)[0]
     assert (y_chunks - y_ref).abs().max() <= 1e-10 * y_ref.abs().max()
+
+
+def test_output_buffers_stay_bounded_when_the_batch_size_varies():
+    retro = eRetroactiveEncoderLayer(make_layer(None, True, torch.float64), window=N)
+    block = retro.lower()
+    gen = torch.Generator().manual_seed(0)
+    for batch in range(1, RETROACTIVE_BUFFER_SETS + 3):
+        state = retro.init_state(batch)
+        assert isinstance(state, RetroactiveState)
+        x = torch.randn(batch, N + 2, 32, generator=gen, dtype=torch.float64)
+        for t in range(x.shape[1]):
+            block.step(x[:, t : t + 1], state)
+        assert len(block.buffers) == min(batch, RETROACTIVE_BUFFER_SETS)
+    assert {key[0] for key in block.buffers} == set(range(3, RETROACTIVE_BUFFER_SETS + 3))  # the newest batch sizes

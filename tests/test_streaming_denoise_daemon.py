@@ -16,6 +16,7 @@ from serving.serving_helpers import (
     reference_run,
     start_server,
     stop_server,
+    wait_ipc_released,
 )
 from streaming_denoise_testing import tiny_model
 
@@ -75,6 +76,7 @@ def test_a_daemon_restart_rebuilds_the_buffer_by_a_replay_with_its_acts(tmp_path
                 for t, (obs, _) in enumerate(script):
                     if t == 30:  # past the replay window (receptive field + Tx tokens)
                         stop_server(*servers[0])
+                        wait_ipc_released(endpoint)
                         servers.append(start_server(policy, endpoint, max_sessions=2))
                     got.append(session.step(obs))
     finally:

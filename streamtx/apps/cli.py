@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 
 from .. import __version__
-from . import collect, demo, fleet, serve, train
+from . import collect, demo, fleet, o3_demo, serve, train
 
 __all__ = ["COMMANDS", "main"]
 
@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "train": (train.main, "train a policy on a demonstration file"),
     "random-checkpoint": (serve.random_checkpoint_main, "write a small random-weight checkpoint"),
     "fleet": (fleet.main, "the policy on many replicas with Ray Serve: fleet up|scale|status|down (needs .[fleet])"),
+    "o3-demo": (o3_demo.main, "train an O(3)-equivariant 3-D reaching policy and a plain one, serve both, compare"),
     "replay": (serve.replay_main, "replay a `serve --record` dataset against a checkpoint, compare the actions"),
 }
 

@@ -9,6 +9,11 @@ daemon's format.
 from a declaration (``--symmetry``, see :mod:`streamtx.data.symmetry`), a task (``--task``, or the ``.npz``'s own
 ``task``), or none (``--no-equivariance``: the plain ``CondTransformerRegressor`` of the same width). Every option
 can also come from a TOML file (``--config``); flags override it.
+
+A dataset of 3-D entity tokens (its metadata names the token layout: ``tokens_num_entities``, ``tokens_obs_features``,
+``tokens_obs_max_degree``, ``tokens_obs_pseudotensors``, as ``streamtx.tasks.pointmass3d`` writes) trains an
+O(3)-equivariant ``O3CondDenoiser`` (``--dim`` channels per irrep of degrees ``0..--max-degree``, relative positions
+up to ``--cutoff``), or with ``--no-equivariance`` the plain ``CondTransformerRegressor`` over the same flat tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +35,14 @@ from streamtx_server.config_file import add_config_option, parse_args_with_confi
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import Episodes, SymmetrySpec, SymmetrySpecError, load_npz, read_lerobot
-from ..models import CondTransformerRegressor, RegressorConfig, eCondTransformerRegressor, get_optim_groups
+from ..models import (
+    CondTransformerRegressor,
+    O3CondDenoiser,
+    O3DenoiserConfig,
+    RegressorConfig,
+    eCondTransformerRegressor,
+    get_optim_groups,
+)
 from ..nn.linear import eLinear
 from ..policy import DDIMSampler, FlowMatchingSampler, Sampler
 from ..symmetry import Representation, trivial_group
@@ -40,9 +52,23 @@ from ..train.metrics import MetricsLog
 from ..train.normalize import fold_input_normalization, observation_normalizer
 from ..train.trainer import AUTOCAST_DTYPES, TrainConfig, TrainResult, TrainState, train
 
-__all__ = ["build_model", "build_sampler", "load_episodes", "split_episodes", "main"]
+__all__ = ["build_model", "build_sampler", "load_episodes", "split_episodes", "token_layout", "main"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+TOKEN_FIELDS = ("num_entities", "obs_features", "obs_max_degree", "obs_pseudotensors")
+"""The ``O3DenoiserConfig`` fields a dataset of 3-D tokens declares, as metadata ``tokens_<field>``."""
+
+
+def token_layout(episodes: Episodes) -> dict[str, Any] | None:
+    """The 3-D token layout that ``episodes``' metadata declares (``O3DenoiserConfig`` fields), or ``None``."""
+    found = {name: episodes.meta[f"tokens_{name}"] for name in TOKEN_FIELDS if f"tokens_{name}" in episodes.meta}
+    if not found:
+        return None
+    if len(found) != len(TOKEN_FIELDS):
+        missing = [f"tokens_{name}" for name in TOKEN_FIELDS if name not in found]
+        raise ValueError(f"dataset: its 3-D token layout lacks {missing}")
+    return {name: bool(v) if name == "obs_pseudotensors" else int(v) for name, v in found.items()}
 
 
 def build_model(
@@ -113,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--heads", type=int, default=2)
     g.add_argument("--dim", type=int, default=32, help="embedding dim (a multiple of |G| * 2 * heads)")
+    g.add_argument("--max-degree", type=int, default=1, help="3-D tokens: highest irrep degree of the hidden features")
+    g.add_argument("--cutoff", type=float, default=2.0, help="3-D tokens: range of the relative-position bases")
     g.add_argument("--sampler", choices=["flow", "ddim"], default="flow")
     g.add_argument("--sampling-steps", type=int, default=5, help="denoiser calls per action chunk")
     g.add_argument(
@@ -188,9 +216,16 @@ def _representations(args: argparse.Namespace, episodes: Episodes) -> tuple[Repr
     return obs_rep, act_rep, record
 
 
-def _servable(ema_model: torch.nn.Module, scale: np.ndarray, shift: np.ndarray) -> eCondTransformerRegressor:
-    """A float32 copy of the EMA model that takes raw observations (the normalisation folded in)."""
+def _servable(
+    ema_model: torch.nn.Module, scale: np.ndarray | None, shift: np.ndarray | None
+) -> eCondTransformerRegressor | O3CondDenoiser:
+    """A float32 copy of the EMA model that takes raw observations (the normalisation folded in; an
+    ``O3CondDenoiser`` trains on raw tokens: ``scale`` and ``shift`` are ``None``)."""
     model = copy.deepcopy(ema_model).float().cpu()
+    if isinstance(model, O3CondDenoiser) and scale is None and shift is None:
+        return model
+    if scale is None or shift is None:
+        raise ValueError("scale, shift: a regressor's input normalisation is needed to serve it")
     if not isinstance(model, eCondTransformerRegressor) or not isinstance(model.cond_obs_emb, eLinear):
         raise TypeError(f"ema_model: expected an eCondTransformerRegressor, got {type(model).__name__}")
     fold_input_normalization(model.cond_obs_emb, scale, shift)
@@ -221,15 +256,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _datasets(
-    args: argparse.Namespace, episodes: Episodes, obs_rep: Representation, history: int
-) -> tuple[ChunkDataset, ChunkDataset | None, np.ndarray, np.ndarray, int]:
+    args: argparse.Namespace, episodes: Episodes, obs_rep: Representation | None, history: int
+) -> tuple[ChunkDataset, ChunkDataset | None, np.ndarray | None, np.ndarray | None, int]:
+    """Training and validation examples, normalised by ``obs_rep``'s equivariant normaliser (``None``: raw, the 3-D
+    tokens of an ``O3CondDenoiser``, whose positions and vectors are already in the task's units)."""
     tr, va = split_episodes(episodes.num_episodes, args.val_fraction)
     train_eps = episodes.select(tr)
-    scale, shift = observation_normalizer(train_eps.observations, obs_rep)
+    scale, shift = (None, None) if obs_rep is None else observation_normalizer(train_eps.observations, obs_rep)
     dtype = DTYPES[args.dtype]
 
     def chunks(eps: Episodes) -> ChunkDataset:
-        obs = ((eps.observations - shift) * scale).astype(np.float32 if dtype == torch.float32 else np.float64)
+        raw = eps.observations if scale is None or shift is None else (eps.observations - shift) * scale
+        obs = raw.astype(np.float32 if dtype == torch.float32 else np.float64)
         return ChunkDataset(obs, eps.actions, history, args.action_horizon, dtype, eps.lengths)
 
     val = chunks(episodes.select(va)) if va.stop > va.start else None
@@ -285,6 +323,32 @@ def _say(rank: int, message: str) -> None:
         print(message)
 
 
+def _o3_model(args: argparse.Namespace, layout: dict[str, Any], episodes: Episodes) -> O3CondDenoiser:
+    """The ``O3CondDenoiser`` of a 3-D token dataset (``layout``: :func:`token_layout`)."""
+    if args.symmetry is not None:
+        raise SystemExit("streamtx train: a dataset of 3-D tokens is O(3)-equivariant by its layout; drop --symmetry")
+    if args.noise_chunk is not None or args.anticausal_attn:
+        raise SystemExit("streamtx train: --noise-chunk and --anticausal-attn are options of the regressor only")
+    config = O3DenoiserConfig(
+        **layout,
+        in_horizon=args.action_horizon,
+        cond_horizon=args.obs_horizon,
+        features=args.dim,
+        max_degree=args.max_degree,
+        num_attention_heads=args.heads,
+        num_layers=args.layers,
+        num_cond_layers=args.cond_layers,
+        cutoff=args.cutoff,
+    )
+    model = O3CondDenoiser(config)
+    if episodes.obs_dim != model.token_dim or episodes.act_dim != model.action_dim:
+        raise SystemExit(
+            f"streamtx train: the token layout {layout} makes tokens of size {model.token_dim} and actions of size "
+            f"{model.action_dim}; the dataset has {episodes.obs_dim} and {episodes.act_dim}"
+        )
+    return model
+
+
 def _run(args: argparse.Namespace, argv: list[str], rank: int, world: int) -> int:
     episodes = load_episodes(args.data, args.format, args.observation_features, args.action_features)
     if episodes.meta.get("skipped_features"):
@@ -292,21 +356,15 @@ def _run(args: argparse.Namespace, argv: list[str], rank: int, world: int) -> in
             rank,
             f"not used (video/image features are not supported yet): {', '.join(episodes.meta['skipped_features'])}",
         )
-    obs_rep, act_rep, symmetry = _representations(args, episodes)
+    layout = token_layout(episodes)
     torch.manual_seed(args.seed)  # the model's initialization
-    model = build_model(
-        obs_rep,
-        act_rep,
-        equivariant=not args.no_equivariance,
-        in_horizon=args.action_horizon,
-        cond_horizon=args.obs_horizon,
-        num_layers=args.layers,
-        num_attention_heads=args.heads,
-        embedding_dim=args.dim,
-        num_cond_layers=args.cond_layers,
-        token_levels=args.noise_chunk is not None,
-        anticausal_attn=args.anticausal_attn,
-    ).to(DTYPES[args.dtype])
+    model: eCondTransformerRegressor | O3CondDenoiser
+    obs_rep: Representation | None
+    if layout is not None and not args.no_equivariance:
+        model = _o3_model(args, layout, episodes).to(DTYPES[args.dtype])
+        obs_rep, symmetry = None, {"group": model.symmetry(), "tokens": model.token_layout()}
+    else:
+        obs_rep, model, symmetry = _regressor(args, episodes, layout is not None)
     sampler = build_sampler(args.sampler, args.sampling_steps, args.noise_chunk)
     history = model.receptive_field()
     train_set, val_set, scale, shift, num_train = _datasets(args, episodes, obs_rep, history)
@@ -351,11 +409,38 @@ def _run(args: argparse.Namespace, argv: list[str], rank: int, world: int) -> in
     return 0
 
 
+def _regressor(
+    args: argparse.Namespace, episodes: Episodes, plain_tokens: bool
+) -> tuple[Representation, eCondTransformerRegressor, Any]:
+    """``(obs_rep, model, symmetry record)`` of the regressor; ``plain_tokens``: a 3-D token dataset trained
+    without equivariance (the baseline over the same flat tokens, no group)."""
+    if plain_tokens:
+        group = trivial_group()
+        obs_rep, act_rep = (Representation.trivial(group, d) for d in (episodes.obs_dim, episodes.act_dim))
+        symmetry: Any = None
+    else:
+        obs_rep, act_rep, symmetry = _representations(args, episodes)
+    model = build_model(
+        obs_rep,
+        act_rep,
+        equivariant=not args.no_equivariance,
+        in_horizon=args.action_horizon,
+        cond_horizon=args.obs_horizon,
+        num_layers=args.layers,
+        num_attention_heads=args.heads,
+        embedding_dim=args.dim,
+        num_cond_layers=args.cond_layers,
+        token_levels=args.noise_chunk is not None,
+        anticausal_attn=args.anticausal_attn,
+    ).to(DTYPES[args.dtype])
+    return obs_rep, model, symmetry
+
+
 def _finish(
     args: argparse.Namespace,
     result: TrainResult,
     extra: dict[str, Any],
-    model: eCondTransformerRegressor,
+    model: eCondTransformerRegressor | O3CondDenoiser,
     sampler: Sampler,
     seconds: float,
 ) -> None:
@@ -373,14 +458,15 @@ def _finish(
     )
 
 
-def _resume_state(path: Path, model: eCondTransformerRegressor) -> dict[str, Any]:
+def _resume_state(path: Path, model: eCondTransformerRegressor | O3CondDenoiser) -> dict[str, Any]:
     """The training state of a periodic checkpoint, checked against the model being trained."""
     payload = load_checkpoint(path)
     state = payload["extra"].get("train_state")
     if state is None:
         raise SystemExit(f"streamtx train: --resume {path} holds no training state (write it with --checkpoint-every)")
-    # through RegressorConfig: a state saved before an option existed holds that option's default
-    saved = RegressorConfig.from_dict(payload["config"])
+    # through the config class: a state saved before an option existed holds that option's default
+    config_class = O3DenoiserConfig if payload["model_class"] == "O3CondDenoiser" else RegressorConfig
+    saved = config_class.from_dict(payload["config"])
     if saved != model.config or payload["model_class"] != type(model).__name__:
         raise SystemExit(
             f"streamtx train: --resume {path} is a {payload['model_class']} with {payload['config']}; this run builds "

@@ -6,8 +6,10 @@
   representations, loading its state dicts.
 * :mod:`streamtx.compat.escnn_reps`: escnn groups, representations and field types as streamtx ones (escnn
   optional).
+* :mod:`streamtx.compat.morphosymm`: MorphoSymm's robot symmetries (group label, signed permutations per space) as
+  streamtx representations, from its configuration data (MorphoSymm not needed).
 """
 
-from . import continual, escnn_reps, symm_learning
+from . import continual, escnn_reps, morphosymm, symm_learning
 
-__all__ = ["continual", "escnn_reps", "symm_learning"]
+__all__ = ["continual", "escnn_reps", "morphosymm", "symm_learning"]

@@ -17,6 +17,7 @@ the ``g`` that fix the direction: rotations about the vertical axis and reflecti
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -135,6 +136,27 @@ class O3DenoiserState(StreamState):
     reference: Tensor
     max_tokens_per_step: int
 
+    def session_state_dict(self, row: int) -> dict[str, Tensor]:
+        """The past of batch row ``row`` (copies): every tensor of the state, batch dimension first, at that row,
+        by its dotted name. :meth:`load_session_state_dict` puts it into any row of a state of the same model."""
+        b = self.reference.shape[0]
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < b:
+            raise ValueError(f"row: expected a row in 0..{b - 1}, got {row!r}")
+        return {name: t[row].clone() for name, t in self.tensors().items()}
+
+    def load_session_state_dict(self, row: int, snapshot: Mapping[str, Tensor]) -> None:
+        """Replace batch row ``row`` by a :meth:`session_state_dict` (any device); other rows are untouched."""
+        own = self.session_state_dict(row)
+        missing, unexpected = sorted(set(own) - set(snapshot)), sorted(set(snapshot) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"session state: missing keys {missing}, unexpected keys {unexpected}")
+        for name, t in self.tensors().items():
+            if tuple(snapshot[name].shape) != tuple(t.shape[1:]):
+                raise ValueError(
+                    f"session state[{name!r}]: expected shape {tuple(t.shape[1:])}, got {tuple(snapshot[name].shape)}"
+                )
+            t[row] = snapshot[name].to(t.device, t.dtype)
+
 
 class O3DecoderBlock(nn.Module):
     r"""``x = x + self_attn(norm1(x)); x = x + cross_attn(norm2(x), q_pos, memory, m_pos); x = x + mlp(norm3(x))``.
@@ -176,9 +198,10 @@ class O3DecoderBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = (O3LayerNorm(layout, features, **fk) for _ in range(3))
         self.mlp = GatedMLP(layout, features, 2 * features, **fk)
 
-    def forward(self, x: Tensor, q_pos: Tensor, memory: Tensor, m_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, q_pos: Tensor, memory: Tensor, m_pos: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask (B, N, M)``: True where an action token may read a memory token (``None``: all)."""
         x = x + self.self_attn(self.norm1(x))
-        x = x + self.cross_attn(self.norm2(x), q_pos, kv=memory, kv_positions=m_pos)
+        x = x + self.cross_attn(self.norm2(x), q_pos, mask, kv=memory, kv_positions=m_pos)
         return x + self.mlp(self.norm3(x))
 
     def forward_cached_memory(self, x: Tensor, q_pos: Tensor, memory: O3MemoryState, rows: Rows = None) -> Tensor:
@@ -299,6 +322,55 @@ class O3CondDenoiser(nn.Module):
         """Trailing shape of one control step's observation features: ``(E, P_o, C_o, F_o)``."""
         return (self.config.num_entities, *self.obs_layout.shape(self.config.obs_features))
 
+    @property
+    def token_dim(self) -> int:
+        """Size of one control step as a flat token (the wire's ``obs_dim``): the entity features ``(E, P_o, C_o,
+        F_o)`` then their positions ``(E, 3)``, each flattened in C order (:meth:`join_tokens`)."""
+        return math.prod(self.obs_shape) + 3 * self.config.num_entities
+
+    def split_tokens(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Flat tokens ``(..., token_dim)`` -> ``(features (..., E, P_o, C_o, F_o), positions (..., E, 3))``."""
+        if not isinstance(tokens, Tensor) or tokens.dim() < 1 or tokens.shape[-1] != self.token_dim:
+            raise ValueError(
+                f"tokens: expected (..., {self.token_dim}) (the features {self.obs_shape} then the positions "
+                f"({self.config.num_entities}, 3) of one control step), got {_describe(tokens)}"
+            )
+        n, lead = math.prod(self.obs_shape), tokens.shape[:-1]
+        return tokens[..., :n].reshape(*lead, *self.obs_shape), tokens[..., n:].reshape(*lead, -1, 3)
+
+    def join_tokens(self, features: Tensor, positions: Tensor) -> Tensor:
+        """``features (..., E, P_o, C_o, F_o)`` and ``positions (..., E, 3)`` -> flat tokens ``(..., token_dim)``
+        (the inverse of :meth:`split_tokens`)."""
+        if not isinstance(features, Tensor) or tuple(features.shape[-4:]) != self.obs_shape:
+            raise ValueError(
+                f"features: expected (..., {', '.join(map(str, self.obs_shape))}), got {_describe(features)}"
+            )
+        lead = features.shape[:-4]
+        if not isinstance(positions, Tensor) or tuple(positions.shape) != (*lead, self.config.num_entities, 3):
+            expected = (*lead, self.config.num_entities, 3)
+            raise ValueError(f"positions: expected shape {expected} (one per entity token), got {_describe(positions)}")
+        return torch.cat((features.reshape(*lead, -1), positions.reshape(*lead, -1)), dim=-1)
+
+    def token_layout(self) -> dict[str, Any]:
+        """The layout of one flat token in plain values (what the daemon's ``hello`` declares, docs/protocol.md)."""
+        e, (p, c, f) = self.config.num_entities, self.obs_layout.shape(self.config.obs_features)
+        n = e * p * c * f
+        return {
+            "entities": e,
+            "features": {"offset": 0, "size": n, "shape": [e, p, c, f]},
+            "positions": {"offset": n, "size": 3 * e, "shape": [e, 3]},
+            "irreps": [[self.obs_layout.label(q, l) for l in range(self.obs_layout.max_degree + 1)] for q in range(p)],
+            "component_order": "degree l at components l**2..(l+1)**2-1, m = +l, -l, ..., +1, -1, 0 (l = 1: x, y, z)",
+            "action": "one polar vector (x, y, z) per future step",
+            "gravity": None if self.config.gravity is None else list(self.config.gravity),
+        }
+
+    def symmetry(self) -> str:
+        """The symmetry group of the policy, in words (for descriptions)."""
+        if self.config.gravity is None:
+            return "O(3) x translations x entity permutations"
+        return "O(2) about gravity x translations x entity permutations"
+
     def receptive_field(self) -> int:
         """Control steps that can influence the output: the batch reference needs no longer history."""
         layers = 0 if self.encoder is None else len(self.encoder.layers)
@@ -370,26 +442,61 @@ class O3CondDenoiser(nn.Module):
         return change_layout(self.head(self.ln_f(x)), self.head_index, _VECTOR)[..., 0, 1:, 0]
 
     # ---------------------------------------------------------------- batch forward
-    def forward(self, X: Tensor, opt_step: Tensor | float, Z: Tensor, *, positions: Tensor) -> Tensor:
+    def forward(
+        self,
+        X: Tensor,
+        opt_step: Tensor | float,
+        Z: Tensor,
+        *,
+        positions: Tensor | None = None,
+        cond_lengths: Tensor | None = None,
+    ) -> Tensor:
         """``V (B, Tx, 3)`` for noisy action vectors ``X (B, Tx, 3)`` at step ``opt_step`` given the observation
-        window ``Z (B, T, E, P_o, C_o, F_o)`` at ``positions (B, T, E, 3)``, oldest step first."""
+        window ``Z (B, T, E, P_o, C_o, F_o)`` at ``positions (B, T, E, 3)``, oldest step first; or, with
+        ``positions=None``, the window as flat tokens ``Z (B, T, token_dim)`` (:meth:`split_tokens`: what the wire
+        and the trainer's datasets carry). ``cond_lengths (B,)``: example ``b``'s window is its last
+        ``cond_lengths[b]`` steps, the steps before are padding that nothing attends to (the trainer's left-padded
+        batches, :class:`~streamtx.train.ChunkBatch`)."""
+        if positions is None:
+            if not isinstance(Z, Tensor) or Z.dim() != 3:
+                raise ValueError(
+                    f"Z: expected flat tokens (B, T, {self.token_dim}) without positions, or (B, T, "
+                    f"{', '.join(map(str, self.obs_shape))}) with positions, got {_describe(Z)}"
+                )
+            Z, positions = self.split_tokens(Z)
         self._check_obs(Z, positions, None)
         self._check_actions(X, Z.shape[0])
         b, t = Z.shape[:2]
         z, pos, ref = self._step_tokens(Z, positions)
         e = z.shape[2]
         z, pos = z.flatten(1, 2), pos.flatten(1, 2)
+        real = self._real_tokens(cond_lengths, b, t, e, Z.device)  # (B, T E) or None
         if self.encoder is not None:
             step = torch.arange(t, device=Z.device).repeat_interleave(e)
             lag = step[:, None] - step[None, :]
-            z = self.encoder(z, pos, (lag >= 0) & (lag < self.cond_window))  # whole-step causal window
+            mask = (lag >= 0) & (lag < self.cond_window)  # whole-step causal window
+            if real is not None:  # real queries read real keys only; padding reads padding (no empty row)
+                mask = mask & (real[:, None, :] | ~real[:, :, None])
+            z = self.encoder(z, pos, mask)
         keep = min(t, self.cond_horizon) * e
         memory, memory_pos = z[:, -keep:], pos[:, -keep:]
         x = self._action_tokens(X, opt_step)
         q_pos = ref[:, -1:].expand(b, x.shape[1], 3)
+        memory_mask = None if real is None else real[:, None, -keep:].expand(b, x.shape[1], keep)
         for block in self._blocks():
-            x = block(x, q_pos, memory, memory_pos)
+            x = block(x, q_pos, memory, memory_pos, memory_mask)
         return self._head(x)
+
+    @staticmethod
+    def _real_tokens(lengths: Tensor | None, b: int, t: int, e: int, device: torch.device) -> Tensor | None:
+        """``(B, T E)`` True on the tokens of the last ``lengths[b]`` steps (``None``: every window is full)."""
+        if lengths is None:
+            return None
+        lengths = torch.as_tensor(lengths, device=device)
+        if lengths.shape != (b,) or bool(((lengths < 1) | (lengths > t)).any()):
+            raise ValueError(f"cond_lengths: expected ({b},) window lengths in 1..{t}, got {lengths.tolist()}")
+        real = torch.arange(t, device=device)[None, :] >= t - lengths[:, None]
+        return real.repeat_interleave(e, dim=1)
 
     # ---------------------------------------------------------------- streaming
     def init_state(
@@ -435,11 +542,19 @@ class O3CondDenoiser(nn.Module):
         self._check_state(state)
         return state.memory[0].cache.positions(rows) // self.config.tokens_per_step
 
-    def observe(self, Z: Tensor, state: O3DenoiserState, rows: Rows = None, *, positions: Tensor) -> None:
+    def observe(self, Z: Tensor, state: O3DenoiserState, rows: Rows = None, *, positions: Tensor | None = None) -> None:
         """New control steps ``Z (b, S, E, P_o, C_o, F_o)`` (or one, ``(b, E, P_o, C_o, F_o)``) at ``positions
-        (b, S, E, 3)`` (or ``(b, E, 3)``), ``S <= max_tokens_per_step``: each step runs one encoder step and appends
-        its tokens to every decoder block's memory ring."""
+        (b, S, E, 3)`` (or ``(b, E, 3)``), ``S <= max_tokens_per_step``; or, with ``positions=None``, flat tokens
+        ``Z (b, S, token_dim)`` (or ``(b, token_dim)``, :meth:`split_tokens`). Each step runs one encoder step and
+        appends its tokens to every decoder block's memory ring."""
         self._check_state(state)
+        if positions is None:
+            if not isinstance(Z, Tensor) or Z.dim() not in (2, 3):
+                raise ValueError(
+                    f"Z: expected flat tokens (b, [S,] {self.token_dim}) without positions, or (b, [S,] "
+                    f"{', '.join(map(str, self.obs_shape))}) with positions, got {_describe(Z)}"
+                )
+            Z, positions = self.split_tokens(Z)
         if isinstance(Z, Tensor) and Z.dim() == 5:
             Z = Z[:, None]
             positions = positions[:, None] if isinstance(positions, Tensor) else positions

@@ -48,13 +48,14 @@ def attention(
     """Multi-head attention ``q (b, H, T, hd)`` over ``k, v (b, H, S, hd)`` -> ``(b, T, H * hd)``, heads merged.
 
     ``mask``: additive, broadcastable to ``(b, H, T, S)``; ``causal``: query ``t`` sees keys ``<= t``. Any strides
-    with a contiguous last dimension. ``fused`` runs the Triton kernel where the shapes allow it, which takes masks
-    that are the same for every query: per key ``(b, 1, 1, S)`` or per head and key ``(b, H, 1, S)``.
+    with a contiguous last dimension. ``fused`` runs the Triton kernel on CUDA where the shapes allow it, which takes
+    masks that are the same for every query: per key ``(b, 1, 1, S)`` or per head and key ``(b, H, 1, S)``.
     """
     b, h, t, hd = q.shape
     s = k.shape[2]
     if not (
         fused
+        and q.is_cuda
         and t <= _MAX_TOKENS
         and s <= _MAX_KEYS
         and 16 <= hd <= _MAX_HEAD_DIM
@@ -96,9 +97,10 @@ def attention(
 def add_norm(
     x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, fused: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """The residual update ``x + y`` and its norm over the last dimension, ``(x + y, norm(x + y))``."""
+    """The residual update ``x + y`` and its norm over the last dimension, ``(x + y, norm(x + y))`` (``fused``: one
+    Triton kernel on CUDA)."""
     d = x.shape[-1]
-    if not (fused and d <= _MAX_FEATURES and x.is_contiguous() and y.is_contiguous()):
+    if not (fused and x.is_cuda and d <= _MAX_FEATURES and x.is_contiguous() and y.is_contiguous()):
         x = x + y
         return x, norm(x, weight, bias, eps, rms)
     new, normed = torch.empty_like(x), torch.empty_like(x)

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -62,17 +63,20 @@ class _eNorm(nn.Module):
         self.normalized_shape = (rep.size,)
         self.group_order = rep.group.order
         self._basis = basis
-        # per-feature affine in rep's basis: LayerNorm also needs the canonical mean (Q 1 = 1)
-        self.per_feature = basis.canonical or (basis.aligned and (self._rms or basis.centered))
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(m, **fk)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.empty(m, **fk)) if elementwise_affine and bias else None
+        # per-feature in rep's basis: the affine is (aligned: each copy on its own coordinates; or no affine at all)
+        # and LayerNorm's mean over rep's coordinates is the canonical one (Q 1 = 1)
+        self.per_feature = basis.canonical or ((basis.aligned or self.weight is None) and (self._rms or basis.centered))
+        # how far rep's all-ones vector is from invariant: LayerNorm over rep's coordinates is equivariant iff 0
+        self._ones_defect = float(np.abs(rep.matrices.sum(-1) - 1.0).max())
         self._consts = Constants(
             weights=basis.copy_weights,
             means=basis.copy_means,
             q=basis.q,
             centre=basis.q.sum(1) / math.sqrt(rep.size),
         )
-        fk: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(m, **fk)) if elementwise_affine else None
-        self.bias = nn.Parameter(torch.empty(m, **fk)) if elementwise_affine and bias else None
         self._cache = WeightCache()
         self.reset_parameters()
 
@@ -117,21 +121,32 @@ class _eNorm(nn.Module):
         return y if shift is None else y + shift
 
     def _lower_error(self) -> NotImplementedError:
+        """Why this norm has no lowered block (what ``lower`` / ``lower_into`` raise)."""
         if not self._rms and not self._basis.centered:
             why = (
-                "LayerNorm's mean over its coordinates is not the canonical mean (Q 1 != 1); use norm_module='rmsnorm'"
+                "LayerNorm over this basis's coordinates is not G-equivariant: its all-ones vector is not invariant "
+                f"(max_g |rho(g) 1 - 1| = {self._ones_defect:.3g}), so the mean over the coordinates is not an "
+                "invariant; this module centres along Q 1 (the canonical mean), which an inference plan's LayerNorm "
+                "(centring along the all-ones vector) cannot compute. Use norm_module='rmsnorm' (RMSNorm is "
+                "basis-free), or run the layers on Representation.regular(G, m) and map rep in and out with eLinear "
+                "(as eCondTransformerRegressor does)"
             )
         else:
             why = (
-                "its per-copy scale is a dense map in this basis (the basis mixes copies across coordinates): only a "
-                "pre-norm layer can fold it into the weights that read the norm (norm_first=True)"
+                "its per-copy scale is a dense map in this basis (the basis mixes regular copies across "
+                "coordinates), and a post-norm's output is the residual stream itself, read by the residual "
+                "connection and the next norm, so no adjacent weight can absorb it. Use norm_first=True (the "
+                "affine then folds into the maps that read the norm), elementwise_affine=False, or run the layers "
+                "on Representation.regular(G, m) and map rep in and out with eLinear"
             )
         return NotImplementedError(f"{type(self).__name__}.lower on {self.rep.name}: {why}")
 
     @torch.no_grad()
     def lower(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Norm:
-        """The norm as a lowered block, its per-copy affine expanded per feature (``NotImplementedError`` where the
-        basis makes it a dense map: see :meth:`lower_into`)."""
+        """The norm as a lowered block, its per-copy affine expanded per feature: on the canonical basis, a basis that
+        keeps each copy on its own coordinates (``aligned``), or without an affine; LayerNorm also needs ``Q 1 = 1``
+        (``centered``, which ``regular_basis`` gives whenever rep's all-ones vector is invariant). Elsewhere
+        ``NotImplementedError`` says why (a pre-norm branch folds the affine instead: :meth:`lower_into`)."""
         if not self.per_feature:
             raise self._lower_error()
         weight, bias = self._expand()

@@ -28,16 +28,18 @@ from torch import Tensor, nn
 
 from .linear import WeightCache
 from .lowered import (
+    UPDATES,
     RetroactiveEncoderLayer,
     RetroactiveState,
     retroactive_attention,
     retroactive_enter,
+    retroactive_recompute,
     window_order,
 )
 from .state import RingCache, Rows
 from .transformer import EncoderLayerState, eTransformerEncoderLayer
 
-__all__ = ["eRetroactiveEncoderLayer", "RetroactiveState", "accumulator_dtype"]
+__all__ = ["eRetroactiveEncoderLayer", "RetroactiveState", "accumulator_dtype", "choose_update", "WINDOW_UPDATE_WORK"]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,6 +47,30 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     sums take up to ``2n`` additions and subtractions; in 8 or 11 mantissa bits they would drift by percents, as in
     flash attention, softmax statistics are kept in float32), else ``dtype`` itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+WINDOW_UPDATE_WORK = 2**22
+"""The crossover of :func:`choose_update`: the window update is taken while ``n^2 D <= WINDOW_UPDATE_WORK``.
+Measured with ``benchmarks/bench_retroactive.py`` (D = 64, 4 heads, batch 1, one thread, CPU): the window update
+costs less than the incremental one at n = 64 and 256 and more from n = 384 (n^2 D = 2^23.2) on."""
+
+
+def choose_update(window: int, d_model: int) -> tuple[str, str]:
+    """Which exact update of a full window of ``n = window`` tokens of ``D = d_model`` features costs less per step,
+    and why: ``("window", reason)`` or ``("incremental", reason)``.
+
+    Both updates share the outputs (out-projection, norms and feed-forward of all ``n`` tokens, O(n D^2)); they
+    differ in the attention. The incremental update does O(n D) work in about sixty small kernels (so its cost is
+    launches, about constant in ``n``); the window recompute does O(n^2 D) work in a handful (one flash-attention
+    call). The crossover is where the recompute's ``n^2 D`` outgrows the incremental update's fixed launch cost:
+    :data:`WINDOW_UPDATE_WORK`."""
+    work = window * window * d_model
+    if work <= WINDOW_UPDATE_WORK:
+        return "window", (
+            f"n^2 D = {work} <= {WINDOW_UPDATE_WORK}: recomputing the window's attention in one block costs less "
+            "than the incremental update's ~60 small kernels"
+        )
+    return "incremental", f"n^2 D = {work} > {WINDOW_UPDATE_WORK}: the O(n D) incremental update costs less"
 
 
 class eRetroactiveEncoderLayer(nn.Module):
@@ -61,19 +87,25 @@ class eRetroactiveEncoderLayer(nn.Module):
     left-padded with zeros; :meth:`RetroactiveState.window_positions` gives the position of each output (``-1`` =
     padding).
 
-    Cost per step: the attention update is O(n d) per new token plus O(n d) per row the guard recomputes. On generic
-    data that is O(1) rows per step on average (per head: about 0.2-0.3 on random inputs, about 1 when logits of ~100
-    make every row peaked; measured in the tests and ``benchmarks/bench_retroactive.py``), so the amortized cost is
-    O(n d). Worst case (scores where every step removes
-    the dominant key of every row) every row is recomputed: O(n^2 d), the cost of the batch attention. Out projection,
+    Two exact updates of the attention keep one state (a state may take either at any step), chosen by ``update``:
+    ``"incremental"`` (the update above, :func:`~streamtx.nn.lowered.retroactive_enter`) and ``"window"`` (every
+    query row's bookkeeping recomputed as one block, :func:`~streamtx.nn.lowered.retroactive_recompute`: O(n^2 d)
+    work in a few kernels, which costs less for small ``n``); ``"auto"`` picks from the shapes
+    (:func:`choose_update`, :meth:`update_choice` says which and why).
+
+    Cost per step: the incremental attention update is O(n d) per new token plus O(n d) per row the guard
+    recomputes. On generic data that is O(1) rows per step on average (per head: about 0.2-0.3 on random inputs,
+    about 1 when logits of ~100 make every row peaked; measured in the tests and ``benchmarks/bench_retroactive.py``),
+    so the amortized cost is O(n d). Worst case (scores where every step removes the dominant key of every row) every
+    row is recomputed: O(n^2 d), the cost of the batch attention. Out projection,
     residual, norms and feed-forward depend on the updated attention of every token, so they run on all ``n`` outputs
     each step (O(n d^2), as in continual-inference). Only a first layer can stream this way: a deeper layer's inputs
     all change every step, so it needs a recompute.
 
     Fast path: at inference (the layer in ``eval()``, no gradient needed) a step runs through the lowered block of
     :meth:`lower` (dense weights, one fused q/k/v matmul, no module dispatch; rebuilt when a parameter changes), over
-    the same state; :meth:`why_not_fast_path` says why not otherwise. Both run one update,
-    :func:`~streamtx.nn.lowered.retroactive_enter`.
+    the same state; :meth:`why_not_fast_path` says why not otherwise. Both run the same updates
+    (:mod:`streamtx.nn.lowered`).
 
     ``single_output=True``: a step returns only the new tokens' outputs ``(B, D)``, which equal the last row of the
     full-window output, and are exactly the causal-window streaming of :meth:`eTransformerEncoderLayer.forward_step`
@@ -87,6 +119,8 @@ class eRetroactiveEncoderLayer(nn.Module):
         recompute_threshold: recompute a query row exactly when the softmax mass removed from it since its last exact
             computation exceeds this times its remaining mass (``inf``: only once cancellation has left no positive
             mass; accurate only for data without dominant keys). Smaller is more accurate and costs more recomputes.
+        update: ``"incremental"``, ``"window"`` or ``"auto"`` (the cheaper for ``window`` and ``D``, see
+            :func:`choose_update`); the results agree to rounding.
     """
 
     def __init__(
@@ -96,6 +130,7 @@ class eRetroactiveEncoderLayer(nn.Module):
         *,
         single_output: bool = False,
         recompute_threshold: float = 1.0,
+        update: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(layer, eTransformerEncoderLayer):
@@ -106,7 +141,9 @@ class eRetroactiveEncoderLayer(nn.Module):
             raise ValueError(
                 f"recompute_threshold: expected a positive number (inf allowed), got {recompute_threshold}"
             )
-        self.layer, self.window = layer, window
+        if update not in ("auto", *UPDATES):
+            raise ValueError(f"update: expected 'auto' or one of {UPDATES}, got {update!r}")
+        self.layer, self.window, self._update = layer, window, update
         self.single_output, self.recompute_threshold = bool(single_output), float(recompute_threshold)
         self._layer_modules = tuple(layer.modules())  # what the lowered block is built from (fixed structure)
         self._lowered = WeightCache()
@@ -213,12 +250,15 @@ class eRetroactiveEncoderLayer(nn.Module):
         h = cast(nn.Module, self.layer.norm1)(x) if self.layer.norm_first else x  # the attention block's input
         q = attn.project_query(h, pos).transpose(1, 2)
         k, v = (t.transpose(1, 2) for t in attn.project_kv(h, h, pos))  # (b, S, H, hd)
-        retroactive_enter(state, x, q, k, v, pos, rows, attn.positional.score_bias, self.recompute_threshold)
+        if self.update_choice()[0] == "window":
+            retroactive_recompute(state, x, q, k, v, rows, attn.positional.score_bias)
+        else:
+            retroactive_enter(state, x, q, k, v, pos, rows, attn.positional.score_bias, self.recompute_threshold)
 
     def _window_outputs(self, state: RetroactiveState, rows: Tensor | None) -> Tensor:
         """Layer outputs of the window, oldest first ``(b, n, D)``, zeros where no token is yet."""
         layer, dtype = self.layer, self.layer.linear1.weight.dtype
-        att, x, _ = retroactive_attention(state, rows)
+        att, x = retroactive_attention(state, rows)
         att = layer.self_attn.out_proj(att.to(dtype))
         # The attention block's input (x or norm1(x)) was used when each token arrived; plug in its output here.
         return window_order(layer.residual(x.to(dtype), [lambda _: att, layer.feed_forward]), state, rows)
@@ -243,9 +283,23 @@ class eRetroactiveEncoderLayer(nn.Module):
         """The full-window step as a lowered block over the same :class:`RetroactiveState` (dense weights, one fused
         q/k/v matmul), for inference; its ``step(x (b, S, D), state, rows)`` returns what :meth:`forward_step`
         does."""
-        return RetroactiveEncoderLayer(self.layer.lower(dtype, device), self.window, self.recompute_threshold)
+        return RetroactiveEncoderLayer(
+            self.layer.lower(dtype, device), self.window, self.recompute_threshold, self.update_choice()[0]
+        )
+
+    @property
+    def update(self) -> str:
+        """The ``update`` argument (``"auto"``, ``"incremental"`` or ``"window"``); fixed at construction."""
+        return self._update
+
+    def update_choice(self) -> tuple[str, str]:
+        """The update a step takes, ``"incremental"`` or ``"window"``, and why (see :func:`choose_update`)."""
+        if self._update != "auto":
+            return self._update, f"update={self._update!r} was asked for"
+        return choose_update(self.window, self.layer.in_rep.size)
 
     def extra_repr(self) -> str:
         return (
             f"window={self.window}, single_output={self.single_output}, recompute_threshold={self.recompute_threshold}"
+            f", update={self._update!r}"
         )

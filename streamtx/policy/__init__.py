@@ -1,7 +1,7 @@
 """Action policies: samplers and the streaming policy the daemon runs per robot."""
 
 from .samplers import DDIMSampler, FlowMatchingSampler, Sampler, make_sampler
-from .streaming import PolicyState, StreamingPolicy
+from .streaming import Denoiser, PolicyState, StreamingPolicy
 from .streaming_denoise import StreamingDenoisePolicy
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "DDIMSampler",
     "make_sampler",
     "StreamingPolicy",
+    "Denoiser",
     "PolicyState",
     "StreamingDenoisePolicy",
 ]

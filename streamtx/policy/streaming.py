@@ -3,18 +3,40 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ..models.cond_regressor import RegressorState, eCondTransformerRegressor
+from ..models.o3_denoiser import O3CondDenoiser, O3DenoiserState
 from ..nn.state import Rows, StreamState
 from .samplers import Sampler
 
-__all__ = ["StreamingPolicy", "PolicyState", "step_noise"]
+__all__ = ["Denoiser", "StreamingPolicy", "PolicyState", "step_noise"]
+
+
+class Denoiser(Protocol):
+    """The streaming denoiser contract a :class:`StreamingPolicy` runs (``eCondTransformerRegressor``,
+    ``O3CondDenoiser``): ``init_state(b, max_tokens_per_step=S)``, ``observe`` of flat observation tokens
+    ``(b, S, obs_dim)``, ``denoise`` of ``(b, Tx, action_dim)`` against the caches, ``num_observed`` per row and the
+    ``receptive_field`` in control steps; ``in_horizon`` (``Tx``), ``cond_window``, ``cond_horizon``."""
+
+    in_horizon: int
+    cond_window: int
+    cond_horizon: int
+
+    def init_state(self, batch_size: int, /, *, max_tokens_per_step: int = 1) -> Any: ...
+    def observe(self, Z: Tensor, state: Any, rows: Rows = None) -> None: ...
+    def denoise(self, X: Tensor, opt_step: Tensor | float, state: Any, rows: Rows = None) -> Tensor: ...
+    def num_observed(self, state: Any, rows: Rows = None) -> Tensor: ...
+    def receptive_field(self) -> int: ...
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+
+D = TypeVar("D", bound=Denoiser)
 
 _MASK63 = (1 << 63) - 1
 
@@ -44,13 +66,14 @@ class PolicyState(StreamState):
     Every field but ``model`` is a per-row tensor (batch dimension first): :meth:`session_state_dict` carries each
     one by its field name, so a buffer added to the state moves with a session without more code."""
 
-    model: RegressorState
+    model: RegressorState | O3DenoiserState
     seed: Tensor
     steps: Tensor
 
     def session_state_dict(self, row: int) -> dict[str, Tensor]:
         """One session's state (batch row ``row``), copied: the model's past in the session layout of
-        :meth:`~streamtx.models.cond_regressor.RegressorState.session_state_dict` and, by field name, every per-row
+        :meth:`~streamtx.models.cond_regressor.RegressorState.session_state_dict` (an O(3) model's: every tensor's
+        row, :meth:`~streamtx.models.o3_denoiser.O3DenoiserState.session_state_dict`) and, by field name, every per-row
         tensor of this state (``"seed"``, ``"steps"``: ``()`` int64). The static plan's state
         (:meth:`~streamtx.policy.static.StaticPolicyState.session_state_dict`) has the same layout: a session moves
         between the module path and the plan, between rows, and between devices, in either direction."""
@@ -83,8 +106,9 @@ class PolicyState(StreamState):
         }
 
 
-class StreamingPolicy(nn.Module):
-    """Runs a denoiser ``eCondTransformerRegressor`` with a sampler over streams of observation tokens.
+class StreamingPolicy(nn.Module, Generic[D]):
+    """Runs a streaming denoiser (:class:`Denoiser`: an ``eCondTransformerRegressor``, or an ``O3CondDenoiser`` over
+    3-D entity tokens) with a sampler over streams of observation tokens.
 
     Each batch row is an independent stream (a robot session). Per control step: :meth:`observe` feeds the new
     observation tokens through the conditioning encoder and appends one K/V row per decoder layer (the caches), then
@@ -94,14 +118,26 @@ class StreamingPolicy(nn.Module):
 
     The sampling noise of a row is drawn from its seed and its control-step counter, so a row's actions never depend
     on which other rows share the batch, and a replayed stream reproduces its actions exactly.
+
+    An ``O3CondDenoiser``'s observation token is one control step's entities as one flat vector (its
+    ``token_dim`` = ``obs_dim``: the features, then the positions, :meth:`~.O3CondDenoiser.split_tokens`), the
+    layout the wire carries; :meth:`observe` and :meth:`step` also take them apart, ``obs (b, [S,] E, P, C, F)``
+    with ``positions=(b, [S,] E, 3)``. Its actions are one 3-vector per future step: ``action_dim`` 3.
     """
 
-    def __init__(self, model: eCondTransformerRegressor, sampler: Sampler, max_tokens_per_step: int = 1) -> None:
+    model: D
+
+    def __init__(self, model: D, sampler: Sampler, max_tokens_per_step: int = 1) -> None:
         super().__init__()
         if max_tokens_per_step < 1:
             raise ValueError(f"max_tokens_per_step: expected >= 1, got {max_tokens_per_step}")
         self.model, self.sampler, self.max_tokens_per_step = model, sampler, max_tokens_per_step
-        self.obs_dim, self.action_dim = model.cond_rep.size, model.out_rep.size
+        if isinstance(model, O3CondDenoiser):
+            self.obs_dim, self.action_dim = model.token_dim, model.action_dim
+        elif isinstance(model, eCondTransformerRegressor):
+            self.obs_dim, self.action_dim = model.cond_rep.size, model.out_rep.size
+        else:
+            raise TypeError(f"model: expected an eCondTransformerRegressor or an O3CondDenoiser, got {type(model)}")
         self.horizon = model.in_horizon
         # two names, two meanings: the encoder's causal attention window, and the memory horizon (newest encoder
         # outputs the decoder cross-attends to)
@@ -114,11 +150,11 @@ class StreamingPolicy(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.input_emb.weight.dtype
+        return next(self.model.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.input_emb.weight.device
+        return next(self.model.parameters()).device
 
     # ---------------------------------------------------------------- state
     def init_state(
@@ -166,10 +202,16 @@ class StreamingPolicy(nn.Module):
 
     # ---------------------------------------------------------------- control step
     @torch.no_grad()
-    def observe(self, state: PolicyState, obs: Tensor, rows: Rows = None) -> None:
-        """New observation tokens ``obs (b, S, obs_dim)`` (or ``(b, obs_dim)``), ``S <= max_tokens_per_step``."""
+    def observe(self, state: PolicyState, obs: Tensor, rows: Rows = None, *, positions: Tensor | None = None) -> None:
+        """New observation tokens ``obs (b, S, obs_dim)`` (or ``(b, obs_dim)``), ``S <= max_tokens_per_step``. For
+        an ``O3CondDenoiser`` also the entities' features ``obs (b, [S,] E, P, C, F)`` with their ``positions (b,
+        [S,] E, 3)`` (joined into the flat tokens; ``positions`` is refused for any other model)."""
         rows_t = self._rows(state, rows)
         obs = torch.as_tensor(obs)
+        if positions is not None:
+            if not isinstance(self.model, O3CondDenoiser):
+                raise ValueError(f"positions: this policy's {type(self.model).__name__} takes no positions")
+            obs = self.model.join_tokens(obs, torch.as_tensor(positions, dtype=obs.dtype, device=obs.device))
         if obs.dim() == 2:
             obs = obs[:, None]
         b = state.seed.shape[0] if rows_t is None else rows_t.numel()
@@ -213,9 +255,9 @@ class StreamingPolicy(nn.Module):
         state.steps[_index(state, rows_t)] += 1
         return actions
 
-    def step(self, state: PolicyState, obs: Tensor, rows: Rows = None) -> Tensor:
+    def step(self, state: PolicyState, obs: Tensor, rows: Rows = None, *, positions: Tensor | None = None) -> Tensor:
         """:meth:`observe` then :meth:`act`."""
-        self.observe(state, obs, rows)
+        self.observe(state, obs, rows, positions=positions)
         return self.act(state, rows)
 
     def forward_step(self, x: Tensor, state: PolicyState, /, *, rows: Rows = None) -> tuple[Tensor, PolicyState]:
@@ -232,13 +274,32 @@ class StreamingPolicy(nn.Module):
 
     # ---------------------------------------------------------------- description
     def metadata(self) -> dict[str, Any]:
-        """A plain (msgpack-able) description: model, dimensions, horizons, group and representations, sampler."""
+        """A plain (msgpack-able) description: model, dimensions, horizons, group and representations (an O(3)
+        model: its symmetry and the layout of its 3-D tokens, ``tokens``), sampler."""
         m = self.model
-        group = m.in_rep.group
+        described: dict[str, Any]
+        if isinstance(m, O3CondDenoiser):
+            described = {
+                "config": m.config.to_dict(),
+                "group": {"name": m.symmetry(), "order": None},
+                "tokens": m.token_layout(),
+            }
+        else:
+            assert isinstance(m, eCondTransformerRegressor)  # the constructor admits these two
+            group = m.in_rep.group
 
-        def rep(r) -> dict[str, Any]:
-            return {"name": r.name, "size": r.size, "generators": [r.matrices[g].tolist() for g in group.generators]}
+            def rep(r) -> dict[str, Any]:
+                return {
+                    "name": r.name,
+                    "size": r.size,
+                    "generators": [r.matrices[g].tolist() for g in group.generators],
+                }
 
+            described = {
+                "config": m.config.to_dict(),
+                "group": {"name": group.name, "order": group.order},
+                "representations": {"obs": rep(m.cond_rep), "action": rep(m.out_rep)},
+            }
         return {
             "model": type(m).__name__,
             "obs_dim": self.obs_dim,
@@ -247,9 +308,7 @@ class StreamingPolicy(nn.Module):
             "cond_window": self.cond_window,
             "cond_horizon": self.cond_horizon,
             "max_tokens_per_step": self.max_tokens_per_step,
-            "config": m.config.to_dict(),
-            "group": {"name": group.name, "order": group.order},
-            "representations": {"obs": rep(m.cond_rep), "action": rep(m.out_rep)},
+            **described,
             "sampler": self.sampler.config(),
             "num_evaluations": self.sampler.num_evaluations,
             "dtype": str(self.dtype).removeprefix("torch."),

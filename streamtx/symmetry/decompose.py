@@ -115,7 +115,9 @@ def regular_basis(group: Group, matrices: np.ndarray, name: str = "rep") -> Regu
 
     Coordinate axes are tried first as cyclic vectors (a signed permutation representation whose orbits are free,
     like a robot's joint space, gets a signed permutation ``Q``: ``aligned``), then seeded random vectors in the
-    orthogonal complement of the copies found so far (an invariant subspace, so the copies stay orthogonal)."""
+    orthogonal complement of the copies found so far (an invariant subspace, so the copies stay orthogonal). When
+    ``rho``'s all-ones vector is invariant, the copies are recombined so that ``Q 1 = 1`` (``centered``): then
+    LayerNorm over ``rho``'s coordinates is the canonical one conjugated; otherwise no ``Q`` is centred."""
     n = group.order
     d = matrices.shape[1]
     dims = isotypic_dimensions(group, matrices)
@@ -149,7 +151,7 @@ def regular_basis(group: Group, matrices: np.ndarray, name: str = "rep") -> Regu
         block = _cyclic_block(matrices, v / np.linalg.norm(v))
         if block is not None:
             blocks.append(block)
-    q = np.concatenate(blocks, axis=1)
+    q = _centre(np.concatenate(blocks, axis=1), matrices, m)
     q[np.abs(q) < 1e-13] = 0.0
     err = np.abs(np.einsum("ij,gjk,lk->gil", q, _regular_matrices(group, m), q) - matrices).max()
     assert err < 1e-9, f"regular basis reconstruction error {err:.2e}"  # a bug, not a user error
@@ -157,6 +159,25 @@ def regular_basis(group: Group, matrices: np.ndarray, name: str = "rep") -> Regu
     aligned = bool((rows.sum(1) == 1).all())
     centered = bool(np.abs(q.sum(1) - 1.0).max() < 1e-9)
     return RegularBasis(m, q, canonical=False, aligned=aligned, centered=centered)
+
+
+def _centre(q: np.ndarray, matrices: np.ndarray, m: int) -> np.ndarray:
+    """``q`` with its copies recombined so that ``q 1 = 1`` when the all-ones vector of ``rho`` is invariant (then,
+    and only then, the mean over ``rho``'s coordinates is the canonical mean, so LayerNorm over them is
+    equivariant). ``q^T 1 = a (x) 1_N`` is invariant with ``|a|^2 = m``; an orthogonal ``O`` on the copies with
+    ``O 1_m = a`` (per-copy signs when ``a`` is ``+-1``, which keeps an aligned basis aligned, else a Householder
+    reflection) gives ``q (O (x) I_N)``, another regular basis."""
+    d = q.shape[0]
+    ones = np.ones(d)
+    if np.abs(q.sum(1) - 1.0).max() < 1e-9 or np.abs(matrices @ ones - ones).max() > 1e-9:
+        return q
+    a = (q.T @ ones).reshape(m, -1).mean(-1)
+    if np.abs(np.abs(a) - 1.0).max() < 1e-9:
+        o = np.diag(np.sign(a))
+    else:
+        w = np.ones(m) - a
+        o = np.eye(m) - 2.0 * np.outer(w, w) / (w @ w)  # reflects 1_m onto a (|a| = |1_m|)
+    return q @ np.kron(o, np.eye(d // m))
 
 
 def _regular_matrices(group: Group, copies: int = 1) -> np.ndarray:

@@ -95,3 +95,20 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype) -> None:
     scale = expected.abs().max().clamp_min(1e-30)
     err = (actual - expected).abs().max()
     assert err <= tol * scale, f"max error {err:.3e} > {tol:.0e} x scale {scale:.3e}"
+
+
+B, E, TX = 2, 3, 4  # batch, entities, action steps of the tiny O(3) denoiser
+TINY_DENOISER = {  # O3DenoiserConfig arguments of a denoiser small enough for exact float64 tests
+    "num_entities": E,
+    "obs_features": 2,
+    "in_horizon": TX,
+    "cond_horizon": 2,
+    "cond_window": 2,
+    "features": 8,
+    "max_degree": 2,
+    "num_attention_heads": 2,
+    "num_layers": 2,
+    "num_cond_layers": 2,
+    "num_basis": 4,
+    "cutoff": 4.0,
+}

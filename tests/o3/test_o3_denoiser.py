@@ -8,26 +8,12 @@ import math
 
 import pytest
 import torch
-from o3_testing import act_on_features, assert_close, o3_element
+from o3_testing import TINY_DENOISER as BASE
+from o3_testing import TX, B, E, act_on_features, assert_close, o3_element
 
 from streamtx.models import O3CondDenoiser, O3DenoiserConfig, O3DenoiserState
 from streamtx.nn import StreamingModule
 
-B, E, TX = 2, 3, 4
-BASE = {
-    "num_entities": E,
-    "obs_features": 2,
-    "in_horizon": TX,
-    "cond_horizon": 2,
-    "cond_window": 2,
-    "features": 8,
-    "max_degree": 2,
-    "num_attention_heads": 2,
-    "num_layers": 2,
-    "num_cond_layers": 2,
-    "num_basis": 4,
-    "cutoff": 4.0,
-}
 # (hidden pseudotensors, observation degree, observation pseudotensors): polar-only, and axial observation features
 # (e.g. angular velocities) carried by a hidden layout with both parities.
 LAYOUTS = [(False, 2, False), (True, 1, True)]
@@ -229,7 +215,13 @@ def test_bad_input_is_refused_naming_the_argument() -> None:
     cases = [
         (ValueError, r"Z: expected \(B, T, 3, 1, 4, 2\)", lambda: model(x, k, z[..., :1], positions=p)),
         (ValueError, r"positions: expected shape \(2, 3, 3, 3\)", lambda: model(x, k, z, positions=p[:, :2])),
-        (ValueError, "positions: expected shape", lambda: model(x, k, z, positions=None)),
+        (ValueError, r"Z: expected flat tokens \(B, T, 33\) without positions", lambda: model(x, k, z, positions=None)),
+        (ValueError, r"tokens: expected \(\.\.\., 33\)", lambda: model(x, k, z.flatten(2)[..., :30])),
+        (
+            ValueError,
+            r"cond_lengths: expected \(2,\) window lengths in 1..3",
+            lambda: model(x, k, z, positions=p, cond_lengths=torch.tensor([0, 3])),
+        ),
         (ValueError, r"X: expected \(B, Tx, 3\) with Tx in 1..4", lambda: model(x.repeat(1, 2, 1), k, z, positions=p)),
         (ValueError, "X: expected batch size 2", lambda: model(x[:1], k, z, positions=p)),
         (TypeError, "X: expected dtype torch.float64", lambda: model(x.float(), k, z, positions=p)),
@@ -272,3 +264,26 @@ def test_gravity_token_follows_the_weights_dtype() -> None:
         x, k, z, p = _inputs(model, 3, dtype)
         with torch.no_grad():
             assert model(x, k, z, positions=p).dtype == dtype
+
+
+@pytest.mark.parametrize("options", [{}, {"num_cond_layers": 0, "cond_horizon": 3}], ids=["encoder", "no-encoder"])
+@torch.no_grad()
+def test_flat_tokens_and_padded_windows_equal_the_plain_forward(options) -> None:
+    """The trainer's form of the input: flat tokens ``(B, T, token_dim)`` (features then positions) and left-padded
+    windows with ``cond_lengths``; each example equals ``forward`` on its own unpadded window, float64 within 1e-10,
+    whatever the padding holds."""
+    model = _model(**options)
+    x, k, z, p = _inputs(model, 4, torch.float64)
+    tokens = model.join_tokens(z, p)
+    assert tokens.shape == (B, 4, model.token_dim)
+    back = model.split_tokens(tokens)
+    assert torch.equal(back[0], z) and torch.equal(back[1], p)
+    assert_close(model(x, k, tokens), model(x, k, z, positions=p), torch.float64)
+    lengths = torch.tensor([2, 4])
+    padded = tokens.clone()
+    padded[0, :2] = 1e3 * torch.randn(2, model.token_dim, dtype=torch.float64)  # padding: anything
+    y = model(x, k, padded, cond_lengths=lengths)
+    for b in range(B):
+        first = 4 - int(lengths[b])
+        one = slice(b, b + 1)
+        assert_close(y[one], model(x[one], k[one], z[one, first:], positions=p[one, first:]), torch.float64)

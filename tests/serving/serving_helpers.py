@@ -4,6 +4,7 @@ for hand-made messages."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -81,6 +82,23 @@ def stop_server(server: Server, thread: threading.Thread) -> None:
     server.stop()
     thread.join(TIMEOUT)
     assert not thread.is_alive()
+
+
+def wait_ipc_released(endpoint: str) -> None:
+    """Until nobody accepts on the ipc path of ``endpoint``: a stopped daemon's ZeroMQ socket is closed by libzmq's
+    I/O thread after the daemon's own thread has ended, which on a loaded machine can be a while later, and a new
+    daemon refuses a path still listened on. The condition itself is what is waited for (bounded by ``TIMEOUT``)."""
+    path, deadline, pause = endpoint.removeprefix("ipc://"), time.monotonic() + TIMEOUT, threading.Event()
+    while time.monotonic() < deadline:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            return
+        finally:
+            probe.close()
+        pause.wait(0.01)
+    raise AssertionError(f"{endpoint}: still listened on {TIMEOUT} s after the daemon stopped")
 
 
 def make_script(
