@@ -15,17 +15,21 @@ __all__ = ["BatchPlan", "plan_batch"]
 
 
 class BatchPlan(NamedTuple):  # a tuple: planned once per batch, a frozen dataclass cost more to build
-    observe: list[list[int]]  # groups of step indices with equal token counts, one observe call each
-    act: list[int]  # step indices whose actions this round computes, one act call
+    observe: tuple[tuple[int, ...], ...]  # groups of step indices with equal token counts, one observe call each
+    act: tuple[int, ...]  # step indices whose actions this round computes, one act call
+
+
+# A round of one step (every step of a lone session): its two possible plans, built once (a plan is immutable)
+_ONE_STEP = {True: BatchPlan(((0,),), (0,)), False: BatchPlan(((0,),), ())}
 
 
 def plan_batch(tokens: Sequence[int], act: Sequence[bool]) -> BatchPlan:
     """Plan one round of steps (of distinct sessions) given by their token counts and whether they act."""
     if len(tokens) != len(act):
         raise ValueError(f"tokens, act: expected equal lengths, got {len(tokens)}, {len(act)}")
-    if len(tokens) == 1:  # one session's step (what every step of a lone session is): the same plan, directly
-        return BatchPlan([[0]], [0] if act[0] else [])
+    if len(tokens) == 1:
+        return _ONE_STEP[bool(act[0])]
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(tokens):
         groups.setdefault(s, []).append(i)
-    return BatchPlan(list(groups.values()), [i for i, a in enumerate(act) if a])
+    return BatchPlan(tuple(map(tuple, groups.values())), tuple(i for i, a in enumerate(act) if a))

@@ -223,8 +223,10 @@ assert set(_FIELDS) == set(KINDS)
 
 _ENVELOPE = frozenset({"v", "id", "kind"})
 _ALLOWED = {kind: _ENVELOPE | spec.keys() for kind, spec in _FIELDS.items()}  # every field a kind may carry
-_STEP_REQUIRED = frozenset(name for name, default in _FIELDS["step"].items() if default is _REQUIRED)
 _STEP_ACT = _FIELDS["step"]["act"]  # the default, read once for the hot path
+# the keys of a step with every required field and no optional one (the optional one: "act")
+_STEP_KEYS = len(_ENVELOPE) + sum(default is _REQUIRED for default in _FIELDS["step"].values())
+assert [name for name, default in _FIELDS["step"].items() if default is not _REQUIRED] == ["act"]
 
 
 def _fields(kind: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +241,36 @@ def _fields(kind: str, message: dict[str, Any]) -> dict[str, Any]:
 
 def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> Request:
     """Check a decoded request against the protocol and the policy's observation size."""
-    version = message.get("v")
+    get = message.get
+    # The hot path first: a step whose every field passes the tests below as written inline is accepted at once (a
+    # call per field was a third of its parse); any other request, or a step failing one, takes the checks below,
+    # which accept and refuse by the same rules and name what is wrong.
+    if get("kind") == "step" and get("v") == PROTOCOL_VERSION:
+        rid, session, token, seq, obs = get("id"), get("session"), get("token"), get("seq"), get("obs")
+        act = get("act", _STEP_ACT)
+        size = len(message)
+        if (
+            type(rid) is int
+            and type(session) is str
+            and 0 < len(session) <= MAX_SESSION_ID_CHARS
+            and type(token) is str
+            and 0 < len(token) <= MAX_TOKEN_CHARS
+            and type(seq) is int
+            and 0 <= seq <= MAX_SEED
+            and type(act) is bool
+            and type(obs) is np.ndarray
+            and obs.dtype.kind == "f"
+            # every required key is present (its value passed a test above), so no other key is: the message has
+            # those and at most "act" (a count instead of a set test, a quarter of the parse)
+            and (size == _STEP_KEYS or (size == _STEP_KEYS + 1 and "act" in message))
+        ):
+            shape = obs.shape
+            if len(shape) == 1:
+                if shape[0] == obs_dim and max_tokens >= 1:
+                    return Step(rid, session, token, seq, obs[None], act)
+            elif len(shape) == 2 and shape[1] == obs_dim and 0 < shape[0] <= max_tokens:
+                return Step(rid, session, token, seq, obs, act)
+    version = get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
@@ -256,13 +287,7 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
     if not _ALLOWED[kind].issuperset(message):
         unknown = sorted(map(str, set(message) - _ALLOWED[kind]))
         raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"{kind}: unknown fields {unknown}; expected {sorted(spec)}")
-    if kind == "step" and message.keys() >= _STEP_REQUIRED:  # first, its fields read directly: the hot path
-        session, token = _session(message["session"]), _token(message["token"])
-        obs = _observations(message["obs"], obs_dim, max_tokens)
-        return Step(
-            rid, session, token, _count(message["seq"], "seq"), obs, _flag(message.get("act", _STEP_ACT), "act")
-        )
-    fields = _fields(kind, message)  # a step missing a field is refused here
+    fields = _fields(kind, message)
     if kind == "hello":
         return Hello(rid)
     if kind == "stats":
@@ -282,6 +307,9 @@ def parse_request(message: dict[str, Any], *, obs_dim: int, max_tokens: int) -> 
             _replay_acts(fields["replay_acts"], replay, _count(fields["steps"], "steps")),
         )
     session, token = _session(fields["session"]), _token(fields["token"])
+    if kind == "step":
+        obs = _observations(fields["obs"], obs_dim, max_tokens)
+        return Step(rid, session, token, _count(fields["seq"], "seq"), obs, _flag(fields["act"], "act"))
     if kind == "reset":
         return Reset(rid, session, token, _count(fields["seq"], "seq"), _seed(fields["seed"]))
     if kind == "resync":

@@ -11,11 +11,11 @@ from streamtx_server.batching import plan_batch
 
 def test_one_round_is_one_observe_per_token_count_and_one_act() -> None:
     plan = plan_batch([1, 1, 1], [True, True, False])
-    assert plan.observe == [[0, 1, 2]] and plan.act == [0, 1]
+    assert plan.observe == ((0, 1, 2),) and plan.act == (0, 1)
 
 
 def test_token_counts_split_observe_calls() -> None:
-    assert plan_batch([2, 1, 2], [True, True, True]).observe == [[0, 2], [1]]
+    assert plan_batch([2, 1, 2], [True, True, True]).observe == ((0, 2), (1,))
 
 
 def test_lengths_must_agree() -> None:
@@ -31,4 +31,4 @@ def test_plan_invariants(steps: list[tuple[int, bool]]) -> None:
     observed = sorted(i for group in plan.observe for i in group)
     assert observed == list(range(len(steps)))  # every step observes exactly once
     assert all(len({tokens[i] for i in group}) == 1 for group in plan.observe)
-    assert plan.act == [i for i, a in enumerate(act) if a]
+    assert plan.act == tuple(i for i, a in enumerate(act) if a)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from streamtx_client import protocol
 from streamtx_client.errors import ErrorCode, ProtocolError
 from streamtx_client.protocol import ARRAY_EXT, BadArray, decode, encode
 
@@ -101,6 +102,31 @@ def test_a_bad_array_keeps_the_message_id_readable() -> None:
     message = decode(msgpack.packb({"id": 3, "a": msgpack.ExtType(ARRAY_EXT, msgpack.packb(["|O", [1], b"\0" * 8]))}))
     assert message["id"] == 3 and isinstance(message["a"], BadArray)
     assert message["a"].error.code is ErrorCode.BAD_DTYPE
+
+
+def test_remembered_array_headers_give_the_answers_of_the_full_checks() -> None:
+    """decode skips the parse of an array header it checked before (same payload length, same bytes before the
+    data) and encode reuses the header of a dtype and shape it built before: neither may change an answer."""
+    ok = _ext("<f4", [3], b"\0" * 12)
+    assert _decode_strictly(ok)["a"].shape == (3,)  # now remembered
+    assert _decode_strictly(ok, max_array_elements=3)["a"].shape == (3,)
+    with pytest.raises(ProtocolError) as info:
+        _decode_strictly(ok, max_array_elements=2)  # the element limit applies to a remembered header too
+    assert info.value.code is ErrorCode.ARRAY_TOO_LARGE
+    with pytest.raises(ProtocolError) as info:
+        _decode_strictly(_ext("<f4", [2], b"\0" * 12))  # the same length, another header: parsed, refused
+    assert info.value.code is ErrorCode.BAD_MESSAGE
+    assert _decode_strictly(_ext("<i4", [3], b"\1" * 12))["a"].dtype == np.dtype("<i4")
+    little = np.arange(3, dtype="<f8")
+    for array in (little, little.astype(">f8"), little, little.astype(">f8")):  # one shape, both byte orders
+        out = decode(encode({"a": array}))["a"]
+        assert out.dtype == np.dtype("<f8")
+        np.testing.assert_array_equal(out, little)
+    for n in range(200):  # ever new shapes: both memories stay bounded, every array still right
+        array = np.full(n, n, np.int16)
+        np.testing.assert_array_equal(decode(encode({"a": array}))["a"], array)
+    assert len(protocol._PACKED_HEADERS) <= protocol._MAX_HEADERS
+    assert len(protocol._UNPACKED_HEADERS) <= protocol._MAX_HEADERS
 
 
 def test_size_limits() -> None:

@@ -22,6 +22,24 @@ def test_a_single_token_becomes_a_one_token_step() -> None:
     assert isinstance(step, Step) and step.obs.shape == (1, OBS_DIM) and step.act
 
 
+def test_steps_at_the_limits_are_accepted_with_their_fields() -> None:
+    """The inline fast accept and the per-field checks agree on what a step is (the limits are inclusive)."""
+    tokens = np.ones((MAX_TOKENS, OBS_DIM), np.float16)
+    step = parse(kind="step", session="s" * 128, token="t" * 128, seq=2**63 - 1, obs=tokens, act=False)
+    assert step == Step(7, "s" * 128, "t" * 128, 2**63 - 1, tokens, False)
+    assert parse(kind="step", session="s", token="t", seq=0, obs=np.ones(OBS_DIM)).obs.shape == (1, OBS_DIM)
+
+
+def test_an_unknown_field_in_place_of_a_missing_one_is_refused() -> None:
+    """The fast accept counts keys; a misspelt field (as many keys as a right step) must still be refused."""
+    step = {"v": 2, "id": 7, "kind": "step", "session": "s", "token": "t", "obs": np.ones(OBS_DIM, np.float32)}
+    for extra in ({"sequence": 1}, {"seq": 1, "act": True, "timing": True}):
+        with pytest.raises(ProtocolError) as info:
+            parse_request({**step, **extra}, obs_dim=OBS_DIM, max_tokens=MAX_TOKENS)
+        assert info.value.code is ErrorCode.BAD_ARGUMENT
+        assert ("sequence" if "sequence" in extra else "timing") in info.value.message
+
+
 def test_open_defaults() -> None:
     assert parse(kind="open") == Open(7, None, None, 0, None, False, 0, None)
     assert parse(kind="open", session="a", seed=3, steps=5, token="t") == Open(7, "a", 3, 5, "t", False, 0, None)
@@ -59,6 +77,12 @@ def test_a_deeply_nested_value_gets_bad_argument_not_a_recursion() -> None:
         ({"kind": "step", "session": "s", "seq": -1, "obs": np.ones(4)}, ErrorCode.BAD_ARGUMENT, "seq"),
         ({"kind": "step", "session": "s", "token": "", "obs": np.ones(4)}, ErrorCode.BAD_ARGUMENT, "token"),
         ({"kind": "step", "session": "s", "obs": np.ones(4), "act": 1}, ErrorCode.BAD_ARGUMENT, "act"),
+        ({"kind": "step", "session": "s", "obs": np.ones(4), "act": None}, ErrorCode.BAD_ARGUMENT, "act"),
+        ({"kind": "step", "session": "s", "seq": True, "obs": np.ones(4)}, ErrorCode.BAD_ARGUMENT, "seq"),
+        ({"kind": "step", "session": "s", "seq": 2**63, "obs": np.ones(4)}, ErrorCode.BAD_ARGUMENT, "seq"),
+        ({"kind": "step", "session": "s", "token": "t" * 129, "obs": np.ones(4)}, ErrorCode.BAD_ARGUMENT, "token"),
+        ({"kind": "step", "v": 3, "session": "s", "obs": np.ones(4)}, ErrorCode.UNSUPPORTED_VERSION, "v"),
+        ({"kind": "step", "id": "7", "session": "s", "obs": np.ones(4)}, ErrorCode.BAD_MESSAGE, "id"),
         ({"kind": "step", "session": "s", "obs": np.ones(4), "timing": True}, ErrorCode.BAD_ARGUMENT, "timing"),
         ({"kind": "open", "seed": -1}, ErrorCode.BAD_ARGUMENT, "seed"),
         ({"kind": "open", "seed": 1.5}, ErrorCode.BAD_ARGUMENT, "seed"),
