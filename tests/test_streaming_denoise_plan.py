@@ -233,7 +233,7 @@ def test_cuda_graphs_equal_the_eager_plan_and_the_module_path(case):
     eager = StaticStreamingPolicy(reference, cuda_graph=False, fused_kernels=False)
     states = [reference.init_state(SLOTS), graphed.init_state(SLOTS), eager.init_state(SLOTS)]
     assert states[1].captured and "prime[b=2]" in states[1].programs() and not states[2].captured
-    err, acts = _run((reference, graphed, eager), states, _calls(520, reference.obs_dim, torch.float32, 5))
+    err, acts = _run((reference, graphed, eager), states, _calls(600, reference.obs_dim, torch.float32, 5))
     assert acts >= 500 and err <= 1e-5
 
 
