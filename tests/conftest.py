@@ -1,4 +1,5 @@
-"""Fixtures of all tests; the layer tests' shared helpers live in layer_testing.py."""
+"""Fixtures of all tests; shared helpers live in *_testing.py modules (layer_testing.py: the layer tests', plan_testing.py:
+the plan tests' policies)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from layer_testing import rel_err
-from test_plan_matrix import HORIZON, WINDOW, make_policy
+from plan_testing import HORIZON, WINDOW, make_policy
 
 from streamtx.policy import StreamingPolicy
 from streamtx.policy.static import StaticStreamingPolicy
