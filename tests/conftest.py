@@ -1,5 +1,5 @@
-"""Fixtures of all tests; shared helpers live in *_testing.py modules (layer_testing.py: the layer tests', plan_testing.py:
-the plan tests' policies)."""
+"""Fixtures of all tests; shared helpers live in the *_testing.py modules (layer_testing.py for the layer tests,
+plan_testing.py for the plan tests' policies)."""
 
 from __future__ import annotations
 
