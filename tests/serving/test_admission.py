@@ -122,11 +122,18 @@ def test_sdk_open_waits_within_its_patience(policy) -> None:
         with RawPeer(endpoint) as holder, RawPeer(endpoint) as watcher:
             assert holder.request("open", session="holder")["ok"]
 
-            short = Patience(attempt_timeout=0.2, total=0.6, backoff=0.01)
+            # Three attempts, each answered `full` at once (an open waits in the daemon for what is left of the
+            # patience less a tenth of an attempt: nothing here), each allowed TIMEOUT for that reply: `full` is the
+            # only outcome, not a race of the daemon's reply against the attempt's deadline on a loaded machine.
+            short = Patience(attempt_timeout=TIMEOUT, total=0.6, retries=2, backoff=0.01)
             with Client(endpoint, patience=short) as impatient, pytest.raises(ServerError) as refused:
                 impatient.hello()
                 impatient.open("impatient")
-            assert refused.value.code == "full" and "open: gave up" in str(refused.value)
+            assert (
+                refused.value.code == "full"
+                and "open: gave up" in str(refused.value)
+                and "3 attempts" in str(refused.value)
+            )
             assert waiting_opens(watcher) == 0
 
             patient = Patience(attempt_timeout=0.2, total=TIMEOUT, backoff=0.01, max_backoff=0.05)
