@@ -1,4 +1,5 @@
-"""The fleet on Ray Serve: per-step overhead through a replica, recovery from a replica crash, steps/s per replica.
+"""The fleet on Ray Serve: per-step overhead through a replica, recovery from a replica crash and from a host loss,
+steps/s per replica.
 
 Ray runs only inside a network namespace holding nothing but loopback: started anywhere else, this script re-runs
 itself under ``unshare -rn`` (loopback brought up first) and Ray registers its node as 127.0.0.1 (checked). One
@@ -14,6 +15,9 @@ Sections (``--sections``, all by default):
   longest step: the fleet deadline plus one restore on the next replica), and the time until Serve's replacement
   is in the view (a replica's cold start: process, torch import, policy load; each replica's own ``cold_start_s``,
   load to listening, is printed too).
+* ``hostloss``: ``--crashes`` times, kill the node of the replica serving a stepping session (its raylet and every
+  process on it), on a simulated cluster of its own (a head and three nodes declaring one GPU each, two replicas of
+  one GPU, CPU policies): the same three times as ``recovery``, the replacement placed on the spare node.
 * ``scaling``: steps/s of closed-loop load generators against 1, 2, ... ``--replicas`` CPU replicas, ``n x
   --generators`` processes of ``--sessions`` sessions each for n replicas (goal: 4 replicas >= 3.2x one). The offered
   load grows with the fleet, as robots would: with a fixed number of closed-loop sessions, one replica batches four
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +136,9 @@ def overhead(args: argparse.Namespace, checkpoint: Path, url: str) -> None:
         _pin(os.getpid(), None)
 
 
-def recovery(args: argparse.Namespace, url: str, dashboard: str) -> None:
-    fleet.scale(2, dashboard)  # a crashed replica's sessions need a survivor
-    fleet.wait_for_view(url, lambda v: len(v.replicas) == 2, timeout=300.0)
+def _recover(args: argparse.Namespace, url: str, fail: Callable[[dict[str, Any]], None], what: str) -> None:
+    """``--crashes`` times, ``fail(record)`` the replica serving a stepping session; the session's gap (its next
+    step), the time until a replacement is in the view (and the one it lost gone), and the replicas' cold starts."""
     patience = Patience(attempt_timeout=args.patience, total=args.patience, retries=0)
     rng = np.random.default_rng(1)
     gaps, rejoin, cold = [], [], []
@@ -143,8 +148,8 @@ def recovery(args: argparse.Namespace, url: str, dashboard: str) -> None:
             for _ in range(5):
                 session.step(_obs(rng))
             victim = next(r for r in _records(url) if r["id"] == session.replica.id)
-            killed = time.monotonic()
-            os.kill(victim["pid"], signal.SIGKILL)
+            failed = time.monotonic()
+            fail(victim)
             started = time.monotonic()
             session.step(_obs(rng))
             gaps.append(time.monotonic() - started)
@@ -153,9 +158,9 @@ def recovery(args: argparse.Namespace, url: str, dashboard: str) -> None:
                 lambda v: len(v.replicas) == 2 and victim["id"] not in {r.id for r in v.replicas},
                 timeout=300.0,
             )
-            rejoin.append(time.monotonic() - killed)
+            rejoin.append(time.monotonic() - failed)
             cold.append(max(r["cold_start_s"] for r in _records(url)))
-    print(f"\n## recovery: {args.crashes} replica crashes (SIGKILL), fleet deadline {args.patience} s")
+    print(f"\n## recovery: {args.crashes} {what}, fleet deadline {args.patience} s")
     print(f"{'':<34} {'p50 s':>8} {'max s':>8}")
     for name, values in (
         ("session gap (deadline + restore)", gaps),
@@ -163,6 +168,46 @@ def recovery(args: argparse.Namespace, url: str, dashboard: str) -> None:
         ("replica cold start (load+bind)", cold),
     ):
         print(f"{name:<34} {statistics.median(values):>8.3f} {max(values):>8.3f}")
+
+
+def recovery(args: argparse.Namespace, url: str, dashboard: str) -> None:
+    fleet.scale(2, dashboard)  # a crashed replica's sessions need a survivor
+    fleet.wait_for_view(url, lambda v: len(v.replicas) == 2, timeout=300.0)
+    _recover(args, url, lambda victim: os.kill(victim["pid"], signal.SIGKILL), "replica crashes (SIGKILL)")
+
+
+def host_loss(args: argparse.Namespace, checkpoint: Path) -> None:
+    """A simulated cluster (``ray.cluster_utils.Cluster``: a head without GPUs, three nodes declaring one GPU each,
+    CPU policies), two replicas of one GPU each: the node of the session's replica is killed (its raylet and every
+    process on it, no graceful shutdown) and Serve places the replacement on the spare node; a fresh node then joins
+    as the next spare."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
+    nodes = {n.node_id: n for n in (cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(3))}
+    try:
+        ray.init(address=cluster.address, namespace=fleet.NAMESPACE, log_to_driver=False)
+        addresses = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
+        assert addresses == ["127.0.0.1"], addresses
+        spec = fleet.FleetSpec(
+            checkpoint=str(checkpoint), replicas=2, gpus_per_replica=1, device="cpu", threads=1, idle_timeout=None
+        )
+        url = fleet.up(spec)
+        fleet.wait_for_view(url, lambda v: len(v.replicas) == 2, timeout=300.0)
+        print(f"# bench_fleet hostloss: Ray {ray.__version__}, {len(ray.nodes())} nodes at {addresses}, load "
+              f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+
+        def lose_host(victim: dict[str, Any]) -> None:
+            cluster.remove_node(nodes.pop(victim["node"]), allow_graceful=False)
+            spare = cluster.add_node(num_cpus=2, num_gpus=1)  # joins while the survivor serves the session
+            nodes[spare.node_id] = spare
+
+        _recover(args, url, lose_host, "host losses (node killed, replica and raylet)")
+    finally:
+        fleet.down()
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def _generate(url: str, sessions: int, seconds: float, seed: int, queue: Any) -> None:
@@ -209,11 +254,39 @@ def scaling(args: argparse.Namespace, url: str, dashboard: str) -> None:
     print(f"(cores here: {os.cpu_count()}; the 4-replica goal >= 3.2x needs cores for 4 replicas and the generators)")
 
 
+def _on_one_node(args: argparse.Namespace, checkpoint: Path, sections: list[str]) -> None:
+    """The sections that run on one local Ray node: overhead, recovery from crashes, scaling."""
+    import ray
+
+    context = ray.init(num_cpus=max(4, 2 * args.replicas), num_gpus=0, namespace=fleet.NAMESPACE, log_to_driver=False)
+    try:
+        nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
+        assert nodes == ["127.0.0.1"], nodes
+        spec = fleet.FleetSpec(
+            checkpoint=str(checkpoint), replicas=1, gpus_per_replica=0, device="cpu", threads=1, idle_timeout=None
+        )
+        started = time.monotonic()
+        url = fleet.up(spec)
+        print(
+            f"# bench_fleet: Ray {ray.__version__}, nodes {nodes}, fleet up in {time.monotonic() - started:.1f} s,"
+            f" load {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores"
+        )
+        if "overhead" in sections:
+            overhead(args, checkpoint, url)
+        if "recovery" in sections:
+            recovery(args, url, f"http://{context.dashboard_url}")
+        if "scaling" in sections:
+            scaling(args, url, f"http://{context.dashboard_url}")
+    finally:
+        fleet.down()
+        ray.shutdown()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="overhead,recovery,scaling")
+    p.add_argument("--sections", default="overhead,recovery,hostloss,scaling")
     p.add_argument("--steps", type=int, default=1000, help="overhead: steps per path")
-    p.add_argument("--crashes", type=int, default=3)
+    p.add_argument("--crashes", type=int, default=3, help="recovery, hostloss: failures in a row")
     p.add_argument("--patience", type=float, default=1.0, help="recovery: the fleet deadline per replica (s)")
     p.add_argument("--replicas", type=int, default=2, help="scaling: up to this many replicas")
     p.add_argument("--generators", type=int, default=2, help="scaling: load generators per replica")
@@ -230,37 +303,15 @@ def main() -> int:
     # the cluster is this process's own, on loopback in a namespace of its own: no Ray token authentication (on by
     # default for a local cluster once a token file exists, and `fleet scale` would need the token)
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
-
     sections = args.sections.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_random_checkpoint(Path(tmp) / "random.pt", seed=0)
-        context = ray.init(
-            num_cpus=max(4, 2 * args.replicas), num_gpus=0, namespace=fleet.NAMESPACE, log_to_driver=False
-        )
-        try:
-            nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
-            assert nodes == ["127.0.0.1"], nodes
-            spec = fleet.FleetSpec(
-                checkpoint=str(checkpoint), replicas=1, gpus_per_replica=0, device="cpu", threads=1, idle_timeout=None
-            )
-            started = time.monotonic()
-            url = fleet.up(spec)
-            load = os.getloadavg()[0]
-            print(
-                f"# bench_fleet: Ray {ray.__version__}, nodes {nodes}, fleet up in {time.monotonic() - started:.1f} s,"
-                f" load {load:.1f}, {os.cpu_count()} cores"
-            )
-            if "overhead" in sections:
-                overhead(args, checkpoint, url)
-            if "recovery" in sections:
-                recovery(args, url, f"http://{context.dashboard_url}")
-            if "scaling" in sections:
-                scaling(args, url, f"http://{context.dashboard_url}")
-            print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
-        finally:
-            fleet.down()
-            ray.shutdown()
+        local = [name for name in sections if name != "hostloss"]
+        if local:
+            _on_one_node(args, checkpoint, local)
+        if "hostloss" in sections:
+            host_loss(args, checkpoint)
+        print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 
