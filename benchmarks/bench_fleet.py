@@ -181,7 +181,7 @@ def host_loss(args: argparse.Namespace, checkpoint: Path) -> None:
     CPU policies), two replicas of one GPU each: the node of the session's replica is killed (its raylet and every
     process on it, no graceful shutdown) and Serve places the replacement on the spare node; a fresh node then joins
     as the next spare."""
-    import ray
+    import ray  # the `.[fleet]` extra, imported once main() has set RAY_AUTH_MODE
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
@@ -256,7 +256,7 @@ def scaling(args: argparse.Namespace, url: str, dashboard: str) -> None:
 
 def _on_one_node(args: argparse.Namespace, checkpoint: Path, sections: list[str]) -> None:
     """The sections that run on one local Ray node: overhead, recovery from crashes, scaling."""
-    import ray
+    import ray  # the `.[fleet]` extra, imported once main() has set RAY_AUTH_MODE
 
     context = ray.init(num_cpus=max(4, 2 * args.replicas), num_gpus=0, namespace=fleet.NAMESPACE, log_to_driver=False)
     try:
