@@ -14,8 +14,13 @@ work, device-to-host copy of the actions), each sample one step, for:
   (c16) graph    (c) computing in bfloat16
   (cf16) graph   (cf) computing in bfloat16
   (d) torch      plain CondTransformerRegressor (trivial group: dense torch layers) recompute, K times, eager
+  (s) streaming  the streaming sampler (streamtx.policy.streaming_denoise: one denoiser evaluation per control
+                 step on its persistent action buffer, per-token levels, actions attending to later actions only)
+                 on the same plan as (c): StaticStreamingPolicy's BufferPlan replayed as CUDA graphs
+  (s16) stream.  (s) computing in bfloat16
 
-Before timing, the graphed variants are checked against (b) on the same stream (max |diff| / max |ref| of the
+Before timing, the graphed variants are checked against (b) (the streaming ones against the streaming sampler's module
+path) on the same stream (max |diff| / max |ref| of the
 actions). Each cell of the table is p50 / p99 / max in ms. ``--profile`` counts the kernels of one control step of
 (c), (cf) and (ct) at every batch (torch.profiler); ``--decoder-sweep`` times one decoder evaluation alone (fused
 variants against layer by layer, CUDA graph replays).
@@ -41,6 +46,7 @@ from streamtx.nn import fused_decoder
 from streamtx.policy import FlowMatchingSampler, StreamingPolicy
 from streamtx.policy.cuda_graph import CapturedProgram
 from streamtx.policy.static import StaticStreamingPolicy
+from streamtx.policy.streaming_denoise import StreamingDenoisePolicy
 from streamtx.symmetry import Representation, dihedral
 
 CONFIGS = {  # the continual issue's robot-sized policy, and one 4x wider
@@ -67,6 +73,16 @@ def build(config: str, horizon: int, window: int, steps: int, device: str, seed:
     torch.manual_seed(seed)
     plain = CondTransformerRegressor(act_rep.size, obs_rep.size, act_rep.size, horizon, window, **kw).to(device).eval()
     return equi, plain, FlowMatchingSampler(num_steps=steps)
+
+
+def build_streaming(config: str, horizon: int, window: int, steps: int, device: str, seed: int = 0):
+    """The streaming sampler's policy on ``config``'s model with per-token levels and anticausal action attention
+    (what it needs), over the same schedule of ``steps`` levels, one evaluation per control step."""
+    obs_rep, act_rep = reps()
+    kw = dict(CONFIGS[config], cond_window=window, token_levels=True, anticausal_attn=True)
+    torch.manual_seed(seed)
+    model = eCondTransformerRegressor(act_rep, obs_rep, act_rep, horizon, window, **kw).to(device).eval()
+    return StreamingDenoisePolicy(model, FlowMatchingSampler(num_steps=steps, noise_chunk=1))
 
 
 def timed(
@@ -174,6 +190,7 @@ def main() -> None:
     for config in args.configs:
         equi, plain, sampler = build(config, args.horizon, args.window, args.steps, device)
         reference = StreamingPolicy(equi, sampler)
+        streaming = build_streaming(config, args.horizon, args.window, args.steps, device)
         static = {
             "graph": StaticStreamingPolicy(reference),
             "graph_fused": fused_decoder_on(StaticStreamingPolicy(reference)),
@@ -181,8 +198,10 @@ def main() -> None:
             "static": StaticStreamingPolicy(reference, cuda_graph=False),
             "graph16": StaticStreamingPolicy(reference, dtype=torch.bfloat16),
             "graph16_fused": fused_decoder_on(StaticStreamingPolicy(reference, dtype=torch.bfloat16)),
+            "sgraph": StaticStreamingPolicy(streaming),
+            "sgraph16": StaticStreamingPolicy(streaming, dtype=torch.bfloat16),
         }
-        checks = {k: agreement(reference, static[k], 4, obs_dim) for k in static if k != "static"}
+        checks = {k: agreement(p.policy, p, 4, obs_dim) for k, p in static.items() if k != "static"}
         print(
             f"[{config}] agreement with StreamingPolicy: "
             + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
@@ -346,15 +365,17 @@ def format_table(results: list[dict]) -> str:
         ("graph16", "(c16) graph bf16"),
         ("graph16_fused", "(cf16) bf16 fused decoder"),
         ("d", "(d) torch recompute"),
+        ("sgraph", "(s) streaming sampler graph"),
+        ("sgraph16", "(s16) streaming bf16"),
     ]
     lines = [
-        "| config | batch | " + " | ".join(t for _, t in cols) + " | (cf)/(c) | (b)/(c) | (a)/(c) |",
-        "|---|---:|" + "---:|" * (len(cols) + 3),
+        "| config | batch | " + " | ".join(t for _, t in cols) + " | (cf)/(c) | (b)/(c) | (a)/(c) | (c)/(s) |",
+        "|---|---:|" + "---:|" * (len(cols) + 4),
     ]
     for r in results:
         cells = [f"{r[k]['p50']:.2f} / {r[k]['p99']:.2f} / {r[k]['max']:.2f}" for k, _ in cols]
         c = r["graph"]["p50"]
-        ratios = [f"{r[k]['p50'] / c:.1f}x" for k in ("graph_fused", "b", "a")]
+        ratios = [f"{r[k]['p50'] / c:.1f}x" for k in ("graph_fused", "b", "a")] + [f"{c / r['sgraph']['p50']:.1f}x"]
         lines.append(f"| {r['config']} | {r['batch']} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
