@@ -20,10 +20,9 @@ work, device-to-host copy of the actions), each sample one step, for:
   (s16) stream.  (s) computing in bfloat16
 
 Before timing, the graphed variants are checked against (b) (the streaming ones against the streaming sampler's module
-path) on the same stream (max |diff| / max |ref| of the
-actions). Each cell of the table is p50 / p99 / max in ms. ``--profile`` counts the kernels of one control step of
-(c), (cf) and (ct) at every batch (torch.profiler); ``--decoder-sweep`` times one decoder evaluation alone (fused
-variants against layer by layer, CUDA graph replays).
+path) on the same stream (max |diff| / max |ref| of the actions). Each cell of the table is p50 / p99 / max in ms.
+``--profile`` counts the kernels of one control step of (c), (cf) and (ct) at every batch (torch.profiler);
+``--decoder-sweep`` times one decoder evaluation alone (fused variants against layer by layer, CUDA graph replays).
 Usage:  python benchmarks/bench_gpu.py [--device cuda] [--configs robot wide] [--batches 1 8 64] [--out FILE]
         python benchmarks/bench_gpu.py --device cpu --quick     (smoke test)
 """
