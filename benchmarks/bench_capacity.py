@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_gpu import build, build_streaming
+from bench_gpu import build, build_streaming, reps
 from bench_server import summary, victims_run
 
 from streamtx.checkpoint import save_checkpoint
 from streamtx_server.process import DaemonProcess
 
 
-def checkpoint(path: Path, sampler: str, device: str) -> Path:
+def checkpoint(path: Path, sampler: str) -> Path:
     """The robot config's checkpoint with the chosen sampler (random weights, seed 0)."""
     if sampler == "streaming":
         policy = build_streaming("robot", 16, 32, 10, "cpu")
@@ -75,7 +75,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp_name:
         tmp = Path(tmp_name)
-        ckpt = checkpoint(tmp / "robot.pt", args.sampler, args.device)
+        ckpt = checkpoint(tmp / "robot.pt", args.sampler)
         most = max(args.sessions)
         flags = [f"--device={args.device}", f"--max-sessions={most}", f"--max-batch={most}", "--threads=1"]
         flags.append(f"--max-wait-ms={args.max_wait_ms}")
@@ -85,7 +85,7 @@ def main() -> None:
         endpoint = daemon.start(timeout=900.0)[0]  # CUDA graphs for every bucket up to max-sessions: minutes
         ready = time.perf_counter() - started
         try:
-            obs_dim = build("robot", 16, 32, 10, "cpu")[0].cond_rep.size
+            obs_dim = reps()[0].size  # the observation representation the checkpoint's model was built on
             for sessions in sorted(args.sessions):
                 row = run(args, endpoint, sessions, obs_dim)
                 rows.append((sessions, row))

@@ -64,11 +64,20 @@ def reps() -> tuple[Representation, Representation]:
     return plane + plane + plane + plane + scalars, plane + plane
 
 
+def equivariant(config: str, horizon: int, window: int, device: str, seed: int = 0, **options: bool):
+    """``config``'s seeded eCondTransformerRegressor in eval mode (``options``: further model flags)."""
+    obs_rep, act_rep = reps()
+    torch.manual_seed(seed)
+    model = eCondTransformerRegressor(
+        act_rep, obs_rep, act_rep, horizon, window, **CONFIGS[config], cond_window=window, **options
+    )
+    return model.to(device).eval()
+
+
 def build(config: str, horizon: int, window: int, steps: int, device: str, seed: int = 0):
     obs_rep, act_rep = reps()
     kw = dict(CONFIGS[config], cond_window=window)
-    torch.manual_seed(seed)
-    equi = eCondTransformerRegressor(act_rep, obs_rep, act_rep, horizon, window, **kw).to(device).eval()
+    equi = equivariant(config, horizon, window, device, seed)
     torch.manual_seed(seed)
     plain = CondTransformerRegressor(act_rep.size, obs_rep.size, act_rep.size, horizon, window, **kw).to(device).eval()
     return equi, plain, FlowMatchingSampler(num_steps=steps)
@@ -77,10 +86,7 @@ def build(config: str, horizon: int, window: int, steps: int, device: str, seed:
 def build_streaming(config: str, horizon: int, window: int, steps: int, device: str, seed: int = 0):
     """The streaming sampler's policy on ``config``'s model with per-token levels and anticausal action attention
     (what it needs), over the same schedule of ``steps`` levels, one evaluation per control step."""
-    obs_rep, act_rep = reps()
-    kw = dict(CONFIGS[config], cond_window=window, token_levels=True, anticausal_attn=True)
-    torch.manual_seed(seed)
-    model = eCondTransformerRegressor(act_rep, obs_rep, act_rep, horizon, window, **kw).to(device).eval()
+    model = equivariant(config, horizon, window, device, seed, token_levels=True, anticausal_attn=True)
     return StreamingDenoisePolicy(model, FlowMatchingSampler(num_steps=steps, noise_chunk=1))
 
 
